@@ -1,0 +1,223 @@
+//! Causal attention over MLA's latent cache, as multi-query attention with an online softmax.
+//!
+//! With weight absorption (spec §6.3) every MLA head attends to the same per-token key row
+//! `[c_s ; kpe_s]` (width `Dk = R + P`) and reads the value `c_s`, the first `Dv = R` columns of that
+//! same row. So one cache row serves as key and value for all heads.
+//!
+//! The cache is a list of fixed-size blocks (`block_rows` rows each, the last one partly filled),
+//! so it can grow without copying. Keys are visited in tiles of at most [`TILE`] rows with an
+//! online (running max / running sum) softmax: no score matrix larger than `H × TILE` ever exists,
+//! whatever the context length.
+//!
+//! Query `i` of `Tq` sees keys `0 ..= n_keys − Tq + i` (the queries are the last `Tq` positions).
+//! A single query (decode) splits its keys across threads and merges the partial softmax states
+//! (flash-decoding), so long-context decode scales with threads.
+
+use crate::simd::{axpy, dot_f32};
+use crate::Elem;
+use rayon::prelude::*;
+
+/// Keys per softmax tile.
+pub const TILE: usize = 64;
+
+/// Shape of a latent attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LatentAttnShape {
+    /// Query heads.
+    pub h: usize,
+    /// Key width (query width) per head.
+    pub dk: usize,
+    /// Value width: the first `dv` columns of a key row.
+    pub dv: usize,
+}
+
+/// Plain twin: full score vector per (query, head), then softmax and weighted sum.
+#[allow(clippy::too_many_arguments)]
+pub fn latent_attention_reference<C: Elem>(
+    s: LatentAttnShape,
+    q: &[f32],
+    blocks: &[&[C]],
+    block_rows: usize,
+    n_keys: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let LatentAttnShape { h, dk, dv } = s;
+    let tq = q.len() / (h * dk);
+    let key = |j: usize| -> Vec<f32> {
+        let b = blocks[j / block_rows];
+        let r = j % block_rows;
+        b[r * dk..(r + 1) * dk].iter().map(|x| x.to_f32()).collect()
+    };
+    for i in 0..tq {
+        let lim = n_keys - tq + i + 1;
+        for hh in 0..h {
+            let qh = &q[(i * h + hh) * dk..(i * h + hh + 1) * dk];
+            let sc: Vec<f32> = (0..lim).map(|j| scale * key(j).iter().zip(qh).map(|(a, b)| a * b).sum::<f32>()).collect();
+            let m = sc.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let p: Vec<f32> = sc.iter().map(|x| (x - m).exp()).collect();
+            let l: f32 = p.iter().sum();
+            let o = &mut out[(i * h + hh) * dv..(i * h + hh + 1) * dv];
+            o.fill(0.0);
+            for (j, pj) in p.iter().enumerate() {
+                let kv = key(j);
+                for c in 0..dv {
+                    o[c] += pj / l * kv[c];
+                }
+            }
+        }
+    }
+}
+
+/// Running softmax state of one query over a range of keys, for all heads.
+struct Partial {
+    m: Vec<f32>,   // [H] running max
+    l: Vec<f32>,   // [H] running sum of exp
+    acc: Vec<f32>, // [H, Dv] unnormalised output
+}
+
+impl Partial {
+    fn new(h: usize, dv: usize) -> Self {
+        Partial { m: vec![f32::NEG_INFINITY; h], l: vec![0.0; h], acc: vec![0.0; h * dv] }
+    }
+
+    /// Fold `other` into `self`.
+    fn merge(&mut self, other: &Partial, dv: usize) {
+        for hh in 0..self.m.len() {
+            let m = self.m[hh].max(other.m[hh]);
+            if m == f32::NEG_INFINITY {
+                continue;
+            }
+            let (a, b) = ((self.m[hh] - m).exp(), (other.m[hh] - m).exp());
+            self.l[hh] = self.l[hh] * a + other.l[hh] * b;
+            let acc = &mut self.acc[hh * dv..(hh + 1) * dv];
+            for (x, y) in acc.iter_mut().zip(&other.acc[hh * dv..(hh + 1) * dv]) {
+                *x = *x * a + y * b;
+            }
+            self.m[hh] = m;
+        }
+    }
+
+    fn finish(&self, dv: usize, out: &mut [f32]) {
+        for hh in 0..self.m.len() {
+            let inv = if self.l[hh] > 0.0 { 1.0 / self.l[hh] } else { 0.0 };
+            for (o, a) in out[hh * dv..(hh + 1) * dv].iter_mut().zip(&self.acc[hh * dv..(hh + 1) * dv]) {
+                *o = a * inv;
+            }
+        }
+    }
+}
+
+/// Visit keys `k0..k1` for one query `qrow` `[H, Dk]`, updating `p`. `tile` is scratch.
+#[allow(clippy::too_many_arguments)]
+fn attend_range<C: Elem>(
+    s: LatentAttnShape,
+    qrow: &[f32],
+    blocks: &[&[C]],
+    block_rows: usize,
+    k0: usize,
+    k1: usize,
+    scale: f32,
+    p: &mut Partial,
+    tile: &mut Vec<f32>,
+    scores: &mut Vec<f32>,
+) {
+    let LatentAttnShape { h, dk, dv } = s;
+    let mut j = k0;
+    while j < k1 {
+        let b = j / block_rows;
+        let r = j % block_rows;
+        let n = TILE.min(k1 - j).min(block_rows - r);
+        tile.resize(n * dk, 0.0);
+        C::widen(&blocks[b][r * dk..(r + n) * dk], &mut tile[..n * dk]);
+        scores.resize(n, 0.0);
+        for hh in 0..h {
+            let qh = &qrow[hh * dk..(hh + 1) * dk];
+            let mut mx = p.m[hh];
+            for (x, sc) in scores.iter_mut().enumerate() {
+                *sc = scale * dot_f32(qh, &tile[x * dk..(x + 1) * dk]);
+                mx = mx.max(*sc);
+            }
+            let corr = (p.m[hh] - mx).exp();
+            let acc = &mut p.acc[hh * dv..(hh + 1) * dv];
+            if corr != 1.0 {
+                for a in acc.iter_mut() {
+                    *a *= corr;
+                }
+            }
+            let mut l = p.l[hh] * corr;
+            for (x, sc) in scores.iter().enumerate() {
+                let e = (sc - mx).exp();
+                l += e;
+                axpy(e, &tile[x * dk..x * dk + dv], acc);
+            }
+            p.l[hh] = l;
+            p.m[hh] = mx;
+        }
+        j += n;
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: each query writes a disjoint output row.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// Causal latent attention. `q` `[Tq, H, Dk]`, `blocks` each `[block_rows, Dk]`, `n_keys` keys in
+/// total (≥ Tq), `out` `[Tq, H, Dv]`.
+#[allow(clippy::too_many_arguments)]
+pub fn latent_attention<C: Elem>(
+    s: LatentAttnShape,
+    q: &[f32],
+    blocks: &[&[C]],
+    block_rows: usize,
+    n_keys: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let LatentAttnShape { h, dk, dv } = s;
+    assert_eq!(q.len() % (h * dk), 0);
+    let tq = q.len() / (h * dk);
+    assert!(n_keys >= tq, "latent_attention: {n_keys} keys for {tq} queries");
+    assert!(blocks.len() * block_rows >= n_keys, "latent_attention: blocks hold fewer than {n_keys} keys");
+    assert_eq!(out.len(), tq * h * dv);
+    let threads = rayon::current_num_threads().max(1);
+    if tq == 1 && threads > 1 && n_keys >= 2 * TILE {
+        // Flash-decoding: split keys across threads, merge partial softmax states.
+        let parts = threads.min(n_keys / TILE).max(1);
+        let per = n_keys.div_ceil(parts);
+        let partials: Vec<Partial> = (0..parts)
+            .into_par_iter()
+            .map(|pi| {
+                let mut p = Partial::new(h, dv);
+                let (mut tile, mut scores) = (Vec::new(), Vec::new());
+                let (k0, k1) = (pi * per, ((pi + 1) * per).min(n_keys));
+                attend_range(s, q, blocks, block_rows, k0, k1, scale, &mut p, &mut tile, &mut scores);
+                p
+            })
+            .collect();
+        let mut total = Partial::new(h, dv);
+        for p in &partials {
+            total.merge(p, dv);
+        }
+        total.finish(dv, out);
+        return;
+    }
+    let op = SendPtr(out.as_mut_ptr());
+    (0..tq).into_par_iter().for_each_init(
+        || (Partial::new(h, dv), Vec::new(), Vec::new()),
+        |(p, tile, scores), i| {
+            let op = op;
+            p.m.fill(f32::NEG_INFINITY);
+            p.l.fill(0.0);
+            p.acc.fill(0.0);
+            let lim = n_keys - tq + i + 1;
+            let qrow = &q[i * h * dk..(i + 1) * h * dk];
+            attend_range(s, qrow, blocks, block_rows, 0, lim, scale, p, tile, scores);
+            // SAFETY: row i of out is written only by this task.
+            let o = unsafe { std::slice::from_raw_parts_mut(op.0.add(i * h * dv), h * dv) };
+            p.finish(dv, o);
+        },
+    );
+}

@@ -1,0 +1,42 @@
+//! RMSNorm variants: plain, gated (KDA output norm) and per-head L2 normalisation.
+
+use crate::activation::sigmoid;
+use crate::Elem;
+
+/// Row-wise RMSNorm: `out[r] = w ⊙ x[r] / sqrt(mean(x[r]²) + eps)` for rows of width `w.len()`.
+pub fn rms_norm<W: Elem>(x: &[f32], w: &[W], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    assert_eq!(x.len(), out.len());
+    assert_eq!(x.len() % d, 0);
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        for ((o, xv), wv) in or.iter_mut().zip(xr).zip(w) {
+            *o = wv.to_f32() * (xv * r);
+        }
+    }
+}
+
+/// Gated RMSNorm of the KDA output (fla `FusedRMSNormGated`, sigmoid activation): for each row
+/// of width `w.len()`, `out = w ⊙ x / sqrt(mean(x²) + eps) ⊙ sigmoid(gate)`.
+pub fn rms_norm_gated<W: Elem>(x: &[f32], gate: &[f32], w: &[W], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    assert_eq!(x.len(), gate.len());
+    rms_norm(x, w, eps, out);
+    for (o, g) in out.iter_mut().zip(gate) {
+        *o *= sigmoid(*g);
+    }
+    let _ = d;
+}
+
+/// In-place L2 normalisation of rows of width `d`: `x ← scale · x / sqrt(Σx² + eps)` (eps inside
+/// the square root, as fla's `l2norm`).
+pub fn l2_normalize_rows(x: &mut [f32], d: usize, eps: f32, scale: f32) {
+    for r in x.chunks_exact_mut(d) {
+        let s = r.iter().map(|v| v * v).sum::<f32>();
+        let f = scale / (s + eps).sqrt();
+        for v in r {
+            *v *= f;
+        }
+    }
+}
