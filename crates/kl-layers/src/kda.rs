@@ -1,0 +1,162 @@
+//! Kimi Delta Attention layer (HF `KimiDeltaAttention`, spec §5).
+//!
+//! ```text
+//! q,k,v = SiLU(causal_conv(W_{q,k,v} x))           # depthwise, width W, carried history
+//! g     = −exp(A_log) · softplus(W_fb W_fa x + dt_bias)   # per channel, f32
+//! β     = sigmoid(W_b x)                             # per head
+//! q,k   = l2norm(q)·K^-½, l2norm(k)
+//! o     = delta rule (chunked for prefill, recurrent for decode) with state S [H, K, V]
+//! y     = W_o( RMSNorm(o)·w ⊙ sigmoid(W_gb W_ga x) )   # per head
+//! ```
+//! Both gates read the layer input `x` (after `input_layernorm`), not the conv output.
+
+use crate::linear::Linear;
+use crate::{vector, Mode, Probe};
+use kl_config::KdaDims;
+use kl_kernels::activation::sigmoid;
+use kl_kernels::conv1d::conv1d_causal_silu;
+use kl_kernels::kda::{kda_chunked, kda_gate, kda_recurrent, KdaShape};
+use kl_kernels::norm::{l2_normalize_rows, rms_norm_gated};
+use kl_weights::{Checkpoint, WeightsError};
+
+/// Per-sequence state of one KDA layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KdaState {
+    /// Last `W−1` raw (pre-conv) projections of q, k, v: three `[W−1, P]` blocks, oldest row first.
+    pub conv: [Vec<f32>; 3],
+    /// Recurrent state `[H, K, V]` (`S[k, v]`), f32.
+    pub recurrent: Vec<f32>,
+}
+
+impl KdaState {
+    /// Zero state for `dims`.
+    pub fn new(dims: &KdaDims) -> Self {
+        let p = dims.proj();
+        let hist = (dims.conv_kernel - 1) * p;
+        KdaState {
+            conv: [vec![0.0; hist], vec![0.0; hist], vec![0.0; hist]],
+            recurrent: vec![0.0; dims.num_heads * dims.head_dim * dims.head_dim],
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        4 * (self.recurrent.len() + self.conv.iter().map(|c| c.len()).sum::<usize>())
+    }
+}
+
+/// Weights of one KDA layer.
+#[derive(Clone)]
+pub struct Kda {
+    dims: KdaDims,
+    eps: f32,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    /// Conv weights `[P, W]` for q, k, v (f32).
+    conv: [Vec<f32>; 3],
+    a_log: Vec<f32>,
+    dt_bias: Vec<f32>,
+    f_a_proj: Linear,
+    f_b_proj: Linear,
+    b_proj: Linear,
+    g_a_proj: Linear,
+    g_b_proj: Linear,
+    o_norm: Vec<f32>,
+    o_proj: Linear,
+}
+
+impl Kda {
+    /// Load `{prefix}…` (prefix like `model.layers.0.self_attn.`).
+    pub fn load(ckpt: &Checkpoint, prefix: &str, dims: KdaDims, d: usize, eps: f32) -> Result<Self, WeightsError> {
+        let (p, k, h, w) = (dims.proj(), dims.head_dim, dims.num_heads, dims.conv_kernel);
+        let lin = |n: &str, r, c| Linear::load(ckpt, &format!("{prefix}{n}"), r, c);
+        let conv = |n: &str| -> Result<Vec<f32>, WeightsError> { Ok(lin(n, p, w)?.to_f32_vec()) };
+        Ok(Kda {
+            dims,
+            eps,
+            q_proj: lin("q_proj.weight", p, d)?,
+            k_proj: lin("k_proj.weight", p, d)?,
+            v_proj: lin("v_proj.weight", p, d)?,
+            conv: [conv("q_conv1d.weight")?, conv("k_conv1d.weight")?, conv("v_conv1d.weight")?],
+            a_log: vector(ckpt, &format!("{prefix}A_log"), h)?,
+            dt_bias: vector(ckpt, &format!("{prefix}dt_bias"), p)?,
+            f_a_proj: lin("f_a_proj.weight", k, d)?,
+            f_b_proj: lin("f_b_proj.weight", p, k)?,
+            b_proj: lin("b_proj.weight", h, d)?,
+            g_a_proj: lin("g_a_proj.weight", k, d)?,
+            g_b_proj: lin("g_b_proj.weight", p, k)?,
+            o_norm: vector(ckpt, &format!("{prefix}o_norm.weight"), k)?,
+            o_proj: lin("o_proj.weight", d, p)?,
+        })
+    }
+
+    /// Dimensions.
+    pub fn dims(&self) -> KdaDims {
+        self.dims
+    }
+
+    /// Bytes of matrix weights.
+    pub fn bytes(&self) -> usize {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.f_a_proj, &self.f_b_proj, &self.b_proj, &self.g_a_proj]
+            .iter()
+            .map(|l| l.bytes())
+            .sum::<usize>()
+            + self.g_b_proj.bytes()
+            + self.o_proj.bytes()
+    }
+
+    /// `out[T, D] = KDA(x[T, D])`, advancing `state` by `T` tokens.
+    pub fn forward(&self, x: &[f32], t: usize, state: &mut KdaState, mode: Mode, probe: &mut Probe, out: &mut [f32]) {
+        let KdaDims { num_heads: h, head_dim: k, conv_kernel: w } = self.dims;
+        let p = h * k;
+        // Projections and short convolutions (each with its own carried history).
+        let mut qkv = [vec![0f32; t * p], vec![0f32; t * p], vec![0f32; t * p]];
+        let projs = [&self.q_proj, &self.k_proj, &self.v_proj];
+        let mut raw = vec![0f32; t * p];
+        for i in 0..3 {
+            projs[i].forward(x, t, &mut raw);
+            conv1d_causal_silu(&raw, p, &self.conv[i], w, &mut state.conv[i], &mut qkv[i]);
+        }
+        let [mut q, mut kk, v] = qkv;
+        if probe.enabled() {
+            let mut cat = Vec::with_capacity(t * 3 * p);
+            for ti in 0..t {
+                for m in [&q, &kk, &v] {
+                    cat.extend_from_slice(&m[ti * p..(ti + 1) * p]);
+                }
+            }
+            probe.record("kda.qkv_conv", &[t, 3 * p], &cat);
+        }
+        // Forget gate (log-decay), f32.
+        let fa = self.f_a_proj.apply(x, t);
+        let mut g = self.f_b_proj.apply(&fa, t);
+        kda_gate(&mut g, &self.a_log, &self.dt_bias, h, k);
+        probe.record("kda.g", &[t, h, k], &g);
+        // β.
+        let mut beta = self.b_proj.apply(x, t);
+        probe.record("kda.beta_logits", &[t, h], &beta);
+        for b in beta.iter_mut() {
+            *b = sigmoid(*b);
+        }
+        // L2-normalised q (scaled) and k.
+        l2_normalize_rows(&mut q, k, 1e-6, (k as f32).powf(-0.5));
+        l2_normalize_rows(&mut kk, k, 1e-6, 1.0);
+        // Delta rule.
+        let shape = KdaShape { t, h, k, v: k };
+        let mut core = vec![0f32; t * p];
+        match mode {
+            Mode::Prefill => kda_chunked(shape, &q, &kk, &v, &g, &beta, &mut state.recurrent, &mut core),
+            Mode::Decode => kda_recurrent(shape, &q, &kk, &v, &g, &beta, &mut state.recurrent, &mut core),
+        }
+        probe.record("kda.core_out", &[t, h, k], &core);
+        // Output gate and gated RMSNorm per head.
+        let ga = self.g_a_proj.apply(x, t);
+        let gate = self.g_b_proj.apply(&ga, t);
+        probe.record("kda.out_gate", &[t, h, k], &gate);
+        let mut normed = vec![0f32; t * p];
+        rms_norm_gated(&core, &gate, &self.o_norm, self.eps, &mut normed);
+        probe.record("kda.o_normed", &[t, h, k], &normed);
+        self.o_proj.forward(&normed, t, out);
+    }
+}

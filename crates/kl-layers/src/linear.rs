@@ -1,0 +1,151 @@
+//! A weight matrix `[N, K]` (PyTorch Linear layout) kept in its stored dtype.
+
+use half::{bf16, f16};
+use kl_kernels::matmul::matmul;
+use kl_weights::{Checkpoint, Dtype, Tensor, WeightsError};
+
+#[derive(Clone)]
+enum Store {
+    /// Zero-copy view into the checkpoint mmap.
+    Mapped(Tensor),
+    /// Owned bf16 (load-time re-layouts of bf16 weights).
+    Bf16(Vec<bf16>),
+    /// Owned f16.
+    F16(Vec<f16>),
+    /// Owned f32.
+    F32(Vec<f32>),
+}
+
+/// A borrowed view of the elements, by dtype.
+#[derive(Clone, Copy)]
+pub enum MatView<'a> {
+    /// bf16 elements.
+    Bf16(&'a [bf16]),
+    /// f16 elements.
+    F16(&'a [f16]),
+    /// f32 elements.
+    F32(&'a [f32]),
+}
+
+/// A weight matrix of `rows × cols`, computing `y = x · Wᵀ`.
+#[derive(Clone)]
+pub struct Linear {
+    rows: usize,
+    cols: usize,
+    store: Store,
+}
+
+impl Linear {
+    /// Bind checkpoint tensor `name`, requiring `rows × cols` elements (any leading shape that
+    /// flattens to it, e.g. conv `[P,1,W]`).
+    pub fn load(ckpt: &Checkpoint, name: &str, rows: usize, cols: usize) -> Result<Self, WeightsError> {
+        let t = ckpt.get(name)?;
+        if t.numel() != rows * cols {
+            return Err(WeightsError::ShapeMismatch {
+                tensor: name.to_string(),
+                path: t.file().to_path_buf(),
+                expected: vec![rows, cols],
+                found: t.shape().to_vec(),
+            });
+        }
+        Ok(Linear { rows, cols, store: Store::Mapped(t.clone()) })
+    }
+
+    /// Build from owned data in `like`'s dtype: `f(row, col)` gives element values as f32,
+    /// narrowed back to the dtype (exact when the values came from that dtype).
+    pub fn from_fn(like: Dtype, rows: usize, cols: usize, f: impl Fn(usize, usize) -> f32) -> Self {
+        let it = (0..rows * cols).map(|i| f(i / cols, i % cols));
+        let store = match like {
+            Dtype::BF16 => Store::Bf16(it.map(bf16::from_f32).collect()),
+            Dtype::F16 => Store::F16(it.map(f16::from_f32).collect()),
+            Dtype::F32 => Store::F32(it.collect()),
+        };
+        Linear { rows, cols, store }
+    }
+
+    /// Output features N.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features K.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Stored dtype.
+    pub fn dtype(&self) -> Dtype {
+        match self.view() {
+            MatView::Bf16(_) => Dtype::BF16,
+            MatView::F16(_) => Dtype::F16,
+            MatView::F32(_) => Dtype::F32,
+        }
+    }
+
+    /// Bytes of weight data.
+    pub fn bytes(&self) -> usize {
+        self.rows * self.cols * self.dtype().size()
+    }
+
+    /// The elements.
+    pub fn view(&self) -> MatView<'_> {
+        match &self.store {
+            Store::Mapped(t) => match t.dtype() {
+                Dtype::BF16 => MatView::Bf16(t.as_bf16().expect("bf16 tensor")),
+                Dtype::F16 => MatView::F16(t.as_f16().expect("f16 tensor")),
+                Dtype::F32 => MatView::F32(t.as_f32().expect("f32 tensor")),
+            },
+            Store::Bf16(v) => MatView::Bf16(v),
+            Store::F16(v) => MatView::F16(v),
+            Store::F32(v) => MatView::F32(v),
+        }
+    }
+
+    /// Element (r, c) as f32.
+    pub fn get(&self, r: usize, c: usize) -> f32 {
+        let i = r * self.cols + c;
+        match self.view() {
+            MatView::Bf16(v) => v[i].to_f32(),
+            MatView::F16(v) => v[i].to_f32(),
+            MatView::F32(v) => v[i],
+        }
+    }
+
+    /// Row `r` widened into `dst` (embedding lookup).
+    pub fn row_f32(&self, r: usize, dst: &mut [f32]) {
+        use kl_kernels::Elem;
+        let (a, b) = (r * self.cols, (r + 1) * self.cols);
+        match self.view() {
+            MatView::Bf16(w) => Elem::widen(&w[a..b], dst),
+            MatView::F16(w) => Elem::widen(&w[a..b], dst),
+            MatView::F32(w) => dst.copy_from_slice(&w[a..b]),
+        }
+    }
+
+    /// All elements widened to f32 (for small matrices only: conv weights).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        (0..self.rows * self.cols).map(|i| self.get(i / self.cols, i % self.cols)).collect()
+    }
+
+    /// `y[T, N] = x[T, K] · Wᵀ`.
+    pub fn forward(&self, x: &[f32], t: usize, y: &mut [f32]) {
+        self.forward_rows(x, t, 0, self.rows, y)
+    }
+
+    /// `y[T, n] = x[T, K] · W[r0..r0+n]ᵀ`: a contiguous block of output rows.
+    pub fn forward_rows(&self, x: &[f32], t: usize, r0: usize, n: usize, y: &mut [f32]) {
+        let (k, a, b) = (self.cols, r0 * self.cols, (r0 + n) * self.cols);
+        match self.view() {
+            MatView::Bf16(w) => matmul(x, &w[a..b], y, t, k, n),
+            MatView::F16(w) => matmul(x, &w[a..b], y, t, k, n),
+            MatView::F32(w) => matmul(x, &w[a..b], y, t, k, n),
+        }
+    }
+
+    /// Convenience: allocate and return `x · Wᵀ`.
+    pub fn apply(&self, x: &[f32], t: usize) -> Vec<f32> {
+        let mut y = vec![0f32; t * self.rows];
+        self.forward(x, t, &mut y);
+        y
+    }
+}

@@ -1,0 +1,198 @@
+//! Multi-head Latent Attention layer with NoPE (HF `KimiMLAAttention`, spec §6).
+//!
+//! The cache holds, per token, the normalised latent `c = RMSNorm(kv_a[:R])` and the shared key
+//! part `k_pe = kv_a[R:]` — `R + P` values, nothing else. Attention is computed with the
+//! absorbed weights for both prefill and decode (spec §6.3):
+//! ```text
+//! q_lat_h = W_UK_hᵀ q_nope_h            # [R]
+//! score_h(s) = ([q_lat_h ; q_pe_h] · [c_s ; kpe_s]) · (dn + dr)^-½
+//! ctx_h = Σ_s softmax(score_h)(s) c_s   # [R]
+//! o_h = W_UV_h ctx_h                    # [dv]
+//! ```
+//! which is multi-query attention over the cache rows ([`crate::cache::LatentCache::attend`]).
+//! [`Mla::forward_expanded_reference`] is the naive (expanded K/V) twin used by the tests.
+//!
+//! `q_lora_rank = null` uses `q_proj` directly; a number uses `q_b_proj(RMSNorm(q_a_proj x))` as
+//! DeepSeek-V2 does (`q_a_layernorm` eps 1e-6, like `kv_a_layernorm`).
+
+use crate::cache::LatentCache;
+use crate::linear::Linear;
+use crate::{vector, Probe};
+use kl_config::MlaDims;
+use kl_kernels::norm::rms_norm;
+use kl_weights::{Checkpoint, WeightsError};
+
+#[derive(Clone)]
+enum QProj {
+    Direct(Linear),
+    LowRank { a: Linear, norm: Vec<f32>, b: Linear },
+}
+
+/// Weights of one MLA layer.
+#[derive(Clone)]
+pub struct Mla {
+    dims: MlaDims,
+    kv_eps: f32,
+    q: QProj,
+    kv_a_proj: Linear,
+    kv_a_norm: Vec<f32>,
+    /// `kv_b_proj` `[H·(dn+dv), R]`; its value rows are `W_UV`.
+    kv_b_proj: Linear,
+    /// `W_UKᵀ` per head, `[H·R, dn]`, built once at load from `kv_b_proj`'s key rows.
+    w_uk_t: Linear,
+    o_proj: Linear,
+}
+
+impl Mla {
+    /// Load `{prefix}…` (prefix like `model.layers.3.self_attn.`).
+    pub fn load(ckpt: &Checkpoint, prefix: &str, dims: MlaDims, d: usize, kv_eps: f32) -> Result<Self, WeightsError> {
+        let MlaDims { num_heads: nh, kv_lora_rank: r, qk_nope: dn, qk_rope: dr, v_head: dv, q_lora_rank } = dims;
+        let lin = |n: &str, rows, cols| Linear::load(ckpt, &format!("{prefix}{n}"), rows, cols);
+        let q = match q_lora_rank {
+            None => QProj::Direct(lin("q_proj.weight", nh * (dn + dr), d)?),
+            Some(qr) => QProj::LowRank {
+                a: lin("q_a_proj.weight", qr, d)?,
+                norm: vector(ckpt, &format!("{prefix}q_a_layernorm.weight"), qr)?,
+                b: lin("q_b_proj.weight", nh * (dn + dr), qr)?,
+            },
+        };
+        let kv_b_proj = lin("kv_b_proj.weight", nh * (dn + dv), r)?;
+        // W_UKᵀ_h[r, i] = kv_b[h·(dn+dv) + i, r]  (same dtype as kv_b_proj).
+        let w_uk_t = Linear::from_fn(kv_b_proj.dtype(), nh * r, dn, |row, i| {
+            let (h, rr) = (row / r, row % r);
+            kv_b_proj.get(h * (dn + dv) + i, rr)
+        });
+        Ok(Mla {
+            dims,
+            kv_eps,
+            q,
+            kv_a_proj: lin("kv_a_proj_with_mqa.weight", r + dr, d)?,
+            kv_a_norm: vector(ckpt, &format!("{prefix}kv_a_layernorm.weight"), r)?,
+            kv_b_proj,
+            w_uk_t,
+            o_proj: lin("o_proj.weight", d, nh * dv)?,
+        })
+    }
+
+    /// Dimensions.
+    pub fn dims(&self) -> MlaDims {
+        self.dims
+    }
+
+    /// Bytes of matrix weights (including the load-time `W_UKᵀ`).
+    pub fn bytes(&self) -> usize {
+        let q = match &self.q {
+            QProj::Direct(l) => l.bytes(),
+            QProj::LowRank { a, b, .. } => a.bytes() + b.bytes(),
+        };
+        q + self.kv_a_proj.bytes() + self.kv_b_proj.bytes() + self.w_uk_t.bytes() + self.o_proj.bytes()
+    }
+
+    fn project_q(&self, x: &[f32], t: usize) -> Vec<f32> {
+        match &self.q {
+            QProj::Direct(l) => l.apply(x, t),
+            QProj::LowRank { a, norm, b } => {
+                let qa = a.apply(x, t);
+                let mut n = vec![0f32; qa.len()];
+                rms_norm(&qa, norm, self.kv_eps, &mut n);
+                b.apply(&n, t)
+            }
+        }
+    }
+
+    /// Cache rows `[T, R+dr]` = `[RMSNorm(kv_a[:R]) ; kv_a[R:]]` for input `x`.
+    fn latent_rows(&self, x: &[f32], t: usize, probe: &mut Probe) -> Vec<f32> {
+        let (r, dr) = (self.dims.kv_lora_rank, self.dims.qk_rope);
+        let kv_a = self.kv_a_proj.apply(x, t);
+        probe.record("mla.kv_a", &[t, r + dr], &kv_a);
+        let mut rows = kv_a.clone();
+        for (src, dst) in kv_a.chunks_exact(r + dr).zip(rows.chunks_exact_mut(r + dr)) {
+            rms_norm(&src[..r], &self.kv_a_norm, self.kv_eps, &mut dst[..r]);
+        }
+        rows
+    }
+
+    /// `out[T, D] = MLA(x[T, D])`: appends `T` rows to `cache`, then attends causally over it.
+    pub fn forward(&self, x: &[f32], t: usize, cache: &mut LatentCache, probe: &mut Probe, out: &mut [f32]) {
+        let MlaDims { num_heads: nh, kv_lora_rank: r, qk_nope: dn, qk_rope: dr, v_head: dv, .. } = self.dims;
+        let q = self.project_q(x, t);
+        probe.record("mla.q", &[t, nh * (dn + dr)], &q);
+        let rows = self.latent_rows(x, t, probe);
+        if probe.enabled() {
+            let lat: Vec<f32> = rows.chunks_exact(r + dr).flat_map(|row| row[..r].to_vec()).collect();
+            probe.record("mla.kv_a_normed", &[t, r], &lat);
+            probe.record("mla.kv_b", &[t, nh * (dn + dv)], &self.kv_b_proj.apply(&lat, t));
+        }
+        cache.append(&rows);
+        // Absorbed queries [T, H, R+dr].
+        let w = r + dr;
+        let mut q_abs = vec![0f32; t * nh * w];
+        let mut qn = vec![0f32; t * dn];
+        let mut ql = vec![0f32; t * r];
+        for h in 0..nh {
+            for ti in 0..t {
+                let src = &q[ti * nh * (dn + dr) + h * (dn + dr)..][..dn + dr];
+                qn[ti * dn..(ti + 1) * dn].copy_from_slice(&src[..dn]);
+                q_abs[(ti * nh + h) * w + r..(ti * nh + h + 1) * w].copy_from_slice(&src[dn..]);
+            }
+            self.w_uk_t.forward_rows(&qn, t, h * r, r, &mut ql);
+            for ti in 0..t {
+                q_abs[(ti * nh + h) * w..(ti * nh + h) * w + r].copy_from_slice(&ql[ti * r..(ti + 1) * r]);
+            }
+        }
+        let mut ctx = vec![0f32; t * nh * r];
+        cache.attend(nh, r, &q_abs, self.dims.softmax_scale(), &mut ctx);
+        // o_h = W_UV_h ctx_h.
+        let mut core = vec![0f32; t * nh * dv];
+        let mut ch = vec![0f32; t * r];
+        let mut oh = vec![0f32; t * dv];
+        for h in 0..nh {
+            for ti in 0..t {
+                ch[ti * r..(ti + 1) * r].copy_from_slice(&ctx[(ti * nh + h) * r..(ti * nh + h + 1) * r]);
+            }
+            self.kv_b_proj.forward_rows(&ch, t, h * (dn + dv) + dn, dv, &mut oh);
+            for ti in 0..t {
+                core[ti * nh * dv + h * dv..][..dv].copy_from_slice(&oh[ti * dv..(ti + 1) * dv]);
+            }
+        }
+        probe.record("mla.attn_core", &[t, nh * dv], &core);
+        self.o_proj.forward(&core, t, out);
+    }
+
+    /// Naive twin for a whole sequence (no cache): expand per-head keys `[W_UK c ; k_pe]` and
+    /// values `W_UV c` for every token, then causal softmax attention. `out[T, D]`.
+    pub fn forward_expanded_reference(&self, x: &[f32], t: usize, out: &mut [f32]) {
+        let MlaDims { num_heads: nh, kv_lora_rank: r, qk_nope: dn, qk_rope: dr, v_head: dv, .. } = self.dims;
+        let q = self.project_q(x, t);
+        let rows = self.latent_rows(x, t, &mut Probe::off());
+        let lat: Vec<f32> = rows.chunks_exact(r + dr).flat_map(|row| row[..r].to_vec()).collect();
+        let kvb = self.kv_b_proj.apply(&lat, t); // [T, H·(dn+dv)]
+        let scale = self.dims.softmax_scale();
+        let mut core = vec![0f32; t * nh * dv];
+        for h in 0..nh {
+            for i in 0..t {
+                let qi = &q[i * nh * (dn + dr) + h * (dn + dr)..][..dn + dr];
+                let scores: Vec<f32> = (0..=i)
+                    .map(|j| {
+                        let kj = &kvb[j * nh * (dn + dv) + h * (dn + dv)..][..dn];
+                        let pe = &rows[j * (r + dr) + r..(j + 1) * (r + dr)];
+                        let s: f32 = qi[..dn].iter().zip(kj).map(|(a, b)| a * b).sum::<f32>()
+                            + qi[dn..].iter().zip(pe).map(|(a, b)| a * b).sum::<f32>();
+                        s * scale
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
+                let z: f32 = e.iter().sum();
+                let o = &mut core[i * nh * dv + h * dv..][..dv];
+                for (j, ej) in e.iter().enumerate() {
+                    let vj = &kvb[j * nh * (dn + dv) + h * (dn + dv) + dn..][..dv];
+                    for (oc, vc) in o.iter_mut().zip(vj) {
+                        *oc += ej / z * vc;
+                    }
+                }
+            }
+        }
+        self.o_proj.forward(&core, t, out);
+    }
+}

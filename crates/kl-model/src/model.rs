@@ -1,0 +1,274 @@
+//! The decoder stack (spec §4).
+
+use crate::state::{LayerState, SequenceState};
+use kl_config::{ConfigError, Mixer, Mlp, ModelConfig};
+use kl_kernels::norm::rms_norm;
+use kl_layers::cache::CacheDtype;
+use kl_layers::kda::Kda;
+use kl_layers::linear::Linear;
+use kl_layers::mla::Mla;
+use kl_layers::mlp::SwiGlu;
+use kl_layers::moe::{Moe, RouterWeights};
+use kl_layers::{Mode, Probe};
+use kl_weights::{Checkpoint, WeightsError};
+use std::path::Path;
+
+/// Why a model cannot be loaded or a request cannot be run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The model directory does not exist.
+    #[error("model directory {0} does not exist")]
+    NoDir(String),
+    /// config.json is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The weights are unusable.
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    /// A token id outside the vocabulary.
+    #[error("token id {id} at position {position} is out of range: ids must be in 0..{vocab} (vocab_size)")]
+    TokenId {
+        /// The id.
+        id: i64,
+        /// Its index in the input.
+        position: usize,
+        /// vocab_size.
+        vocab: usize,
+    },
+    /// A prefill with no tokens.
+    #[error("empty input: at least one token id is required")]
+    Empty,
+}
+
+/// Load-time and run-time options.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelOptions {
+    /// MoE combine-weight convention.
+    pub router_weights: RouterWeights,
+    /// Latent cache element type.
+    pub cache_dtype: CacheDtype,
+    /// Tokens per prefill chunk (bounds activation memory).
+    pub prefill_chunk: usize,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions { router_weights: RouterWeights::Unbiased, cache_dtype: CacheDtype::F32, prefill_chunk: 512 }
+    }
+}
+
+/// Which logits a prefill returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsMode {
+    /// `[T, vocab]`, one row per input token.
+    All,
+    /// `[vocab]` for the last token only (generation).
+    Last,
+}
+
+enum TokenMixer {
+    Kda(Kda),
+    Mla(Mla),
+}
+
+enum ChannelMixer {
+    Dense(SwiGlu),
+    Moe(Moe),
+}
+
+struct Layer {
+    input_norm: Vec<f32>,
+    post_norm: Vec<f32>,
+    mixer: TokenMixer,
+    mlp: ChannelMixer,
+}
+
+/// A loaded Kimi Linear model (immutable; share it across sequences).
+pub struct KimiLinear {
+    cfg: ModelConfig,
+    opts: ModelOptions,
+    embed: Linear,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    lm_head: Linear,
+    ckpt_bytes: u64,
+}
+
+fn norm_vec(ckpt: &Checkpoint, name: &str, n: usize) -> Result<Vec<f32>, WeightsError> {
+    let t = ckpt.get_shaped(name, &[n])?;
+    Ok(t.to_f32_vec())
+}
+
+impl KimiLinear {
+    /// Load `dir/config.json` and the safetensors checkpoint in `dir`, validating every tensor
+    /// name and shape against the config before anything is computed.
+    pub fn load(dir: &Path, opts: ModelOptions) -> Result<Self, ModelError> {
+        if !dir.is_dir() {
+            return Err(ModelError::NoDir(dir.display().to_string()));
+        }
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let ckpt = Checkpoint::open(dir)?;
+        Self::from_checkpoint(cfg, &ckpt, opts)
+    }
+
+    /// Bind an opened checkpoint to a validated config.
+    pub fn from_checkpoint(cfg: ModelConfig, ckpt: &Checkpoint, opts: ModelOptions) -> Result<Self, ModelError> {
+        ckpt.validate(&cfg)?;
+        let d = cfg.hidden;
+        let mut layers = Vec::with_capacity(cfg.num_layers());
+        for (i, kind) in cfg.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}.");
+            let mixer = match kind.mixer {
+                Mixer::Kda => TokenMixer::Kda(Kda::load(ckpt, &format!("{p}self_attn."), cfg.kda, d, cfg.rms_norm_eps)?),
+                Mixer::Mla => TokenMixer::Mla(Mla::load(ckpt, &format!("{p}self_attn."), cfg.mla, d, cfg.kv_norm_eps)?),
+            };
+            let mlp = match kind.mlp {
+                Mlp::Dense => ChannelMixer::Dense(SwiGlu::load(
+                    ckpt,
+                    &format!("{p}mlp."),
+                    ["gate_proj.weight", "up_proj.weight", "down_proj.weight"],
+                    d,
+                    cfg.intermediate,
+                )?),
+                Mlp::Moe => {
+                    let dims = cfg.moe.expect("validated: MoE layers imply MoE dims");
+                    ChannelMixer::Moe(Moe::load(ckpt, &format!("{p}block_sparse_moe."), dims, d)?)
+                }
+            };
+            layers.push(Layer {
+                input_norm: norm_vec(ckpt, &format!("{p}input_layernorm.weight"), d)?,
+                post_norm: norm_vec(ckpt, &format!("{p}post_attention_layernorm.weight"), d)?,
+                mixer,
+                mlp,
+            });
+        }
+        let embed = Linear::load(ckpt, "model.embed_tokens.weight", cfg.vocab_size, d)?;
+        let lm_head = if cfg.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
+            embed.clone()
+        } else {
+            Linear::load(ckpt, "lm_head.weight", cfg.vocab_size, d)?
+        };
+        Ok(KimiLinear {
+            norm: norm_vec(ckpt, "model.norm.weight", d)?,
+            embed,
+            lm_head,
+            layers,
+            opts,
+            ckpt_bytes: ckpt.total_bytes(),
+            cfg,
+        })
+    }
+
+    /// The validated config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> ModelOptions {
+        self.opts
+    }
+
+    /// Change run-time options (router convention, cache dtype of new states, prefill chunk).
+    pub fn set_options(&mut self, opts: ModelOptions) {
+        self.opts = opts;
+    }
+
+    /// Bytes of the checkpoint's tensor data.
+    pub fn checkpoint_bytes(&self) -> u64 {
+        self.ckpt_bytes
+    }
+
+    /// A fresh state for one sequence.
+    pub fn new_state(&self) -> SequenceState {
+        SequenceState::new(&self.cfg, self.opts.cache_dtype)
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<(), ModelError> {
+        if ids.is_empty() {
+            return Err(ModelError::Empty);
+        }
+        if let Some((position, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::TokenId { id: id as i64, position, vocab: self.cfg.vocab_size });
+        }
+        Ok(())
+    }
+
+    /// Consume `ids`, advancing `state`; returns logits per [`LogitsMode`].
+    pub fn prefill(&self, ids: &[u32], state: &mut SequenceState, logits: LogitsMode, probe: &mut Probe) -> Result<Vec<f32>, ModelError> {
+        self.check_ids(ids)?;
+        let v = self.cfg.vocab_size;
+        let mut out = Vec::with_capacity(if logits == LogitsMode::All { ids.len() * v } else { v });
+        let chunk = self.opts.prefill_chunk.max(1);
+        let n_chunks = ids.len().div_ceil(chunk);
+        for (ci, piece) in ids.chunks(chunk).enumerate() {
+            let h = self.run_layers(piece, state, Mode::Prefill, probe);
+            match logits {
+                LogitsMode::All => out.extend_from_slice(&self.head(&h, piece.len(), probe)),
+                LogitsMode::Last if ci + 1 == n_chunks => {
+                    let d = self.cfg.hidden;
+                    out = self.head(&h[(piece.len() - 1) * d..], 1, &mut Probe::off());
+                }
+                LogitsMode::Last => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Consume one token with the recurrent step; returns its logits `[vocab]`.
+    pub fn decode(&self, id: u32, state: &mut SequenceState, probe: &mut Probe) -> Result<Vec<f32>, ModelError> {
+        self.check_ids(&[id])?;
+        let h = self.run_layers(&[id], state, Mode::Decode, probe);
+        Ok(self.head(&h, 1, probe))
+    }
+
+    /// Final norm and `lm_head` for `t` rows of hidden state.
+    fn head(&self, h: &[f32], t: usize, probe: &mut Probe) -> Vec<f32> {
+        let mut x = vec![0f32; t * self.cfg.hidden];
+        rms_norm(h, &self.norm, self.cfg.rms_norm_eps, &mut x);
+        probe.set_prefix("");
+        probe.record("final_norm", &[t, self.cfg.hidden], &x);
+        self.lm_head.apply(&x, t)
+    }
+
+    /// Embedding and all layers for `ids`; returns the residual stream `[T, D]`.
+    fn run_layers(&self, ids: &[u32], state: &mut SequenceState, mode: Mode, probe: &mut Probe) -> Vec<f32> {
+        let (t, d) = (ids.len(), self.cfg.hidden);
+        let eps = self.cfg.rms_norm_eps;
+        let mut h = vec![0f32; t * d];
+        for (row, &id) in h.chunks_exact_mut(d).zip(ids) {
+            self.embed.row_f32(id as usize, row);
+        }
+        probe.set_prefix("");
+        probe.record("embeddings", &[t, d], &h);
+        let mut x = vec![0f32; t * d];
+        let mut y = vec![0f32; t * d];
+        for (i, (layer, st)) in self.layers.iter().zip(state.layers.iter_mut()).enumerate() {
+            probe.set_prefix(format!("layers.{i}."));
+            rms_norm(&h, &layer.input_norm, eps, &mut x);
+            probe.record("attn_in", &[t, d], &x);
+            match (&layer.mixer, st) {
+                (TokenMixer::Kda(k), LayerState::Kda(s)) => k.forward(&x, t, s, mode, probe, &mut y),
+                (TokenMixer::Mla(m), LayerState::Mla(c)) => m.forward(&x, t, c, probe, &mut y),
+                _ => unreachable!("state built from the same config as the model"),
+            }
+            probe.record("attn_out", &[t, d], &y);
+            for (a, b) in h.iter_mut().zip(&y) {
+                *a += b;
+            }
+            rms_norm(&h, &layer.post_norm, eps, &mut x);
+            probe.record("mlp_in", &[t, d], &x);
+            match &layer.mlp {
+                ChannelMixer::Dense(m) => m.forward(&x, t, &mut y),
+                ChannelMixer::Moe(m) => m.forward(&x, t, self.opts.router_weights, probe, &mut y),
+            }
+            probe.record("mlp_out", &[t, d], &y);
+            for (a, b) in h.iter_mut().zip(&y) {
+                *a += b;
+            }
+            probe.record("out", &[t, d], &h);
+        }
+        state.pos += t;
+        h
+    }
+}

@@ -1,0 +1,53 @@
+//! Per-sequence state: owned by the caller, never by the model.
+
+use kl_config::{Mixer, ModelConfig};
+use kl_layers::cache::{CacheDtype, LatentCache};
+use kl_layers::kda::KdaState;
+
+/// State of one layer.
+#[derive(Debug, Clone)]
+pub enum LayerState {
+    /// KDA: conv history and recurrent state (fixed size).
+    Kda(KdaState),
+    /// MLA: latent cache (grows with the context).
+    Mla(LatentCache),
+}
+
+/// Everything one sequence owns.
+#[derive(Debug, Clone)]
+pub struct SequenceState {
+    /// One entry per layer.
+    pub layers: Vec<LayerState>,
+    /// Tokens consumed so far.
+    pub pos: usize,
+}
+
+impl SequenceState {
+    /// Fresh state for `cfg`.
+    pub fn new(cfg: &ModelConfig, cache_dtype: CacheDtype) -> Self {
+        let layers = cfg
+            .layers
+            .iter()
+            .map(|l| match l.mixer {
+                Mixer::Kda => LayerState::Kda(KdaState::new(&cfg.kda)),
+                Mixer::Mla => LayerState::Mla(LatentCache::new(cfg.mla.latent_width(), cache_dtype)),
+            })
+            .collect();
+        SequenceState { layers, pos: 0 }
+    }
+
+    /// Bytes of KDA recurrent state.
+    pub fn kda_state_bytes(&self) -> usize {
+        self.layers.iter().map(|l| if let LayerState::Kda(s) = l { 4 * s.recurrent.len() } else { 0 }).sum()
+    }
+
+    /// Bytes of KDA conv history.
+    pub fn conv_state_bytes(&self) -> usize {
+        self.layers.iter().map(|l| if let LayerState::Kda(s) = l { s.bytes() - 4 * s.recurrent.len() } else { 0 }).sum()
+    }
+
+    /// Bytes allocated by the MLA latent caches.
+    pub fn mla_cache_bytes(&self) -> usize {
+        self.layers.iter().map(|l| if let LayerState::Mla(c) = l { c.allocated_bytes() } else { 0 }).sum()
+    }
+}
