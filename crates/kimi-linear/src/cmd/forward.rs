@@ -1,0 +1,87 @@
+//! `kimi-linear forward`: logits for every prompt position, plus an optional greedy continuation.
+
+use crate::ids::read_ids;
+use crate::output::{Decl, OutputFile};
+use anyhow::{Context, Result};
+use clap::ValueEnum;
+use kl_model::{KimiLinear, LogitsMode, ModelOptions, Probe, RouterWeights};
+use std::path::PathBuf;
+
+/// MoE combine-weight convention.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum RouterArg {
+    /// Unbiased sigmoid scores (transformers / vLLM / llama.cpp).
+    Unbiased,
+    /// Scores plus e_score_correction_bias (HF remote code).
+    Biased,
+}
+
+/// Flags of `forward`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model directory (config.json + safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// JSON array of token ids.
+    #[arg(long)]
+    input_ids: PathBuf,
+    /// Greedy tokens to generate after the prompt, using the cache.
+    #[arg(long, default_value_t = 0)]
+    decode: usize,
+    /// MoE combine weights.
+    #[arg(long, value_enum, default_value = "unbiased")]
+    router_weights: RouterArg,
+    /// Tokens per prefill chunk.
+    #[arg(long, default_value_t = 512)]
+    prefill_chunk: usize,
+    /// Output safetensors file.
+    #[arg(long)]
+    output: PathBuf,
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0)
+}
+
+/// Run `forward`.
+pub fn run(a: Args) -> Result<()> {
+    let opts = ModelOptions {
+        router_weights: match a.router_weights {
+            RouterArg::Unbiased => RouterWeights::Unbiased,
+            RouterArg::Biased => RouterWeights::Biased,
+        },
+        prefill_chunk: a.prefill_chunk.max(1),
+        ..Default::default()
+    };
+    let model = KimiLinear::load(&a.model, opts).with_context(|| format!("cannot load model from {}", a.model.display()))?;
+    let vocab = model.config().vocab_size;
+    let ids = read_ids(&a.input_ids, vocab)?;
+    let (t, n) = (ids.len(), a.decode);
+    let mut decls = vec![Decl { name: "logits".into(), dtype: "F32", shape: vec![t, vocab] }];
+    if n > 0 {
+        decls.push(Decl { name: "greedy.step_logits".into(), dtype: "F32", shape: vec![n, vocab] });
+        decls.push(Decl { name: "greedy.generated_ids".into(), dtype: "I64", shape: vec![n] });
+    }
+    let mut out = OutputFile::create(&a.output, &decls)?;
+    let mut state = model.new_state();
+    let mut last = Vec::new();
+    for piece in ids.chunks(opts.prefill_chunk) {
+        let logits = model.prefill(piece, &mut state, LogitsMode::All, &mut Probe::off())?;
+        out.f32s(&logits)?;
+        last = logits[(piece.len() - 1) * vocab..].to_vec();
+    }
+    let mut generated = Vec::with_capacity(n);
+    let mut next = argmax(&last);
+    for _ in 0..n {
+        generated.push(next as i64);
+        let l = model.decode(next as u32, &mut state, &mut Probe::off())?;
+        out.f32s(&l)?;
+        next = argmax(&l);
+    }
+    if n > 0 {
+        out.i64s(&generated)?;
+    }
+    out.finish()?;
+    eprintln!("wrote {} ({} prompt tokens, {} generated)", a.output.display(), t, n);
+    Ok(())
+}
