@@ -5,14 +5,26 @@ use std::path::Path;
 
 /// Read a JSON array of token ids, checking each is in `0..vocab`.
 pub fn read_ids(path: &Path, vocab: usize) -> Result<Vec<u32>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read ids file {}", path.display()))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("ids file {} is not JSON (expected an array of token ids)", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read ids file {}", path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "ids file {} is not JSON (expected an array of token ids)",
+            path.display()
+        )
+    })?;
     let Some(arr) = value.as_array() else {
-        bail!("ids file {}: expected a JSON array of token ids, found {}", path.display(), kind(&value));
+        bail!(
+            "ids file {}: expected a JSON array of token ids, found {}",
+            path.display(),
+            kind(&value)
+        );
     };
     if arr.is_empty() {
-        bail!("ids file {} is an empty array: at least one token id is required", path.display());
+        bail!(
+            "ids file {} is an empty array: at least one token id is required",
+            path.display()
+        );
     }
     arr.iter()
         .enumerate()

@@ -40,7 +40,10 @@ fn main() {
             eprintln!("error: --threads must be at least 1");
             std::process::exit(2);
         }
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().expect("thread pool is built once");
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .expect("thread pool is built once");
     }
     let result = match cli.command {
         Command::Forward(a) => cmd::forward::run(a),

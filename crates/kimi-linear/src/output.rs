@@ -37,7 +37,10 @@ impl OutputFile {
     /// Create `path` and write the header for `decls`.
     pub fn create(path: &Path, decls: &[Decl]) -> Result<Self> {
         let mut map = serde_json::Map::new();
-        map.insert("__metadata__".into(), serde_json::json!({"format": "pt", "producer": "kimi-linear"}));
+        map.insert(
+            "__metadata__".into(),
+            serde_json::json!({"format": "pt", "producer": "kimi-linear"}),
+        );
         let mut off = 0u64;
         for d in decls {
             map.insert(d.name.clone(), serde_json::json!({"dtype": d.dtype, "shape": d.shape, "data_offsets": [off, off + d.bytes()]}));
@@ -47,11 +50,17 @@ impl OutputFile {
         while header.len() % 8 != 0 {
             header.push(b' ');
         }
-        let f = File::create(path).with_context(|| format!("cannot create output file {}", path.display()))?;
+        let f = File::create(path)
+            .with_context(|| format!("cannot create output file {}", path.display()))?;
         let mut w = BufWriter::with_capacity(1 << 20, f);
         w.write_all(&(header.len() as u64).to_le_bytes())?;
         w.write_all(&header)?;
-        Ok(OutputFile { path: path.to_path_buf(), w, remaining: decls.iter().map(Decl::bytes).collect(), current: 0 })
+        Ok(OutputFile {
+            path: path.to_path_buf(),
+            w,
+            remaining: decls.iter().map(Decl::bytes).collect(),
+            current: 0,
+        })
     }
 
     fn take(&mut self, n: u64) -> Result<()> {
@@ -59,7 +68,10 @@ impl OutputFile {
             self.current += 1;
         }
         if self.current == self.remaining.len() || self.remaining[self.current] < n {
-            bail!("internal: more data than declared for {}", self.path.display());
+            bail!(
+                "internal: more data than declared for {}",
+                self.path.display()
+            );
         }
         self.remaining[self.current] -= n;
         Ok(())
@@ -88,7 +100,9 @@ impl OutputFile {
         if self.remaining.iter().any(|&r| r != 0) {
             bail!("internal: output {} is incomplete", self.path.display());
         }
-        self.w.flush().with_context(|| format!("cannot write {}", self.path.display()))?;
+        self.w
+            .flush()
+            .with_context(|| format!("cannot write {}", self.path.display()))?;
         Ok(())
     }
 }

@@ -6,7 +6,15 @@ use serde_json::json;
 
 fn fwd(model: &std::path::Path, ids: &str) -> Vec<String> {
     let out = model.join("out.safetensors");
-    vec!["forward".into(), "--model".into(), model.display().to_string(), "--input-ids".into(), ids.into(), "--output".into(), out.display().to_string()]
+    vec![
+        "forward".into(),
+        "--model".into(),
+        model.display().to_string(),
+        "--input-ids".into(),
+        ids.into(),
+        "--output".into(),
+        out.display().to_string(),
+    ]
 }
 
 fn check(model: &std::path::Path, needles: &[&str]) {
@@ -82,12 +90,21 @@ fn missing_tensor_and_wrong_shape_listed_together() {
     h.insert("model.norm.weigth".into(), v);
     h.get_mut("model.layers.0.self_attn.q_proj.weight").unwrap()["shape"] = json!([128, 96]);
     write_st(&p, &h, &data);
-    check(&d, &["model.norm.weight", "model.norm.weigth", "model.layers.0.self_attn.q_proj.weight", "[96, 128]"]);
+    check(
+        &d,
+        &[
+            "model.norm.weight",
+            "model.norm.weigth",
+            "model.layers.0.self_attn.q_proj.weight",
+            "[96, 128]",
+        ],
+    );
 }
 
 fn edit_config(d: &std::path::Path, f: impl FnOnce(&mut serde_json::Value)) {
     let p = d.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     f(&mut v);
     std::fs::write(p, v.to_string()).unwrap();
 }
@@ -104,7 +121,9 @@ fn config_missing_required_field() {
 #[test]
 fn config_layer_index_out_of_range() {
     let d = tiny_copy("cfgidx");
-    edit_config(&d, |v| v["linear_attn_config"]["kda_layers"] = json!([1, 2, 9]));
+    edit_config(&d, |v| {
+        v["linear_attn_config"]["kda_layers"] = json!([1, 2, 9])
+    });
     check(&d, &["linear_attn_config.kda_layers", "1..=4"]);
 }
 

@@ -11,14 +11,23 @@ pub fn shared() -> PathBuf {
 
 pub fn tiny_dir() -> PathBuf {
     let d = shared().join("golden/kimi_linear_tiny");
-    assert!(d.join("model.safetensors").is_file(), "golden tiny model missing at {}", d.display());
+    assert!(
+        d.join("model.safetensors").is_file(),
+        "golden tiny model missing at {}",
+        d.display()
+    );
     d
 }
 
 /// A fresh empty directory under the system temp dir.
 pub fn temp_dir(tag: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
-    let d = std::env::temp_dir().join(format!("kl-cli-{}-{}-{}", tag, std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+    let d = std::env::temp_dir().join(format!(
+        "kl-cli-{}-{}-{}",
+        tag,
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -34,14 +43,21 @@ pub fn tiny_copy(tag: &str) -> PathBuf {
 }
 
 pub fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kimi-linear")).args(args).output().expect("binary runs")
+    Command::new(env!("CARGO_BIN_EXE_kimi-linear"))
+        .args(args)
+        .output()
+        .expect("binary runs")
 }
 
 /// Run and expect a clean failure (exit 1, no panic) whose stderr contains every `needle`.
 pub fn expect_error(args: &[&str], needles: &[&str]) -> String {
     let out = run(args);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(1), "expected exit 1 for {args:?}; stderr: {err}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected exit 1 for {args:?}; stderr: {err}"
+    );
     assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
     for n in needles {
         assert!(err.contains(n), "stderr for {args:?} lacks `{n}`: {err}");
@@ -75,15 +91,25 @@ pub fn write_ids(dir: &Path, ids: &str) -> String {
 }
 
 /// Read an output safetensors file: name → (dtype, shape, f64 values).
-pub fn read_output(path: &Path) -> std::collections::BTreeMap<String, (String, Vec<usize>, Vec<f64>)> {
+pub fn read_output(
+    path: &Path,
+) -> std::collections::BTreeMap<String, (String, Vec<usize>, Vec<f64>)> {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("output parses as safetensors");
     st.tensors()
         .into_iter()
         .map(|(n, v)| {
             let vals: Vec<f64> = match v.dtype() {
-                safetensors::Dtype::F32 => v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-                safetensors::Dtype::I64 => v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+                safetensors::Dtype::F32 => v
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                safetensors::Dtype::I64 => v
+                    .data()
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
                 d => panic!("unexpected dtype {d:?}"),
             };
             (n, (format!("{:?}", v.dtype()), v.shape().to_vec(), vals))

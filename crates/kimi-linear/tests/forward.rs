@@ -9,7 +9,10 @@ fn golden() -> std::collections::BTreeMap<String, (String, Vec<usize>, Vec<f64>)
 
 fn max_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 #[test]
@@ -20,7 +23,17 @@ fn forward_reproduces_golden_logits_and_greedy_ids() {
     let ids_path = write_ids(&dir, &serde_json::to_string(&ids).unwrap());
     let out = dir.join("out.safetensors");
     let tiny = tiny_dir();
-    let o = run(&["forward", "--model", tiny.to_str().unwrap(), "--input-ids", &ids_path, "--decode", "16", "--output", out.to_str().unwrap()]);
+    let o = run(&[
+        "forward",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--input-ids",
+        &ids_path,
+        "--decode",
+        "16",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r = read_output(&out);
     assert_eq!(r["logits"].1, vec![100, 512]);
@@ -31,10 +44,27 @@ fn forward_reproduces_golden_logits_and_greedy_ids() {
 
     // The remote-code router convention.
     let out2 = dir.join("biased.safetensors");
-    let o = run(&["forward", "--model", tiny.to_str().unwrap(), "--input-ids", &ids_path, "--router-weights", "biased", "--prefill-chunk", "33", "--output", out2.to_str().unwrap()]);
+    let o = run(&[
+        "forward",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--input-ids",
+        &ids_path,
+        "--router-weights",
+        "biased",
+        "--prefill-chunk",
+        "33",
+        "--output",
+        out2.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r2 = read_output(&out2);
-    assert!(max_diff(&r2["logits"].2, &g["variant.router_weights_biased.logits"].2) < 1e-4);
+    assert!(
+        max_diff(
+            &r2["logits"].2,
+            &g["variant.router_weights_biased.logits"].2
+        ) < 1e-4
+    );
     assert!(!r2.contains_key("greedy.generated_ids"));
     std::fs::remove_dir_all(dir).ok();
 }

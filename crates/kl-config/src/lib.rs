@@ -57,7 +57,11 @@ pub enum ConfigError {
     },
 }
 
-fn unsupported(field: &str, value: impl std::fmt::Debug, expected: impl Into<String>) -> ConfigError {
+fn unsupported(
+    field: &str,
+    value: impl std::fmt::Debug,
+    expected: impl Into<String>,
+) -> ConfigError {
     ConfigError::Unsupported {
         field: field.to_string(),
         value: format!("{value:?}"),
@@ -396,7 +400,11 @@ impl ModelConfig {
     pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
         if let Some(arch) = &raw.architectures {
             if !arch.iter().any(|a| a == "KimiLinearForCausalLM") {
-                return Err(unsupported("architectures", arch, "[\"KimiLinearForCausalLM\"]"));
+                return Err(unsupported(
+                    "architectures",
+                    arch,
+                    "[\"KimiLinearForCausalLM\"]",
+                ));
             }
         }
         if let Some(mt) = &raw.model_type {
@@ -421,7 +429,10 @@ impl ModelConfig {
         let la = &raw.linear_attn_config;
         positive("linear_attn_config.head_dim", la.head_dim)?;
         positive("linear_attn_config.num_heads", la.num_heads)?;
-        positive("linear_attn_config.short_conv_kernel_size", la.short_conv_kernel_size)?;
+        positive(
+            "linear_attn_config.short_conv_kernel_size",
+            la.short_conv_kernel_size,
+        )?;
         if raw.hidden_act != "silu" {
             return Err(unsupported("hidden_act", &raw.hidden_act, "\"silu\""));
         }
@@ -454,7 +465,11 @@ impl ModelConfig {
             }
         }
         if !(raw.rms_norm_eps > 0.0 && raw.rms_norm_eps < 1.0) {
-            return Err(unsupported("rms_norm_eps", raw.rms_norm_eps, "a value in (0, 1)"));
+            return Err(unsupported(
+                "rms_norm_eps",
+                raw.rms_norm_eps,
+                "a value in (0, 1)",
+            ));
         }
         if let Some(r) = raw.q_lora_rank {
             positive("q_lora_rank", r)?;
@@ -468,11 +483,17 @@ impl ModelConfig {
                     return Err(unsupported(
                         field,
                         list,
-                        format!("1-based layer indices in 1..={n} (num_hidden_layers = {n}); found {i}"),
+                        format!(
+                            "1-based layer indices in 1..={n} (num_hidden_layers = {n}); found {i}"
+                        ),
                     ));
                 }
                 if out.contains(&((i - 1) as usize)) {
-                    return Err(unsupported(field, list, format!("distinct indices; {i} appears twice")));
+                    return Err(unsupported(
+                        field,
+                        list,
+                        format!("distinct indices; {i} appears twice"),
+                    ));
                 }
                 out.push((i - 1) as usize);
             }
@@ -492,13 +513,25 @@ impl ModelConfig {
             None | Some(0) => None,
             Some(e) => {
                 let top_k = raw.num_experts_per_token.ok_or_else(|| {
-                    unsupported("num_experts_per_token", "missing", "required when num_experts is set")
+                    unsupported(
+                        "num_experts_per_token",
+                        "missing",
+                        "required when num_experts is set",
+                    )
                 })?;
                 if top_k == 0 || top_k > e {
-                    return Err(unsupported("num_experts_per_token", top_k, format!("1..={e} (num_experts)")));
+                    return Err(unsupported(
+                        "num_experts_per_token",
+                        top_k,
+                        format!("1..={e} (num_experts)"),
+                    ));
                 }
                 let width = raw.moe_intermediate_size.ok_or_else(|| {
-                    unsupported("moe_intermediate_size", "missing", "required when num_experts is set")
+                    unsupported(
+                        "moe_intermediate_size",
+                        "missing",
+                        "required when num_experts is set",
+                    )
                 })?;
                 positive("moe_intermediate_size", width)?;
                 positive("moe_layer_freq", raw.moe_layer_freq)?;
@@ -522,7 +555,11 @@ impl ModelConfig {
                     ));
                 }
                 if topk_group == 0 || topk_group > groups {
-                    return Err(unsupported("topk_group", topk_group, format!("1..={groups} (num_expert_group)")));
+                    return Err(unsupported(
+                        "topk_group",
+                        topk_group,
+                        format!("1..={groups} (num_expert_group)"),
+                    ));
                 }
                 if groups > 1 && (e / groups < 2 || top_k > topk_group * (e / groups)) {
                     return Err(unsupported(
@@ -553,8 +590,15 @@ impl ModelConfig {
 
         let layers = (0..n)
             .map(|i| LayerKind {
-                mixer: if kda.contains(&i) { Mixer::Kda } else { Mixer::Mla },
-                mlp: if moe.is_some() && i >= raw.first_k_dense_replace && i % raw.moe_layer_freq == 0 {
+                mixer: if kda.contains(&i) {
+                    Mixer::Kda
+                } else {
+                    Mixer::Mla
+                },
+                mlp: if moe.is_some()
+                    && i >= raw.first_k_dense_replace
+                    && i % raw.moe_layer_freq == 0
+                {
                     Mlp::Moe
                 } else {
                     Mlp::Dense
@@ -586,7 +630,11 @@ impl ModelConfig {
             },
             moe,
             tie_word_embeddings: raw.tie_word_embeddings,
-            eos_token_ids: raw.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default(),
+            eos_token_ids: raw
+                .eos_token_id
+                .as_ref()
+                .map(|e| e.to_vec())
+                .unwrap_or_default(),
             layers,
             raw,
         })
@@ -615,7 +663,9 @@ mod tests {
     #[test]
     fn real_config_layer_map() {
         let cfg = ModelConfig::from_raw(presets::kimi_linear_48b_a3b()).unwrap();
-        let mla: Vec<usize> = (0..27).filter(|&i| cfg.layers[i].mixer == Mixer::Mla).collect();
+        let mla: Vec<usize> = (0..27)
+            .filter(|&i| cfg.layers[i].mixer == Mixer::Mla)
+            .collect();
         assert_eq!(mla, vec![3, 7, 11, 15, 19, 23, 26]);
         assert_eq!(cfg.layers[0].mlp, Mlp::Dense);
         assert!(cfg.layers[1..].iter().all(|l| l.mlp == Mlp::Moe));
@@ -628,7 +678,10 @@ mod tests {
         let mut raw = presets::tiny();
         raw.linear_attn_config.kda_layers = vec![0, 1, 2];
         let e = ModelConfig::from_raw(raw).unwrap_err().to_string();
-        assert!(e.contains("linear_attn_config.kda_layers") && e.contains("1..=4"), "{e}");
+        assert!(
+            e.contains("linear_attn_config.kda_layers") && e.contains("1..=4"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -643,13 +696,20 @@ mod tests {
     fn missing_field_is_named() {
         let mut v: serde_json::Value = serde_json::from_str(&presets::tiny().to_json()).unwrap();
         v.as_object_mut().unwrap().remove("hidden_size");
-        let e = ModelConfig::from_json(&v.to_string(), "x/config.json").unwrap_err().to_string();
-        assert!(e.contains("hidden_size") && e.contains("x/config.json"), "{e}");
+        let e = ModelConfig::from_json(&v.to_string(), "x/config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("hidden_size") && e.contains("x/config.json"),
+            "{e}"
+        );
     }
 
     #[test]
     fn not_json() {
-        let e = ModelConfig::from_json("{not json", "c.json").unwrap_err().to_string();
+        let e = ModelConfig::from_json("{not json", "c.json")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("c.json"), "{e}");
     }
 }

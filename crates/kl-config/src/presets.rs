@@ -37,7 +37,9 @@ fn base(
     top_k: usize,
     expert_width: usize,
 ) -> RawConfig {
-    let kda_layers = (1..=layers as i64).filter(|i| !mla_layers_1based.contains(i)).collect();
+    let kda_layers = (1..=layers as i64)
+        .filter(|i| !mla_layers_1based.contains(i))
+        .collect();
     RawConfig {
         architectures: Some(vec!["KimiLinearForCausalLM".into()]),
         model_type: Some("kimi_linear".into()),
@@ -91,7 +93,23 @@ fn base(
 
 /// The golden tiny model's config.
 pub fn tiny() -> RawConfig {
-    let mut c = base(512, 128, 192, 4, vec![4], 3, 32, 4, 48, 32, 16, 24, 8, 2, 32);
+    let mut c = base(
+        512,
+        128,
+        192,
+        4,
+        vec![4],
+        3,
+        32,
+        4,
+        48,
+        32,
+        16,
+        24,
+        8,
+        2,
+        32,
+    );
     c.head_dim = Some(32);
     c
 }
@@ -99,7 +117,23 @@ pub fn tiny() -> RawConfig {
 /// `mini`: hidden 1024, 8 layers (MLA at 4 and 8), KDA 16×64, MLA 16 heads (R 256, nope 64,
 /// rope 32, v 64), 16 experts top-4 of width 512 plus one shared, dense layer 0 of 2816, vocab 32000.
 pub fn mini() -> RawConfig {
-    base(32000, 1024, 2816, 8, vec![4, 8], 16, 64, 16, 256, 64, 32, 64, 16, 4, 512)
+    base(
+        32000,
+        1024,
+        2816,
+        8,
+        vec![4, 8],
+        16,
+        64,
+        16,
+        256,
+        64,
+        32,
+        64,
+        16,
+        4,
+        512,
+    )
 }
 
 /// The released Kimi-Linear-48B-A3B-Instruct config.

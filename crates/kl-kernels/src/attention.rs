@@ -53,7 +53,9 @@ pub fn latent_attention_reference<C: Elem>(
         let lim = n_keys - tq + i + 1;
         for hh in 0..h {
             let qh = &q[(i * h + hh) * dk..(i * h + hh + 1) * dk];
-            let sc: Vec<f32> = (0..lim).map(|j| scale * key(j).iter().zip(qh).map(|(a, b)| a * b).sum::<f32>()).collect();
+            let sc: Vec<f32> = (0..lim)
+                .map(|j| scale * key(j).iter().zip(qh).map(|(a, b)| a * b).sum::<f32>())
+                .collect();
             let m = sc.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let p: Vec<f32> = sc.iter().map(|x| (x - m).exp()).collect();
             let l: f32 = p.iter().sum();
@@ -78,7 +80,11 @@ struct Partial {
 
 impl Partial {
     fn new(h: usize, dv: usize) -> Self {
-        Partial { m: vec![f32::NEG_INFINITY; h], l: vec![0.0; h], acc: vec![0.0; h * dv] }
+        Partial {
+            m: vec![f32::NEG_INFINITY; h],
+            l: vec![0.0; h],
+            acc: vec![0.0; h * dv],
+        }
     }
 
     /// Fold `other` into `self`.
@@ -100,8 +106,15 @@ impl Partial {
 
     fn finish(&self, dv: usize, out: &mut [f32]) {
         for hh in 0..self.m.len() {
-            let inv = if self.l[hh] > 0.0 { 1.0 / self.l[hh] } else { 0.0 };
-            for (o, a) in out[hh * dv..(hh + 1) * dv].iter_mut().zip(&self.acc[hh * dv..(hh + 1) * dv]) {
+            let inv = if self.l[hh] > 0.0 {
+                1.0 / self.l[hh]
+            } else {
+                0.0
+            };
+            for (o, a) in out[hh * dv..(hh + 1) * dv]
+                .iter_mut()
+                .zip(&self.acc[hh * dv..(hh + 1) * dv])
+            {
                 *o = a * inv;
             }
         }
@@ -164,6 +177,14 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
+    #[inline]
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Causal latent attention. `q` `[Tq, H, Dk]`, `blocks` each `[block_rows, Dk]`, `n_keys` keys in
 /// total (≥ Tq), `out` `[Tq, H, Dv]`.
 #[allow(clippy::too_many_arguments)]
@@ -179,8 +200,14 @@ pub fn latent_attention<C: Elem>(
     let LatentAttnShape { h, dk, dv } = s;
     assert_eq!(q.len() % (h * dk), 0);
     let tq = q.len() / (h * dk);
-    assert!(n_keys >= tq, "latent_attention: {n_keys} keys for {tq} queries");
-    assert!(blocks.len() * block_rows >= n_keys, "latent_attention: blocks hold fewer than {n_keys} keys");
+    assert!(
+        n_keys >= tq,
+        "latent_attention: {n_keys} keys for {tq} queries"
+    );
+    assert!(
+        blocks.len() * block_rows >= n_keys,
+        "latent_attention: blocks hold fewer than {n_keys} keys"
+    );
     assert_eq!(out.len(), tq * h * dv);
     let threads = rayon::current_num_threads().max(1);
     if tq == 1 && threads > 1 && n_keys >= 2 * TILE {
@@ -193,7 +220,18 @@ pub fn latent_attention<C: Elem>(
                 let mut p = Partial::new(h, dv);
                 let (mut tile, mut scores) = (Vec::new(), Vec::new());
                 let (k0, k1) = (pi * per, ((pi + 1) * per).min(n_keys));
-                attend_range(s, q, blocks, block_rows, k0, k1, scale, &mut p, &mut tile, &mut scores);
+                attend_range(
+                    s,
+                    q,
+                    blocks,
+                    block_rows,
+                    k0,
+                    k1,
+                    scale,
+                    &mut p,
+                    &mut tile,
+                    &mut scores,
+                );
                 p
             })
             .collect();
@@ -208,7 +246,6 @@ pub fn latent_attention<C: Elem>(
     (0..tq).into_par_iter().for_each_init(
         || (Partial::new(h, dv), Vec::new(), Vec::new()),
         |(p, tile, scores), i| {
-            let op = op;
             p.m.fill(f32::NEG_INFINITY);
             p.l.fill(0.0);
             p.acc.fill(0.0);
@@ -216,7 +253,7 @@ pub fn latent_attention<C: Elem>(
             let qrow = &q[i * h * dk..(i + 1) * h * dk];
             attend_range(s, qrow, blocks, block_rows, 0, lim, scale, p, tile, scores);
             // SAFETY: row i of out is written only by this task.
-            let o = unsafe { std::slice::from_raw_parts_mut(op.0.add(i * h * dv), h * dv) };
+            let o = unsafe { std::slice::from_raw_parts_mut(op.get().add(i * h * dv), h * dv) };
             p.finish(dv, o);
         },
     );

@@ -9,7 +9,14 @@ use crate::activation::silu;
 /// `x` `[T, C]` (raw, pre-conv), `weight` `[C, W]`, `state` `[W-1, C]` (oldest row first; zeros at
 /// the start of a sequence). Writes `out` `[T, C]` = SiLU(conv) and updates `state` to the last
 /// `W-1` inputs.
-pub fn conv1d_causal_silu(x: &[f32], c: usize, weight: &[f32], w: usize, state: &mut [f32], out: &mut [f32]) {
+pub fn conv1d_causal_silu(
+    x: &[f32],
+    c: usize,
+    weight: &[f32],
+    w: usize,
+    state: &mut [f32],
+    out: &mut [f32],
+) {
     assert_eq!(weight.len(), c * w);
     assert_eq!(state.len(), (w - 1) * c);
     assert_eq!(x.len(), out.len());

@@ -16,7 +16,9 @@ pub struct Features {
 pub fn features() -> Features {
     static F: OnceLock<Features> = OnceLock::new();
     *F.get_or_init(|| {
-        let off = std::env::var("KL_NO_SIMD").map(|v| v == "1").unwrap_or(false);
+        let off = std::env::var("KL_NO_SIMD")
+            .map(|v| v == "1")
+            .unwrap_or(false);
         #[cfg(target_arch = "x86_64")]
         {
             if !off {
@@ -27,7 +29,10 @@ pub fn features() -> Features {
             }
         }
         let _ = off;
-        Features { avx2_fma: false, avx512f: false }
+        Features {
+            avx2_fma: false,
+            avx512f: false,
+        }
     })
 }
 

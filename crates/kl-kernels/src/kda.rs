@@ -41,6 +41,7 @@ pub struct KdaShape {
 
 /// Gate: `g = −exp(A_log[h]) · softplus(gate_in + dt_bias)` over `[T, H, K]`, in place on `gate`.
 /// `a_log` is `[H]`, `dt_bias` is `[H·K]`.
+#[allow(clippy::needless_range_loop)]
 pub fn kda_gate(gate: &mut [f32], a_log: &[f32], dt_bias: &[f32], h: usize, k: usize) {
     assert_eq!(gate.len() % (h * k), 0);
     for row in gate.chunks_exact_mut(h * k) {
@@ -54,7 +55,17 @@ pub fn kda_gate(gate: &mut [f32], a_log: &[f32], dt_bias: &[f32], h: usize, k: u
     }
 }
 
-fn check(s: KdaShape, q: &[f32], k: &[f32], v: &[f32], g: &[f32], beta: &[f32], state: &[f32], out: &[f32]) {
+#[allow(clippy::too_many_arguments)]
+fn check(
+    s: KdaShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    g: &[f32],
+    beta: &[f32],
+    state: &[f32],
+    out: &[f32],
+) {
     let KdaShape { t, h, k: kd, v: vd } = s;
     assert_eq!(q.len(), t * h * kd, "kda: q");
     assert_eq!(k.len(), t * h * kd, "kda: k");
@@ -70,6 +81,14 @@ struct SendPtr(*mut f32);
 // SAFETY: each head writes a disjoint set of output elements.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
+    #[inline]
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// Token-by-token recurrence (decode path and reference).
 #[allow(clippy::too_many_arguments)]
@@ -87,7 +106,6 @@ pub fn kda_recurrent(
     let KdaShape { t, h, k: kd, v: vd } = s;
     let op = SendPtr(out.as_mut_ptr());
     let per_head = |hi: usize, st: &mut [f32]| {
-        let op = op;
         let mut u = [0f32; 512];
         let mut ubuf;
         let u: &mut [f32] = if vd <= 512 {
@@ -98,7 +116,11 @@ pub fn kda_recurrent(
         };
         for ti in 0..t {
             let base = (ti * h + hi) * kd;
-            let (qt, kt, gt) = (&q[base..base + kd], &k[base..base + kd], &g[base..base + kd]);
+            let (qt, kt, gt) = (
+                &q[base..base + kd],
+                &k[base..base + kd],
+                &g[base..base + kd],
+            );
             let vt = &v[(ti * h + hi) * vd..(ti * h + hi + 1) * vd];
             let b = beta[ti * h + hi];
             // S ← Diag(e^g) S; p = Sᵀk accumulated in u as −p.
@@ -116,7 +138,7 @@ pub fn kda_recurrent(
             }
             // S += k uᵀ; o = Sᵀ q.
             // SAFETY: (ti, hi) output row is written only by head hi.
-            let o = unsafe { std::slice::from_raw_parts_mut(op.0.add((ti * h + hi) * vd), vd) };
+            let o = unsafe { std::slice::from_raw_parts_mut(op.get().add((ti * h + hi) * vd), vd) };
             o.fill(0.0);
             for d in 0..kd {
                 let row = &mut st[d * vd..(d + 1) * vd];
@@ -130,7 +152,10 @@ pub fn kda_recurrent(
             per_head(hi, st);
         }
     } else {
-        state.par_chunks_exact_mut(kd * vd).enumerate().for_each(|(hi, st)| per_head(hi, st));
+        state
+            .par_chunks_exact_mut(kd * vd)
+            .enumerate()
+            .for_each(|(hi, st)| per_head(hi, st));
     }
 }
 
@@ -176,16 +201,16 @@ pub fn kda_chunked_reference(
 
 /// Per-head scratch of the chunked form.
 struct ChunkScratch {
-    gam: Vec<f32>,  // [C, K] cumulative log-decay
-    qc: Vec<f32>,   // [C, K]
-    kc: Vec<f32>,   // [C, K]
-    vc: Vec<f32>,   // [C, V]
-    bc: Vec<f32>,   // [C]
-    akk: Vec<f32>,  // [C, C]
-    aqk: Vec<f32>,  // [C, C]
-    w: Vec<f32>,    // [C, K]
-    u: Vec<f32>,    // [C, V]  (becomes V')
-    o: Vec<f32>,    // [V]  one output row
+    gam: Vec<f32>, // [C, K] cumulative log-decay
+    qc: Vec<f32>,  // [C, K]
+    kc: Vec<f32>,  // [C, K]
+    vc: Vec<f32>,  // [C, V]
+    bc: Vec<f32>,  // [C]
+    akk: Vec<f32>, // [C, C]
+    aqk: Vec<f32>, // [C, C]
+    w: Vec<f32>,   // [C, K]
+    u: Vec<f32>,   // [C, V]  (becomes V')
+    o: Vec<f32>,   // [V]  one output row
 }
 
 impl ChunkScratch {
@@ -222,19 +247,34 @@ pub fn kda_chunked(
     check(s, q, k, v, g, beta, state, out);
     let KdaShape { t, h, k: kd, v: vd } = s;
     let op = SendPtr(out.as_mut_ptr());
-    state.par_chunks_exact_mut(kd * vd).enumerate().for_each(|(hi, st)| {
-        let op = op;
-        let mut sc = ChunkScratch::new(kd, vd);
-        let mut t0 = 0;
-        while t0 < t {
-            let c = CHUNK.min(t - t0);
-            // SAFETY: rows t0..t0+c of head hi are written only here.
-            chunk_head(&mut sc, st, hi, t0, c, s, q, k, v, g, beta, |ti, o| unsafe {
-                std::ptr::copy_nonoverlapping(o.as_ptr(), op.0.add((ti * h + hi) * vd), vd);
-            });
-            t0 += c;
-        }
-    });
+    state
+        .par_chunks_exact_mut(kd * vd)
+        .enumerate()
+        .for_each(|(hi, st)| {
+            let mut sc = ChunkScratch::new(kd, vd);
+            let mut t0 = 0;
+            while t0 < t {
+                let c = CHUNK.min(t - t0);
+                // SAFETY: rows t0..t0+c of head hi are written only here.
+                chunk_head(
+                    &mut sc,
+                    st,
+                    hi,
+                    t0,
+                    c,
+                    s,
+                    q,
+                    k,
+                    v,
+                    g,
+                    beta,
+                    |ti, o| unsafe {
+                        std::ptr::copy_nonoverlapping(o.as_ptr(), op.get().add((ti * h + hi) * vd), vd);
+                    },
+                );
+                t0 += c;
+            }
+        });
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -252,7 +292,9 @@ fn chunk_head(
     beta: &[f32],
     mut write_out: impl FnMut(usize, &[f32]),
 ) {
-    let KdaShape { h, k: kd, v: vd, .. } = s;
+    let KdaShape {
+        h, k: kd, v: vd, ..
+    } = s;
     // Gather the chunk of this head; Γ = cumsum g.
     for r in 0..c {
         let ti = t0 + r;
@@ -262,7 +304,11 @@ fn chunk_head(
         sc.vc[r * vd..(r + 1) * vd].copy_from_slice(&v[(ti * h + hi) * vd..(ti * h + hi + 1) * vd]);
         sc.bc[r] = beta[ti * h + hi];
         for d in 0..kd {
-            let prev = if r == 0 { 0.0 } else { sc.gam[(r - 1) * kd + d] };
+            let prev = if r == 0 {
+                0.0
+            } else {
+                sc.gam[(r - 1) * kd + d]
+            };
             sc.gam[r * kd + d] = prev + g[base + d];
         }
     }
@@ -308,7 +354,11 @@ fn chunk_head(
         for d in 0..kd {
             let wd = sc.w[i * kd + d];
             if wd != 0.0 {
-                axpy(-wd, &st[d * vd..(d + 1) * vd], &mut sc.u[i * vd..(i + 1) * vd]);
+                axpy(
+                    -wd,
+                    &st[d * vd..(d + 1) * vd],
+                    &mut sc.u[i * vd..(i + 1) * vd],
+                );
             }
         }
     }

@@ -39,11 +39,34 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
+    #[inline]
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Optimised `y = x · Wᵀ` (same contract as [`matmul_reference`]).
 pub fn matmul<W: Elem>(x: &[f32], w: &[W], y: &mut [f32], t: usize, k: usize, n: usize) {
-    assert_eq!(x.len(), t * k, "matmul: x has {} elements, expected T·K = {t}·{k}", x.len());
-    assert_eq!(w.len(), n * k, "matmul: W has {} elements, expected N·K = {n}·{k}", w.len());
-    assert_eq!(y.len(), t * n, "matmul: y has {} elements, expected T·N = {t}·{n}", y.len());
+    assert_eq!(
+        x.len(),
+        t * k,
+        "matmul: x has {} elements, expected T·K = {t}·{k}",
+        x.len()
+    );
+    assert_eq!(
+        w.len(),
+        n * k,
+        "matmul: W has {} elements, expected N·K = {n}·{k}",
+        w.len()
+    );
+    assert_eq!(
+        y.len(),
+        t * n,
+        "matmul: y has {} elements, expected T·N = {t}·{n}",
+        y.len()
+    );
     if t == 0 || n == 0 {
         return;
     }
@@ -61,59 +84,64 @@ pub fn matmul<W: Elem>(x: &[f32], w: &[W], y: &mut [f32], t: usize, k: usize, n:
 fn gemv<W: Elem>(x: &[f32], w: &[W], y: &mut [f32], t: usize, k: usize, n: usize) {
     let threads = rayon::current_num_threads().max(1);
     // About 64 KiB of weights per task, at least 4 tasks per thread when there is enough work.
-    let rows_per_task = ((64 * 1024) / (k * std::mem::size_of::<W>()).max(1)).clamp(1, n.div_ceil(threads * 4).max(1));
+    let rows_per_task = ((64 * 1024) / (k * std::mem::size_of::<W>()).max(1))
+        .clamp(1, n.div_ceil(threads * 4).max(1));
     let yp = SendPtr(y.as_mut_ptr());
-    (0..n.div_ceil(rows_per_task)).into_par_iter().for_each(|task| {
-        let yp = yp;
-        let n0 = task * rows_per_task;
-        let n1 = (n0 + rows_per_task).min(n);
-        for ni in n0..n1 {
-            let wr = &w[ni * k..(ni + 1) * k];
-            for ti in 0..t {
-                let v = W::dot(wr, &x[ti * k..(ti + 1) * k]);
-                // SAFETY: element (ti, ni) is written by exactly one task (the owner of row ni).
-                unsafe { *yp.0.add(ti * n + ni) = v };
+    (0..n.div_ceil(rows_per_task))
+        .into_par_iter()
+        .for_each(|task| {
+            let n0 = task * rows_per_task;
+            let n1 = (n0 + rows_per_task).min(n);
+            for ni in n0..n1 {
+                let wr = &w[ni * k..(ni + 1) * k];
+                for ti in 0..t {
+                    let v = W::dot(wr, &x[ti * k..(ti + 1) * k]);
+                    // SAFETY: element (ti, ni) is written by exactly one task (the owner of row ni).
+                    unsafe { *yp.get().add(ti * n + ni) = v };
+                }
             }
-        }
-    });
+        });
 }
 
 fn gemm_panels<W: Elem>(x: &[f32], w: &[W], y: &mut [f32], t: usize, k: usize, n: usize) {
     let threads = rayon::current_num_threads().max(1);
     // Panel of `nb` weight rows widened to f32: at most ~1 MiB, at least 16 rows.
-    let nb = ((1 << 20) / (4 * k)).clamp(16, 256).min(n.div_ceil(threads).max(16));
+    let nb = ((1 << 20) / (4 * k))
+        .clamp(16, 256)
+        .min(n.div_ceil(threads).max(16));
     let yp = SendPtr(y.as_mut_ptr());
-    (0..n.div_ceil(nb)).into_par_iter().for_each_init(Vec::<f32>::new, |panel, task| {
-        let yp = yp;
-        let n0 = task * nb;
-        let n1 = (n0 + nb).min(n);
-        let rows = n1 - n0;
-        panel.resize(rows * k, 0.0);
-        W::widen(&w[n0 * k..n1 * k], &mut panel[..rows * k]);
-        // SAFETY: columns n0..n1 of y belong to this task only; gemm writes dst[i*n + j] for
-        // i < t, j < rows, all inside y, with row stride n.
-        unsafe {
-            gemm::gemm(
-                t,
-                rows,
-                k,
-                yp.0.add(n0),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                panel.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
-    });
+    (0..n.div_ceil(nb))
+        .into_par_iter()
+        .for_each_init(Vec::<f32>::new, |panel, task| {
+            let n0 = task * nb;
+            let n1 = (n0 + nb).min(n);
+            let rows = n1 - n0;
+            panel.resize(rows * k, 0.0);
+            W::widen(&w[n0 * k..n1 * k], &mut panel[..rows * k]);
+            // SAFETY: columns n0..n1 of y belong to this task only; gemm writes dst[i*n + j] for
+            // i < t, j < rows, all inside y, with row stride n.
+            unsafe {
+                gemm::gemm(
+                    t,
+                    rows,
+                    k,
+                    yp.get().add(n0),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    panel.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
 }

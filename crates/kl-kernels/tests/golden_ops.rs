@@ -8,14 +8,20 @@ use safetensors::SafeTensors;
 use std::collections::HashMap;
 
 fn load() -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/golden/golden_ops.safetensors");
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("golden file {} is required: {e}", path.display()));
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/golden/golden_ops.safetensors");
+    let bytes = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("golden file {} is required: {e}", path.display()));
     let st = SafeTensors::deserialize(&bytes).expect("golden_ops parses");
     st.tensors()
         .into_iter()
         .map(|(name, view)| {
             assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
-            let v = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let v = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
             (name, (view.shape().to_vec(), v))
         })
         .collect()
@@ -23,7 +29,9 @@ fn load() -> HashMap<String, (Vec<usize>, Vec<f32>)> {
 
 /// Slice batch `b` of a `[B, ...]` tensor.
 fn batch<'a>(m: &'a HashMap<String, (Vec<usize>, Vec<f32>)>, name: &str, b: usize) -> &'a [f32] {
-    let (shape, v) = m.get(name).unwrap_or_else(|| panic!("golden tensor {name} missing"));
+    let (shape, v) = m
+        .get(name)
+        .unwrap_or_else(|| panic!("golden tensor {name} missing"));
     let per = v.len() / shape[0];
     &v[b * per..(b + 1) * per]
 }
@@ -46,7 +54,10 @@ fn run(m: &HashMap<String, (Vec<usize>, Vec<f32>)>, prefix: &str, init: &str, ch
         assert!(max_abs_diff(&g, g_ref) < 1e-5, "{prefix} gate");
         let mut state = batch(m, init, b).to_vec();
         let mut o = vec![0.0; t * h * v];
-        let (vv, beta) = (batch(m, &format!("{prefix}.v"), b), batch(m, &format!("{prefix}.beta"), b));
+        let (vv, beta) = (
+            batch(m, &format!("{prefix}.v"), b),
+            batch(m, &format!("{prefix}.beta"), b),
+        );
         if chunked {
             kda_chunked(s, &q, &kk, vv, &g, beta, &mut state, &mut o);
         } else {
@@ -54,7 +65,10 @@ fn run(m: &HashMap<String, (Vec<usize>, Vec<f32>)>, prefix: &str, init: &str, ch
         }
         let od = max_abs_diff(&o, batch(m, &format!("{prefix}.o"), b));
         let sd = max_abs_diff(&state, batch(m, &format!("{prefix}.final_state"), b));
-        assert!(od < 1e-5 && sd < 1e-5, "{prefix} chunked={chunked} batch {b}: o {od:e} state {sd:e}");
+        assert!(
+            od < 1e-5 && sd < 1e-5,
+            "{prefix} chunked={chunked} batch {b}: o {od:e} state {sd:e}"
+        );
     }
 }
 

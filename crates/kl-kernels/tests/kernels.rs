@@ -11,17 +11,31 @@ use kl_kernels::norm::l2_normalize_rows;
 #[test]
 fn matmul_matches_reference_bf16_and_f32() {
     let mut rng = Rng::new(1);
-    for &(t, k, n) in &[(1, 1, 1), (1, 7, 5), (3, 33, 17), (8, 100, 129), (9, 65, 31), (64, 200, 300), (130, 37, 1)] {
+    for &(t, k, n) in &[
+        (1, 1, 1),
+        (1, 7, 5),
+        (3, 33, 17),
+        (8, 100, 129),
+        (9, 65, 31),
+        (64, 200, 300),
+        (130, 37, 1),
+    ] {
         let x = rng.vec(t * k, 1.0);
         let wf = rng.vec(n * k, 1.0);
         let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
         let (mut y, mut yr) = (vec![0f32; t * n], vec![0f32; t * n]);
         matmul(&x, &wb, &mut y, t, k, n);
         matmul_reference(&x, &wb, &mut yr, t, k, n);
-        assert!(max_abs_diff(&y, &yr) < 1e-4 * (k as f32).sqrt(), "bf16 t={t} k={k} n={n}");
+        assert!(
+            max_abs_diff(&y, &yr) < 1e-4 * (k as f32).sqrt(),
+            "bf16 t={t} k={k} n={n}"
+        );
         matmul(&x, &wf, &mut y, t, k, n);
         matmul_reference(&x, &wf, &mut yr, t, k, n);
-        assert!(max_abs_diff(&y, &yr) < 1e-4 * (k as f32).sqrt(), "f32 t={t} k={k} n={n}");
+        assert!(
+            max_abs_diff(&y, &yr) < 1e-4 * (k as f32).sqrt(),
+            "f32 t={t} k={k} n={n}"
+        );
     }
 }
 
@@ -34,7 +48,9 @@ fn kda_inputs(rng: &mut Rng, s: KdaShape) -> [Vec<f32>; 6] {
     let vv = rng.vec(t * h * v, 1.0);
     // Log-decays spanning weak to very strong (down to −30 per token) to exercise the
     // overflow-safe pairwise exponents.
-    let g: Vec<f32> = (0..t * h * k).map(|_| -((rng.uniform() + 1.0) * 0.5).powi(4) * 30.0).collect();
+    let g: Vec<f32> = (0..t * h * k)
+        .map(|_| -((rng.uniform() + 1.0) * 0.5).powi(4) * 30.0)
+        .collect();
     let beta: Vec<f32> = (0..t * h).map(|_| (rng.uniform() + 1.0) * 0.5).collect();
     let st = rng.vec(h * k * v, 0.5);
     [q, kk, vv, g, beta, st]
@@ -48,14 +64,32 @@ fn kda_chunked_equals_recurrent_at_odd_sizes() {
             let s = KdaShape { t, h, k, v };
             let [q, kk, vv, g, beta, st0] = kda_inputs(&mut rng, s);
             let (mut s1, mut s2, mut s3) = (st0.clone(), st0.clone(), st0.clone());
-            let (mut o1, mut o2, mut o3) = (vec![0.0; t * h * v], vec![0.0; t * h * v], vec![0.0; t * h * v]);
+            let (mut o1, mut o2, mut o3) = (
+                vec![0.0; t * h * v],
+                vec![0.0; t * h * v],
+                vec![0.0; t * h * v],
+            );
             kda_chunked(s, &q, &kk, &vv, &g, &beta, &mut s1, &mut o1);
             kda_recurrent(s, &q, &kk, &vv, &g, &beta, &mut s2, &mut o2);
             kda_chunked_reference(s, &q, &kk, &vv, &g, &beta, &mut s3, &mut o3);
-            assert!(max_abs_diff(&o1, &o2) < 2e-5, "o chunked vs recurrent t={t} {h}x{k}x{v}: {}", max_abs_diff(&o1, &o2));
-            assert!(max_abs_diff(&s1, &s2) < 2e-5, "state t={t}: {}", max_abs_diff(&s1, &s2));
-            assert!(max_abs_diff(&o2, &o3) < 2e-5, "recurrent vs reference t={t}");
-            assert!(max_abs_diff(&s2, &s3) < 2e-5, "recurrent vs reference state t={t}");
+            assert!(
+                max_abs_diff(&o1, &o2) < 2e-5,
+                "o chunked vs recurrent t={t} {h}x{k}x{v}: {}",
+                max_abs_diff(&o1, &o2)
+            );
+            assert!(
+                max_abs_diff(&s1, &s2) < 2e-5,
+                "state t={t}: {}",
+                max_abs_diff(&s1, &s2)
+            );
+            assert!(
+                max_abs_diff(&o2, &o3) < 2e-5,
+                "recurrent vs reference t={t}"
+            );
+            assert!(
+                max_abs_diff(&s2, &s3) < 2e-5,
+                "recurrent vs reference state t={t}"
+            );
         }
     }
 }
@@ -63,7 +97,12 @@ fn kda_chunked_equals_recurrent_at_odd_sizes() {
 #[test]
 fn kda_split_anywhere_equals_one_call() {
     let mut rng = Rng::new(3);
-    let s = KdaShape { t: 150, h: 2, k: 9, v: 11 };
+    let s = KdaShape {
+        t: 150,
+        h: 2,
+        k: 9,
+        v: 11,
+    };
     let [q, kk, vv, g, beta, st0] = kda_inputs(&mut rng, s);
     let mut sa = st0.clone();
     let mut oa = vec![0.0; 150 * 2 * 11];
@@ -74,7 +113,16 @@ fn kda_split_anywhere_equals_one_call() {
         for (a, b) in [(0, cut), (cut, 150)] {
             let sh = KdaShape { t: b - a, ..s };
             let (qk, vr, br) = (a * 18..b * 18, a * 22..b * 22, a * 2..b * 2);
-            kda_chunked(sh, &q[qk.clone()], &kk[qk.clone()], &vv[vr.clone()], &g[qk], &beta[br], &mut sb, &mut ob[vr]);
+            kda_chunked(
+                sh,
+                &q[qk.clone()],
+                &kk[qk.clone()],
+                &vv[vr.clone()],
+                &g[qk],
+                &beta[br],
+                &mut sb,
+                &mut ob[vr],
+            );
         }
         assert!(max_abs_diff(&oa, &ob) < 2e-5, "cut {cut}");
         assert!(max_abs_diff(&sa, &sb) < 2e-5, "cut {cut} state");
@@ -84,8 +132,19 @@ fn kda_split_anywhere_equals_one_call() {
 #[test]
 fn latent_attention_matches_reference() {
     let mut rng = Rng::new(4);
-    for &(tq, n_keys, block_rows) in &[(1usize, 1usize, 4usize), (1, 300, 64), (1, 1000, 100), (5, 5, 3), (7, 200, 50), (65, 70, 16)] {
-        let s = LatentAttnShape { h: 3, dk: 13, dv: 9 };
+    for &(tq, n_keys, block_rows) in &[
+        (1usize, 1usize, 4usize),
+        (1, 300, 64),
+        (1, 1000, 100),
+        (5, 5, 3),
+        (7, 200, 50),
+        (65, 70, 16),
+    ] {
+        let s = LatentAttnShape {
+            h: 3,
+            dk: 13,
+            dv: 9,
+        };
         let q = rng.vec(tq * s.h * s.dk, 2.0);
         let nblocks = n_keys.div_ceil(block_rows);
         let store = rng.vec(nblocks * block_rows * s.dk, 1.0);
@@ -93,7 +152,11 @@ fn latent_attention_matches_reference() {
         let (mut o, mut orf) = (vec![0.0; tq * s.h * s.dv], vec![0.0; tq * s.h * s.dv]);
         latent_attention(s, &q, &blocks_f, block_rows, n_keys, 0.3, &mut o);
         latent_attention_reference(s, &q, &blocks_f, block_rows, n_keys, 0.3, &mut orf);
-        assert!(max_abs_diff(&o, &orf) < 1e-5, "tq={tq} n={n_keys}: {}", max_abs_diff(&o, &orf));
+        assert!(
+            max_abs_diff(&o, &orf) < 1e-5,
+            "tq={tq} n={n_keys}: {}",
+            max_abs_diff(&o, &orf)
+        );
         let store_b: Vec<bf16> = store.iter().map(|&x| bf16::from_f32(x)).collect();
         let blocks_b: Vec<&[bf16]> = store_b.chunks(block_rows * s.dk).collect();
         latent_attention(s, &q, &blocks_b, block_rows, n_keys, 0.3, &mut o);
@@ -114,10 +177,24 @@ fn conv_split_equals_one_call() {
     for cut in [1usize, 2, 5, 10] {
         let mut s2 = vec![0.0; (w - 1) * c];
         let mut o2 = vec![0.0; t * c];
-        kl_kernels::conv1d::conv1d_causal_silu(&x[..cut * c], c, &wt, w, &mut s2, &mut o2[..cut * c]);
+        kl_kernels::conv1d::conv1d_causal_silu(
+            &x[..cut * c],
+            c,
+            &wt,
+            w,
+            &mut s2,
+            &mut o2[..cut * c],
+        );
         // then one token at a time
         for ti in cut..t {
-            kl_kernels::conv1d::conv1d_causal_silu(&x[ti * c..(ti + 1) * c], c, &wt, w, &mut s2, &mut o2[ti * c..(ti + 1) * c]);
+            kl_kernels::conv1d::conv1d_causal_silu(
+                &x[ti * c..(ti + 1) * c],
+                c,
+                &wt,
+                w,
+                &mut s2,
+                &mut o2[ti * c..(ti + 1) * c],
+            );
         }
         assert!(max_abs_diff(&o1, &o2) < 1e-6, "cut {cut}");
         assert_eq!(s1, s2);

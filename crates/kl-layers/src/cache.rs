@@ -57,7 +57,10 @@ fn push_rows<E: Elem>(blocks: &mut Vec<Box<[E]>>, width: usize, len: usize, rows
         if b == blocks.len() {
             blocks.push(vec![E::from_f32(0.0); BLOCK_ROWS * width].into_boxed_slice());
         }
-        for (d, s) in blocks[b][r * width..(r + 1) * width].iter_mut().zip(&rows[i * width..(i + 1) * width]) {
+        for (d, s) in blocks[b][r * width..(r + 1) * width]
+            .iter_mut()
+            .zip(&rows[i * width..(i + 1) * width])
+        {
             *d = E::from_f32(*s);
         }
     }
@@ -70,7 +73,11 @@ impl LatentCache {
             CacheDtype::F32 => Blocks::F32(Vec::new()),
             CacheDtype::Bf16 => Blocks::Bf16(Vec::new()),
         };
-        LatentCache { width, len: 0, blocks }
+        LatentCache {
+            width,
+            len: 0,
+            blocks,
+        }
     }
 
     /// Tokens cached.
@@ -121,14 +128,21 @@ impl LatentCache {
         let (b, r, w) = (i / BLOCK_ROWS, i % BLOCK_ROWS, self.width);
         match &self.blocks {
             Blocks::F32(bl) => bl[b][r * w..(r + 1) * w].to_vec(),
-            Blocks::Bf16(bl) => bl[b][r * w..(r + 1) * w].iter().map(|x| x.to_f32()).collect(),
+            Blocks::Bf16(bl) => bl[b][r * w..(r + 1) * w]
+                .iter()
+                .map(|x| x.to_f32())
+                .collect(),
         }
     }
 
     /// Causal attention of queries `q` `[Tq, H, width]` (the last `Tq` cached positions) over the
     /// cache; `out` `[Tq, H, dv]` reads the first `dv` columns as values.
     pub fn attend(&self, h: usize, dv: usize, q: &[f32], scale: f32, out: &mut [f32]) {
-        let s = LatentAttnShape { h, dk: self.width, dv };
+        let s = LatentAttnShape {
+            h,
+            dk: self.width,
+            dv,
+        };
         match &self.blocks {
             Blocks::F32(b) => {
                 let v: Vec<&[f32]> = b.iter().map(|x| &x[..]).collect();

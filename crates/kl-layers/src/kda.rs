@@ -68,7 +68,13 @@ pub struct Kda {
 
 impl Kda {
     /// Load `{prefix}…` (prefix like `model.layers.0.self_attn.`).
-    pub fn load(ckpt: &Checkpoint, prefix: &str, dims: KdaDims, d: usize, eps: f32) -> Result<Self, WeightsError> {
+    pub fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        dims: KdaDims,
+        d: usize,
+        eps: f32,
+    ) -> Result<Self, WeightsError> {
         let (p, k, h, w) = (dims.proj(), dims.head_dim, dims.num_heads, dims.conv_kernel);
         let lin = |n: &str, r, c| Linear::load(ckpt, &format!("{prefix}{n}"), r, c);
         let conv = |n: &str| -> Result<Vec<f32>, WeightsError> { Ok(lin(n, p, w)?.to_f32_vec()) };
@@ -78,7 +84,11 @@ impl Kda {
             q_proj: lin("q_proj.weight", p, d)?,
             k_proj: lin("k_proj.weight", p, d)?,
             v_proj: lin("v_proj.weight", p, d)?,
-            conv: [conv("q_conv1d.weight")?, conv("k_conv1d.weight")?, conv("v_conv1d.weight")?],
+            conv: [
+                conv("q_conv1d.weight")?,
+                conv("k_conv1d.weight")?,
+                conv("v_conv1d.weight")?,
+            ],
             a_log: vector(ckpt, &format!("{prefix}A_log"), h)?,
             dt_bias: vector(ckpt, &format!("{prefix}dt_bias"), p)?,
             f_a_proj: lin("f_a_proj.weight", k, d)?,
@@ -98,17 +108,37 @@ impl Kda {
 
     /// Bytes of matrix weights.
     pub fn bytes(&self) -> usize {
-        [&self.q_proj, &self.k_proj, &self.v_proj, &self.f_a_proj, &self.f_b_proj, &self.b_proj, &self.g_a_proj]
-            .iter()
-            .map(|l| l.bytes())
-            .sum::<usize>()
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.f_a_proj,
+            &self.f_b_proj,
+            &self.b_proj,
+            &self.g_a_proj,
+        ]
+        .iter()
+        .map(|l| l.bytes())
+        .sum::<usize>()
             + self.g_b_proj.bytes()
             + self.o_proj.bytes()
     }
 
     /// `out[T, D] = KDA(x[T, D])`, advancing `state` by `T` tokens.
-    pub fn forward(&self, x: &[f32], t: usize, state: &mut KdaState, mode: Mode, probe: &mut Probe, out: &mut [f32]) {
-        let KdaDims { num_heads: h, head_dim: k, conv_kernel: w } = self.dims;
+    pub fn forward(
+        &self,
+        x: &[f32],
+        t: usize,
+        state: &mut KdaState,
+        mode: Mode,
+        probe: &mut Probe,
+        out: &mut [f32],
+    ) {
+        let KdaDims {
+            num_heads: h,
+            head_dim: k,
+            conv_kernel: w,
+        } = self.dims;
         let p = h * k;
         // Projections and short convolutions (each with its own carried history).
         let mut qkv = [vec![0f32; t * p], vec![0f32; t * p], vec![0f32; t * p]];
@@ -146,8 +176,26 @@ impl Kda {
         let shape = KdaShape { t, h, k, v: k };
         let mut core = vec![0f32; t * p];
         match mode {
-            Mode::Prefill => kda_chunked(shape, &q, &kk, &v, &g, &beta, &mut state.recurrent, &mut core),
-            Mode::Decode => kda_recurrent(shape, &q, &kk, &v, &g, &beta, &mut state.recurrent, &mut core),
+            Mode::Prefill => kda_chunked(
+                shape,
+                &q,
+                &kk,
+                &v,
+                &g,
+                &beta,
+                &mut state.recurrent,
+                &mut core,
+            ),
+            Mode::Decode => kda_recurrent(
+                shape,
+                &q,
+                &kk,
+                &v,
+                &g,
+                &beta,
+                &mut state.recurrent,
+                &mut core,
+            ),
         }
         probe.record("kda.core_out", &[t, h, k], &core);
         // Output gate and gated RMSNorm per head.

@@ -45,7 +45,11 @@ pub enum Mode {
 }
 
 /// Read a small parameter vector (norm weight, bias) as f32, checking its element count.
-pub(crate) fn vector(ckpt: &kl_weights::Checkpoint, name: &str, n: usize) -> Result<Vec<f32>, kl_weights::WeightsError> {
+pub(crate) fn vector(
+    ckpt: &kl_weights::Checkpoint,
+    name: &str,
+    n: usize,
+) -> Result<Vec<f32>, kl_weights::WeightsError> {
     let t = ckpt.get(name)?;
     if t.numel() != n {
         return Err(kl_weights::WeightsError::ShapeMismatch {

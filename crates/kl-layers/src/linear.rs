@@ -38,7 +38,12 @@ pub struct Linear {
 impl Linear {
     /// Bind checkpoint tensor `name`, requiring `rows × cols` elements (any leading shape that
     /// flattens to it, e.g. conv `[P,1,W]`).
-    pub fn load(ckpt: &Checkpoint, name: &str, rows: usize, cols: usize) -> Result<Self, WeightsError> {
+    pub fn load(
+        ckpt: &Checkpoint,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, WeightsError> {
         let t = ckpt.get(name)?;
         if t.numel() != rows * cols {
             return Err(WeightsError::ShapeMismatch {
@@ -48,7 +53,11 @@ impl Linear {
                 found: t.shape().to_vec(),
             });
         }
-        Ok(Linear { rows, cols, store: Store::Mapped(t.clone()) })
+        Ok(Linear {
+            rows,
+            cols,
+            store: Store::Mapped(t.clone()),
+        })
     }
 
     /// Build from owned data in `like`'s dtype: `f(row, col)` gives element values as f32,
@@ -124,7 +133,9 @@ impl Linear {
 
     /// All elements widened to f32 (for small matrices only: conv weights).
     pub fn to_f32_vec(&self) -> Vec<f32> {
-        (0..self.rows * self.cols).map(|i| self.get(i / self.cols, i % self.cols)).collect()
+        (0..self.rows * self.cols)
+            .map(|i| self.get(i / self.cols, i % self.cols))
+            .collect()
     }
 
     /// `y[T, N] = x[T, K] · Wᵀ`.

@@ -25,7 +25,11 @@ use kl_weights::{Checkpoint, WeightsError};
 #[derive(Clone)]
 enum QProj {
     Direct(Linear),
-    LowRank { a: Linear, norm: Vec<f32>, b: Linear },
+    LowRank {
+        a: Linear,
+        norm: Vec<f32>,
+        b: Linear,
+    },
 }
 
 /// Weights of one MLA layer.
@@ -45,8 +49,21 @@ pub struct Mla {
 
 impl Mla {
     /// Load `{prefix}…` (prefix like `model.layers.3.self_attn.`).
-    pub fn load(ckpt: &Checkpoint, prefix: &str, dims: MlaDims, d: usize, kv_eps: f32) -> Result<Self, WeightsError> {
-        let MlaDims { num_heads: nh, kv_lora_rank: r, qk_nope: dn, qk_rope: dr, v_head: dv, q_lora_rank } = dims;
+    pub fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        dims: MlaDims,
+        d: usize,
+        kv_eps: f32,
+    ) -> Result<Self, WeightsError> {
+        let MlaDims {
+            num_heads: nh,
+            kv_lora_rank: r,
+            qk_nope: dn,
+            qk_rope: dr,
+            v_head: dv,
+            q_lora_rank,
+        } = dims;
         let lin = |n: &str, rows, cols| Linear::load(ckpt, &format!("{prefix}{n}"), rows, cols);
         let q = match q_lora_rank {
             None => QProj::Direct(lin("q_proj.weight", nh * (dn + dr), d)?),
@@ -85,7 +102,10 @@ impl Mla {
             QProj::Direct(l) => l.bytes(),
             QProj::LowRank { a, b, .. } => a.bytes() + b.bytes(),
         };
-        q + self.kv_a_proj.bytes() + self.kv_b_proj.bytes() + self.w_uk_t.bytes() + self.o_proj.bytes()
+        q + self.kv_a_proj.bytes()
+            + self.kv_b_proj.bytes()
+            + self.w_uk_t.bytes()
+            + self.o_proj.bytes()
     }
 
     fn project_q(&self, x: &[f32], t: usize) -> Vec<f32> {
@@ -113,15 +133,36 @@ impl Mla {
     }
 
     /// `out[T, D] = MLA(x[T, D])`: appends `T` rows to `cache`, then attends causally over it.
-    pub fn forward(&self, x: &[f32], t: usize, cache: &mut LatentCache, probe: &mut Probe, out: &mut [f32]) {
-        let MlaDims { num_heads: nh, kv_lora_rank: r, qk_nope: dn, qk_rope: dr, v_head: dv, .. } = self.dims;
+    pub fn forward(
+        &self,
+        x: &[f32],
+        t: usize,
+        cache: &mut LatentCache,
+        probe: &mut Probe,
+        out: &mut [f32],
+    ) {
+        let MlaDims {
+            num_heads: nh,
+            kv_lora_rank: r,
+            qk_nope: dn,
+            qk_rope: dr,
+            v_head: dv,
+            ..
+        } = self.dims;
         let q = self.project_q(x, t);
         probe.record("mla.q", &[t, nh * (dn + dr)], &q);
         let rows = self.latent_rows(x, t, probe);
         if probe.enabled() {
-            let lat: Vec<f32> = rows.chunks_exact(r + dr).flat_map(|row| row[..r].to_vec()).collect();
+            let lat: Vec<f32> = rows
+                .chunks_exact(r + dr)
+                .flat_map(|row| row[..r].to_vec())
+                .collect();
             probe.record("mla.kv_a_normed", &[t, r], &lat);
-            probe.record("mla.kv_b", &[t, nh * (dn + dv)], &self.kv_b_proj.apply(&lat, t));
+            probe.record(
+                "mla.kv_b",
+                &[t, nh * (dn + dv)],
+                &self.kv_b_proj.apply(&lat, t),
+            );
         }
         cache.append(&rows);
         // Absorbed queries [T, H, R+dr].
@@ -137,7 +178,8 @@ impl Mla {
             }
             self.w_uk_t.forward_rows(&qn, t, h * r, r, &mut ql);
             for ti in 0..t {
-                q_abs[(ti * nh + h) * w..(ti * nh + h) * w + r].copy_from_slice(&ql[ti * r..(ti + 1) * r]);
+                q_abs[(ti * nh + h) * w..(ti * nh + h) * w + r]
+                    .copy_from_slice(&ql[ti * r..(ti + 1) * r]);
             }
         }
         let mut ctx = vec![0f32; t * nh * r];
@@ -148,9 +190,11 @@ impl Mla {
         let mut oh = vec![0f32; t * dv];
         for h in 0..nh {
             for ti in 0..t {
-                ch[ti * r..(ti + 1) * r].copy_from_slice(&ctx[(ti * nh + h) * r..(ti * nh + h + 1) * r]);
+                ch[ti * r..(ti + 1) * r]
+                    .copy_from_slice(&ctx[(ti * nh + h) * r..(ti * nh + h + 1) * r]);
             }
-            self.kv_b_proj.forward_rows(&ch, t, h * (dn + dv) + dn, dv, &mut oh);
+            self.kv_b_proj
+                .forward_rows(&ch, t, h * (dn + dv) + dn, dv, &mut oh);
             for ti in 0..t {
                 core[ti * nh * dv + h * dv..][..dv].copy_from_slice(&oh[ti * dv..(ti + 1) * dv]);
             }
@@ -162,10 +206,20 @@ impl Mla {
     /// Naive twin for a whole sequence (no cache): expand per-head keys `[W_UK c ; k_pe]` and
     /// values `W_UV c` for every token, then causal softmax attention. `out[T, D]`.
     pub fn forward_expanded_reference(&self, x: &[f32], t: usize, out: &mut [f32]) {
-        let MlaDims { num_heads: nh, kv_lora_rank: r, qk_nope: dn, qk_rope: dr, v_head: dv, .. } = self.dims;
+        let MlaDims {
+            num_heads: nh,
+            kv_lora_rank: r,
+            qk_nope: dn,
+            qk_rope: dr,
+            v_head: dv,
+            ..
+        } = self.dims;
         let q = self.project_q(x, t);
         let rows = self.latent_rows(x, t, &mut Probe::off());
-        let lat: Vec<f32> = rows.chunks_exact(r + dr).flat_map(|row| row[..r].to_vec()).collect();
+        let lat: Vec<f32> = rows
+            .chunks_exact(r + dr)
+            .flat_map(|row| row[..r].to_vec())
+            .collect();
         let kvb = self.kv_b_proj.apply(&lat, t); // [T, H·(dn+dv)]
         let scale = self.dims.softmax_scale();
         let mut core = vec![0f32; t * nh * dv];

@@ -17,7 +17,13 @@ pub struct SwiGlu {
 
 impl SwiGlu {
     /// Load `{prefix}{gate}`, `{prefix}{up}`, `{prefix}{down}` with width `i` over model width `d`.
-    pub fn load(ckpt: &Checkpoint, prefix: &str, names: [&str; 3], d: usize, i: usize) -> Result<Self, WeightsError> {
+    pub fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        names: [&str; 3],
+        d: usize,
+        i: usize,
+    ) -> Result<Self, WeightsError> {
         Ok(SwiGlu {
             gate: Linear::load(ckpt, &format!("{prefix}{}", names[0]), i, d)?,
             up: Linear::load(ckpt, &format!("{prefix}{}", names[1]), i, d)?,

@@ -53,10 +53,23 @@ pub struct Routing {
 
 impl Moe {
     /// Load `{prefix}…` (prefix like `model.layers.1.block_sparse_moe.`).
-    pub fn load(ckpt: &Checkpoint, prefix: &str, dims: MoeDims, d: usize) -> Result<Self, WeightsError> {
+    pub fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        dims: MoeDims,
+        d: usize,
+    ) -> Result<Self, WeightsError> {
         let e = dims.num_experts;
         let experts = (0..e)
-            .map(|i| SwiGlu::load(ckpt, &format!("{prefix}experts.{i}."), ["w1.weight", "w3.weight", "w2.weight"], d, dims.expert_width))
+            .map(|i| {
+                SwiGlu::load(
+                    ckpt,
+                    &format!("{prefix}experts.{i}."),
+                    ["w1.weight", "w3.weight", "w2.weight"],
+                    d,
+                    dims.expert_width,
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let shared = if dims.num_shared > 0 {
             Some(SwiGlu::load(
@@ -85,17 +98,29 @@ impl Moe {
 
     /// Bytes of all weights (every expert).
     pub fn bytes(&self) -> usize {
-        self.gate.bytes() + self.experts.iter().map(|e| e.bytes()).sum::<usize>() + self.shared.as_ref().map_or(0, |s| s.bytes())
+        self.gate.bytes()
+            + self.experts.iter().map(|e| e.bytes()).sum::<usize>()
+            + self.shared.as_ref().map_or(0, |s| s.bytes())
     }
 
     /// Bytes of weights one token touches (router, top-k experts, shared).
     pub fn active_bytes(&self) -> usize {
-        self.gate.bytes() + self.dims.top_k * self.experts[0].bytes() + self.shared.as_ref().map_or(0, |s| s.bytes())
+        self.gate.bytes()
+            + self.dims.top_k * self.experts[0].bytes()
+            + self.shared.as_ref().map_or(0, |s| s.bytes())
     }
 
     /// Route `T` tokens given router logits `[T, E]`.
     pub fn route(&self, logits: &[f32], t: usize, mode: RouterWeights) -> Routing {
-        let MoeDims { num_experts: e, top_k: k, num_expert_group: ng, topk_group, renormalize, routed_scaling_factor, .. } = self.dims;
+        let MoeDims {
+            num_experts: e,
+            top_k: k,
+            num_expert_group: ng,
+            topk_group,
+            renormalize,
+            routed_scaling_factor,
+            ..
+        } = self.dims;
         let mut ids = Vec::with_capacity(t * k);
         let mut weights = Vec::with_capacity(t * k);
         let mut scores = vec![0f32; e];
@@ -131,7 +156,11 @@ impl Moe {
                     RouterWeights::Biased => scores[j] + self.bias[j],
                 })
                 .collect();
-            let denom = if renormalize && k > 1 { w.iter().sum::<f32>() + 1e-20 } else { 1.0 };
+            let denom = if renormalize && k > 1 {
+                w.iter().sum::<f32>() + 1e-20
+            } else {
+                1.0
+            };
             for (&j, wj) in chosen.iter().zip(w) {
                 ids.push(j);
                 weights.push(wj / denom * routed_scaling_factor);
@@ -141,7 +170,14 @@ impl Moe {
     }
 
     /// `out[T, D] = MoE(x[T, D])`.
-    pub fn forward(&self, x: &[f32], t: usize, router: RouterWeights, probe: &mut Probe, out: &mut [f32]) {
+    pub fn forward(
+        &self,
+        x: &[f32],
+        t: usize,
+        router: RouterWeights,
+        probe: &mut Probe,
+        out: &mut [f32],
+    ) {
         let (e, k) = (self.dims.num_experts, self.dims.top_k);
         let d = self.gate.cols();
         let logits = self.gate.apply(x, t);
@@ -151,7 +187,9 @@ impl Moe {
             // Golden order: ids ascending per token, weights alongside.
             let (mut ids, mut ws) = (Vec::new(), Vec::new());
             for ti in 0..t {
-                let mut pairs: Vec<(usize, f32)> = (0..k).map(|j| (routing.ids[ti * k + j], routing.weights[ti * k + j])).collect();
+                let mut pairs: Vec<(usize, f32)> = (0..k)
+                    .map(|j| (routing.ids[ti * k + j], routing.weights[ti * k + j]))
+                    .collect();
                 pairs.sort_by_key(|p| p.0);
                 ids.extend(pairs.iter().map(|p| p.0 as f32));
                 ws.extend(pairs.iter().map(|p| p.1));

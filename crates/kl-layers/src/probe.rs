@@ -15,12 +15,18 @@ pub struct Probe {
 impl Probe {
     /// A probe that records nothing.
     pub fn off() -> Self {
-        Probe { prefix: String::new(), map: None }
+        Probe {
+            prefix: String::new(),
+            map: None,
+        }
     }
 
     /// A probe that records everything.
     pub fn on() -> Self {
-        Probe { prefix: String::new(), map: Some(BTreeMap::new()) }
+        Probe {
+            prefix: String::new(),
+            map: Some(BTreeMap::new()),
+        }
     }
 
     /// Whether recording is on (callers skip probe-only work otherwise).

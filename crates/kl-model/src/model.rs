@@ -53,7 +53,11 @@ pub struct ModelOptions {
 
 impl Default for ModelOptions {
     fn default() -> Self {
-        ModelOptions { router_weights: RouterWeights::Unbiased, cache_dtype: CacheDtype::F32, prefill_chunk: 512 }
+        ModelOptions {
+            router_weights: RouterWeights::Unbiased,
+            cache_dtype: CacheDtype::F32,
+            prefill_chunk: 512,
+        }
     }
 }
 
@@ -66,11 +70,13 @@ pub enum LogitsMode {
     Last,
 }
 
+#[allow(clippy::large_enum_variant)] // one per layer; boxing buys nothing
 enum TokenMixer {
     Kda(Kda),
     Mla(Mla),
 }
 
+#[allow(clippy::large_enum_variant)]
 enum ChannelMixer {
     Dense(SwiGlu),
     Moe(Moe),
@@ -112,15 +118,31 @@ impl KimiLinear {
     }
 
     /// Bind an opened checkpoint to a validated config.
-    pub fn from_checkpoint(cfg: ModelConfig, ckpt: &Checkpoint, opts: ModelOptions) -> Result<Self, ModelError> {
+    pub fn from_checkpoint(
+        cfg: ModelConfig,
+        ckpt: &Checkpoint,
+        opts: ModelOptions,
+    ) -> Result<Self, ModelError> {
         ckpt.validate(&cfg)?;
         let d = cfg.hidden;
         let mut layers = Vec::with_capacity(cfg.num_layers());
         for (i, kind) in cfg.layers.iter().enumerate() {
             let p = format!("model.layers.{i}.");
             let mixer = match kind.mixer {
-                Mixer::Kda => TokenMixer::Kda(Kda::load(ckpt, &format!("{p}self_attn."), cfg.kda, d, cfg.rms_norm_eps)?),
-                Mixer::Mla => TokenMixer::Mla(Mla::load(ckpt, &format!("{p}self_attn."), cfg.mla, d, cfg.kv_norm_eps)?),
+                Mixer::Kda => TokenMixer::Kda(Kda::load(
+                    ckpt,
+                    &format!("{p}self_attn."),
+                    cfg.kda,
+                    d,
+                    cfg.rms_norm_eps,
+                )?),
+                Mixer::Mla => TokenMixer::Mla(Mla::load(
+                    ckpt,
+                    &format!("{p}self_attn."),
+                    cfg.mla,
+                    d,
+                    cfg.kv_norm_eps,
+                )?),
             };
             let mlp = match kind.mlp {
                 Mlp::Dense => ChannelMixer::Dense(SwiGlu::load(
@@ -188,17 +210,35 @@ impl KimiLinear {
         if ids.is_empty() {
             return Err(ModelError::Empty);
         }
-        if let Some((position, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::TokenId { id: id as i64, position, vocab: self.cfg.vocab_size });
+        if let Some((position, &id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= self.cfg.vocab_size)
+        {
+            return Err(ModelError::TokenId {
+                id: id as i64,
+                position,
+                vocab: self.cfg.vocab_size,
+            });
         }
         Ok(())
     }
 
     /// Consume `ids`, advancing `state`; returns logits per [`LogitsMode`].
-    pub fn prefill(&self, ids: &[u32], state: &mut SequenceState, logits: LogitsMode, probe: &mut Probe) -> Result<Vec<f32>, ModelError> {
+    pub fn prefill(
+        &self,
+        ids: &[u32],
+        state: &mut SequenceState,
+        logits: LogitsMode,
+        probe: &mut Probe,
+    ) -> Result<Vec<f32>, ModelError> {
         self.check_ids(ids)?;
         let v = self.cfg.vocab_size;
-        let mut out = Vec::with_capacity(if logits == LogitsMode::All { ids.len() * v } else { v });
+        let mut out = Vec::with_capacity(if logits == LogitsMode::All {
+            ids.len() * v
+        } else {
+            v
+        });
         let chunk = self.opts.prefill_chunk.max(1);
         let n_chunks = ids.len().div_ceil(chunk);
         for (ci, piece) in ids.chunks(chunk).enumerate() {
@@ -216,7 +256,12 @@ impl KimiLinear {
     }
 
     /// Consume one token with the recurrent step; returns its logits `[vocab]`.
-    pub fn decode(&self, id: u32, state: &mut SequenceState, probe: &mut Probe) -> Result<Vec<f32>, ModelError> {
+    pub fn decode(
+        &self,
+        id: u32,
+        state: &mut SequenceState,
+        probe: &mut Probe,
+    ) -> Result<Vec<f32>, ModelError> {
         self.check_ids(&[id])?;
         let h = self.run_layers(&[id], state, Mode::Decode, probe);
         Ok(self.head(&h, 1, probe))
@@ -232,7 +277,13 @@ impl KimiLinear {
     }
 
     /// Embedding and all layers for `ids`; returns the residual stream `[T, D]`.
-    fn run_layers(&self, ids: &[u32], state: &mut SequenceState, mode: Mode, probe: &mut Probe) -> Vec<f32> {
+    fn run_layers(
+        &self,
+        ids: &[u32],
+        state: &mut SequenceState,
+        mode: Mode,
+        probe: &mut Probe,
+    ) -> Vec<f32> {
         let (t, d) = (ids.len(), self.cfg.hidden);
         let eps = self.cfg.rms_norm_eps;
         let mut h = vec![0f32; t * d];
@@ -248,7 +299,9 @@ impl KimiLinear {
             rms_norm(&h, &layer.input_norm, eps, &mut x);
             probe.record("attn_in", &[t, d], &x);
             match (&layer.mixer, st) {
-                (TokenMixer::Kda(k), LayerState::Kda(s)) => k.forward(&x, t, s, mode, probe, &mut y),
+                (TokenMixer::Kda(k), LayerState::Kda(s)) => {
+                    k.forward(&x, t, s, mode, probe, &mut y)
+                }
                 (TokenMixer::Mla(m), LayerState::Mla(c)) => m.forward(&x, t, c, probe, &mut y),
                 _ => unreachable!("state built from the same config as the model"),
             }

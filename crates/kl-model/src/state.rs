@@ -30,7 +30,9 @@ impl SequenceState {
             .iter()
             .map(|l| match l.mixer {
                 Mixer::Kda => LayerState::Kda(KdaState::new(&cfg.kda)),
-                Mixer::Mla => LayerState::Mla(LatentCache::new(cfg.mla.latent_width(), cache_dtype)),
+                Mixer::Mla => {
+                    LayerState::Mla(LatentCache::new(cfg.mla.latent_width(), cache_dtype))
+                }
             })
             .collect();
         SequenceState { layers, pos: 0 }
@@ -38,16 +40,43 @@ impl SequenceState {
 
     /// Bytes of KDA recurrent state.
     pub fn kda_state_bytes(&self) -> usize {
-        self.layers.iter().map(|l| if let LayerState::Kda(s) = l { 4 * s.recurrent.len() } else { 0 }).sum()
+        self.layers
+            .iter()
+            .map(|l| {
+                if let LayerState::Kda(s) = l {
+                    4 * s.recurrent.len()
+                } else {
+                    0
+                }
+            })
+            .sum()
     }
 
     /// Bytes of KDA conv history.
     pub fn conv_state_bytes(&self) -> usize {
-        self.layers.iter().map(|l| if let LayerState::Kda(s) = l { s.bytes() - 4 * s.recurrent.len() } else { 0 }).sum()
+        self.layers
+            .iter()
+            .map(|l| {
+                if let LayerState::Kda(s) = l {
+                    s.bytes() - 4 * s.recurrent.len()
+                } else {
+                    0
+                }
+            })
+            .sum()
     }
 
     /// Bytes allocated by the MLA latent caches.
     pub fn mla_cache_bytes(&self) -> usize {
-        self.layers.iter().map(|l| if let LayerState::Mla(c) = l { c.allocated_bytes() } else { 0 }).sum()
+        self.layers
+            .iter()
+            .map(|l| {
+                if let LayerState::Mla(c) = l {
+                    c.allocated_bytes()
+                } else {
+                    0
+                }
+            })
+            .sum()
     }
 }

@@ -3,7 +3,9 @@
 
 mod common;
 use common::*;
-use kl_model::{KimiLinear, LayerState, LogitsMode, ModelOptions, Probe, RouterWeights, SequenceState};
+use kl_model::{
+    KimiLinear, LayerState, LogitsMode, ModelOptions, Probe, RouterWeights, SequenceState,
+};
 
 const TOL: f32 = 1e-4;
 const OP_TOL: f32 = 1e-5;
@@ -17,7 +19,11 @@ fn model(opts: ModelOptions) -> KimiLinear {
 }
 
 /// Compare our state with golden caches under `prefix` (e.g. `layers.` or `greedy.final.layers.`).
-fn check_caches(g: &std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>, st: &SequenceState, prefix: &str) {
+fn check_caches(
+    g: &std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    st: &SequenceState,
+    prefix: &str,
+) {
     for (i, ls) in st.layers.iter().enumerate() {
         match ls {
             LayerState::Kda(s) => {
@@ -30,11 +36,19 @@ fn check_caches(g: &std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>, 
                         for ch in 0..p {
                             let want = conv[(m * p + ch) * w + (r + 1)];
                             let got = hist[r * p + ch];
-                            assert!((got - want).abs() <= TOL, "{prefix}{i} conv_state m={m} r={r} ch={ch}: {got} vs {want}");
+                            assert!(
+                                (got - want).abs() <= TOL,
+                                "{prefix}{i} conv_state m={m} r={r} ch={ch}: {got} vs {want}"
+                            );
                         }
                     }
                 }
-                assert_close(&format!("{prefix}{i}.cache.recurrent_state"), &s.recurrent, &g[&format!("{prefix}{i}.cache.recurrent_state")].1, TOL);
+                assert_close(
+                    &format!("{prefix}{i}.cache.recurrent_state"),
+                    &s.recurrent,
+                    &g[&format!("{prefix}{i}.cache.recurrent_state")].1,
+                    TOL,
+                );
             }
             LayerState::Mla(c) => {
                 let (shape, lat) = &g[&format!("{prefix}{i}.cache.kv_latent")];
@@ -63,14 +77,26 @@ fn prefill_matches_every_golden_tensor() {
     let ids = prompt(&g);
     let mut st = m.new_state();
     let mut probe = Probe::on();
-    let logits = m.prefill(&ids, &mut st, LogitsMode::All, &mut probe).unwrap();
+    let logits = m
+        .prefill(&ids, &mut st, LogitsMode::All, &mut probe)
+        .unwrap();
     let rec = probe.take();
     assert_close("logits", &logits, &g["logits"].1, TOL);
     let mut compared = 0;
     for (name, (shape, want)) in &g {
-        let Some((gshape, got)) = rec.get(name) else { continue };
-        let tol = if name.contains(".kda.") || name.contains(".mla.") { OP_TOL } else { TOL };
-        assert_eq!(gshape.iter().product::<usize>(), shape.iter().product::<usize>(), "{name} size");
+        let Some((gshape, got)) = rec.get(name) else {
+            continue;
+        };
+        let tol = if name.contains(".kda.") || name.contains(".mla.") {
+            OP_TOL
+        } else {
+            TOL
+        };
+        assert_eq!(
+            gshape.iter().product::<usize>(),
+            shape.iter().product::<usize>(),
+            "{name} size"
+        );
         if name.ends_with("moe.topk_ids") {
             assert_eq!(got, want, "{name}");
         } else {
@@ -81,10 +107,22 @@ fn prefill_matches_every_golden_tensor() {
     // Everything the engine has an equivalent for must have been compared.
     let expected: Vec<&String> = g
         .keys()
-        .filter(|k| !k.starts_with("greedy.") && !k.starts_with("variant.") && !k.contains(".cache.") && *k != "input_ids" && *k != "logits")
+        .filter(|k| {
+            !k.starts_with("greedy.")
+                && !k.starts_with("variant.")
+                && !k.contains(".cache.")
+                && *k != "input_ids"
+                && *k != "logits"
+        })
         .collect();
-    let missing: Vec<&&String> = expected.iter().filter(|k| !rec.contains_key(k.as_str())).collect();
-    assert!(missing.is_empty(), "golden tensors with no engine probe: {missing:?}");
+    let missing: Vec<&&String> = expected
+        .iter()
+        .filter(|k| !rec.contains_key(k.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "golden tensors with no engine probe: {missing:?}"
+    );
     assert!(compared >= 40, "compared only {compared}");
     check_caches(&g, &st, "layers.");
 }
@@ -95,17 +133,34 @@ fn greedy_decode_matches_golden() {
     let m = model(ModelOptions::default());
     let ids = prompt(&g);
     let mut st = m.new_state();
-    let last = m.prefill(&ids, &mut st, LogitsMode::Last, &mut Probe::off()).unwrap();
-    let want_ids: Vec<u32> = g["greedy.generated_ids"].1.iter().map(|&x| x as u32).collect();
+    let last = m
+        .prefill(&ids, &mut st, LogitsMode::Last, &mut Probe::off())
+        .unwrap();
+    let want_ids: Vec<u32> = g["greedy.generated_ids"]
+        .1
+        .iter()
+        .map(|&x| x as u32)
+        .collect();
     let (vshape, want_steps) = &g["greedy.step_logits"];
     let v = vshape[1];
-    let argmax = |l: &[f32]| l.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
+    let argmax = |l: &[f32]| {
+        l.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0 as u32
+    };
     let mut next = argmax(&last);
     let mut got_ids = Vec::new();
     for step in 0..want_ids.len() {
         got_ids.push(next);
         let l = m.decode(next, &mut st, &mut Probe::off()).unwrap();
-        assert_close(&format!("greedy.step_logits[{step}]"), &l, &want_steps[step * v..(step + 1) * v], TOL);
+        assert_close(
+            &format!("greedy.step_logits[{step}]"),
+            &l,
+            &want_steps[step * v..(step + 1) * v],
+            TOL,
+        );
         next = argmax(&l);
     }
     assert_eq!(got_ids, want_ids);
@@ -115,19 +170,39 @@ fn greedy_decode_matches_golden() {
 #[test]
 fn biased_router_variant_matches_golden() {
     let g = load_golden("golden_model.safetensors");
-    let m = model(ModelOptions { router_weights: RouterWeights::Biased, ..Default::default() });
+    let m = model(ModelOptions {
+        router_weights: RouterWeights::Biased,
+        ..Default::default()
+    });
     let mut st = m.new_state();
-    let logits = m.prefill(&prompt(&g), &mut st, LogitsMode::All, &mut Probe::off()).unwrap();
-    assert_close("variant.router_weights_biased.logits", &logits, &g["variant.router_weights_biased.logits"].1, TOL);
+    let logits = m
+        .prefill(&prompt(&g), &mut st, LogitsMode::All, &mut Probe::off())
+        .unwrap();
+    assert_close(
+        "variant.router_weights_biased.logits",
+        &logits,
+        &g["variant.router_weights_biased.logits"].1,
+        TOL,
+    );
 }
 
 #[test]
 fn chunked_prefill_any_chunk_size_matches_golden() {
     let g = load_golden("golden_model.safetensors");
     for chunk in [1usize, 7, 64, 99] {
-        let m = model(ModelOptions { prefill_chunk: chunk, ..Default::default() });
+        let m = model(ModelOptions {
+            prefill_chunk: chunk,
+            ..Default::default()
+        });
         let mut st = m.new_state();
-        let logits = m.prefill(&prompt(&g), &mut st, LogitsMode::All, &mut Probe::off()).unwrap();
-        assert_close(&format!("logits (prefill_chunk {chunk})"), &logits, &g["logits"].1, TOL);
+        let logits = m
+            .prefill(&prompt(&g), &mut st, LogitsMode::All, &mut Probe::off())
+            .unwrap();
+        assert_close(
+            &format!("logits (prefill_chunk {chunk})"),
+            &logits,
+            &g["logits"].1,
+            TOL,
+        );
     }
 }

@@ -40,7 +40,11 @@ pub struct Args {
 }
 
 fn argmax(v: &[f32]) -> usize {
-    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0)
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+        .unwrap_or(0)
 }
 
 /// Run `forward`.
@@ -53,14 +57,27 @@ pub fn run(a: Args) -> Result<()> {
         prefill_chunk: a.prefill_chunk.max(1),
         ..Default::default()
     };
-    let model = KimiLinear::load(&a.model, opts).with_context(|| format!("cannot load model from {}", a.model.display()))?;
+    let model = KimiLinear::load(&a.model, opts)
+        .with_context(|| format!("cannot load model from {}", a.model.display()))?;
     let vocab = model.config().vocab_size;
     let ids = read_ids(&a.input_ids, vocab)?;
     let (t, n) = (ids.len(), a.decode);
-    let mut decls = vec![Decl { name: "logits".into(), dtype: "F32", shape: vec![t, vocab] }];
+    let mut decls = vec![Decl {
+        name: "logits".into(),
+        dtype: "F32",
+        shape: vec![t, vocab],
+    }];
     if n > 0 {
-        decls.push(Decl { name: "greedy.step_logits".into(), dtype: "F32", shape: vec![n, vocab] });
-        decls.push(Decl { name: "greedy.generated_ids".into(), dtype: "I64", shape: vec![n] });
+        decls.push(Decl {
+            name: "greedy.step_logits".into(),
+            dtype: "F32",
+            shape: vec![n, vocab],
+        });
+        decls.push(Decl {
+            name: "greedy.generated_ids".into(),
+            dtype: "I64",
+            shape: vec![n],
+        });
     }
     let mut out = OutputFile::create(&a.output, &decls)?;
     let mut state = model.new_state();
@@ -82,6 +99,11 @@ pub fn run(a: Args) -> Result<()> {
         out.i64s(&generated)?;
     }
     out.finish()?;
-    eprintln!("wrote {} ({} prompt tokens, {} generated)", a.output.display(), t, n);
+    eprintln!(
+        "wrote {} ({} prompt tokens, {} generated)",
+        a.output.display(),
+        t,
+        n
+    );
     Ok(())
 }

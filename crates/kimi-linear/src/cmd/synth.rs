@@ -30,8 +30,12 @@ pub struct Args {
 /// Run `synth`.
 pub fn run(a: Args) -> Result<()> {
     let mut raw: RawConfig = match (&a.preset, &a.config) {
-        (Some(p), _) => presets::by_name(p)
-            .with_context(|| format!("unknown preset `{p}`; known presets: {}", presets::NAMES.join(", ")))?,
+        (Some(p), _) => presets::by_name(p).with_context(|| {
+            format!(
+                "unknown preset `{p}`; known presets: {}",
+                presets::NAMES.join(", ")
+            )
+        })?,
         (None, Some(path)) => ModelConfig::from_file(path)?.raw,
         (None, None) => bail!("give --preset NAME or --config FILE"),
     };
@@ -59,6 +63,8 @@ pub fn run(a: Args) -> Result<()> {
         rep.files.len(),
         rep.dir.display()
     );
-    println!("random weights: this model computes real Kimi Linear math but produces meaningless text");
+    println!(
+        "random weights: this model computes real Kimi Linear math but produces meaningless text"
+    );
     Ok(())
 }
