@@ -10,6 +10,7 @@
 
 mod cmd;
 mod ids;
+mod memory;
 mod output;
 
 use clap::{Parser, Subcommand};
@@ -31,26 +32,67 @@ enum Command {
     Forward(cmd::forward::Args),
     /// Write a random-weight checkpoint in the real Kimi Linear layout.
     Synth(cmd::synth::Args),
+    /// Plan the memory of a context: weights, latent cache, KDA state, workspace.
+    Plan(cmd::plan::Args),
+    /// Measure prefill and decode speed against the machine's roofline.
+    Bench(cmd::bench::Args),
+    /// No-download demo: a synthetic model, a long context, memory measured vs planned.
+    Demo(cmd::demo::Args),
 }
 
 fn main() {
     let cli = Cli::parse();
-    if let Some(n) = cli.threads {
-        if n == 0 {
+    let threads = match cli.threads {
+        Some(0) => {
             eprintln!("error: --threads must be at least 1");
             std::process::exit(2);
         }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .expect("thread pool is built once");
-    }
+        Some(n) => n,
+        None => physical_cores(),
+    };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .expect("thread pool is built once");
     let result = match cli.command {
         Command::Forward(a) => cmd::forward::run(a),
         Command::Synth(a) => cmd::synth::run(a),
+        Command::Plan(a) => cmd::plan::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
+        Command::Demo(a) => cmd::demo::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// Physical cores (distinct physical id / core id pairs in /proc/cpuinfo), else the available
+/// parallelism. Hyper-threads share FMA units and bandwidth, so they are not counted.
+fn physical_cores() -> usize {
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
+        return logical;
+    };
+    let mut cores = std::collections::BTreeSet::new();
+    let (mut phys, mut core) = (None, None);
+    for line in info.lines().chain(std::iter::once("")) {
+        if line.trim().is_empty() {
+            if let (Some(p), Some(c)) = (phys.take(), core.take()) {
+                cores.insert((p, c));
+            }
+            continue;
+        }
+        let mut kv = line.splitn(2, ':').map(str::trim);
+        match (kv.next(), kv.next()) {
+            (Some("physical id"), Some(v)) => phys = Some(v.to_string()),
+            (Some("core id"), Some(v)) => core = Some(v.to_string()),
+            _ => {}
+        }
+    }
+    if cores.is_empty() {
+        logical
+    } else {
+        cores.len().min(logical)
     }
 }

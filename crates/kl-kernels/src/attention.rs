@@ -20,6 +20,42 @@ use rayon::prelude::*;
 /// Keys per softmax tile.
 pub const TILE: usize = 64;
 
+/// A source of cache rows (key rows; the value is the first `dv` columns of each).
+///
+/// Implemented for block lists of any [`Elem`] by [`BlockRows`]; quantised caches (fp8 with
+/// per-row scales) implement it in the layers crate.
+pub trait KeyRows: Sync {
+    /// Number of rows available.
+    fn rows(&self) -> usize;
+    /// Widen up to `n` rows starting at row `r0` into `dst` (`[n, dk]` f32), stopping early at a
+    /// storage boundary; returns the number of rows written (≥ 1 when `r0 < rows()`).
+    fn widen(&self, r0: usize, n: usize, dst: &mut [f32]) -> usize;
+}
+
+/// Rows stored in fixed-size blocks of `block_rows` rows of width `dk`.
+pub struct BlockRows<'a, C: Elem> {
+    /// The blocks (the last may be partly filled).
+    pub blocks: &'a [&'a [C]],
+    /// Rows per block.
+    pub block_rows: usize,
+    /// Row width.
+    pub dk: usize,
+    /// Rows in use.
+    pub n_rows: usize,
+}
+
+impl<C: Elem> KeyRows for BlockRows<'_, C> {
+    fn rows(&self) -> usize {
+        self.n_rows
+    }
+    fn widen(&self, r0: usize, n: usize, dst: &mut [f32]) -> usize {
+        let (b, r) = (r0 / self.block_rows, r0 % self.block_rows);
+        let n = n.min(self.block_rows - r).min(self.n_rows - r0);
+        C::widen(&self.blocks[b][r * self.dk..(r + n) * self.dk], &mut dst[..n * self.dk]);
+        n
+    }
+}
+
 /// Shape of a latent attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LatentAttnShape {
@@ -123,11 +159,10 @@ impl Partial {
 
 /// Visit keys `k0..k1` for one query `qrow` `[H, Dk]`, updating `p`. `tile` is scratch.
 #[allow(clippy::too_many_arguments)]
-fn attend_range<C: Elem>(
+fn attend_range<R: KeyRows + ?Sized>(
     s: LatentAttnShape,
     qrow: &[f32],
-    blocks: &[&[C]],
-    block_rows: usize,
+    rows: &R,
     k0: usize,
     k1: usize,
     scale: f32,
@@ -138,11 +173,8 @@ fn attend_range<C: Elem>(
     let LatentAttnShape { h, dk, dv } = s;
     let mut j = k0;
     while j < k1 {
-        let b = j / block_rows;
-        let r = j % block_rows;
-        let n = TILE.min(k1 - j).min(block_rows - r);
-        tile.resize(n * dk, 0.0);
-        C::widen(&blocks[b][r * dk..(r + n) * dk], &mut tile[..n * dk]);
+        tile.resize(TILE * dk, 0.0);
+        let n = rows.widen(j, TILE.min(k1 - j), tile);
         scores.resize(n, 0.0);
         for hh in 0..h {
             let qh = &qrow[hh * dk..(hh + 1) * dk];
@@ -197,17 +229,18 @@ pub fn latent_attention<C: Elem>(
     scale: f32,
     out: &mut [f32],
 ) {
+    assert!(blocks.len() * block_rows >= n_keys, "latent_attention: blocks hold fewer than {n_keys} keys");
+    let rows = BlockRows { blocks, block_rows, dk: s.dk, n_rows: n_keys };
+    latent_attention_rows(s, q, &rows, scale, out)
+}
+
+/// Causal latent attention over any [`KeyRows`] source holding `rows.rows()` keys.
+pub fn latent_attention_rows<R: KeyRows + ?Sized>(s: LatentAttnShape, q: &[f32], rows: &R, scale: f32, out: &mut [f32]) {
     let LatentAttnShape { h, dk, dv } = s;
     assert_eq!(q.len() % (h * dk), 0);
     let tq = q.len() / (h * dk);
-    assert!(
-        n_keys >= tq,
-        "latent_attention: {n_keys} keys for {tq} queries"
-    );
-    assert!(
-        blocks.len() * block_rows >= n_keys,
-        "latent_attention: blocks hold fewer than {n_keys} keys"
-    );
+    let n_keys = rows.rows();
+    assert!(n_keys >= tq, "latent_attention: {n_keys} keys for {tq} queries");
     assert_eq!(out.len(), tq * h * dv);
     let threads = rayon::current_num_threads().max(1);
     if tq == 1 && threads > 1 && n_keys >= 2 * TILE {
@@ -220,18 +253,7 @@ pub fn latent_attention<C: Elem>(
                 let mut p = Partial::new(h, dv);
                 let (mut tile, mut scores) = (Vec::new(), Vec::new());
                 let (k0, k1) = (pi * per, ((pi + 1) * per).min(n_keys));
-                attend_range(
-                    s,
-                    q,
-                    blocks,
-                    block_rows,
-                    k0,
-                    k1,
-                    scale,
-                    &mut p,
-                    &mut tile,
-                    &mut scores,
-                );
+                attend_range(s, q, rows, k0, k1, scale, &mut p, &mut tile, &mut scores);
                 p
             })
             .collect();
@@ -251,7 +273,7 @@ pub fn latent_attention<C: Elem>(
             p.acc.fill(0.0);
             let lim = n_keys - tq + i + 1;
             let qrow = &q[i * h * dk..(i + 1) * h * dk];
-            attend_range(s, qrow, blocks, block_rows, 0, lim, scale, p, tile, scores);
+            attend_range(s, qrow, rows, 0, lim, scale, p, tile, scores);
             // SAFETY: row i of out is written only by this task.
             let o = unsafe { std::slice::from_raw_parts_mut(op.get().add(i * h * dv), h * dv) };
             p.finish(dv, o);

@@ -23,9 +23,11 @@ pub mod attention;
 pub mod conv1d;
 pub mod cpu;
 pub mod elem;
+pub mod fp8;
 pub mod kda;
 pub mod matmul;
 pub mod norm;
+pub mod roofline;
 pub mod simd;
 
 pub use elem::Elem;

@@ -3,15 +3,21 @@
 //! Each token contributes one row `[c (R, after kv_a_layernorm) ; k_pe (P)]` of width `R + P`
 //! (576 for the released model). Rows live in fixed-size blocks of [`BLOCK_ROWS`] tokens that are
 //! allocated as the context grows: growth never copies or doubles existing data, so a
-//! multi-gigabyte cache grows in 256-token steps, and the memory in use is always
-//! `ceil(len / BLOCK_ROWS)` blocks.
+//! multi-gigabyte cache grows in 256-token steps and the memory in use is always
+//! `ceil(len / BLOCK_ROWS)` blocks. [`LatentCache::reserve`] allocates blocks up front.
 //!
-//! Storage dtype is chosen per cache ([`CacheDtype`]); rows are rounded on write and widened on
-//! read by the attention kernel.
+//! Storage ([`CacheDtype`]):
+//! - `f32`: exact (4 B/value).
+//! - `bf16`: 2 B/value, rounded to nearest even (default for generation).
+//! - `fp8`: e4m3 (1 B/value) with **one f32 scale per token row and part**: the `R` latent
+//!   values share one scale and the `P` key values another (`scale = amax / 448`). Per-row scales
+//!   keep appends local (no re-quantisation of old rows) and cost 8 B per row (1.4% at 576).
+//!
+//! Rows are rounded on write and widened on read by the attention kernel.
 
 use half::bf16;
-use kl_kernels::attention::{latent_attention, LatentAttnShape};
-use kl_kernels::Elem;
+use kl_kernels::attention::{latent_attention_rows, BlockRows, KeyRows, LatentAttnShape};
+use kl_kernels::fp8;
 
 /// Tokens per block.
 pub const BLOCK_ROWS: usize = 256;
@@ -23,58 +29,78 @@ pub enum CacheDtype {
     F32,
     /// 2 bytes per value.
     Bf16,
+    /// 1 byte per value (e4m3) plus two f32 scales per row.
+    Fp8,
 }
 
 impl CacheDtype {
-    /// Bytes per stored value.
-    pub fn size(self) -> usize {
-        match self {
-            CacheDtype::F32 => 4,
-            CacheDtype::Bf16 => 2,
+    /// Parse `f32`, `bf16`, `fp8`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "f32" => Some(CacheDtype::F32),
+            "bf16" => Some(CacheDtype::Bf16),
+            "fp8" | "fp8-e4m3" => Some(CacheDtype::Fp8),
+            _ => None,
         }
     }
+
+    /// Name as accepted by [`CacheDtype::parse`].
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheDtype::F32 => "f32",
+            CacheDtype::Bf16 => "bf16",
+            CacheDtype::Fp8 => "fp8",
+        }
+    }
+
+    /// Bytes of one cached row of `width` values.
+    pub fn row_bytes(self, width: usize) -> usize {
+        match self {
+            CacheDtype::F32 => 4 * width,
+            CacheDtype::Bf16 => 2 * width,
+            CacheDtype::Fp8 => width + 8,
+        }
+    }
+
+    /// Bytes held by the blocks needed for `tokens` rows of `width` values.
+    pub fn bytes_for(self, tokens: usize, width: usize) -> usize {
+        tokens.div_ceil(BLOCK_ROWS) * BLOCK_ROWS * self.row_bytes(width)
+    }
 }
+
+/// One fp8 block: codes `[BLOCK_ROWS, width]` and scales `[BLOCK_ROWS, 2]`.
+type Fp8Block = (Box<[u8]>, Box<[f32]>);
 
 #[derive(Debug, Clone)]
 enum Blocks {
     F32(Vec<Box<[f32]>>),
     Bf16(Vec<Box<[bf16]>>),
+    /// Codes `[BLOCK_ROWS, width]` and scales `[BLOCK_ROWS, 2]` per block.
+    Fp8(Vec<Fp8Block>),
 }
 
 /// Block-allocated latent rows of one MLA layer.
 #[derive(Debug, Clone)]
 pub struct LatentCache {
     width: usize,
+    split: usize,
     len: usize,
     blocks: Blocks,
 }
 
-fn push_rows<E: Elem>(blocks: &mut Vec<Box<[E]>>, width: usize, len: usize, rows: &[f32]) {
-    let n = rows.len() / width;
-    for i in 0..n {
-        let pos = len + i;
-        let (b, r) = (pos / BLOCK_ROWS, pos % BLOCK_ROWS);
-        if b == blocks.len() {
-            blocks.push(vec![E::from_f32(0.0); BLOCK_ROWS * width].into_boxed_slice());
-        }
-        for (d, s) in blocks[b][r * width..(r + 1) * width]
-            .iter_mut()
-            .zip(&rows[i * width..(i + 1) * width])
-        {
-            *d = E::from_f32(*s);
-        }
-    }
-}
-
 impl LatentCache {
-    /// An empty cache of rows of `width` values.
-    pub fn new(width: usize, dtype: CacheDtype) -> Self {
+    /// An empty cache of rows of `width` values whose first `split` values (the latent) are
+    /// scaled separately from the rest under fp8.
+    pub fn new(width: usize, split: usize, dtype: CacheDtype) -> Self {
+        assert!(split <= width);
         let blocks = match dtype {
             CacheDtype::F32 => Blocks::F32(Vec::new()),
             CacheDtype::Bf16 => Blocks::Bf16(Vec::new()),
+            CacheDtype::Fp8 => Blocks::Fp8(Vec::new()),
         };
         LatentCache {
             width,
+            split,
             len: 0,
             blocks,
         }
@@ -100,38 +126,199 @@ impl LatentCache {
         match self.blocks {
             Blocks::F32(_) => CacheDtype::F32,
             Blocks::Bf16(_) => CacheDtype::Bf16,
+            Blocks::Fp8(_) => CacheDtype::Fp8,
+        }
+    }
+
+    fn num_blocks(&self) -> usize {
+        match &self.blocks {
+            Blocks::F32(b) => b.len(),
+            Blocks::Bf16(b) => b.len(),
+            Blocks::Fp8(b) => b.len(),
         }
     }
 
     /// Bytes held by allocated blocks.
     pub fn allocated_bytes(&self) -> usize {
-        let nb = match &self.blocks {
-            Blocks::F32(b) => b.len(),
-            Blocks::Bf16(b) => b.len(),
-        };
-        nb * BLOCK_ROWS * self.width * self.dtype().size()
+        self.num_blocks() * BLOCK_ROWS * self.dtype().row_bytes(self.width)
+    }
+
+    /// Bytes that appending `tokens` more rows would newly allocate.
+    pub fn growth_bytes(&self, tokens: usize) -> usize {
+        let need = (self.len + tokens).div_ceil(BLOCK_ROWS);
+        need.saturating_sub(self.num_blocks()) * BLOCK_ROWS * self.dtype().row_bytes(self.width)
+    }
+
+    fn grow_to_blocks(&mut self, nb: usize) {
+        let w = self.width;
+        while self.num_blocks() < nb {
+            match &mut self.blocks {
+                Blocks::F32(b) => b.push(vec![0f32; BLOCK_ROWS * w].into_boxed_slice()),
+                Blocks::Bf16(b) => b.push(vec![bf16::ZERO; BLOCK_ROWS * w].into_boxed_slice()),
+                Blocks::Fp8(b) => b.push((
+                    vec![0u8; BLOCK_ROWS * w].into_boxed_slice(),
+                    vec![0f32; BLOCK_ROWS * 2].into_boxed_slice(),
+                )),
+            }
+        }
+    }
+
+    /// Allocate blocks for `tokens` rows in total now (a `--max-context` reservation).
+    pub fn reserve(&mut self, tokens: usize) {
+        self.grow_to_blocks(tokens.div_ceil(BLOCK_ROWS));
     }
 
     /// Append rows `[n, width]`.
     pub fn append(&mut self, rows: &[f32]) {
-        assert_eq!(rows.len() % self.width, 0);
-        match &mut self.blocks {
-            Blocks::F32(b) => push_rows(b, self.width, self.len, rows),
-            Blocks::Bf16(b) => push_rows(b, self.width, self.len, rows),
+        let w = self.width;
+        assert_eq!(rows.len() % w, 0);
+        let n = rows.len() / w;
+        self.grow_to_blocks((self.len + n).div_ceil(BLOCK_ROWS));
+        let split = self.split;
+        for (i, src) in rows.chunks_exact(w).enumerate() {
+            let pos = self.len + i;
+            let (b, r) = (pos / BLOCK_ROWS, pos % BLOCK_ROWS);
+            match &mut self.blocks {
+                Blocks::F32(bl) => bl[b][r * w..(r + 1) * w].copy_from_slice(src),
+                Blocks::Bf16(bl) => {
+                    for (d, s) in bl[b][r * w..(r + 1) * w].iter_mut().zip(src) {
+                        *d = bf16::from_f32(*s);
+                    }
+                }
+                Blocks::Fp8(bl) => {
+                    let (codes, scales) = &mut bl[b];
+                    for (part, (lo, hi)) in [(0, split), (split, w)].into_iter().enumerate() {
+                        let amax = src[lo..hi].iter().fold(0f32, |m, x| m.max(x.abs()));
+                        let scale = if amax > 0.0 {
+                            amax / fp8::E4M3_MAX
+                        } else {
+                            1.0
+                        };
+                        scales[r * 2 + part] = scale;
+                        for (d, s) in codes[r * w + lo..r * w + hi].iter_mut().zip(&src[lo..hi]) {
+                            *d = fp8::encode(s / scale);
+                        }
+                    }
+                }
+            }
         }
-        self.len += rows.len() / self.width;
+        self.len += n;
     }
 
     /// Row `i` widened to f32.
     pub fn row(&self, i: usize) -> Vec<f32> {
         assert!(i < self.len);
-        let (b, r, w) = (i / BLOCK_ROWS, i % BLOCK_ROWS, self.width);
+        let mut v = vec![0f32; self.width];
+        self.rows_view(|rows| {
+            rows.widen(i, 1, &mut v);
+        });
+        v
+    }
+
+    /// Raw storage of rows `0..len` for snapshots: (row bytes, scale bytes), little-endian.
+    pub fn raw_bytes(&self) -> (Vec<u8>, Vec<u8>) {
+        let w = self.width;
+        let (mut data, mut scales) = (Vec::new(), Vec::new());
+        for i in 0..self.len {
+            let (b, r) = (i / BLOCK_ROWS, i % BLOCK_ROWS);
+            match &self.blocks {
+                Blocks::F32(bl) => bl[b][r * w..(r + 1) * w]
+                    .iter()
+                    .for_each(|x| data.extend_from_slice(&x.to_le_bytes())),
+                Blocks::Bf16(bl) => bl[b][r * w..(r + 1) * w]
+                    .iter()
+                    .for_each(|x| data.extend_from_slice(&x.to_bits().to_le_bytes())),
+                Blocks::Fp8(bl) => {
+                    data.extend_from_slice(&bl[b].0[r * w..(r + 1) * w]);
+                    bl[b].1[r * 2..r * 2 + 2]
+                        .iter()
+                        .for_each(|x| scales.extend_from_slice(&x.to_le_bytes()));
+                }
+            }
+        }
+        (data, scales)
+    }
+
+    /// Rebuild from [`LatentCache::raw_bytes`] output; `None` if the sizes disagree.
+    pub fn from_raw(
+        width: usize,
+        split: usize,
+        dtype: CacheDtype,
+        len: usize,
+        data: &[u8],
+        scales: &[u8],
+    ) -> Option<Self> {
+        let el = match dtype {
+            CacheDtype::F32 => 4,
+            CacheDtype::Bf16 => 2,
+            CacheDtype::Fp8 => 1,
+        };
+        let want_scales = if dtype == CacheDtype::Fp8 { len * 8 } else { 0 };
+        if data.len() != len * width * el || scales.len() != want_scales {
+            return None;
+        }
+        let mut c = LatentCache::new(width, split, dtype);
+        c.grow_to_blocks(len.div_ceil(BLOCK_ROWS));
+        for i in 0..len {
+            let (b, r) = (i / BLOCK_ROWS, i % BLOCK_ROWS);
+            let src = &data[i * width * el..(i + 1) * width * el];
+            match &mut c.blocks {
+                Blocks::F32(bl) => {
+                    for (d, s) in bl[b][r * width..(r + 1) * width]
+                        .iter_mut()
+                        .zip(src.chunks_exact(4))
+                    {
+                        *d = f32::from_le_bytes(s.try_into().expect("4 bytes"));
+                    }
+                }
+                Blocks::Bf16(bl) => {
+                    for (d, s) in bl[b][r * width..(r + 1) * width]
+                        .iter_mut()
+                        .zip(src.chunks_exact(2))
+                    {
+                        *d = bf16::from_bits(u16::from_le_bytes([s[0], s[1]]));
+                    }
+                }
+                Blocks::Fp8(bl) => {
+                    bl[b].0[r * width..(r + 1) * width].copy_from_slice(src);
+                    for (k, s) in scales[i * 8..(i + 1) * 8].chunks_exact(4).enumerate() {
+                        bl[b].1[r * 2 + k] = f32::from_le_bytes(s.try_into().expect("4 bytes"));
+                    }
+                }
+            }
+        }
+        c.len = len;
+        Some(c)
+    }
+
+    /// Run `f` with a [`KeyRows`] view of the cached rows.
+    fn rows_view(&self, f: impl FnOnce(&dyn KeyRows)) {
+        let (dk, n_rows) = (self.width, self.len);
         match &self.blocks {
-            Blocks::F32(bl) => bl[b][r * w..(r + 1) * w].to_vec(),
-            Blocks::Bf16(bl) => bl[b][r * w..(r + 1) * w]
-                .iter()
-                .map(|x| x.to_f32())
-                .collect(),
+            Blocks::F32(b) => {
+                let v: Vec<&[f32]> = b.iter().map(|x| &x[..]).collect();
+                f(&BlockRows {
+                    blocks: &v,
+                    block_rows: BLOCK_ROWS,
+                    dk,
+                    n_rows,
+                })
+            }
+            Blocks::Bf16(b) => {
+                let v: Vec<&[bf16]> = b.iter().map(|x| &x[..]).collect();
+                f(&BlockRows {
+                    blocks: &v,
+                    block_rows: BLOCK_ROWS,
+                    dk,
+                    n_rows,
+                })
+            }
+            Blocks::Fp8(b) => f(&Fp8Rows {
+                blocks: b,
+                dk,
+                split: self.split,
+                n_rows,
+            }),
         }
     }
 
@@ -143,15 +330,37 @@ impl LatentCache {
             dk: self.width,
             dv,
         };
-        match &self.blocks {
-            Blocks::F32(b) => {
-                let v: Vec<&[f32]> = b.iter().map(|x| &x[..]).collect();
-                latent_attention(s, q, &v, BLOCK_ROWS, self.len, scale, out)
-            }
-            Blocks::Bf16(b) => {
-                let v: Vec<&[bf16]> = b.iter().map(|x| &x[..]).collect();
-                latent_attention(s, q, &v, BLOCK_ROWS, self.len, scale, out)
+        self.rows_view(|rows| latent_attention_rows(s, q, rows, scale, out));
+    }
+}
+
+/// fp8 rows with per-row, per-part scales.
+struct Fp8Rows<'a> {
+    blocks: &'a [Fp8Block],
+    dk: usize,
+    split: usize,
+    n_rows: usize,
+}
+
+impl KeyRows for Fp8Rows<'_> {
+    fn rows(&self) -> usize {
+        self.n_rows
+    }
+    fn widen(&self, r0: usize, n: usize, dst: &mut [f32]) -> usize {
+        let (b, r) = (r0 / BLOCK_ROWS, r0 % BLOCK_ROWS);
+        let n = n.min(BLOCK_ROWS - r).min(self.n_rows - r0);
+        let (codes, scales) = &self.blocks[b];
+        let t = fp8::table();
+        let dk = self.dk;
+        for i in 0..n {
+            let row = r + i;
+            let (s0, s1) = (scales[row * 2], scales[row * 2 + 1]);
+            let src = &codes[row * dk..(row + 1) * dk];
+            let d = &mut dst[i * dk..(i + 1) * dk];
+            for (j, (o, c)) in d.iter_mut().zip(src).enumerate() {
+                *o = t[*c as usize] * if j < self.split { s0 } else { s1 };
             }
         }
+        n
     }
 }

@@ -108,6 +108,23 @@ impl Mla {
             + self.o_proj.bytes()
     }
 
+    /// Bytes of weights one decoded token reads: `q` projections, `kv_a`, `W_UKᵀ`, the value
+    /// half of `kv_b`, `o_proj`.
+    pub fn active_bytes(&self) -> usize {
+        let q = match &self.q {
+            QProj::Direct(l) => l.bytes(),
+            QProj::LowRank { a, b, .. } => a.bytes() + b.bytes(),
+        };
+        let d = self.dims;
+        let uv = self.kv_b_proj.bytes() * d.v_head / (d.qk_nope + d.v_head);
+        q + self.kv_a_proj.bytes() + self.w_uk_t.bytes() + uv + self.o_proj.bytes()
+    }
+
+    /// Bytes of the load-time `W_UKᵀ` copy (held in addition to the checkpoint).
+    pub fn derived_bytes(&self) -> usize {
+        self.w_uk_t.bytes()
+    }
+
     fn project_q(&self, x: &[f32], t: usize) -> Vec<f32> {
         match &self.q {
             QProj::Direct(l) => l.apply(x, t),

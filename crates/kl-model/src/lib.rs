@@ -19,10 +19,12 @@
 #![deny(missing_docs)]
 
 mod model;
+pub mod plan;
+pub mod snapshot;
 mod state;
 
 pub use kl_layers::cache::CacheDtype;
 pub use kl_layers::moe::RouterWeights;
 pub use kl_layers::Probe;
-pub use model::{KimiLinear, LogitsMode, ModelError, ModelOptions};
+pub use model::{KimiLinear, LogitsMode, ModelError, ModelOptions, TokenCost};
 pub use state::{LayerState, SequenceState};

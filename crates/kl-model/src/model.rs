@@ -38,6 +38,26 @@ pub enum ModelError {
     /// A prefill with no tokens.
     #[error("empty input: at least one token id is required")]
     Empty,
+    /// The sequence would grow past the token limit set from the memory budget or --max-context.
+    #[error("stopped at {pos} tokens: {needed} tokens would exceed the limit of {limit} tokens ({reason}); nothing was allocated past it")]
+    Limit {
+        /// Tokens already in the state.
+        pos: usize,
+        /// Tokens the state would hold after the request.
+        needed: usize,
+        /// The limit.
+        limit: usize,
+        /// Where the limit comes from.
+        reason: String,
+    },
+    /// A state snapshot that cannot be read or does not match the model.
+    #[error("state snapshot {path}: {message}")]
+    Snapshot {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 /// Load-time and run-time options.
@@ -59,6 +79,23 @@ impl Default for ModelOptions {
             prefill_chunk: 512,
         }
     }
+}
+
+/// Per-token cost model used to quote benchmark numbers against the roofline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenCost {
+    /// Weight bytes a decoded token reads (active experts only).
+    pub weight_bytes: u64,
+    /// KDA state bytes read and written per token.
+    pub state_bytes: u64,
+    /// Latent cache bytes read per decoded token at the given context.
+    pub cache_bytes: u64,
+    /// Matrix-product FLOPs per token (2 × active parameters).
+    pub matmul_flops: u64,
+    /// Chunked-KDA FLOPs per token.
+    pub kda_flops: u64,
+    /// Attention FLOPs per (query token, cached key) pair.
+    pub attn_flops_per_key: u64,
 }
 
 /// Which logits a prefill returns.
@@ -201,6 +238,56 @@ impl KimiLinear {
         self.ckpt_bytes
     }
 
+    /// Resident weight bytes: the checkpoint's tensors plus load-time derived copies.
+    pub fn resident_weight_bytes(&self) -> u64 {
+        let derived: usize = self
+            .layers
+            .iter()
+            .map(|l| match &l.mixer {
+                TokenMixer::Mla(m) => m.derived_bytes(),
+                TokenMixer::Kda(_) => 0,
+            })
+            .sum();
+        self.ckpt_bytes + derived as u64
+    }
+
+    /// What one token costs at a given context: bytes read by decode and FLOPs of prefill.
+    pub fn token_cost(&self, context: usize) -> TokenCost {
+        let cfg = &self.cfg;
+        let mut weights = self.lm_head.bytes() + self.embed.bytes() / self.cfg.vocab_size;
+        let mut matmul_params = self.lm_head.rows() * self.lm_head.cols();
+        for l in &self.layers {
+            let (wb, el) = match &l.mixer {
+                TokenMixer::Kda(k) => (k.bytes(), self.lm_head.dtype().size()),
+                TokenMixer::Mla(m) => (m.active_bytes(), self.lm_head.dtype().size()),
+            };
+            let mlp = match &l.mlp {
+                ChannelMixer::Dense(m) => m.bytes(),
+                ChannelMixer::Moe(m) => m.active_bytes(),
+            };
+            weights += wb + mlp;
+            matmul_params += (wb + mlp) / el;
+        }
+        let (k, h, w) = (cfg.kda.head_dim, cfg.kda.num_heads, cfg.kda.conv_kernel);
+        let n_kda = cfg.num_kda_layers();
+        let n_mla = cfg.num_mla_layers();
+        let state_rw = 2 * n_kda * (h * k * k * 4 + 3 * (w - 1) * h * k * 4);
+        let row = self.opts.cache_dtype.row_bytes(cfg.mla.latent_width());
+        let m = cfg.mla;
+        // Chunked KDA per token and head (paper Eq. 13 with C = 64): 6·K² + 3·C·K + C².
+        let kda_flops = n_kda * h * (6 * k * k + 3 * 64 * k + 64 * 64);
+        // Absorbed attention per key and head: scores over R+P, values over R.
+        let attn_flops_per_key = n_mla * m.num_heads * 2 * (m.latent_width() + m.kv_lora_rank);
+        TokenCost {
+            weight_bytes: weights as u64,
+            state_bytes: state_rw as u64,
+            cache_bytes: (n_mla * row * context) as u64,
+            matmul_flops: 2 * matmul_params as u64,
+            kda_flops: kda_flops as u64,
+            attn_flops_per_key: attn_flops_per_key as u64,
+        }
+    }
+
     /// A fresh state for one sequence.
     pub fn new_state(&self) -> SequenceState {
         SequenceState::new(&self.cfg, self.opts.cache_dtype)
@@ -232,7 +319,20 @@ impl KimiLinear {
         logits: LogitsMode,
         probe: &mut Probe,
     ) -> Result<Vec<f32>, ModelError> {
+        self.prefill_with_progress(ids, state, logits, probe, &mut |_, _| {})
+    }
+
+    /// [`KimiLinear::prefill`] calling `progress(done, total)` after each chunk.
+    pub fn prefill_with_progress(
+        &self,
+        ids: &[u32],
+        state: &mut SequenceState,
+        logits: LogitsMode,
+        probe: &mut Probe,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<f32>, ModelError> {
         self.check_ids(ids)?;
+        state.check_room(ids.len())?;
         let v = self.cfg.vocab_size;
         let mut out = Vec::with_capacity(if logits == LogitsMode::All {
             ids.len() * v
@@ -251,6 +351,7 @@ impl KimiLinear {
                 }
                 LogitsMode::Last => {}
             }
+            progress(((ci + 1) * chunk).min(ids.len()), ids.len());
         }
         Ok(out)
     }
@@ -263,6 +364,7 @@ impl KimiLinear {
         probe: &mut Probe,
     ) -> Result<Vec<f32>, ModelError> {
         self.check_ids(&[id])?;
+        state.check_room(1)?;
         let h = self.run_layers(&[id], state, Mode::Decode, probe);
         Ok(self.head(&h, 1, probe))
     }

@@ -20,6 +20,8 @@ pub struct SequenceState {
     pub layers: Vec<LayerState>,
     /// Tokens consumed so far.
     pub pos: usize,
+    /// Largest number of tokens this state may hold, and why (budget or --max-context).
+    limit: Option<(usize, String)>,
 }
 
 impl SequenceState {
@@ -30,12 +32,50 @@ impl SequenceState {
             .iter()
             .map(|l| match l.mixer {
                 Mixer::Kda => LayerState::Kda(KdaState::new(&cfg.kda)),
-                Mixer::Mla => {
-                    LayerState::Mla(LatentCache::new(cfg.mla.latent_width(), cache_dtype))
-                }
+                Mixer::Mla => LayerState::Mla(LatentCache::new(
+                    cfg.mla.latent_width(),
+                    cfg.mla.kv_lora_rank,
+                    cache_dtype,
+                )),
             })
             .collect();
-        SequenceState { layers, pos: 0 }
+        SequenceState {
+            layers,
+            pos: 0,
+            limit: None,
+        }
+    }
+
+    /// Refuse to grow past `tokens` tokens (`reason` is quoted in the error).
+    pub fn set_limit(&mut self, tokens: usize, reason: impl Into<String>) {
+        self.limit = Some((tokens, reason.into()));
+    }
+
+    /// The token limit, if any.
+    pub fn limit(&self) -> Option<usize> {
+        self.limit.as_ref().map(|l| l.0)
+    }
+
+    /// Allocate MLA cache blocks for `tokens` tokens now (a `--max-context` reservation).
+    pub fn reserve(&mut self, tokens: usize) {
+        for l in &mut self.layers {
+            if let LayerState::Mla(c) = l {
+                c.reserve(tokens);
+            }
+        }
+    }
+
+    /// Error unless `t` more tokens fit under the limit.
+    pub(crate) fn check_room(&self, t: usize) -> Result<(), crate::ModelError> {
+        match &self.limit {
+            Some((limit, reason)) if self.pos + t > *limit => Err(crate::ModelError::Limit {
+                pos: self.pos,
+                needed: self.pos + t,
+                limit: *limit,
+                reason: reason.clone(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Bytes of KDA recurrent state.

@@ -4,7 +4,8 @@
 mod common;
 use common::*;
 use kl_model::{
-    KimiLinear, LayerState, LogitsMode, ModelOptions, Probe, RouterWeights, SequenceState,
+    CacheDtype, KimiLinear, LayerState, LogitsMode, ModelOptions, Probe, RouterWeights,
+    SequenceState,
 };
 
 const TOL: f32 = 1e-4;
@@ -73,7 +74,10 @@ fn check_caches(
 #[test]
 fn prefill_matches_every_golden_tensor() {
     let g = load_golden("golden_model.safetensors");
-    let m = model(ModelOptions::default());
+    let m = model(ModelOptions {
+        cache_dtype: CacheDtype::F32,
+        ..Default::default()
+    });
     let ids = prompt(&g);
     let mut st = m.new_state();
     let mut probe = Probe::on();
@@ -130,7 +134,10 @@ fn prefill_matches_every_golden_tensor() {
 #[test]
 fn greedy_decode_matches_golden() {
     let g = load_golden("golden_model.safetensors");
-    let m = model(ModelOptions::default());
+    let m = model(ModelOptions {
+        cache_dtype: CacheDtype::F32,
+        ..Default::default()
+    });
     let ids = prompt(&g);
     let mut st = m.new_state();
     let last = m
@@ -172,6 +179,7 @@ fn biased_router_variant_matches_golden() {
     let g = load_golden("golden_model.safetensors");
     let m = model(ModelOptions {
         router_weights: RouterWeights::Biased,
+        cache_dtype: CacheDtype::F32,
         ..Default::default()
     });
     let mut st = m.new_state();
@@ -192,6 +200,7 @@ fn chunked_prefill_any_chunk_size_matches_golden() {
     for chunk in [1usize, 7, 64, 99] {
         let m = model(ModelOptions {
             prefill_chunk: chunk,
+            cache_dtype: CacheDtype::F32,
             ..Default::default()
         });
         let mut st = m.new_state();

@@ -57,6 +57,7 @@ fn load(chunk: usize) -> KimiLinear {
         odd_model_dir(),
         ModelOptions {
             prefill_chunk: chunk,
+            cache_dtype: CacheDtype::F32,
             ..Default::default()
         },
     )
@@ -155,6 +156,7 @@ fn chunk_size_does_not_change_logits_on_a_long_prompt() {
             &tiny_dir(),
             ModelOptions {
                 prefill_chunk: chunk,
+                cache_dtype: CacheDtype::F32,
                 ..Default::default()
             },
         )
@@ -195,12 +197,20 @@ fn absorbed_mla_equals_naive_mla() {
         let mut naive = vec![0f32; t * d];
         mla.forward_expanded_reference(&x, t, &mut naive);
         // Absorbed prefill of everything.
-        let mut cache = LatentCache::new(cfg.mla.latent_width(), CacheDtype::F32);
+        let mut cache = LatentCache::new(
+            cfg.mla.latent_width(),
+            cfg.mla.kv_lora_rank,
+            CacheDtype::F32,
+        );
         let mut absorbed = vec![0f32; t * d];
         mla.forward(&x, t, &mut cache, &mut LProbe::off(), &mut absorbed);
         assert_close(&format!("absorbed prefill T={t}"), &absorbed, &naive, 1e-5);
         // Absorbed decode, one token at a time.
-        let mut cache = LatentCache::new(cfg.mla.latent_width(), CacheDtype::F32);
+        let mut cache = LatentCache::new(
+            cfg.mla.latent_width(),
+            cfg.mla.kv_lora_rank,
+            CacheDtype::F32,
+        );
         let mut step = vec![0f32; d];
         for i in 0..t {
             mla.forward(

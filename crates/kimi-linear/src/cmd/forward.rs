@@ -1,6 +1,9 @@
 //! `kimi-linear forward`: logits for every prompt position, plus an optional greedy continuation.
 
 use crate::ids::read_ids;
+use crate::memory::{
+    apply_budget, human, parse_cache_dtype, parse_size, parse_tokens, peak_rss_bytes, progress_bar,
+};
 use crate::output::{Decl, OutputFile};
 use anyhow::{Context, Result};
 use clap::ValueEnum;
@@ -34,6 +37,18 @@ pub struct Args {
     /// Tokens per prefill chunk.
     #[arg(long, default_value_t = 512)]
     prefill_chunk: usize,
+    /// Latent cache dtype: f32 (default here: exact parity with the reference), bf16, fp8.
+    #[arg(long, default_value = "f32")]
+    cache_dtype: String,
+    /// Refuse (before any work) or stop (during the run) beyond this much memory: 16GiB, 800MB.
+    #[arg(long)]
+    memory_budget: Option<String>,
+    /// Reserve the latent cache for this many tokens up front and never exceed it: 1M, 128K.
+    #[arg(long)]
+    max_context: Option<String>,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
     /// Output safetensors file.
     #[arg(long)]
     output: PathBuf,
@@ -55,8 +70,10 @@ pub fn run(a: Args) -> Result<()> {
             RouterArg::Biased => RouterWeights::Biased,
         },
         prefill_chunk: a.prefill_chunk.max(1),
-        ..Default::default()
+        cache_dtype: parse_cache_dtype(&a.cache_dtype)?,
     };
+    let budget = a.memory_budget.as_deref().map(parse_size).transpose()?;
+    let max_context = a.max_context.as_deref().map(parse_tokens).transpose()?;
     let model = KimiLinear::load(&a.model, opts)
         .with_context(|| format!("cannot load model from {}", a.model.display()))?;
     let vocab = model.config().vocab_size;
@@ -79,13 +96,21 @@ pub fn run(a: Args) -> Result<()> {
             shape: vec![n],
         });
     }
-    let mut out = OutputFile::create(&a.output, &decls)?;
     let mut state = model.new_state();
+    apply_budget(&model, &mut state, t + n, budget, max_context, true)?;
+    let mut out = OutputFile::create(&a.output, &decls)?;
+    let pb = progress_bar(t, a.quiet);
     let mut last = Vec::new();
     for piece in ids.chunks(opts.prefill_chunk) {
         let logits = model.prefill(piece, &mut state, LogitsMode::All, &mut Probe::off())?;
         out.f32s(&logits)?;
         last = logits[(piece.len() - 1) * vocab..].to_vec();
+        if let Some(pb) = &pb {
+            pb.inc(piece.len() as u64);
+        }
+    }
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
     }
     let mut generated = Vec::with_capacity(n);
     let mut next = argmax(&last);
@@ -100,10 +125,11 @@ pub fn run(a: Args) -> Result<()> {
     }
     out.finish()?;
     eprintln!(
-        "wrote {} ({} prompt tokens, {} generated)",
+        "wrote {} ({} prompt tokens, {} generated; peak RSS {})",
         a.output.display(),
         t,
-        n
+        n,
+        peak_rss_bytes().map_or("unknown".into(), human)
     );
     Ok(())
 }

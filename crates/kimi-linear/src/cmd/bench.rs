@@ -1,0 +1,238 @@
+//! `kimi-linear bench`: prefill and decode speed on a model, quoted against the machine's
+//! measured roofline (FMA GFLOP/s, memory stream GB/s).
+//!
+//! - Prefill at each `--prompt-tokens` length: a fresh sequence, one timed prefill of random ids.
+//!   Fraction of the FMA peak = (matmul + KDA + attention FLOPs) / time / peak.
+//! - Decode at each `--depth`: the sequence is first filled to that depth (a real prefill by
+//!   default; `--depth-fill random` writes random latent rows instead, which costs the same per
+//!   decoded token and is much faster to set up), then `--gen-tokens` greedy steps are timed.
+//!   Fraction of the bandwidth roofline = (active weight bytes + KDA state read/write + latent
+//!   cache read) per token × tokens/s / stream bandwidth.
+
+use crate::memory::{human, parse_cache_dtype, peak_rss_bytes};
+use anyhow::{bail, Context, Result};
+use kl_kernels::roofline::{measure_fma_gflops, measure_stream_gbps};
+use kl_model::{KimiLinear, LayerState, LogitsMode, ModelOptions, Probe, SequenceState};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Flags of `bench`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt lengths to prefill (comma-separated).
+    #[arg(long, default_value = "512", value_delimiter = ',')]
+    prompt_tokens: Vec<usize>,
+    /// Tokens decoded per depth.
+    #[arg(long, default_value_t = 32)]
+    gen_tokens: usize,
+    /// Context depths at which decode is measured (comma-separated).
+    #[arg(long, default_value = "0", value_delimiter = ',')]
+    depth: Vec<usize>,
+    /// How a decode depth is reached: `prefill` (real) or `random` (random latent rows).
+    #[arg(long, default_value = "prefill")]
+    depth_fill: String,
+    /// Latent cache dtype: bf16, f32, fp8.
+    #[arg(long, default_value = "bf16")]
+    cache_dtype: String,
+    /// Tokens per prefill chunk.
+    #[arg(long, default_value_t = 512)]
+    prefill_chunk: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % vocab as u64) as u32
+        })
+        .collect()
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i as u32)
+}
+
+/// Fill `state` to `depth` tokens with random latent rows (unit-RMS latent, small rope part) and
+/// random KDA state; decode cost per token is the same as after a real prefill.
+fn random_fill(model: &KimiLinear, state: &mut SequenceState, depth: usize) {
+    let m = model.config().mla;
+    let w = m.latent_width();
+    let mut x = 0x1234_5678_9abc_def0u64;
+    let mut rnd = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    };
+    let chunk = 256;
+    let mut rows = vec![0f32; chunk * w];
+    for l in &mut state.layers {
+        match l {
+            LayerState::Mla(c) => {
+                let mut done = 0;
+                while done < depth {
+                    let n = chunk.min(depth - done);
+                    for v in rows[..n * w].iter_mut() {
+                        *v = rnd() * 1.7;
+                    }
+                    c.append(&rows[..n * w]);
+                    done += n;
+                }
+            }
+            LayerState::Kda(s) => s.recurrent.iter_mut().for_each(|v| *v = rnd() * 0.1),
+        }
+    }
+    state.pos = depth;
+}
+
+/// Run `bench`.
+pub fn run(a: Args) -> Result<()> {
+    let opts = ModelOptions {
+        cache_dtype: parse_cache_dtype(&a.cache_dtype)?,
+        prefill_chunk: a.prefill_chunk.max(1),
+        ..Default::default()
+    };
+    if a.depth_fill != "prefill" && a.depth_fill != "random" {
+        bail!(
+            "unknown --depth-fill `{}`: expected prefill or random",
+            a.depth_fill
+        );
+    }
+    let model = KimiLinear::load(&a.model, opts)
+        .with_context(|| format!("cannot load model from {}", a.model.display()))?;
+    let threads = rayon::current_num_threads();
+    let vocab = model.config().vocab_size;
+    if !a.json {
+        eprintln!(
+            "measuring the roofline on {threads} threads ({})…",
+            kl_kernels::cpu::describe()
+        );
+    }
+    let fma = measure_fma_gflops(threads);
+    let stream = measure_stream_gbps(threads);
+
+    // Warm-up: touch the weights once (page in the mmap) so the first timing is not I/O.
+    {
+        let mut st = model.new_state();
+        model.prefill(
+            &random_ids(
+                8.min(a.prompt_tokens.iter().copied().max().unwrap_or(8))
+                    .max(1),
+                vocab,
+                1,
+            ),
+            &mut st,
+            LogitsMode::Last,
+            &mut Probe::off(),
+        )?;
+        model.decode(1, &mut st, &mut Probe::off())?;
+    }
+
+    let mut prefill = serde_json::Map::new();
+    let mut prefill_rows = Vec::new();
+    for &t in &a.prompt_tokens {
+        if t == 0 {
+            continue;
+        }
+        let ids = random_ids(t, vocab, t as u64);
+        let mut st = model.new_state();
+        let start = Instant::now();
+        model.prefill(&ids, &mut st, LogitsMode::Last, &mut Probe::off())?;
+        let secs = start.elapsed().as_secs_f64();
+        let c = model.token_cost(0);
+        let flops = (c.matmul_flops + c.kda_flops) as f64 * t as f64
+            + c.attn_flops_per_key as f64 * (t as f64 * (t as f64 + 1.0) / 2.0);
+        let tps = t as f64 / secs;
+        let frac = flops / secs / 1e9 / fma;
+        prefill.insert(t.to_string(), serde_json::json!(tps));
+        prefill_rows.push((t, tps, flops / secs / 1e9, frac));
+    }
+
+    let mut decode = serde_json::Map::new();
+    let mut decode_rows = Vec::new();
+    for &depth in &a.depth {
+        let mut st = model.new_state();
+        let mut next = 1u32;
+        if depth > 0 {
+            if a.depth_fill == "random" {
+                random_fill(&model, &mut st, depth);
+            } else {
+                let l = model.prefill(
+                    &random_ids(depth, vocab, 7 + depth as u64),
+                    &mut st,
+                    LogitsMode::Last,
+                    &mut Probe::off(),
+                )?;
+                next = argmax(&l);
+            }
+        }
+        // One untimed step (first-touch of buffers), then the timed steps.
+        let l = model.decode(next, &mut st, &mut Probe::off())?;
+        next = argmax(&l);
+        let n = a.gen_tokens.max(1);
+        let start = Instant::now();
+        for _ in 0..n {
+            let l = model.decode(next, &mut st, &mut Probe::off())?;
+            next = argmax(&l);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let tps = n as f64 / secs;
+        let c = model.token_cost(depth + n / 2);
+        let bytes = (c.weight_bytes + c.state_bytes + c.cache_bytes) as f64;
+        let gbps = bytes * tps / 1e9;
+        decode.insert(depth.to_string(), serde_json::json!(tps));
+        decode_rows.push((depth, tps, gbps, gbps / stream));
+    }
+    let rss = peak_rss_bytes().unwrap_or(0);
+    if a.json {
+        let v = serde_json::json!({
+            "model": a.model.display().to_string(),
+            "threads": threads,
+            "cpu": kl_kernels::cpu::describe(),
+            "cache_dtype": opts.cache_dtype.name(),
+            "fma_gflops": fma,
+            "stream_gbps": stream,
+            "prefill_tokens_per_s": prefill,
+            "decode_tokens_per_s": decode,
+            "prefill_fraction_of_fma_peak": prefill_rows.iter().map(|r| (r.0.to_string(), serde_json::json!(r.3))).collect::<serde_json::Map<_, _>>(),
+            "decode_fraction_of_bandwidth": decode_rows.iter().map(|r| (r.0.to_string(), serde_json::json!(r.3))).collect::<serde_json::Map<_, _>>(),
+            "decode_bytes_per_token": model.token_cost(0).weight_bytes + model.token_cost(0).state_bytes,
+            "peak_rss_bytes": rss,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "model {}  threads {threads}  cpu {}  cache {}",
+        a.model.display(),
+        kl_kernels::cpu::describe(),
+        opts.cache_dtype.name()
+    );
+    println!("roofline: FMA {fma:.1} GFLOP/s, stream {stream:.1} GB/s");
+    for (t, tps, gf, frac) in &prefill_rows {
+        println!(
+            "prefill {t:>7} tokens: {tps:>9.1} tok/s  {gf:>7.1} GFLOP/s  {:>5.1}% of FMA peak",
+            frac * 100.0
+        );
+    }
+    for (d, tps, gb, frac) in &decode_rows {
+        println!(
+            "decode at depth {d:>7}: {tps:>9.2} tok/s  {gb:>7.2} GB/s    {:>5.1}% of bandwidth",
+            frac * 100.0
+        );
+    }
+    println!("peak RSS {}", human(rss));
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! `kimi-linear plan`: the memory a context costs, before downloading or loading anything.
+
+use crate::memory::{footprint_rows, human, parse_cache_dtype, parse_tokens};
+use anyhow::{bail, Context, Result};
+use kl_config::{presets, ModelConfig};
+use kl_model::plan::{self, PlanRequest};
+use std::path::PathBuf;
+
+/// Flags of `plan`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model directory (config.json; weights bytes from the safetensors headers).
+    #[arg(long, conflicts_with = "preset", required_unless_present = "preset")]
+    model: Option<PathBuf>,
+    /// A named configuration: tiny, mini, kimi-linear-48b-a3b.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Context length: 1M, 128K, 1048576.
+    #[arg(long)]
+    context: String,
+    /// Latent cache dtype: bf16, f32, fp8.
+    #[arg(long, default_value = "bf16")]
+    cache_dtype: String,
+    /// Weight dtype for presets: bf16, f16, f32, fp8 (ignored with --model).
+    #[arg(long, default_value = "bf16")]
+    weights_dtype: String,
+    /// Prefill chunk the workspace is planned for.
+    #[arg(long, default_value_t = 512)]
+    prefill_chunk: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Run `plan`.
+pub fn run(a: Args) -> Result<()> {
+    let context = parse_tokens(&a.context)?;
+    let cache_dtype = parse_cache_dtype(&a.cache_dtype)?;
+    let (cfg, weights, source) = match (&a.model, &a.preset) {
+        (Some(dir), _) => {
+            let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+            let ckpt = kl_weights::Checkpoint::open(dir)
+                .with_context(|| format!("cannot read weights in {}", dir.display()))?;
+            let el = ckpt
+                .get("model.embed_tokens.weight")
+                .map(|t| t.dtype().size())
+                .unwrap_or(2);
+            let w = ckpt.total_bytes() + plan::derived_weight_bytes(&cfg, el);
+            (cfg, w, dir.display().to_string())
+        }
+        (None, Some(p)) => {
+            let raw = presets::by_name(p).with_context(|| {
+                format!(
+                    "unknown preset `{p}`; known presets: {}",
+                    presets::NAMES.join(", ")
+                )
+            })?;
+            let cfg = ModelConfig::from_raw(raw)?;
+            let el: u64 = match a.weights_dtype.as_str() {
+                "bf16" | "f16" => 2,
+                "f32" => 4,
+                "fp8" => 1,
+                other => bail!("unknown --weights-dtype `{other}`: expected bf16, f16, f32 or fp8"),
+            };
+            let params: u64 = kl_weights::expected_tensors(&cfg)
+                .iter()
+                .map(|t| t.numel() as u64)
+                .sum();
+            let w = params * el + plan::derived_weight_bytes(&cfg, el as usize);
+            (cfg, w, format!("preset {p} ({} weights)", a.weights_dtype))
+        }
+        (None, None) => bail!("give --model DIR or --preset NAME"),
+    };
+    let req = PlanRequest {
+        context,
+        cache_dtype,
+        prefill_chunk: a.prefill_chunk.max(1),
+        all_logits: false,
+        threads: rayon::current_num_threads(),
+    };
+    let f = plan::plan(&cfg, weights, req);
+    let c = plan::compare(&cfg, context);
+    let (n_kda, n_mla) = plan::layer_counts(&cfg);
+    if a.json {
+        let v = serde_json::json!({
+            "source": source,
+            "context": context,
+            "cache_dtype": cache_dtype.name(),
+            "kda_layers": n_kda,
+            "mla_layers": n_mla,
+            "weights_bytes": f.weights_bytes,
+            "mla_cache_bytes": f.mla_cache_bytes,
+            "kda_state_bytes": f.kda_state_bytes,
+            "conv_state_bytes": f.conv_state_bytes,
+            "workspace_bytes": f.workspace_bytes,
+            "total_bytes": f.total_bytes,
+            "comparison_cache_bytes": {"mha": c.mha_bytes, "gqa8": c.gqa8_bytes, "all_mla": c.all_mla_bytes},
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{source}: {n_kda} KDA + {n_mla} MLA layers, context {context} tokens, {} latent cache",
+        cache_dtype.name()
+    );
+    println!();
+    for (name, v) in footprint_rows(&f) {
+        println!("  {name:<22} {:>18} B  {:>12}", v, human(v));
+    }
+    println!();
+    println!("  cache if every layer used (bf16):");
+    for (name, v) in [
+        ("MHA", c.mha_bytes),
+        ("GQA, 8 KV heads", c.gqa8_bytes),
+        ("MLA latent", c.all_mla_bytes),
+    ] {
+        println!("  {name:<22} {:>18} B  {:>12}", v, human(v));
+    }
+    Ok(())
+}

@@ -1,0 +1,175 @@
+//! Memory flags shared by the commands that run a model: cache dtype, prefill chunk, memory
+//! budget, max context, progress. Sizes accept `16GiB`, `800MB`, `1.5G`; contexts `1M`, `128K`.
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use kl_model::plan::{self, Footprint, PlanRequest};
+use kl_model::{CacheDtype, KimiLinear, SequenceState};
+use std::io::IsTerminal;
+
+/// Parse a byte size: a number with an optional unit (B, KB, MB, GB, TB decimal; KiB, MiB, GiB,
+/// TiB binary; K/M/G/T alone are binary).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .trim()
+        .parse()
+        .with_context(|| format!("invalid size `{s}`: expected e.g. 16GiB, 800MB, 1048576"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024f64.powi(2),
+        "g" | "gib" => 1024f64.powi(3),
+        "t" | "tib" => 1024f64.powi(4),
+        u => bail!("invalid size `{s}`: unknown unit `{u}` (use B, KB, MB, GB, KiB, MiB, GiB)"),
+    };
+    if !(n.is_finite() && n >= 0.0) {
+        bail!("invalid size `{s}`: must be a non-negative number");
+    }
+    Ok((n * mult) as u64)
+}
+
+/// Parse a token count: `1048576`, `128K` (×1024), `1M` (×1024²).
+pub fn parse_tokens(s: &str) -> Result<usize> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('k') | Some('K') => (&t[..t.len() - 1], 1024usize),
+        Some('m') | Some('M') => (&t[..t.len() - 1], 1 << 20),
+        _ => (t, 1),
+    };
+    let n: usize = num
+        .trim()
+        .parse()
+        .with_context(|| format!("invalid token count `{s}`: expected e.g. 1M, 128K, 4096"))?;
+    n.checked_mul(mult)
+        .with_context(|| format!("token count `{s}` is too large"))
+}
+
+/// Parse a cache dtype name.
+pub fn parse_cache_dtype(s: &str) -> Result<CacheDtype> {
+    CacheDtype::parse(s)
+        .with_context(|| format!("unknown cache dtype `{s}`: expected bf16, f32 or fp8"))
+}
+
+/// Human-readable bytes (binary units).
+pub fn human(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.2} {}", units[u])
+    }
+}
+
+/// The parts of a footprint as table rows.
+pub fn footprint_rows(f: &Footprint) -> Vec<(&'static str, u64)> {
+    vec![
+        ("weights", f.weights_bytes),
+        ("MLA latent cache", f.mla_cache_bytes),
+        ("KDA recurrent state", f.kda_state_bytes),
+        ("conv state", f.conv_state_bytes),
+        ("workspace", f.workspace_bytes),
+        ("total", f.total_bytes),
+    ]
+}
+
+/// Check a planned run against an optional budget, then set the state's token limit: the
+/// largest context that fits the budget, and `max_context` if given.
+pub fn apply_budget(
+    model: &KimiLinear,
+    state: &mut SequenceState,
+    context: usize,
+    budget: Option<u64>,
+    max_context: Option<usize>,
+    all_logits: bool,
+) -> Result<Footprint> {
+    let opts = model.options();
+    let req = PlanRequest {
+        context,
+        cache_dtype: opts.cache_dtype,
+        prefill_chunk: opts.prefill_chunk,
+        all_logits,
+        threads: rayon::current_num_threads(),
+    };
+    let weights = model.resident_weight_bytes();
+    let f = plan::plan(model.config(), weights, req);
+    if let Some(mc) = max_context {
+        if context > mc {
+            bail!("the request needs {context} tokens but --max-context is {mc}");
+        }
+        state.set_limit(mc, format!("--max-context {mc}"));
+        state.reserve(mc);
+    }
+    if let Some(b) = budget {
+        let fits = plan::max_context(model.config(), weights, req, b);
+        if f.total_bytes > b {
+            let mut msg = format!(
+                "a context of {context} tokens needs {} but the memory budget is {}:\n",
+                human(f.total_bytes),
+                human(b)
+            );
+            for (name, v) in footprint_rows(&f) {
+                msg.push_str(&format!("  {name:<20} {:>12}\n", human(v)));
+            }
+            match fits {
+                Some(n) => msg.push_str(&format!("the largest context that fits is {n} tokens")),
+                None => msg.push_str("not even an empty context fits: the weights and workspace alone exceed the budget"),
+            }
+            bail!(msg);
+        }
+        let limit = fits.unwrap_or(context).max(context);
+        let limit = max_context.map_or(limit, |m| m.min(limit));
+        state.set_limit(limit, format!("memory budget {}", human(b)));
+    }
+    Ok(f)
+}
+
+/// A prefill progress bar on stderr, shown only on a terminal and without `--quiet`.
+pub fn progress_bar(total: usize, quiet: bool) -> Option<ProgressBar> {
+    if quiet || !std::io::stderr().is_terminal() || total < 2 {
+        return None;
+    }
+    let pb = ProgressBar::new(total as u64);
+    pb.set_style(
+        ProgressStyle::with_template("prefill {bar:40} {pos}/{len} tokens  {per_sec}  ETA {eta}")
+            .expect("valid template"),
+    );
+    Some(pb)
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_tokens() {
+        assert_eq!(parse_size("16GiB").unwrap(), 16 << 30);
+        assert_eq!(parse_size("800MB").unwrap(), 800_000_000);
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert!(parse_size("12 parsecs").is_err());
+        assert_eq!(parse_tokens("1M").unwrap(), 1_048_576);
+        assert_eq!(parse_tokens("128K").unwrap(), 131_072);
+        assert_eq!(parse_tokens("4096").unwrap(), 4096);
+        assert!(parse_tokens("lots").is_err());
+    }
+}

@@ -1,0 +1,212 @@
+//! `plan`, `--memory-budget`, `--max-context` and `--cache-dtype` from the command line.
+
+mod common;
+use common::*;
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let o = run(args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("plan --json prints one JSON object")
+}
+
+#[test]
+fn plan_real_config_at_one_million_tokens() {
+    let v = json(&[
+        "plan",
+        "--preset",
+        "kimi-linear-48b-a3b",
+        "--context",
+        "1M",
+        "--json",
+    ]);
+    assert_eq!(v["context"], 1_048_576);
+    assert_eq!(v["mla_cache_bytes"], 8_455_716_864u64);
+    assert_eq!(v["kda_state_bytes"], 41_943_040);
+    for k in [
+        "weights_bytes",
+        "conv_state_bytes",
+        "workspace_bytes",
+        "total_bytes",
+    ] {
+        assert!(v[k].as_u64().is_some(), "{k}");
+    }
+    let sum: u64 = [
+        "weights_bytes",
+        "mla_cache_bytes",
+        "kda_state_bytes",
+        "conv_state_bytes",
+        "workspace_bytes",
+    ]
+    .iter()
+    .map(|k| v[k].as_u64().unwrap())
+    .sum();
+    assert_eq!(v["total_bytes"].as_u64().unwrap(), sum);
+    let t = run(&[
+        "plan",
+        "--preset",
+        "kimi-linear-48b-a3b",
+        "--context",
+        "128K",
+    ]);
+    let text = String::from_utf8_lossy(&t.stdout);
+    for needle in [
+        "MLA latent cache",
+        "KDA recurrent state",
+        "MHA",
+        "GQA",
+        "total",
+    ] {
+        assert!(text.contains(needle), "{text}");
+    }
+    expect_error(
+        &[
+            "plan",
+            "--preset",
+            "kimi-linear-48b-a3b",
+            "--context",
+            "lots",
+        ],
+        &["lots"],
+    );
+}
+
+#[test]
+fn budget_refusal_lists_parts_and_largest_context() {
+    let tiny = tiny_dir();
+    let t = tiny.to_str().unwrap();
+    let v = json(&[
+        "plan",
+        "--model",
+        t,
+        "--context",
+        "2000",
+        "--cache-dtype",
+        "f32",
+        "--json",
+    ]);
+    let (total, cache) = (
+        v["total_bytes"].as_u64().unwrap(),
+        v["mla_cache_bytes"].as_u64().unwrap(),
+    );
+    let d = temp_dir("budget");
+    let ids = write_ids(&d, &serde_json::to_string(&vec![1; 2000]).unwrap());
+    let out = d.join("o.safetensors");
+    // `forward` keeps all logits of a 512-token chunk (vocab 512, f32) on top of the plan above;
+    // give it that, but only half of the cache 2000 tokens need.
+    let budget = format!("{}", total + 512 * 512 * 4 - cache / 2);
+    let err = expect_error(
+        &[
+            "forward",
+            "--model",
+            t,
+            "--input-ids",
+            &ids,
+            "--memory-budget",
+            &budget,
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &[
+            "memory budget",
+            "weights",
+            "MLA latent cache",
+            "KDA recurrent state",
+            "workspace",
+            "total",
+        ],
+    );
+    assert!(
+        err.contains("largest context that fits is") || err.contains("not even an empty context"),
+        "{err}"
+    );
+    assert!(
+        !out.exists(),
+        "nothing is written when the plan does not fit"
+    );
+    expect_error(
+        &[
+            "forward",
+            "--model",
+            t,
+            "--input-ids",
+            &ids,
+            "--memory-budget",
+            "1KB",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &["not even an empty context fits"],
+    );
+    expect_error(
+        &[
+            "forward",
+            "--model",
+            t,
+            "--input-ids",
+            &ids,
+            "--max-context",
+            "1K",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &["2000", "--max-context is 1024"],
+    );
+    expect_error(
+        &[
+            "forward",
+            "--model",
+            t,
+            "--input-ids",
+            &ids,
+            "--memory-budget",
+            "12 parsecs",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &["12 parsecs"],
+    );
+}
+
+#[test]
+fn cache_dtype_flag() {
+    let d = temp_dir("cdt");
+    let ids = write_ids(&d, "[1, 2, 3, 4, 5]");
+    let tiny = tiny_dir();
+    for dt in ["f32", "bf16", "fp8"] {
+        let out = d.join(format!("{dt}.safetensors"));
+        let o = run(&[
+            "forward",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--input-ids",
+            &ids,
+            "--cache-dtype",
+            dt,
+            "--max-context",
+            "4K",
+            "--decode",
+            "2",
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            o.status.success(),
+            "{dt}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    expect_error(
+        &[
+            "forward",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--input-ids",
+            &ids,
+            "--cache-dtype",
+            "int3",
+            "--output",
+            "x",
+        ],
+        &["int3", "bf16, f32 or fp8"],
+    );
+}

@@ -1,0 +1,248 @@
+//! Micro-benchmarks of the hot kernels against the measured roofline.
+//!
+//! ```text
+//! cargo bench -p kl-kernels --bench kernels                 # everything
+//! cargo bench -p kl-kernels --bench kernels -- matmul gemv  # only names containing a filter
+//! RAYON_NUM_THREADS=1 cargo bench -p kl-kernels --bench kernels -- kda
+//! ```
+//!
+//! Each case is warmed up, then run until ~`KL_BENCH_SECS` seconds (default 1) or at least 5
+//! iterations have passed; the median time is reported with GFLOP/s (compute-bound kernels) or
+//! GB/s of compulsory traffic (bandwidth-bound kernels), and the fraction of the roofline measured
+//! at start-up with the same number of threads.
+
+use half::bf16;
+use kl_kernels::attention::{latent_attention, LatentAttnShape};
+use kl_kernels::kda::{kda_chunked, kda_recurrent, KdaShape, CHUNK};
+use kl_kernels::matmul::matmul;
+use kl_kernels::roofline::{measure_fma_gflops, measure_stream_gbps};
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+struct Rng(u64);
+impl Rng {
+    fn uniform(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform() * scale).collect()
+    }
+}
+
+struct Roof {
+    gflops: f64,
+    gbps: f64,
+}
+
+/// Median seconds per call of `f`.
+fn time(mut f: impl FnMut()) -> f64 {
+    let budget = std::env::var("KL_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or(1.0);
+    let t0 = Instant::now();
+    f(); // warm-up
+    let first = t0.elapsed();
+    let extra = (first.as_secs_f64() < 0.2).then(|| {
+        for _ in 0..2 {
+            f();
+        }
+    });
+    let _ = extra;
+    let mut v = Vec::new();
+    let start = Instant::now();
+    while v.len() < 5 || (start.elapsed() < Duration::from_secs_f64(budget) && v.len() < 10_000) {
+        let t = Instant::now();
+        f();
+        v.push(t.elapsed().as_secs_f64());
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn report_flops(name: &str, secs: f64, flops: f64, roof: &Roof) {
+    let g = flops / secs / 1e9;
+    println!(
+        "{name:<44} {:>10.3} ms {:>9.1} GFLOP/s  {:>5.1}% of FMA peak",
+        secs * 1e3,
+        g,
+        100.0 * g / roof.gflops
+    );
+}
+
+fn report_bytes(name: &str, secs: f64, bytes: f64, flops: f64, roof: &Roof) {
+    let b = bytes / secs / 1e9;
+    println!(
+        "{name:<44} {:>10.3} ms {:>9.1} GB/s     {:>5.1}% of stream  ({:.1} GFLOP/s)",
+        secs * 1e3,
+        b,
+        100.0 * b / roof.gbps,
+        flops / secs / 1e9
+    );
+}
+
+fn bench_matmul(roof: &Roof, rng: &mut Rng) {
+    let t = 512;
+    for &(k, n) in &[(2304, 4096), (2304, 1024), (1024, 2304), (2304, 512), (4096, 2304)] {
+        let x = rng.vec(t * k, 1.0);
+        let w: Vec<bf16> = rng.vec(n * k, 0.05).into_iter().map(bf16::from_f32).collect();
+        let mut y = vec![0f32; t * n];
+        let secs = time(|| matmul(black_box(&x), &w, &mut y, t, k, n));
+        report_flops(
+            &format!("matmul bf16 T={t} K={k} N={n}"),
+            secs,
+            2.0 * (t * k * n) as f64,
+            roof,
+        );
+    }
+    let (k, n) = (2304, 2304);
+    let x = rng.vec(t * k, 1.0);
+    let w = rng.vec(n * k, 0.05);
+    let mut y = vec![0f32; t * n];
+    let secs = time(|| matmul(black_box(&x), &w, &mut y, t, k, n));
+    report_flops(
+        &format!("matmul f32 T={t} K={k} N={n}"),
+        secs,
+        2.0 * (t * k * n) as f64,
+        roof,
+    );
+}
+
+fn bench_gemv(roof: &Roof, rng: &mut Rng) {
+    for &(n, k) in &[(2304, 9216), (163840, 2304)] {
+        let w: Vec<bf16> = rng.vec(n * k, 0.05).into_iter().map(bf16::from_f32).collect();
+        for &t in &[1usize, 4] {
+            let x = rng.vec(t * k, 1.0);
+            let mut y = vec![0f32; t * n];
+            let secs = time(|| matmul(black_box(&x), &w, &mut y, t, k, n));
+            report_bytes(
+                &format!("gemv bf16 T={t} N={n} K={k}"),
+                secs,
+                2.0 * (n * k) as f64,
+                2.0 * (t * n * k) as f64,
+                roof,
+            );
+        }
+    }
+}
+
+fn kda_inputs(rng: &mut Rng, s: KdaShape) -> [Vec<f32>; 6] {
+    let KdaShape { t, h, k, v } = s;
+    let mut q = rng.vec(t * h * k, 1.0);
+    let mut kk = rng.vec(t * h * k, 1.0);
+    kl_kernels::norm::l2_normalize_rows(&mut q, k, 1e-6, (k as f32).powf(-0.5));
+    kl_kernels::norm::l2_normalize_rows(&mut kk, k, 1e-6, 1.0);
+    let vv = rng.vec(t * h * v, 1.0);
+    let g: Vec<f32> = (0..t * h * k)
+        .map(|_| -((rng.uniform() + 1.0) * 0.5).powi(4) * 3.0)
+        .collect();
+    let beta: Vec<f32> = (0..t * h).map(|_| (rng.uniform() + 1.0) * 0.5).collect();
+    let st = rng.vec(h * k * v, 0.5);
+    [q, kk, vv, g, beta, st]
+}
+
+fn bench_kda(roof: &Roof, rng: &mut Rng) {
+    let (h, kd, vd) = (32, 128, 128);
+    let t = 1024;
+    let s = KdaShape { t, h, k: kd, v: vd };
+    let [q, k, v, g, beta, st0] = kda_inputs(rng, s);
+    let mut st = st0.clone();
+    let mut o = vec![0f32; t * h * vd];
+    let secs = time(|| {
+        st.copy_from_slice(&st0);
+        kda_chunked(s, &q, &k, &v, &g, &beta, &mut st, &mut o)
+    });
+    // Paper Eq. 13 (per head): 6·T·d² + 3·T·C·d + T·C².
+    let (tf, d, c) = (t as f64, kd as f64, CHUNK as f64);
+    let flops = h as f64 * (6.0 * tf * d * d + 3.0 * tf * c * d + tf * c * c);
+    report_flops(
+        &format!("kda_chunked H={h} K=V={kd} T={t}"),
+        secs,
+        flops,
+        roof,
+    );
+
+    let s1 = KdaShape { t: 1, ..s };
+    let (q1, k1, v1, g1, b1) = (
+        &q[..h * kd],
+        &k[..h * kd],
+        &v[..h * vd],
+        &g[..h * kd],
+        &beta[..h],
+    );
+    let mut o1 = vec![0f32; h * vd];
+    st.copy_from_slice(&st0);
+    let secs = time(|| kda_recurrent(s1, q1, k1, v1, g1, b1, &mut st, &mut o1));
+    // State read + written once per step; ~7 flops per state element.
+    let state_bytes = (h * kd * vd * 4) as f64;
+    report_bytes(
+        &format!("kda_recurrent step H={h} K=V={kd}"),
+        secs,
+        2.0 * state_bytes,
+        7.0 * (h * kd * vd) as f64,
+        roof,
+    );
+}
+
+fn bench_attention(roof: &Roof, rng: &mut Rng) {
+    let s = LatentAttnShape {
+        h: 32,
+        dk: 576,
+        dv: 512,
+    };
+    for &n_keys in &[4096usize, 32768] {
+        let block_rows = 256;
+        let nblocks = n_keys.div_ceil(block_rows);
+        let store: Vec<bf16> = rng
+            .vec(nblocks * block_rows * s.dk, 1.0)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        let blocks: Vec<&[bf16]> = store.chunks(block_rows * s.dk).collect();
+        let q = rng.vec(s.h * s.dk, 1.0);
+        let mut o = vec![0f32; s.h * s.dv];
+        let secs = time(|| latent_attention(s, &q, &blocks, block_rows, n_keys, 0.07, &mut o));
+        let flops = 2.0 * (s.h * n_keys * (s.dk + s.dv)) as f64;
+        report_flops(
+            &format!("latent_attention decode H=32 keys={n_keys}"),
+            secs,
+            flops,
+            roof,
+        );
+    }
+}
+
+fn main() {
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let want = |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
+    let threads = rayon::current_num_threads();
+    let roof = Roof {
+        gflops: measure_fma_gflops(threads),
+        gbps: measure_stream_gbps(threads),
+    };
+    println!(
+        "# {} | {threads} threads | roofline: FMA peak {:.1} GFLOP/s, stream read {:.1} GB/s",
+        kl_kernels::cpu::describe(),
+        roof.gflops,
+        roof.gbps
+    );
+    let mut rng = Rng(0x9E3779B97F4A7C15);
+    if want("matmul") {
+        bench_matmul(&roof, &mut rng);
+    }
+    if want("gemv") {
+        bench_gemv(&roof, &mut rng);
+    }
+    if want("kda") {
+        bench_kda(&roof, &mut rng);
+    }
+    if want("attention") {
+        bench_attention(&roof, &mut rng);
+    }
+}

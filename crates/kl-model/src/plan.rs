@@ -1,0 +1,187 @@
+//! Memory planner: what a sequence of a given context costs, before any work is done.
+//!
+//! The same arithmetic serves `kimi-linear plan` (from a preset or a checkpoint), the memory budget
+//! check of every command, and the in-run limit. Parts:
+//!
+//! | part | formula |
+//! |---|---|
+//! | weights | checkpoint tensor bytes + load-time `W_UKᵀ` copies (`H·R·dn` per MLA layer, stored dtype) |
+//! | MLA latent cache | `ceil(ctx / 256)·256 · row_bytes(R+P) · n_mla` (block-granular, as allocated) |
+//! | KDA recurrent state | `n_kda · H · K · K · 4` |
+//! | conv state | `n_kda · 3 · (W−1) · H·K · 4` (f32 history) |
+//! | workspace | prefill activations for one chunk (largest layer) + logits + per-thread scratch |
+//!
+//! Comparisons give the cache the same model would need with other attention designs in every
+//! layer (bf16): MHA with `num_attention_heads × v_head_dim` for K and V, GQA with 8 KV heads, and
+//! MLA (latent) in every layer.
+
+use kl_config::{Mixer, ModelConfig};
+use kl_layers::cache::CacheDtype;
+use serde::Serialize;
+
+/// Inputs of a plan.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanRequest {
+    /// Tokens the sequence will hold.
+    pub context: usize,
+    /// Latent cache dtype.
+    pub cache_dtype: CacheDtype,
+    /// Prefill chunk (tokens per forward pass).
+    pub prefill_chunk: usize,
+    /// Whether logits for every prompt position are kept (`forward`) or only the last.
+    pub all_logits: bool,
+    /// Worker threads.
+    pub threads: usize,
+}
+
+/// The footprint of one sequence, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Footprint {
+    /// Tokens planned for.
+    pub context: usize,
+    /// Resident weights.
+    pub weights_bytes: u64,
+    /// MLA latent cache.
+    pub mla_cache_bytes: u64,
+    /// KDA recurrent state.
+    pub kda_state_bytes: u64,
+    /// KDA conv history.
+    pub conv_state_bytes: u64,
+    /// Activations and scratch.
+    pub workspace_bytes: u64,
+    /// Sum of the above.
+    pub total_bytes: u64,
+}
+
+/// Bytes of the load-time `W_UKᵀ` copies for weights of `el` bytes per element.
+pub fn derived_weight_bytes(cfg: &ModelConfig, el: usize) -> u64 {
+    (cfg.num_mla_layers() * cfg.mla.num_heads * cfg.mla.kv_lora_rank * cfg.mla.qk_nope * el) as u64
+}
+
+/// MLA cache bytes for `context` tokens.
+pub fn mla_cache_bytes(cfg: &ModelConfig, context: usize, dtype: CacheDtype) -> u64 {
+    (dtype.bytes_for(context, cfg.mla.latent_width()) * cfg.num_mla_layers()) as u64
+}
+
+/// KDA recurrent state bytes.
+pub fn kda_state_bytes(cfg: &ModelConfig) -> u64 {
+    (cfg.num_kda_layers() * cfg.kda.num_heads * cfg.kda.head_dim * cfg.kda.head_dim * 4) as u64
+}
+
+/// KDA conv history bytes.
+pub fn conv_state_bytes(cfg: &ModelConfig) -> u64 {
+    (cfg.num_kda_layers() * 3 * (cfg.kda.conv_kernel - 1) * cfg.kda.proj() * 4) as u64
+}
+
+/// Activation and scratch bytes of one prefill chunk (the largest layer's live buffers).
+pub fn workspace_bytes(cfg: &ModelConfig, chunk: usize, all_logits: bool, threads: usize) -> u64 {
+    let c = chunk;
+    let d = cfg.hidden;
+    let (p, k, h) = (cfg.kda.proj(), cfg.kda.head_dim, cfg.kda.num_heads);
+    let m = cfg.mla;
+    let kda = if cfg.num_kda_layers() > 0 {
+        c * (8 * p + 2 * k + h)
+    } else {
+        0
+    };
+    let mla = if cfg.num_mla_layers() > 0 {
+        c * (m.num_heads * (m.qk_head() + m.latent_width() + m.kv_lora_rank + m.v_head)
+            + 2 * m.latent_width()
+            + m.qk_nope
+            + 2 * m.kv_lora_rank
+            + m.v_head)
+    } else {
+        0
+    };
+    let dense = 2 * c * cfg.intermediate;
+    let moe = cfg.moe.map_or(0, |e| {
+        c * (e.num_experts + 3 * d + 2 * e.expert_width * (1 + e.num_shared)) + c * e.top_k * 2
+    });
+    let layer = kda.max(mla).max(dense).max(moe);
+    let logits = if all_logits {
+        c * cfg.vocab_size
+    } else {
+        cfg.vocab_size
+    };
+    // Per-thread scratch: a KDA chunk (64 rows of q,k,v,Γ,W,U + two 64×64 matrices) and an
+    // attention tile (64 rows) with its partial softmax state.
+    let kda_scratch = 64 * (5 * k + 2 * k) + 2 * 64 * 64 + k;
+    let attn_scratch = 64 * m.latent_width() + m.num_heads * (m.kv_lora_rank + 2) + 64;
+    let scratch = threads * (kda_scratch + attn_scratch);
+    (4 * (3 * c * d + layer + logits + scratch)) as u64
+}
+
+/// Plan one sequence for a model whose resident weights take `weights_bytes`.
+pub fn plan(cfg: &ModelConfig, weights_bytes: u64, req: PlanRequest) -> Footprint {
+    let mla = mla_cache_bytes(cfg, req.context, req.cache_dtype);
+    let kda = kda_state_bytes(cfg);
+    let conv = conv_state_bytes(cfg);
+    let chunk = req.prefill_chunk.min(req.context.max(1)).max(1);
+    let ws = workspace_bytes(cfg, chunk, req.all_logits, req.threads.max(1));
+    Footprint {
+        context: req.context,
+        weights_bytes,
+        mla_cache_bytes: mla,
+        kda_state_bytes: kda,
+        conv_state_bytes: conv,
+        workspace_bytes: ws,
+        total_bytes: weights_bytes + mla + kda + conv + ws,
+    }
+}
+
+/// The largest context (a multiple of the 256-token cache block) whose footprint fits `budget`,
+/// or `None` if not even an empty context fits.
+pub fn max_context(
+    cfg: &ModelConfig,
+    weights_bytes: u64,
+    req: PlanRequest,
+    budget: u64,
+) -> Option<usize> {
+    // Everything but the cache, with the workspace of a full prefill chunk.
+    let full = plan(
+        cfg,
+        weights_bytes,
+        PlanRequest {
+            context: req.prefill_chunk.max(1),
+            ..req
+        },
+    );
+    let fixed = full.total_bytes - full.mla_cache_bytes;
+    if fixed > budget {
+        return None;
+    }
+    let per_block = mla_cache_bytes(cfg, 1, req.cache_dtype);
+    if per_block == 0 {
+        return Some(usize::MAX);
+    }
+    let blocks = (budget - fixed) / per_block;
+    Some((blocks as usize).saturating_mul(kl_layers::cache::BLOCK_ROWS))
+}
+
+/// Cache bytes of the same model with other attention designs in every layer, bf16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Comparison {
+    /// MHA, `num_attention_heads × v_head_dim` for K and V, every layer.
+    pub mha_bytes: u64,
+    /// GQA with 8 KV heads of `v_head_dim`, every layer.
+    pub gqa8_bytes: u64,
+    /// MLA latent (`R + P` values) in every layer.
+    pub all_mla_bytes: u64,
+}
+
+/// [`Comparison`] for `context` tokens.
+pub fn compare(cfg: &ModelConfig, context: usize) -> Comparison {
+    let (l, t) = (cfg.num_layers() as u64, context as u64);
+    let hd = cfg.mla.v_head as u64;
+    Comparison {
+        mha_bytes: l * t * 2 * cfg.mla.num_heads as u64 * hd * 2,
+        gqa8_bytes: l * t * 2 * 8 * hd * 2,
+        all_mla_bytes: l * t * cfg.mla.latent_width() as u64 * 2,
+    }
+}
+
+/// Number of layers of each kind (for reports).
+pub fn layer_counts(cfg: &ModelConfig) -> (usize, usize) {
+    let kda = cfg.layers.iter().filter(|l| l.mixer == Mixer::Kda).count();
+    (kda, cfg.num_layers() - kda)
+}

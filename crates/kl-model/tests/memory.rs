@@ -1,0 +1,169 @@
+//! Memory: planner arithmetic, agreement with the engine's own accounting, token limits,
+//! cache dtypes and snapshots.
+
+mod common;
+use common::*;
+use kl_config::{presets, ModelConfig};
+use kl_model::plan::{self, PlanRequest};
+use kl_model::snapshot::{load_state, save_state};
+use kl_model::{CacheDtype, KimiLinear, LayerState, LogitsMode, ModelError, ModelOptions, Probe};
+
+fn req(context: usize, cache_dtype: CacheDtype) -> PlanRequest {
+    PlanRequest {
+        context,
+        cache_dtype,
+        prefill_chunk: 512,
+        all_logits: false,
+        threads: 2,
+    }
+}
+
+#[test]
+fn real_config_at_one_million_tokens() {
+    let cfg = ModelConfig::from_raw(presets::kimi_linear_48b_a3b()).unwrap();
+    let f = plan::plan(&cfg, 0, req(1 << 20, CacheDtype::Bf16));
+    assert_eq!(f.mla_cache_bytes, 8_455_716_864);
+    assert_eq!(f.kda_state_bytes, 41_943_040);
+    assert_eq!(f.conv_state_bytes, 20 * 3 * 3 * 4096 * 4);
+    let fp8 = plan::plan(&cfg, 0, req(1 << 20, CacheDtype::Fp8));
+    assert_eq!(fp8.mla_cache_bytes, 4_227_858_432 + 7 * 8 * (1 << 20));
+    let c = plan::compare(&cfg, 1 << 20);
+    assert_eq!(c.all_mla_bytes, 31_104 * (1 << 20));
+    assert_eq!(c.mha_bytes, 442_368 * (1 << 20));
+    assert_eq!(c.gqa8_bytes, 110_592 * (1 << 20));
+}
+
+fn tiny(dtype: CacheDtype, chunk: usize) -> KimiLinear {
+    KimiLinear::load(
+        &tiny_dir(),
+        ModelOptions {
+            cache_dtype: dtype,
+            prefill_chunk: chunk,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn ids(n: usize) -> Vec<u32> {
+    let mut r = Rng(17);
+    (0..n).map(|_| r.below(512)).collect()
+}
+
+#[test]
+fn planner_agrees_with_engine_accounting() {
+    for dtype in [CacheDtype::F32, CacheDtype::Bf16, CacheDtype::Fp8] {
+        let m = tiny(dtype, 128);
+        for n in [1usize, 255, 256, 257, 700] {
+            let mut st = m.new_state();
+            m.prefill(&ids(n), &mut st, LogitsMode::Last, &mut Probe::off())
+                .unwrap();
+            let f = plan::plan(m.config(), 0, req(n, dtype));
+            assert_eq!(
+                st.mla_cache_bytes() as u64,
+                f.mla_cache_bytes,
+                "{dtype:?} n={n}"
+            );
+            assert_eq!(st.kda_state_bytes() as u64, f.kda_state_bytes);
+            assert_eq!(st.conv_state_bytes() as u64, f.conv_state_bytes);
+        }
+    }
+}
+
+#[test]
+fn limit_stops_cleanly_without_allocating() {
+    let m = tiny(CacheDtype::Bf16, 64);
+    let mut st = m.new_state();
+    st.set_limit(300, "memory budget 1MB");
+    m.prefill(&ids(256), &mut st, LogitsMode::Last, &mut Probe::off())
+        .unwrap();
+    let before = (st.pos, st.mla_cache_bytes());
+    let e = m
+        .prefill(&ids(100), &mut st, LogitsMode::Last, &mut Probe::off())
+        .unwrap_err();
+    assert!(matches!(e, ModelError::Limit { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("300") && msg.contains("memory budget 1MB") && msg.contains("356"),
+        "{msg}"
+    );
+    assert_eq!(
+        (st.pos, st.mla_cache_bytes()),
+        before,
+        "nothing consumed or allocated"
+    );
+    // Up to the limit is fine, then decode stops too.
+    m.prefill(&ids(44), &mut st, LogitsMode::Last, &mut Probe::off())
+        .unwrap();
+    assert!(matches!(
+        m.decode(1, &mut st, &mut Probe::off()),
+        Err(ModelError::Limit { .. })
+    ));
+}
+
+#[test]
+fn max_context_fits_the_budget() {
+    let cfg = ModelConfig::from_raw(presets::kimi_linear_48b_a3b()).unwrap();
+    let r = req(0, CacheDtype::Bf16);
+    let budget = 16u64 << 30;
+    let weights = 10u64 << 30;
+    let ctx = plan::max_context(&cfg, weights, r, budget).unwrap();
+    assert!(plan::plan(&cfg, weights, req(ctx, CacheDtype::Bf16)).total_bytes <= budget);
+    assert!(plan::plan(&cfg, weights, req(ctx + 256, CacheDtype::Bf16)).total_bytes > budget);
+    assert!(plan::max_context(&cfg, 20 << 30, r, budget).is_none());
+}
+
+/// Logit error of each cache dtype against f32 on the golden prompt (published in docs/memory.md).
+#[test]
+fn cache_dtypes_stay_within_published_tolerance() {
+    let g = load_golden("golden_model.safetensors");
+    let prompt: Vec<u32> = g["input_ids"].1.iter().map(|&x| x as u32).collect();
+    let run = |dtype| {
+        let m = tiny(dtype, 512);
+        let mut st = m.new_state();
+        m.prefill(&prompt, &mut st, LogitsMode::All, &mut Probe::off())
+            .unwrap()
+    };
+    let f32l = run(CacheDtype::F32);
+    assert_close("f32 cache vs golden", &f32l, &g["logits"].1, 1e-4);
+    let bf = max_abs_diff(&run(CacheDtype::Bf16), &f32l);
+    let f8 = max_abs_diff(&run(CacheDtype::Fp8), &f32l);
+    eprintln!("cache dtype logit error vs f32: bf16 {bf:e}, fp8 {f8:e}");
+    assert!(bf <= 2e-2, "bf16 cache error {bf}");
+    assert!(f8 <= 2e-1, "fp8 cache error {f8}");
+}
+
+#[test]
+fn snapshots_round_trip_bit_exactly() {
+    let dir = std::env::temp_dir().join(format!("kl-snap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for dtype in [CacheDtype::F32, CacheDtype::Bf16, CacheDtype::Fp8] {
+        let m = tiny(dtype, 64);
+        let mut st = m.new_state();
+        m.prefill(&ids(300), &mut st, LogitsMode::Last, &mut Probe::off())
+            .unwrap();
+        let path = dir.join(format!("{}.klstate", dtype.name()));
+        save_state(&st, m.config(), &path).unwrap();
+        let mut back = load_state(&path, m.config()).unwrap();
+        assert_eq!(back.pos, st.pos);
+        for (a, b) in st.layers.iter().zip(&back.layers) {
+            match (a, b) {
+                (LayerState::Kda(x), LayerState::Kda(y)) => assert_eq!(x, y),
+                (LayerState::Mla(x), LayerState::Mla(y)) => {
+                    assert_eq!(x.raw_bytes(), y.raw_bytes())
+                }
+                _ => panic!("layer kinds differ"),
+            }
+        }
+        let l1 = m.decode(5, &mut st, &mut Probe::off()).unwrap();
+        let l2 = m.decode(5, &mut back, &mut Probe::off()).unwrap();
+        assert_eq!(l1, l2, "{dtype:?}: decode after load must be bit-identical");
+        // A snapshot refuses another model and garbage.
+        std::fs::write(&path, b"nonsense").unwrap();
+        assert!(load_state(&path, m.config())
+            .unwrap_err()
+            .to_string()
+            .contains("bad magic"));
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
