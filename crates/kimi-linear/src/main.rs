@@ -7,6 +7,8 @@
 //! - `forward`: logits for every prompt position (and an optional greedy continuation) written to
 //!   a safetensors file with the golden file's tensor names.
 //! - `synth`: a random-weight checkpoint in the real layout (config, shards, tokenizer).
+//! - `run`, `chat`: text generation and interactive chat through `kl-engine`.
+//! - `tokenize`, `detokenize`, `chat-template`: the tokenizer and chat template on their own.
 
 mod cmd;
 mod ids;
@@ -38,6 +40,16 @@ enum Command {
     Bench(cmd::bench::Args),
     /// No-download demo: a synthetic model, a long context, memory measured vs planned.
     Demo(cmd::demo::Args),
+    /// Generate text from a prompt, streamed to stdout; one stats line on stderr.
+    Run(cmd::run::Args),
+    /// Interactive chat on stdin (/reset, /save FILE, /load FILE; Ctrl-D quits).
+    Chat(cmd::chat::Args),
+    /// Encode text to token ids (a JSON array).
+    Tokenize(cmd::tokenize::TokenizeArgs),
+    /// Decode a JSON array of token ids to text.
+    Detokenize(cmd::tokenize::DetokenizeArgs),
+    /// Render messages with the chat template.
+    ChatTemplate(cmd::tokenize::ChatTemplateArgs),
 }
 
 fn main() {
@@ -60,6 +72,11 @@ fn main() {
         Command::Plan(a) => cmd::plan::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Run(a) => cmd::run::run(a),
+        Command::Chat(a) => cmd::chat::run(a),
+        Command::Tokenize(a) => cmd::tokenize::run_tokenize(a),
+        Command::Detokenize(a) => cmd::tokenize::run_detokenize(a),
+        Command::ChatTemplate(a) => cmd::tokenize::run_chat_template(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -80,6 +80,7 @@ pub fn footprint_rows(f: &Footprint) -> Vec<(&'static str, u64)> {
         ("MLA latent cache", f.mla_cache_bytes),
         ("KDA recurrent state", f.kda_state_bytes),
         ("conv state", f.conv_state_bytes),
+        ("KDA chunk carry", f.kda_carry_bytes),
         ("workspace", f.workspace_bytes),
         ("total", f.total_bytes),
     ]

@@ -35,6 +35,7 @@ fn plan_real_config_at_one_million_tokens() {
         "mla_cache_bytes",
         "kda_state_bytes",
         "conv_state_bytes",
+        "kda_carry_bytes",
         "workspace_bytes",
     ]
     .iter()

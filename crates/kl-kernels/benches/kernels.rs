@@ -9,7 +9,8 @@
 //! Each case is warmed up, then run until ~`KL_BENCH_SECS` seconds (default 1) or at least 5
 //! iterations have passed; the median time is reported with GFLOP/s (compute-bound kernels) or
 //! GB/s of compulsory traffic (bandwidth-bound kernels), and the fraction of the roofline measured
-//! at start-up with the same number of threads.
+//! at start-up with the same number of threads; then the same for the best iteration (useful on a
+//! shared, noisy machine).
 
 use half::bf16;
 use kl_kernels::attention::{latent_attention, LatentAttnShape};
@@ -37,8 +38,8 @@ struct Roof {
     gbps: f64,
 }
 
-/// Median seconds per call of `f`.
-fn time(mut f: impl FnMut()) -> f64 {
+/// Seconds per call of `f`: (median, best).
+fn time(mut f: impl FnMut()) -> (f64, f64) {
     let budget = std::env::var("KL_BENCH_SECS")
         .ok()
         .and_then(|s| s.parse::<f64>().ok())
@@ -60,35 +61,51 @@ fn time(mut f: impl FnMut()) -> f64 {
         v.push(t.elapsed().as_secs_f64());
     }
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+    (v[v.len() / 2], v[0])
 }
 
-fn report_flops(name: &str, secs: f64, flops: f64, roof: &Roof) {
+fn report_flops(name: &str, (secs, best): (f64, f64), flops: f64, roof: &Roof) {
     let g = flops / secs / 1e9;
+    let gb = flops / best / 1e9;
     println!(
-        "{name:<44} {:>10.3} ms {:>9.1} GFLOP/s  {:>5.1}% of FMA peak",
+        "{name:<42} {:>9.3} ms {:>7.1} GFLOP/s {:>5.1}% of FMA peak | best {:>7.1} GFLOP/s {:>5.1}%",
         secs * 1e3,
         g,
-        100.0 * g / roof.gflops
+        100.0 * g / roof.gflops,
+        gb,
+        100.0 * gb / roof.gflops
     );
 }
 
-fn report_bytes(name: &str, secs: f64, bytes: f64, flops: f64, roof: &Roof) {
+fn report_bytes(name: &str, (secs, best): (f64, f64), bytes: f64, flops: f64, roof: &Roof) {
     let b = bytes / secs / 1e9;
+    let bb = bytes / best / 1e9;
     println!(
-        "{name:<44} {:>10.3} ms {:>9.1} GB/s     {:>5.1}% of stream  ({:.1} GFLOP/s)",
+        "{name:<42} {:>9.3} ms {:>7.1} GB/s    {:>5.1}% of stream   | best {:>7.1} GB/s    {:>5.1}%  ({:.1} GFLOP/s)",
         secs * 1e3,
         b,
         100.0 * b / roof.gbps,
+        bb,
+        100.0 * bb / roof.gbps,
         flops / secs / 1e9
     );
 }
 
 fn bench_matmul(roof: &Roof, rng: &mut Rng) {
     let t = 512;
-    for &(k, n) in &[(2304, 4096), (2304, 1024), (1024, 2304), (2304, 512), (4096, 2304)] {
+    for &(k, n) in &[
+        (2304, 4096),
+        (2304, 1024),
+        (1024, 2304),
+        (2304, 512),
+        (4096, 2304),
+    ] {
         let x = rng.vec(t * k, 1.0);
-        let w: Vec<bf16> = rng.vec(n * k, 0.05).into_iter().map(bf16::from_f32).collect();
+        let w: Vec<bf16> = rng
+            .vec(n * k, 0.05)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
         let mut y = vec![0f32; t * n];
         let secs = time(|| matmul(black_box(&x), &w, &mut y, t, k, n));
         report_flops(
@@ -113,7 +130,11 @@ fn bench_matmul(roof: &Roof, rng: &mut Rng) {
 
 fn bench_gemv(roof: &Roof, rng: &mut Rng) {
     for &(n, k) in &[(2304, 9216), (163840, 2304)] {
-        let w: Vec<bf16> = rng.vec(n * k, 0.05).into_iter().map(bf16::from_f32).collect();
+        let w: Vec<bf16> = rng
+            .vec(n * k, 0.05)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
         for &t in &[1usize, 4] {
             let x = rng.vec(t * k, 1.0);
             let mut y = vec![0f32; t * n];

@@ -10,8 +10,10 @@
 //! whatever the context length.
 //!
 //! Query `i` of `Tq` sees keys `0 ..= n_keys − Tq + i` (the queries are the last `Tq` positions).
-//! A single query (decode) splits its keys across threads and merges the partial softmax states
-//! (flash-decoding), so long-context decode scales with threads.
+//! Keys are grouped in fixed segments of [`SEGMENT`] keys whose partial softmax states are merged
+//! in order. A single query (decode) runs its segments in parallel (flash-decoding), so
+//! long-context decode scales with threads; the result is bit-identical to the serial order, so
+//! a token's output does not depend on whether it was prefilled or decoded, or on the chunking.
 
 use crate::simd::{axpy, dot_f32};
 use crate::Elem;
@@ -19,6 +21,11 @@ use rayon::prelude::*;
 
 /// Keys per softmax tile.
 pub const TILE: usize = 64;
+
+/// Keys per segment: each query's keys are visited in fixed segments of this many keys (aligned
+/// to key 0) whose partial softmax states are merged in order. Decode runs the segments in
+/// parallel; prefill runs them serially per query; both give identical bits.
+pub const SEGMENT: usize = 1024;
 
 /// A source of cache rows (key rows; the value is the first `dv` columns of each).
 ///
@@ -51,7 +58,10 @@ impl<C: Elem> KeyRows for BlockRows<'_, C> {
     fn widen(&self, r0: usize, n: usize, dst: &mut [f32]) -> usize {
         let (b, r) = (r0 / self.block_rows, r0 % self.block_rows);
         let n = n.min(self.block_rows - r).min(self.n_rows - r0);
-        C::widen(&self.blocks[b][r * self.dk..(r + n) * self.dk], &mut dst[..n * self.dk]);
+        C::widen(
+            &self.blocks[b][r * self.dk..(r + n) * self.dk],
+            &mut dst[..n * self.dk],
+        );
         n
     }
 }
@@ -121,6 +131,12 @@ impl Partial {
             l: vec![0.0; h],
             acc: vec![0.0; h * dv],
         }
+    }
+
+    fn reset(&mut self) {
+        self.m.fill(f32::NEG_INFINITY);
+        self.l.fill(0.0);
+        self.acc.fill(0.0);
     }
 
     /// Fold `other` into `self`.
@@ -229,30 +245,44 @@ pub fn latent_attention<C: Elem>(
     scale: f32,
     out: &mut [f32],
 ) {
-    assert!(blocks.len() * block_rows >= n_keys, "latent_attention: blocks hold fewer than {n_keys} keys");
-    let rows = BlockRows { blocks, block_rows, dk: s.dk, n_rows: n_keys };
+    assert!(
+        blocks.len() * block_rows >= n_keys,
+        "latent_attention: blocks hold fewer than {n_keys} keys"
+    );
+    let rows = BlockRows {
+        blocks,
+        block_rows,
+        dk: s.dk,
+        n_rows: n_keys,
+    };
     latent_attention_rows(s, q, &rows, scale, out)
 }
 
 /// Causal latent attention over any [`KeyRows`] source holding `rows.rows()` keys.
-pub fn latent_attention_rows<R: KeyRows + ?Sized>(s: LatentAttnShape, q: &[f32], rows: &R, scale: f32, out: &mut [f32]) {
+pub fn latent_attention_rows<R: KeyRows + ?Sized>(
+    s: LatentAttnShape,
+    q: &[f32],
+    rows: &R,
+    scale: f32,
+    out: &mut [f32],
+) {
     let LatentAttnShape { h, dk, dv } = s;
     assert_eq!(q.len() % (h * dk), 0);
     let tq = q.len() / (h * dk);
     let n_keys = rows.rows();
-    assert!(n_keys >= tq, "latent_attention: {n_keys} keys for {tq} queries");
+    assert!(
+        n_keys >= tq,
+        "latent_attention: {n_keys} keys for {tq} queries"
+    );
     assert_eq!(out.len(), tq * h * dv);
-    let threads = rayon::current_num_threads().max(1);
-    if tq == 1 && threads > 1 && n_keys >= 2 * TILE {
-        // Flash-decoding: split keys across threads, merge partial softmax states.
-        let parts = threads.min(n_keys / TILE).max(1);
-        let per = n_keys.div_ceil(parts);
-        let partials: Vec<Partial> = (0..parts)
+    if tq == 1 && n_keys > SEGMENT {
+        // Flash-decoding: segments in parallel, merged in order (same bits as the serial path).
+        let partials: Vec<Partial> = (0..n_keys.div_ceil(SEGMENT))
             .into_par_iter()
-            .map(|pi| {
+            .map(|si| {
                 let mut p = Partial::new(h, dv);
                 let (mut tile, mut scores) = (Vec::new(), Vec::new());
-                let (k0, k1) = (pi * per, ((pi + 1) * per).min(n_keys));
+                let (k0, k1) = (si * SEGMENT, ((si + 1) * SEGMENT).min(n_keys));
                 attend_range(s, q, rows, k0, k1, scale, &mut p, &mut tile, &mut scores);
                 p
             })
@@ -266,14 +296,28 @@ pub fn latent_attention_rows<R: KeyRows + ?Sized>(s: LatentAttnShape, q: &[f32],
     }
     let op = SendPtr(out.as_mut_ptr());
     (0..tq).into_par_iter().for_each_init(
-        || (Partial::new(h, dv), Vec::new(), Vec::new()),
-        |(p, tile, scores), i| {
-            p.m.fill(f32::NEG_INFINITY);
-            p.l.fill(0.0);
-            p.acc.fill(0.0);
+        || {
+            (
+                Partial::new(h, dv),
+                Partial::new(h, dv),
+                Vec::new(),
+                Vec::new(),
+            )
+        },
+        |(p, seg, tile, scores), i| {
+            p.reset();
             let lim = n_keys - tq + i + 1;
             let qrow = &q[i * h * dk..(i + 1) * h * dk];
-            attend_range(s, qrow, rows, 0, lim, scale, p, tile, scores);
+            // Fixed segments merged in order, exactly as the decode path does, so a query's
+            // result does not depend on how many queries share the call.
+            let mut k0 = 0;
+            while k0 < lim {
+                let k1 = (k0 + SEGMENT).min(lim);
+                seg.reset();
+                attend_range(s, qrow, rows, k0, k1, scale, seg, tile, scores);
+                p.merge(seg, dv);
+                k0 = k1;
+            }
             // SAFETY: row i of out is written only by this task.
             let o = unsafe { std::slice::from_raw_parts_mut(op.get().add(i * h * dv), h * dv) };
             p.finish(dv, o);

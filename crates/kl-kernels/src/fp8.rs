@@ -78,7 +78,11 @@ mod tests {
                 continue;
             }
             let v = decode(b);
-            assert_eq!(encode(v), if v == 0.0 { b & 0x80 } else { b }, "code {b:#x} = {v}");
+            assert_eq!(
+                encode(v),
+                if v == 0.0 { b & 0x80 } else { b },
+                "code {b:#x} = {v}"
+            );
         }
         assert_eq!(decode(encode(1000.0)), 448.0);
         assert_eq!(decode(encode(-1000.0)), -448.0);

@@ -269,7 +269,11 @@ pub fn kda_chunked(
                     g,
                     beta,
                     |ti, o| unsafe {
-                        std::ptr::copy_nonoverlapping(o.as_ptr(), op.get().add((ti * h + hi) * vd), vd);
+                        std::ptr::copy_nonoverlapping(
+                            o.as_ptr(),
+                            op.get().add((ti * h + hi) * vd),
+                            vd,
+                        );
                     },
                 );
                 t0 += c;

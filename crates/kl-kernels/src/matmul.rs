@@ -4,15 +4,28 @@
 //!
 //! Two regimes:
 //! - **Few rows** (`T ≤ GEMV_MAX_ROWS`, decode): a bandwidth-bound matrix–vector product. Weight
-//!   rows are split across threads; each row is streamed once and dotted against every `x` row
-//!   with the SIMD dot kernels (bf16 widened in registers).
-//! - **Many rows** (prefill): a compute-bound product. Blocks of `W` rows are widened into a
-//!   thread-local f32 panel (never the whole matrix) and multiplied with the `gemm` crate.
+//!   rows are split across threads; a group of rows is streamed once in its stored dtype (bf16 and
+//!   f16 widened in registers) and dotted against every `x` row.
+//! - **Many rows** (prefill): a compute-bound product. A panel of `W` rows is widened once into a
+//!   thread-local f32 buffer (never the whole matrix) and multiplied against blocks of `x` rows
+//!   with a register-blocked microkernel (4 `x` rows × 3 `W` rows = 12 vector accumulators).
+//!
+//! **Batch invariance.** Both regimes run the *same* tile kernel ([`x86`] / [`portable`]), so
+//! every output element is accumulated in one canonical order that depends only on `K`:
+//! one 8-lane accumulator, lane `l` summing `x[k]·w[k]` for `k ≡ l (mod 8)` in increasing `k`
+//! (fused multiply–add on AVX2, multiply then add in the portable code), the `K mod 8` tail as one
+//! last step on zero-padded lanes, then the fixed tree `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`.
+//! Hence `y[t, n]` is a function of `x[t, :]` and `W[n, :]` only — bit-identical whatever `T`, the
+//! thread count, the tiling, or whether the row went through the decode or the prefill path — so a
+//! prompt prefilled in pieces gives the same bits as one prefill.
 //!
 //! [`matmul_reference`] is the plain triple loop both are tested against.
 
 use crate::Elem;
+use half::{bf16, f16};
 use rayon::prelude::*;
+use std::any::TypeId;
+use std::cell::RefCell;
 
 /// Row count up to which the matrix–vector path is used.
 pub const GEMV_MAX_ROWS: usize = 8;
@@ -48,6 +61,9 @@ impl SendPtr {
 }
 
 /// Optimised `y = x · Wᵀ` (same contract as [`matmul_reference`]).
+///
+/// Batch invariant: `y[t, n]` depends only on `x[t, :]` and `W[n, :]` (bitwise), not on `T`, the
+/// thread count or the path taken (see the module docs).
 pub fn matmul<W: Elem>(x: &[f32], w: &[W], y: &mut [f32], t: usize, k: usize, n: usize) {
     assert_eq!(
         x.len(),
@@ -74,74 +90,573 @@ pub fn matmul<W: Elem>(x: &[f32], w: &[W], y: &mut [f32], t: usize, k: usize, n:
         y.fill(0.0);
         return;
     }
-    if t <= GEMV_MAX_ROWS {
-        gemv(x, w, y, t, k, n);
+    let id = TypeId::of::<W>();
+    // SAFETY (all three casts): `W` is exactly the type named by the `TypeId` test.
+    if id == TypeId::of::<bf16>() {
+        let w = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const bf16, w.len()) };
+        run(x, w, y, t, k, n);
+    } else if id == TypeId::of::<f32>() {
+        let w = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const f32, w.len()) };
+        run(x, w, y, t, k, n);
+    } else if id == TypeId::of::<f16>() {
+        let w = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const f16, w.len()) };
+        run(x, w, y, t, k, n);
     } else {
-        gemm_panels(x, w, y, t, k, n);
+        run(x, &Generic(w), y, t, k, n);
     }
 }
 
-fn gemv<W: Elem>(x: &[f32], w: &[W], y: &mut [f32], t: usize, k: usize, n: usize) {
-    let threads = rayon::current_num_threads().max(1);
-    // About 64 KiB of weights per task, at least 4 tasks per thread when there is enough work.
-    let rows_per_task = ((64 * 1024) / (k * std::mem::size_of::<W>()).max(1))
-        .clamp(1, n.div_ceil(threads * 4).max(1));
-    let yp = SendPtr(y.as_mut_ptr());
-    (0..n.div_ceil(rows_per_task))
-        .into_par_iter()
-        .for_each(|task| {
-            let n0 = task * rows_per_task;
-            let n1 = (n0 + rows_per_task).min(n);
-            for ni in n0..n1 {
-                let wr = &w[ni * k..(ni + 1) * k];
-                for ti in 0..t {
-                    let v = W::dot(wr, &x[ti * k..(ti + 1) * k]);
-                    // SAFETY: element (ti, ni) is written by exactly one task (the owner of row ni).
-                    unsafe { *yp.get().add(ti * n + ni) = v };
-                }
-            }
-        });
+/// Weight storage the tile kernels can read: a row-major `[N, K]` matrix of some element type.
+trait Rows: Sync {
+    /// Element type (for the AVX2 loads).
+    type E: Copy + Sync;
+    /// The whole matrix.
+    fn data(&self) -> &[Self::E];
+    /// Widen `src` into `dst` (same length).
+    fn widen(src: &[Self::E], dst: &mut [f32]);
+    /// Whether the AVX2 loads of `E` may be used on this CPU.
+    fn simd_ok() -> bool;
+    /// AVX2 loads of `E`.
+    #[cfg(target_arch = "x86_64")]
+    type L: x86::Load<E = Self::E>;
 }
 
-fn gemm_panels<W: Elem>(x: &[f32], w: &[W], y: &mut [f32], t: usize, k: usize, n: usize) {
+macro_rules! rows_impl {
+    ($t:ty, $load:ty, $ok:expr) => {
+        impl Rows for [$t] {
+            type E = $t;
+            fn data(&self) -> &[$t] {
+                self
+            }
+            fn widen(src: &[$t], dst: &mut [f32]) {
+                <$t as Elem>::widen(src, dst)
+            }
+            fn simd_ok() -> bool {
+                $ok
+            }
+            #[cfg(target_arch = "x86_64")]
+            type L = $load;
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2() -> bool {
+    crate::cpu::features().avx2_fma
+}
+#[cfg(target_arch = "x86_64")]
+fn avx2_f16c() -> bool {
+    crate::cpu::features().avx2_fma && std::arch::is_x86_feature_detected!("f16c")
+}
+#[cfg(not(target_arch = "x86_64"))]
+fn avx2() -> bool {
+    false
+}
+#[cfg(not(target_arch = "x86_64"))]
+fn avx2_f16c() -> bool {
+    false
+}
+
+rows_impl!(f32, x86::F32, avx2());
+rows_impl!(bf16, x86::Bf16, avx2());
+rows_impl!(f16, x86::F16, avx2_f16c());
+
+/// Any other [`Elem`]: only the prefill path's widening is used (decode widens row pieces too).
+struct Generic<'a, W>(&'a [W]);
+
+impl<W: Elem> Rows for Generic<'_, W> {
+    type E = W;
+    fn data(&self) -> &[W] {
+        self.0
+    }
+    fn widen(src: &[W], dst: &mut [f32]) {
+        W::widen(src, dst)
+    }
+    fn simd_ok() -> bool {
+        false
+    }
+    #[cfg(target_arch = "x86_64")]
+    type L = x86::Never<W>;
+}
+
+/// Dispatch to the decode (gemv) or prefill path.
+fn run<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: usize, n: usize) {
+    if t <= GEMV_MAX_ROWS {
+        gemv(x, w, y, t, k, n);
+    } else {
+        prefill(x, w, y, t, k, n);
+    }
+}
+
+/// One `mr × nr` tile: `y[r·ldy + j] = dot8(x row r, w row j)` for `r < mr`, `j < nr`.
+///
+/// `x` rows start at `xp` with stride `ldx`; `w` rows at `wp` with stride `ldw` (elements of `E`).
+///
+/// # Safety
+/// All rows hold `k` readable elements; the `y` elements are writable and not aliased.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn tile_dyn<R: Rows + ?Sized>(
+    simd: bool,
+    mr: usize,
+    nr: usize,
+    xp: *const f32,
+    ldx: usize,
+    wp: *const R::E,
+    ldw: usize,
+    k: usize,
+    yp: *mut f32,
+    ldy: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        let null = std::ptr::null_mut();
+        return x86::tile_dyn::<R::L>(mr, nr, xp, ldx, wp, ldw, (0, k), null, false, yp, ldy);
+    }
+    let _ = simd;
+    portable::tile_dyn::<R>(mr, nr, xp, ldx, wp, ldw, k, yp, ldy)
+}
+
+/// Decode: weight rows split across threads, each group of `nr` rows streamed once.
+fn gemv<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: usize, n: usize) {
+    let simd = R::simd_ok();
+    // Rows of W per tile (more independent accumulator chains for small T) and x rows per tile.
+    let (nr, mr) = match t {
+        1 => (6, 1),
+        2 => (4, 2),
+        3 => (4, 3),
+        _ => (3, 4),
+    };
     let threads = rayon::current_num_threads().max(1);
-    // Panel of `nb` weight rows widened to f32: at most ~1 MiB, at least 16 rows.
-    let nb = ((1 << 20) / (4 * k))
-        .clamp(16, 256)
-        .min(n.div_ceil(threads).max(16));
+    let esz = std::mem::size_of::<R::E>().max(1);
+    // About 256 KiB of weights per task, at least 4 tasks per thread when there is enough work.
+    let rows_per_task = ((256 * 1024) / (k * esz).max(1))
+        .clamp(1, n.div_ceil(threads * 4).max(1))
+        .next_multiple_of(nr);
     let yp = SendPtr(y.as_mut_ptr());
-    (0..n.div_ceil(nb))
-        .into_par_iter()
-        .for_each_init(Vec::<f32>::new, |panel, task| {
-            let n0 = task * nb;
-            let n1 = (n0 + nb).min(n);
-            let rows = n1 - n0;
-            panel.resize(rows * k, 0.0);
-            W::widen(&w[n0 * k..n1 * k], &mut panel[..rows * k]);
-            // SAFETY: columns n0..n1 of y belong to this task only; gemm writes dst[i*n + j] for
-            // i < t, j < rows, all inside y, with row stride n.
-            unsafe {
-                gemm::gemm(
-                    t,
-                    rows,
-                    k,
-                    yp.get().add(n0),
-                    1,
-                    n as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    panel.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+    let wd = w.data();
+    let body = |task: usize| {
+        let n0 = task * rows_per_task;
+        let n1 = (n0 + rows_per_task).min(n);
+        let mut nb = n0;
+        while nb < n1 {
+            let nr_here = nr.min(n1 - nb);
+            let mut tb = 0;
+            while tb < t {
+                let mr_here = mr.min(t - tb);
+                // SAFETY: rows nb..nb+nr_here of W and tb..tb+mr_here of x hold k elements;
+                // y elements (tb.., nb..) belong to this task only.
+                unsafe {
+                    tile_dyn::<R>(
+                        simd,
+                        mr_here,
+                        nr_here,
+                        x.as_ptr().add(tb * k),
+                        k,
+                        wd.as_ptr().add(nb * k),
+                        k,
+                        k,
+                        yp.get().add(tb * n + nb),
+                        n,
+                    );
+                }
+                tb += mr_here;
+            }
+            nb += nr_here;
+        }
+    };
+    let tasks = n.div_ceil(rows_per_task);
+    if tasks == 1 {
+        body(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(body);
+    }
+}
+
+/// x rows per prefill tile.
+const MR: usize = 4;
+/// W rows per prefill tile.
+const NR: usize = 3;
+
+/// Largest K block of the prefill path: `MR` rows of x (`MR·KC·4` bytes) stay in L1 while the
+/// panel's rows stream past them from L2.
+const KC: usize = 512;
+
+/// TEMPORARY tuning knobs.
+#[doc(hidden)]
+pub static TUNE: [std::sync::atomic::AtomicUsize; 4] =
+    [const { std::sync::atomic::AtomicUsize::new(0) }; 4];
+fn tune(i: usize, d: usize) -> usize {
+    match TUNE[i].load(std::sync::atomic::Ordering::Relaxed) {
+        0 => d,
+        v => v,
+    }
+}
+
+/// Per-thread scratch of the prefill path (grows to the largest panel seen, ≤ ~1 MiB).
+#[derive(Default)]
+struct Scratch {
+    /// Widened weight panel `[rows, K]`.
+    panel: Vec<f32>,
+    /// Saved accumulators between K blocks: `[rows / NR][MR·NR][8]`.
+    part: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Prefill: `(T range, W panel)` tasks; each widens its panel into a thread-local f32 buffer and
+/// sweeps its x rows in `MR`-row blocks over the panel's `NR`-row groups, `K` in blocks of at
+/// most `KC` columns (partial accumulators saved between blocks, so the order is unchanged).
+fn prefill<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: usize, n: usize) {
+    let simd = R::simd_ok();
+    let threads = rayon::current_num_threads().max(1);
+    // Panel: ~768 KiB of f32 (stays in L2 while x blocks stream past it), a multiple of NR rows.
+    let nc = ((tune(0, 768) * 1024) / (4 * k)).clamp(NR, tune(3, 192)) / NR * NR;
+    let nc = nc.min(n.div_ceil(threads).next_multiple_of(NR));
+    let panels = n.div_ceil(nc);
+    // Split T as well when there are too few panels to keep every thread busy.
+    let t_parts = (2 * threads)
+        .div_ceil(panels)
+        .min(t.div_ceil(16 * MR))
+        .max(1);
+    let t_step = t.div_ceil(t_parts).next_multiple_of(MR);
+    let t_parts = t.div_ceil(t_step);
+    // K blocks: equal widths, multiples of 8 (the last one takes the tail).
+    let kblocks = if simd { k.div_ceil(tune(1, KC)) } else { 1 };
+    let kb_w = k.div_ceil(kblocks).next_multiple_of(8);
+    let yp = SendPtr(y.as_mut_ptr());
+    let wd = w.data();
+    let body = |task: usize| {
+        let (pi, ti) = (task / t_parts, task % t_parts);
+        let (n0, n1) = (pi * nc, ((pi + 1) * nc).min(n));
+        let (t0, t1) = (ti * t_step, ((ti + 1) * t_step).min(t));
+        let rows = n1 - n0;
+        SCRATCH.with(|cell| {
+            let mut sc = cell.borrow_mut();
+            let Scratch { panel, part } = &mut *sc;
+            if panel.len() < rows * k {
+                panel.resize(rows * k, 0.0);
+            }
+            let groups = rows.div_ceil(NR);
+            if part.len() < groups * MR * NR * 8 {
+                part.resize(groups * MR * NR * 8, 0.0);
+            }
+            R::widen(&wd[n0 * k..n1 * k], &mut panel[..rows * k]);
+            let pp = panel.as_ptr();
+            let partp = part.as_mut_ptr();
+            let mut tb = t0;
+            while tb < t1 {
+                let mr = MR.min(t1 - tb);
+                let mut k0 = 0;
+                while k0 < k {
+                    let k1 = (k0 + kb_w).min(k);
+                    let mut nb = 0;
+                    while nb < rows {
+                        let nr = NR.min(rows - nb);
+                        let xp = x[tb * k..].as_ptr();
+                        // SAFETY: panel rows nb..nb+nr and x rows tb..tb+mr hold k elements;
+                        // `part` holds this group's MR·NR·8 floats; the y elements
+                        // (tb.., n0+nb..) belong to this task only.
+                        unsafe {
+                            let yo = if k1 == k {
+                                yp.get().add(tb * n + n0 + nb)
+                            } else {
+                                std::ptr::null_mut()
+                            };
+                            let gp = partp.add(nb / NR * MR * NR * 8);
+                            #[cfg(target_arch = "x86_64")]
+                            if simd {
+                                x86::tile_dyn::<x86::F32>(
+                                    mr,
+                                    nr,
+                                    xp,
+                                    k,
+                                    pp.add(nb * k),
+                                    k,
+                                    (k0, k1),
+                                    gp,
+                                    k0 > 0,
+                                    yo,
+                                    n,
+                                );
+                                nb += nr;
+                                continue;
+                            }
+                            let _ = gp;
+                            portable::tile_dyn::<[f32]>(mr, nr, xp, k, pp.add(nb * k), k, k, yo, n);
+                        }
+                        nb += nr;
+                    }
+                    k0 = k1;
+                }
+                tb += mr;
             }
         });
+    };
+    (0..panels * t_parts).into_par_iter().for_each(body);
+}
+
+/// Portable tile kernel: the canonical order with 8 scalar lanes (multiply, then add).
+mod portable {
+    use super::Rows;
+
+    /// Fixed reduction tree `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`.
+    #[inline]
+    pub fn hsum(a: &[f32; 8]) -> f32 {
+        let s = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+        (s[0] + s[2]) + (s[1] + s[3])
+    }
+
+    /// Elements of a W row widened per step (on the stack).
+    const CH: usize = 256;
+
+    /// See [`super::tile_dyn`].
+    ///
+    /// # Safety
+    /// As [`super::tile_dyn`]; `mr ≤ 8`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile_dyn<R: Rows + ?Sized>(
+        mr: usize,
+        nr: usize,
+        xp: *const f32,
+        ldx: usize,
+        wp: *const R::E,
+        ldw: usize,
+        k: usize,
+        yp: *mut f32,
+        ldy: usize,
+    ) {
+        // One W row at a time against all x rows; each output keeps its own accumulator, so
+        // the per-element order is the canonical one.
+        let mut wbuf = [0f32; CH];
+        for j in 0..nr {
+            let wr = std::slice::from_raw_parts(wp.add(j * ldw), k);
+            let mut acc = [[0f32; 8]; super::GEMV_MAX_ROWS];
+            let mut i0 = 0;
+            while i0 < k {
+                let m = CH.min(k - i0);
+                R::widen(&wr[i0..i0 + m], &mut wbuf[..m]);
+                wbuf[m..m.next_multiple_of(8).min(CH)].fill(0.0);
+                for (r, a) in acc.iter_mut().enumerate().take(mr) {
+                    let xr = std::slice::from_raw_parts(xp.add(r * ldx + i0), m);
+                    let mut b = 0;
+                    while b < m {
+                        let mut xv = [0f32; 8];
+                        let mb = 8.min(m - b);
+                        xv[..mb].copy_from_slice(&xr[b..b + mb]);
+                        for l in 0..8 {
+                            a[l] += xv[l] * wbuf[b + l];
+                        }
+                        b += 8;
+                    }
+                }
+                i0 += m;
+            }
+            for (r, a) in acc.iter().enumerate().take(mr) {
+                *yp.add(r * ldy + j) = hsum(a);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use half::{bf16, f16};
+    use std::arch::x86_64::*;
+    use std::marker::PhantomData;
+
+    /// 8-wide widening loads of one element type.
+    pub trait Load {
+        /// Stored element (plain bits; all-zero bits is +0).
+        type E: Copy;
+        /// Widen 8 elements at `p` (unaligned).
+        ///
+        /// # Safety
+        /// 8 readable elements at `p`; AVX2 (and F16C for f16) present.
+        unsafe fn load8(p: *const Self::E) -> __m256;
+        /// Widen `m < 8` elements at `p`, +0 in the other lanes.
+        ///
+        /// # Safety
+        /// `m` readable elements at `p`; CPU features as [`Load::load8`].
+        #[inline(always)]
+        unsafe fn load_tail(p: *const Self::E, m: usize) -> __m256 {
+            // SAFETY: `E` is f32, bf16 or f16, for which all-zero bits is +0.
+            let mut buf: [Self::E; 8] = std::mem::zeroed();
+            std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), m);
+            Self::load8(buf.as_ptr())
+        }
+    }
+
+    /// f32 loads.
+    pub struct F32;
+    /// bf16 loads (shift into the high half).
+    pub struct Bf16;
+    /// f16 loads (F16C).
+    pub struct F16;
+    /// Placeholder for element types without SIMD loads (never called).
+    pub struct Never<W>(PhantomData<W>);
+
+    impl Load for F32 {
+        type E = f32;
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+    }
+    impl Load for Bf16 {
+        type E = bf16;
+        #[inline(always)]
+        unsafe fn load8(p: *const bf16) -> __m256 {
+            let h = _mm_loadu_si128(p as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+        }
+    }
+    impl Load for F16 {
+        type E = f16;
+        #[inline(always)]
+        unsafe fn load8(p: *const f16) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        }
+    }
+    impl<W: Copy> Load for Never<W> {
+        type E = W;
+        unsafe fn load8(_: *const W) -> __m256 {
+            unreachable!("no SIMD loads for this element type")
+        }
+        unsafe fn load_tail(_: *const W, _: usize) -> __m256 {
+            unreachable!("no SIMD loads for this element type")
+        }
+    }
+
+    /// Fixed reduction tree `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))` (same as the portable one).
+    #[inline(always)]
+    pub unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi); // [l0+l4, l1+l5, l2+l6, l3+l7]
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s)); // [s0+s2, s1+s3, ..]
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1)); // (s0+s2)+(s1+s3)
+        _mm_cvtss_f32(s)
+    }
+
+    /// The register-blocked tile: `MR × NR` 8-lane accumulators over columns `k0..k1` (`k0` a
+    /// multiple of 8; `k1` a multiple of 8 or the row length, the zero-padded tail being the last
+    /// step). Accumulators start at zero, or from `part` (`[MR·NR][8]`) when `resume`;
+    /// they end reduced into `y` when `yp` is non-null, else saved to `part` bit for bit.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn tile<L: Load, const MR: usize, const NR: usize>(
+        xp: *const f32,
+        ldx: usize,
+        wp: *const L::E,
+        ldw: usize,
+        (k0, k1): (usize, usize),
+        part: *mut f32,
+        resume: bool,
+        yp: *mut f32,
+        ldy: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+        if resume {
+            for (r, a) in acc.iter_mut().enumerate() {
+                for (j, v) in a.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(part.add((r * NR + j) * 8));
+                }
+            }
+        }
+        let k8 = k1 & !7;
+        let mut i = k0;
+        while i < k8 {
+            let mut wv = [_mm256_setzero_ps(); NR];
+            for (j, v) in wv.iter_mut().enumerate() {
+                *v = L::load8(wp.add(j * ldw + i));
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = _mm256_loadu_ps(xp.add(r * ldx + i));
+                for j in 0..NR {
+                    a[j] = _mm256_fmadd_ps(xv, wv[j], a[j]);
+                }
+            }
+            i += 8;
+        }
+        if k8 < k1 {
+            let m = k1 - k8;
+            let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(m as i32), idx);
+            let mut wv = [_mm256_setzero_ps(); NR];
+            for (j, v) in wv.iter_mut().enumerate() {
+                *v = L::load_tail(wp.add(j * ldw + k8), m);
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = _mm256_maskload_ps(xp.add(r * ldx + k8), mask);
+                for j in 0..NR {
+                    a[j] = _mm256_fmadd_ps(xv, wv[j], a[j]);
+                }
+            }
+        }
+        if yp.is_null() {
+            for (r, a) in acc.iter().enumerate() {
+                for (j, v) in a.iter().enumerate() {
+                    _mm256_storeu_ps(part.add((r * NR + j) * 8), *v);
+                }
+            }
+        } else {
+            for (r, a) in acc.iter().enumerate() {
+                for (j, v) in a.iter().enumerate() {
+                    *yp.add(r * ldy + j) = hsum(*v);
+                }
+            }
+        }
+    }
+
+    /// See [`super::tile_dyn`]; `(mr, nr)` one of the pairs listed below.
+    ///
+    /// # Safety
+    /// As [`super::tile_dyn`], and the CPU has AVX2, FMA (and F16C for f16).
+    /// `kr = (k0, k1)`, `part`, `resume` as in [`tile`]; a null `yp` saves the partial sums.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn tile_dyn<L: Load>(
+        mr: usize,
+        nr: usize,
+        xp: *const f32,
+        ldx: usize,
+        wp: *const L::E,
+        ldw: usize,
+        kr: (usize, usize),
+        part: *mut f32,
+        resume: bool,
+        yp: *mut f32,
+        ldy: usize,
+    ) {
+        macro_rules! go {
+            ($( ($a:literal, $b:literal) ),*) => {
+                match (mr, nr) {
+                    $( ($a, $b) => tile::<L, $a, $b>(xp, ldx, wp, ldw, kr, part, resume, yp, ldy), )*
+                    _ => unreachable!("tile {mr}x{nr}"),
+                }
+            };
+        }
+        go!(
+            (1, 1),
+            (1, 2),
+            (1, 3),
+            (1, 4),
+            (1, 5),
+            (1, 6),
+            (2, 1),
+            (2, 2),
+            (2, 3),
+            (2, 4),
+            (3, 1),
+            (3, 2),
+            (3, 3),
+            (3, 4),
+            (4, 1),
+            (4, 2),
+            (4, 3)
+        )
+    }
 }

@@ -200,3 +200,65 @@ fn conv_split_equals_one_call() {
         assert_eq!(s1, s2);
     }
 }
+
+/// Every output row computed alone (T = 1, the decode path) must equal, bitwise, the same row of
+/// a many-row call (prefill path) and of calls under different thread counts.
+#[test]
+fn matmul_is_batch_invariant() {
+    use half::f16;
+    let mut rng = Rng::new(6);
+    for &(k, n) in &[(1usize, 5usize), (7, 9), (64, 70), (203, 37), (1000, 130)] {
+        let x = rng.vec(200 * k, 1.0);
+        let wf = rng.vec(n * k, 1.0);
+        let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+        let wh: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
+        fn check<W: kl_kernels::Elem>(x: &[f32], w: &[W], k: usize, n: usize) {
+            // Row by row (gemv, T = 1).
+            let mut single = vec![0f32; 200 * n];
+            for t in 0..200 {
+                matmul(
+                    &x[t * k..(t + 1) * k],
+                    w,
+                    &mut single[t * n..(t + 1) * n],
+                    1,
+                    k,
+                    n,
+                );
+            }
+            for &t in &[2usize, 3, 4, 5, 8, 9, 37, 200] {
+                for threads in [1usize, 2, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let mut y = vec![0f32; t * n];
+                    pool.install(|| matmul(&x[..t * k], w, &mut y, t, k, n));
+                    for (i, (a, b)) in y.iter().zip(&single[..t * n]).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "k={k} n={n} T={t} threads={threads} element {i}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+            // A block of W rows alone gives the same columns.
+            if n > 4 {
+                let (r0, r1) = (1, n - 2);
+                let mut y = vec![0f32; 37 * (r1 - r0)];
+                matmul(&x[..37 * k], &w[r0 * k..r1 * k], &mut y, 37, k, r1 - r0);
+                for t in 0..37 {
+                    for j in 0..r1 - r0 {
+                        assert_eq!(
+                            y[t * (r1 - r0) + j].to_bits(),
+                            single[t * n + r0 + j].to_bits()
+                        );
+                    }
+                }
+            }
+        }
+        check(&x, &wb, k, n);
+        check(&x, &wf, k, n);
+        check(&x, &wh, k, n);
+    }
+}

@@ -15,17 +15,54 @@ use crate::{vector, Mode, Probe};
 use kl_config::KdaDims;
 use kl_kernels::activation::sigmoid;
 use kl_kernels::conv1d::conv1d_causal_silu;
-use kl_kernels::kda::{kda_chunked, kda_gate, kda_recurrent, KdaShape};
+use kl_kernels::kda::{kda_chunked, kda_gate, kda_recurrent, KdaShape, CHUNK};
 use kl_kernels::norm::{l2_normalize_rows, rms_norm_gated};
 use kl_weights::{Checkpoint, WeightsError};
 
 /// Per-sequence state of one KDA layer.
+///
+/// **Chunk carry.** Prefill runs the chunkwise-parallel form with chunks aligned to the sequence
+/// (positions `0..64`, `64..128`, …, counted from the last decode step). A prefill call that ends
+/// inside a chunk keeps that chunk's rows (`k`, `v`, `g`, `β`; at most 63) in `pending`, and
+/// `recurrent` stays the state at the chunk's start. The next call recomputes the partial chunk
+/// together with its new rows. Because each row's output in the chunked form depends only on the
+/// chunk's earlier rows and its starting state, prefill results are **bit-identical whatever the
+/// split of the prompt into calls** (1 token at a time, 7, 1000, or all at once). Decode folds
+/// the pending rows into `recurrent` once and then runs the recurrent step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KdaState {
     /// Last `W−1` raw (pre-conv) projections of q, k, v: three `[W−1, P]` blocks, oldest row first.
     pub conv: [Vec<f32>; 3],
-    /// Recurrent state `[H, K, V]` (`S[k, v]`), f32.
+    /// Recurrent state `[H, K, V]` (`S[k, v]`), f32, at the start of the pending rows.
     pub recurrent: Vec<f32>,
+    /// Rows of the current partial chunk (see above).
+    pub pending: Pending,
+}
+
+/// Rows of a partial KDA chunk, capacity `CHUNK − 1`, allocated once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pending {
+    /// Rows held.
+    pub rows: usize,
+    /// Normalised keys `[CHUNK−1, H, K]`.
+    pub k: Vec<f32>,
+    /// Values `[CHUNK−1, H, V]`.
+    pub v: Vec<f32>,
+    /// Log-decays `[CHUNK−1, H, K]`.
+    pub g: Vec<f32>,
+    /// β `[CHUNK−1, H]`.
+    pub beta: Vec<f32>,
+}
+
+impl Pending {
+    /// Zero rows `from..rows`.
+    fn clear_from(&mut self, from: usize, h: usize, k: usize) {
+        let (a, b) = (from, self.rows);
+        self.k[a * h * k..b * h * k].fill(0.0);
+        self.v[a * h * k..b * h * k].fill(0.0);
+        self.g[a * h * k..b * h * k].fill(0.0);
+        self.beta[a * h..b * h].fill(0.0);
+    }
 }
 
 impl KdaState {
@@ -33,15 +70,62 @@ impl KdaState {
     pub fn new(dims: &KdaDims) -> Self {
         let p = dims.proj();
         let hist = (dims.conv_kernel - 1) * p;
+        let cap = CHUNK - 1;
         KdaState {
             conv: [vec![0.0; hist], vec![0.0; hist], vec![0.0; hist]],
             recurrent: vec![0.0; dims.num_heads * dims.head_dim * dims.head_dim],
+            pending: Pending {
+                rows: 0,
+                k: vec![0.0; cap * p],
+                v: vec![0.0; cap * p],
+                g: vec![0.0; cap * p],
+                beta: vec![0.0; cap * dims.num_heads],
+            },
         }
     }
 
-    /// Bytes held.
+    /// Bytes of the chunk-carry buffers (fixed).
+    pub fn pending_bytes(&self) -> usize {
+        let p = &self.pending;
+        4 * (p.k.len() + p.v.len() + p.g.len() + p.beta.len())
+    }
+
+    /// Bytes held in total (conv history, recurrent state, chunk carry).
     pub fn bytes(&self) -> usize {
         4 * (self.recurrent.len() + self.conv.iter().map(|c| c.len()).sum::<usize>())
+            + self.pending_bytes()
+    }
+
+    /// Fold the pending rows into `recurrent` (the state at the current position).
+    pub fn fold(&mut self, dims: &KdaDims) {
+        let n = self.pending.rows;
+        if n == 0 {
+            return;
+        }
+        let (h, k) = (dims.num_heads, dims.head_dim);
+        let zeros = vec![0f32; n * h * k];
+        let mut out = vec![0f32; n * h * k];
+        let pd = &self.pending;
+        kda_chunked(
+            KdaShape { t: n, h, k, v: k },
+            &zeros,
+            &pd.k[..n * h * k],
+            &pd.v[..n * h * k],
+            &pd.g[..n * h * k],
+            &pd.beta[..n * h],
+            &mut self.recurrent,
+            &mut out,
+        );
+        self.pending.clear_from(0, h, k);
+        self.pending.rows = 0;
+    }
+
+    /// The recurrent state at the current position (pending rows folded in), leaving `self`
+    /// unchanged.
+    pub fn current_recurrent(&self, dims: &KdaDims) -> Vec<f32> {
+        let mut c = self.clone();
+        c.fold(dims);
+        c.recurrent
     }
 }
 
@@ -124,6 +208,91 @@ impl Kda {
             + self.o_proj.bytes()
     }
 
+    /// Chunked delta rule over `[pending rows ; new rows]` with chunks aligned to the pending
+    /// start; outputs of the new rows go to `core`; complete chunks advance `recurrent`, the
+    /// trailing partial chunk becomes the new pending rows.
+    #[allow(clippy::too_many_arguments)]
+    fn prefill_core(
+        &self,
+        st: &mut KdaState,
+        q: &[f32],
+        kk: &[f32],
+        v: &[f32],
+        g: &[f32],
+        beta: &[f32],
+        t: usize,
+        core: &mut [f32],
+    ) {
+        let (h, k) = (self.dims.num_heads, self.dims.head_dim);
+        let p = h * k;
+        let np = st.pending.rows;
+        let total = np + t;
+        let cat = |old: &[f32], new: &[f32], w: usize| -> Vec<f32> {
+            let mut c = Vec::with_capacity(total * w);
+            c.extend_from_slice(&old[..np * w]);
+            c.extend_from_slice(new);
+            c
+        };
+        let pd = &st.pending;
+        let (qa, ka, va, ga, ba) = (
+            cat(&vec![0f32; np * p], q, p),
+            cat(&pd.k, kk, p),
+            cat(&pd.v, v, p),
+            cat(&pd.g, g, p),
+            cat(&pd.beta, beta, h),
+        );
+        let full = total / CHUNK * CHUNK;
+        let mut out = vec![0f32; total * p];
+        if full > 0 {
+            let s = KdaShape {
+                t: full,
+                h,
+                k,
+                v: k,
+            };
+            kda_chunked(
+                s,
+                &qa[..full * p],
+                &ka[..full * p],
+                &va[..full * p],
+                &ga[..full * p],
+                &ba[..full * h],
+                &mut st.recurrent,
+                &mut out[..full * p],
+            );
+        }
+        let tail = total - full;
+        if tail > 0 {
+            let mut scratch = st.recurrent.clone();
+            let s = KdaShape {
+                t: tail,
+                h,
+                k,
+                v: k,
+            };
+            kda_chunked(
+                s,
+                &qa[full * p..],
+                &ka[full * p..],
+                &va[full * p..],
+                &ga[full * p..],
+                &ba[full * h..],
+                &mut scratch,
+                &mut out[full * p..],
+            );
+            st.pending.k[..tail * p].copy_from_slice(&ka[full * p..]);
+            st.pending.v[..tail * p].copy_from_slice(&va[full * p..]);
+            st.pending.g[..tail * p].copy_from_slice(&ga[full * p..]);
+            st.pending.beta[..tail * h].copy_from_slice(&ba[full * h..]);
+        }
+        // Rows past the new tail are cleared so that equal states compare equal.
+        if np > tail {
+            st.pending.clear_from(tail, h, k);
+        }
+        st.pending.rows = tail;
+        core.copy_from_slice(&out[np * p..]);
+    }
+
     /// `out[T, D] = KDA(x[T, D])`, advancing `state` by `T` tokens.
     pub fn forward(
         &self,
@@ -173,29 +342,23 @@ impl Kda {
         l2_normalize_rows(&mut q, k, 1e-6, (k as f32).powf(-0.5));
         l2_normalize_rows(&mut kk, k, 1e-6, 1.0);
         // Delta rule.
-        let shape = KdaShape { t, h, k, v: k };
         let mut core = vec![0f32; t * p];
         match mode {
-            Mode::Prefill => kda_chunked(
-                shape,
-                &q,
-                &kk,
-                &v,
-                &g,
-                &beta,
-                &mut state.recurrent,
-                &mut core,
-            ),
-            Mode::Decode => kda_recurrent(
-                shape,
-                &q,
-                &kk,
-                &v,
-                &g,
-                &beta,
-                &mut state.recurrent,
-                &mut core,
-            ),
+            Mode::Prefill => self.prefill_core(state, &q, &kk, &v, &g, &beta, t, &mut core),
+            Mode::Decode => {
+                state.fold(&self.dims);
+                let shape = KdaShape { t, h, k, v: k };
+                kda_recurrent(
+                    shape,
+                    &q,
+                    &kk,
+                    &v,
+                    &g,
+                    &beta,
+                    &mut state.recurrent,
+                    &mut core,
+                )
+            }
         }
         probe.record("kda.core_out", &[t, h, k], &core);
         // Output gate and gated RMSNorm per head.

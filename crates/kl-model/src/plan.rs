@@ -47,6 +47,8 @@ pub struct Footprint {
     pub kda_state_bytes: u64,
     /// KDA conv history.
     pub conv_state_bytes: u64,
+    /// KDA chunk-carry buffers.
+    pub kda_carry_bytes: u64,
     /// Activations and scratch.
     pub workspace_bytes: u64,
     /// Sum of the above.
@@ -71,6 +73,11 @@ pub fn kda_state_bytes(cfg: &ModelConfig) -> u64 {
 /// KDA conv history bytes.
 pub fn conv_state_bytes(cfg: &ModelConfig) -> u64 {
     (cfg.num_kda_layers() * 3 * (cfg.kda.conv_kernel - 1) * cfg.kda.proj() * 4) as u64
+}
+
+/// KDA chunk-carry bytes (63 pending rows of k, v, g and β per KDA layer).
+pub fn kda_carry_bytes(cfg: &ModelConfig) -> u64 {
+    (cfg.num_kda_layers() * 63 * (3 * cfg.kda.proj() + cfg.kda.num_heads) * 4) as u64
 }
 
 /// Activation and scratch bytes of one prefill chunk (the largest layer's live buffers).
@@ -116,6 +123,7 @@ pub fn plan(cfg: &ModelConfig, weights_bytes: u64, req: PlanRequest) -> Footprin
     let mla = mla_cache_bytes(cfg, req.context, req.cache_dtype);
     let kda = kda_state_bytes(cfg);
     let conv = conv_state_bytes(cfg);
+    let carry = kda_carry_bytes(cfg);
     let chunk = req.prefill_chunk.min(req.context.max(1)).max(1);
     let ws = workspace_bytes(cfg, chunk, req.all_logits, req.threads.max(1));
     Footprint {
@@ -124,8 +132,9 @@ pub fn plan(cfg: &ModelConfig, weights_bytes: u64, req: PlanRequest) -> Footprin
         mla_cache_bytes: mla,
         kda_state_bytes: kda,
         conv_state_bytes: conv,
+        kda_carry_bytes: carry,
         workspace_bytes: ws,
-        total_bytes: weights_bytes + mla + kda + conv + ws,
+        total_bytes: weights_bytes + mla + kda + conv + carry + ws,
     }
 }
 

@@ -52,7 +52,11 @@ pub fn save_state(state: &SequenceState, cfg: &ModelConfig, path: &Path) -> Resu
                     f32_bytes(c, &mut payload);
                 }
                 f32_bytes(&s.recurrent, &mut payload);
-                sizes.push(json!([payload.len() - start, 0]));
+                let pd = &s.pending;
+                for v in [&pd.k, &pd.v, &pd.g, &pd.beta] {
+                    f32_bytes(v, &mut payload);
+                }
+                sizes.push(json!([payload.len() - start, pd.rows]));
             }
             LayerState::Mla(c) => {
                 dtype = Some(c.dtype().name());
@@ -155,11 +159,36 @@ pub fn load_state(path: &Path, cfg: &ModelConfig) -> Result<SequenceState, Model
                     ));
                 }
                 let all = to_f32(take(a)?);
-                let h = s.conv[0].len();
-                for (k, c) in s.conv.iter_mut().enumerate() {
-                    c.copy_from_slice(&all[k * h..(k + 1) * h]);
+                let mut off = 0;
+                let parts: [&mut Vec<f32>; 8] = {
+                    let [c0, c1, c2] = &mut s.conv;
+                    let pd = &mut s.pending;
+                    [
+                        c0,
+                        c1,
+                        c2,
+                        &mut s.recurrent,
+                        &mut pd.k,
+                        &mut pd.v,
+                        &mut pd.g,
+                        &mut pd.beta,
+                    ]
+                };
+                for v in parts {
+                    let n = v.len();
+                    v.copy_from_slice(&all[off..off + n]);
+                    off += n;
                 }
-                s.recurrent.copy_from_slice(&all[3 * h..]);
+                if b >= kl_kernels::kda::CHUNK {
+                    return Err(err(
+                        path,
+                        format!(
+                            "layer {i}: {b} pending rows, at most {}",
+                            kl_kernels::kda::CHUNK - 1
+                        ),
+                    ));
+                }
+                s.pending.rows = b;
             }
             LayerState::Mla(c) => {
                 let data = take(a)?.to_vec();

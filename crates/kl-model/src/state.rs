@@ -98,7 +98,21 @@ impl SequenceState {
             .iter()
             .map(|l| {
                 if let LayerState::Kda(s) = l {
-                    s.bytes() - 4 * s.recurrent.len()
+                    s.bytes() - 4 * s.recurrent.len() - s.pending_bytes()
+                } else {
+                    0
+                }
+            })
+            .sum()
+    }
+
+    /// Bytes of the KDA chunk-carry buffers (see `kl_layers::kda::KdaState`).
+    pub fn kda_carry_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| {
+                if let LayerState::Kda(s) = l {
+                    s.pending_bytes()
                 } else {
                     0
                 }

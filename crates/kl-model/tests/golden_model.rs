@@ -11,6 +11,12 @@ use kl_model::{
 const TOL: f32 = 1e-4;
 const OP_TOL: f32 = 1e-5;
 
+fn tiny_kda_dims() -> kl_config::KdaDims {
+    kl_config::ModelConfig::from_file(&tiny_dir().join("config.json"))
+        .unwrap()
+        .kda
+}
+
 fn prompt(g: &std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Vec<u32> {
     g["input_ids"].1.iter().map(|&x| x as u32).collect()
 }
@@ -46,7 +52,7 @@ fn check_caches(
                 }
                 assert_close(
                     &format!("{prefix}{i}.cache.recurrent_state"),
-                    &s.recurrent,
+                    &s.current_recurrent(&tiny_kda_dims()),
                     &g[&format!("{prefix}{i}.cache.recurrent_state")].1,
                     TOL,
                 );

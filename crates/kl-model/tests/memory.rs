@@ -66,6 +66,7 @@ fn planner_agrees_with_engine_accounting() {
             );
             assert_eq!(st.kda_state_bytes() as u64, f.kda_state_bytes);
             assert_eq!(st.conv_state_bytes() as u64, f.conv_state_bytes);
+            assert_eq!(st.kda_carry_bytes() as u64, f.kda_carry_bytes);
         }
     }
 }

@@ -100,10 +100,13 @@ fn split_prefill_anywhere_equals_one_prefill() {
             m.prefill(&x[cut..], &mut s2, LogitsMode::All, &mut Probe::off())
                 .unwrap(),
         );
-        assert_close_rel(&format!("split at {cut}"), &a, &full, 1e-5);
+        assert_eq!(
+            a, full,
+            "split at {cut}: prefill in two calls must equal one call bit for bit"
+        );
         for (l1, l2) in st.layers.iter().zip(&s2.layers) {
             if let (LayerState::Kda(p), LayerState::Kda(q)) = (l1, l2) {
-                assert_close("recurrent state", &p.recurrent, &q.recurrent, 2e-5);
+                assert_eq!(p, q, "KDA state after split at {cut}");
                 assert_close("conv state", &p.conv.concat(), &q.conv.concat(), 1e-5);
             }
         }
@@ -167,13 +170,20 @@ fn chunk_size_does_not_change_logits_on_a_long_prompt() {
         m.prefill(&x, &mut m.new_state(), LogitsMode::All, &mut Probe::off())
             .unwrap()
     };
-    for chunk in [1usize, 7, 64, 1000] {
-        let m = load(chunk);
-        let l = m
-            .prefill(&x, &mut m.new_state(), LogitsMode::All, &mut Probe::off())
-            .unwrap();
-        assert_close(&format!("prefill_chunk {chunk}"), &l, &reference, 1e-4);
-    }
+    let diffs: Vec<(usize, f32)> = [1usize, 7, 64, 1000]
+        .into_iter()
+        .map(|chunk| {
+            let m = load(chunk);
+            let l = m
+                .prefill(&x, &mut m.new_state(), LogitsMode::All, &mut Probe::off())
+                .unwrap();
+            (chunk, max_abs_diff(&l, &reference))
+        })
+        .collect();
+    eprintln!("max |logit diff| vs one prefill, by prefill chunk: {diffs:?}");
+    // The issue asks for ≤ 1e-5; the engine is bit-exact (batch-invariant matmul and attention,
+    // KDA chunk carry).
+    assert!(diffs.iter().all(|d| d.1 == 0.0), "{diffs:?}");
 }
 
 #[test]

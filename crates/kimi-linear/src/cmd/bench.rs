@@ -40,6 +40,10 @@ pub struct Args {
     /// Tokens per prefill chunk.
     #[arg(long, default_value_t = 512)]
     prefill_chunk: usize,
+    /// Skip the roofline measurement (its 256 MiB buffer would dominate peak RSS in memory
+    /// measurements); fractions of the roofline are then not reported.
+    #[arg(long)]
+    no_roofline: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -196,6 +200,23 @@ pub fn run(a: Args) -> Result<()> {
         decode_rows.push((depth, tps, gbps, gbps / stream));
     }
     let rss = peak_rss_bytes().unwrap_or(0);
+    // What the planner predicts for the largest sequence this run held.
+    let max_ctx = a.prompt_tokens.iter().copied().max().unwrap_or(0).max(
+        a.depth
+            .iter()
+            .map(|d| d + a.gen_tokens.max(1) + 1)
+            .max()
+            .unwrap_or(0),
+    );
+    let req = kl_model::plan::PlanRequest {
+        context: max_ctx,
+        cache_dtype: opts.cache_dtype,
+        prefill_chunk: opts.prefill_chunk,
+        all_logits: false,
+        threads,
+    };
+    let planned =
+        kl_model::plan::plan(model.config(), model.resident_weight_bytes(), req).total_bytes;
     if a.json {
         let v = serde_json::json!({
             "model": a.model.display().to_string(),
@@ -210,6 +231,7 @@ pub fn run(a: Args) -> Result<()> {
             "decode_fraction_of_bandwidth": decode_rows.iter().map(|r| (r.0.to_string(), serde_json::json!(r.3))).collect::<serde_json::Map<_, _>>(),
             "decode_bytes_per_token": model.token_cost(0).weight_bytes + model.token_cost(0).state_bytes,
             "peak_rss_bytes": rss,
+            "planned_bytes": planned,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -233,6 +255,10 @@ pub fn run(a: Args) -> Result<()> {
             frac * 100.0
         );
     }
-    println!("peak RSS {}", human(rss));
+    println!(
+        "peak RSS {}  (planner: {} for {max_ctx} tokens)",
+        human(rss),
+        human(planned)
+    );
     Ok(())
 }

@@ -92,6 +92,7 @@ pub fn run(a: Args) -> Result<()> {
             "mla_cache_bytes": f.mla_cache_bytes,
             "kda_state_bytes": f.kda_state_bytes,
             "conv_state_bytes": f.conv_state_bytes,
+            "kda_carry_bytes": f.kda_carry_bytes,
             "workspace_bytes": f.workspace_bytes,
             "total_bytes": f.total_bytes,
             "comparison_cache_bytes": {"mha": c.mha_bytes, "gqa8": c.gqa8_bytes, "all_mla": c.all_mla_bytes},

@@ -1,0 +1,406 @@
+//! Choosing the next token from a row of logits.
+//!
+//! The chain follows llama.cpp's classic order:
+//!
+//! 1. logit bias (`logit += bias` for the listed ids),
+//! 2. repetition penalty on every distinct id among the last `repeat_last_n` ids of the history
+//!    (a positive logit is divided by the penalty, a negative one multiplied, as in CTRL and
+//!    llama.cpp),
+//! 3. greedy exit: with `temperature == 0` the result is the argmax (ties go to the lowest id) and
+//!    nothing below runs, so greedy decoding draws no random numbers;
+//! 4. top-k (keep the `k` largest logits; `0` keeps all),
+//! 5. temperature (divide the logits),
+//! 6. softmax,
+//! 7. top-p (keep the smallest prefix of the sorted distribution whose mass reaches `p`),
+//! 8. min-p (keep tokens whose probability is at least `min_p` times the largest),
+//! 9. a draw from what is left, renormalised, with the sampler's own ChaCha8 generator.
+//!
+//! Every filter keeps at least one token. Candidates are sorted by logit, ties by ascending id, so a
+//! draw depends only on the logits, the history and the seed: the same seed gives the same ids.
+//! The candidate and history buffers live in the [`Sampler`] and are reused, so sampling does not
+//! allocate once they have grown to the vocabulary size.
+
+use crate::EngineError;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::cmp::Ordering;
+
+/// How to choose tokens. [`Default`] matches llama.cpp's defaults; [`SamplingParams::greedy`] is
+/// argmax decoding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// Softmax temperature; `0` means greedy (argmax).
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens; `0` disables the filter.
+    pub top_k: usize,
+    /// Nucleus sampling mass in `(0, 1]`; `1` disables the filter.
+    pub top_p: f32,
+    /// Minimum probability relative to the most likely token, in `[0, 1]`; `0` disables it.
+    pub min_p: f32,
+    /// Repetition penalty (`1` disables it; `> 1` discourages repeats).
+    pub repetition_penalty: f32,
+    /// How many of the most recent history ids the penalty looks at; `0` means all of them.
+    pub repeat_last_n: usize,
+    /// Seed of the sampler's random generator.
+    pub seed: u64,
+    /// Added to the logits of the listed ids before anything else (`f32::NEG_INFINITY` bans one).
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repetition_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+            logit_bias: Vec::new(),
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Argmax decoding: temperature 0, no penalty.
+    pub fn greedy() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        }
+    }
+
+    /// True when sampling is argmax (temperature 0).
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+
+    /// Refuse values outside their ranges, naming the parameter.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let bad = |m: String| Err(EngineError::Sampling(m));
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad(format!(
+                "temperature must be a finite number ≥ 0, got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top-p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad(format!("min-p must be in [0, 1], got {}", self.min_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad(format!(
+                "repetition penalty must be a finite number > 0, got {}",
+                self.repetition_penalty
+            ));
+        }
+        if let Some((id, b)) = self.logit_bias.iter().find(|(_, b)| b.is_nan()) {
+            return bad(format!("logit bias for id {id} is {b}"));
+        }
+        Ok(())
+    }
+}
+
+/// A sampler: the parameters, a seeded random generator and reusable buffers.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+    cand: Vec<(u32, f32)>,
+    seen: Vec<u32>,
+}
+
+/// Descending logit, then ascending id: a total, deterministic order.
+fn by_logit(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Index of the largest value, ties (and NaNs) resolved toward the lowest index.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > best_v {
+            best = i;
+            best_v = v;
+        }
+    }
+    best as u32
+}
+
+impl Sampler {
+    /// A sampler whose generator is seeded with `params.seed`.
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = ChaCha8Rng::seed_from_u64(params.seed);
+        Sampler {
+            params,
+            rng,
+            cand: Vec::new(),
+            seen: Vec::new(),
+        }
+    }
+
+    /// The parameters in force.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Apply the logit bias and the repetition penalty to `logits` in place.
+    fn adjust(&mut self, logits: &mut [f32], history: &[u32]) {
+        for &(id, b) in &self.params.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += b;
+            }
+        }
+        let p = self.params.repetition_penalty;
+        if p == 1.0 || history.is_empty() {
+            return;
+        }
+        let n = self.params.repeat_last_n;
+        let recent = if n == 0 || n >= history.len() {
+            history
+        } else {
+            &history[history.len() - n..]
+        };
+        self.seen.clear();
+        self.seen.extend_from_slice(recent);
+        self.seen.sort_unstable();
+        self.seen.dedup();
+        for &id in &self.seen {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l = if *l > 0.0 { *l / p } else { *l * p };
+            }
+        }
+    }
+
+    /// Choose the next token. `logits` is modified (bias, penalty); `history` is the sequence so
+    /// far (for the repetition penalty). An empty `logits` gives id 0.
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        self.adjust(logits, history);
+        if self.params.is_greedy() || logits.len() <= 1 {
+            return argmax(logits);
+        }
+        let cand = &mut self.cand;
+        cand.clear();
+        cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, if l.is_nan() { f32::NEG_INFINITY } else { l })),
+        );
+        let k = self.params.top_k;
+        if k > 0 && k < cand.len() {
+            cand.select_nth_unstable_by(k - 1, by_logit);
+            cand.truncate(k);
+        }
+        cand.sort_unstable_by(by_logit);
+        let max = cand[0].1;
+        if !max.is_finite() {
+            // +inf dominates everything; all -inf leaves nothing to weigh.
+            return cand[0].0;
+        }
+        let inv_t = 1.0 / self.params.temperature;
+        let mut sum = 0f64;
+        for c in cand.iter_mut() {
+            let e = ((c.1 - max) * inv_t).exp();
+            c.1 = e;
+            sum += e as f64;
+        }
+        for c in cand.iter_mut() {
+            c.1 = (c.1 as f64 / sum) as f32;
+        }
+        let top_p = self.params.top_p as f64;
+        if top_p < 1.0 {
+            let mut cum = 0f64;
+            let mut keep = cand.len();
+            for (i, c) in cand.iter().enumerate() {
+                cum += c.1 as f64;
+                if cum >= top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            cand.truncate(keep);
+        }
+        if self.params.min_p > 0.0 {
+            let threshold = self.params.min_p * cand[0].1;
+            let keep = cand.iter().take_while(|c| c.1 >= threshold).count().max(1);
+            cand.truncate(keep);
+        }
+        let total: f64 = cand.iter().map(|c| c.1 as f64).sum();
+        let mut r = self.rng.gen::<f64>() * total;
+        for c in cand.iter() {
+            r -= c.1 as f64;
+            if r < 0.0 {
+                return c.0;
+            }
+        }
+        cand[cand.len() - 1].0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rng.gen_range(-3.0f32..3.0)).collect()
+    }
+
+    fn draw(params: SamplingParams, steps: usize) -> Vec<u32> {
+        let mut s = Sampler::new(params);
+        let mut hist = Vec::new();
+        for i in 0..steps {
+            let mut l = logits(200, i as u64);
+            let id = s.sample(&mut l, &hist);
+            hist.push(id);
+        }
+        hist
+    }
+
+    #[test]
+    fn same_seed_same_ids_different_seed_differs() {
+        let p = |seed| SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed,
+            ..Default::default()
+        };
+        assert_eq!(draw(p(7), 64), draw(p(7), 64));
+        assert_ne!(draw(p(7), 64), draw(p(8), 64));
+        let d = SamplingParams {
+            seed: 3,
+            ..Default::default()
+        };
+        assert_eq!(draw(d.clone(), 64), draw(d, 64));
+    }
+
+    #[test]
+    fn greedy_is_argmax_with_lowest_tie() {
+        let mut s = Sampler::new(SamplingParams::greedy());
+        assert_eq!(s.sample(&mut [1.0, 3.0, 3.0, -1.0], &[]), 1);
+        assert_eq!(s.sample(&mut [f32::NAN, 0.5, 0.5], &[]), 1);
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 3]), 0);
+    }
+
+    #[test]
+    fn penalty_divides_positive_and_multiplies_negative() {
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            ..SamplingParams::greedy()
+        });
+        let mut l = [4.0, -1.0, 3.0];
+        // id 0 repeated twice is penalised once.
+        assert_eq!(s.sample(&mut l, &[0, 1, 0]), 2);
+        assert_eq!(l, [2.0, -2.0, 3.0]);
+        // Only the last `repeat_last_n` ids count.
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            repeat_last_n: 1,
+            ..SamplingParams::greedy()
+        });
+        let mut l = [4.0, -1.0, 3.0];
+        s.sample(&mut l, &[0, 1]);
+        assert_eq!(l, [4.0, -2.0, 3.0]);
+    }
+
+    #[test]
+    fn filters_restrict_the_support() {
+        let base = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            ..Default::default()
+        };
+        let l = [0.0f32, 5.0, 4.9, -2.0, 4.8];
+        let support = |p: SamplingParams| {
+            let mut s = Sampler::new(p);
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..400 {
+                seen.insert(s.sample(&mut l.clone(), &[]));
+            }
+            seen.into_iter().collect::<Vec<_>>()
+        };
+        assert_eq!(
+            support(SamplingParams {
+                top_k: 2,
+                ..base.clone()
+            }),
+            [1, 2]
+        );
+        assert_eq!(
+            support(SamplingParams {
+                top_k: 1,
+                ..base.clone()
+            }),
+            [1]
+        );
+        // Probabilities ≈ .34 .31 .28 …: top-p 0.5 keeps two, 0.01 keeps one.
+        assert_eq!(
+            support(SamplingParams {
+                top_p: 0.5,
+                ..base.clone()
+            }),
+            [1, 2]
+        );
+        assert_eq!(
+            support(SamplingParams {
+                top_p: 0.01,
+                ..base.clone()
+            }),
+            [1]
+        );
+        assert_eq!(
+            support(SamplingParams {
+                min_p: 0.5,
+                ..base.clone()
+            }),
+            [1, 2, 4]
+        );
+        let banned = SamplingParams {
+            logit_bias: vec![(1, f32::NEG_INFINITY), (2, f32::NEG_INFINITY)],
+            top_k: 1,
+            ..base.clone()
+        };
+        assert_eq!(support(banned), [4]);
+        // Low temperature concentrates on the best token.
+        assert_eq!(
+            support(SamplingParams {
+                temperature: 0.001,
+                ..base
+            }),
+            [1]
+        );
+    }
+
+    #[test]
+    fn validation_names_the_parameter() {
+        let e = SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.to_string().contains("top-p"), "{e}");
+        assert!(SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams {
+            repetition_penalty: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams::default().validate().is_ok());
+    }
+}

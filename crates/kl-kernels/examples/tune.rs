@@ -1,0 +1,77 @@
+// temporary tuning driver (not part of the deliverable)
+use half::bf16;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+fn best(mut f: impl FnMut(), reps: usize) -> f64 {
+    f();
+    let mut b = f64::MAX;
+    for _ in 0..reps {
+        let t = Instant::now();
+        f();
+        b = b.min(t.elapsed().as_secs_f64());
+    }
+    b
+}
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // variants: "panelKiB,kc,nc_max" separated by spaces
+    let variants: Vec<[usize; 3]> = args
+        .iter()
+        .map(|a| {
+            let v: Vec<usize> = a.split(',').map(|x| x.parse().unwrap()).collect();
+            [v[0], v[1], v[2]]
+        })
+        .collect();
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
+    let mut seed = 1u64;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    };
+    let t = 512;
+    let shapes = [
+        (2304usize, 4096usize),
+        (2304, 1024),
+        (1024, 2304),
+        (2304, 512),
+        (4096, 2304),
+    ];
+    let data: Vec<_> = shapes
+        .iter()
+        .map(|&(k, n)| {
+            let x: Vec<f32> = (0..t * k).map(|_| rnd()).collect();
+            let w: Vec<bf16> = (0..n * k).map(|_| bf16::from_f32(rnd())).collect();
+            (k, n, x, w)
+        })
+        .collect();
+    let mut res = vec![vec![0f64; shapes.len()]; variants.len()];
+    let mut peak = 0f64;
+    for _ in 0..rounds {
+        peak = peak.max(kl_kernels::roofline::measure_fma_gflops(
+            rayon::current_num_threads(),
+        ));
+        for (vi, v) in variants.iter().enumerate() {
+            for (i, x) in v.iter().enumerate() {
+                kl_kernels::matmul::TUNE[i].store(*x, Ordering::Relaxed);
+            }
+            for (si, (k, n, x, w)) in data.iter().enumerate() {
+                let mut y = vec![0f32; t * n];
+                let s = best(|| kl_kernels::matmul::matmul(x, w, &mut y, t, *k, *n), 3);
+                res[vi][si] = res[vi][si].max(2.0 * (t * k * n) as f64 / s / 1e9);
+            }
+        }
+    }
+    println!("peak {peak:.1}");
+    for (vi, v) in variants.iter().enumerate() {
+        let r: Vec<String> = res[vi]
+            .iter()
+            .map(|g| format!("{g:6.1} ({:4.1}%)", 100.0 * g / peak))
+            .collect();
+        println!("{v:?}: {}", r.join(" "));
+    }
+}

@@ -1,0 +1,50 @@
+//! A query's attention output does not depend on how many queries share the call or on the
+//! thread count (fixed key segments merged in order).
+
+mod common;
+use common::Rng;
+use kl_kernels::attention::{latent_attention, LatentAttnShape, SEGMENT};
+
+#[test]
+fn prefill_rows_equal_single_query_calls_bitwise() {
+    let mut rng = Rng::new(11);
+    let s = LatentAttnShape {
+        h: 2,
+        dk: 20,
+        dv: 16,
+    };
+    let block_rows = 256;
+    let n_keys = 2 * SEGMENT + 300;
+    let tq = 40;
+    let store = rng.vec(n_keys.div_ceil(block_rows) * block_rows * s.dk, 1.0);
+    let blocks: Vec<&[f32]> = store.chunks(block_rows * s.dk).collect();
+    let q = rng.vec(tq * s.h * s.dk, 1.5);
+    let mut all = vec![0f32; tq * s.h * s.dv];
+    latent_attention(s, &q, &blocks, block_rows, n_keys, 0.2, &mut all);
+    for threads in [1usize, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for i in 0..tq {
+                let mut one = vec![0f32; s.h * s.dv];
+                let lim = n_keys - tq + i + 1;
+                latent_attention(
+                    s,
+                    &q[i * s.h * s.dk..(i + 1) * s.h * s.dk],
+                    &blocks,
+                    block_rows,
+                    lim,
+                    0.2,
+                    &mut one,
+                );
+                assert_eq!(
+                    one,
+                    all[i * s.h * s.dv..(i + 1) * s.h * s.dv],
+                    "query {i}, {threads} threads"
+                );
+            }
+        });
+    }
+}
