@@ -7,6 +7,81 @@ use kl_model::plan::{self, Footprint, PlanRequest};
 use kl_model::{CacheDtype, KimiLinear, SequenceState};
 use std::io::IsTerminal;
 
+/// Memory flags of `run` and `chat`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MemoryArgs {
+    /// Latent cache dtype: bf16, f32, fp8.
+    #[arg(long, default_value = "bf16")]
+    pub cache_dtype: String,
+    /// Tokens per prefill chunk (activation memory depends on it, not on the prompt).
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+    /// Refuse before any work, or stop cleanly during the run, beyond this much memory: 16GiB, 800MB.
+    #[arg(long)]
+    pub memory_budget: Option<String>,
+    /// Reserve the latent cache for this many tokens up front and never exceed it: 1M, 128K.
+    #[arg(long)]
+    pub max_context: Option<String>,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+impl MemoryArgs {
+    /// Model options from the flags.
+    pub fn options(&self) -> Result<kl_model::ModelOptions> {
+        Ok(kl_model::ModelOptions {
+            cache_dtype: parse_cache_dtype(&self.cache_dtype)?,
+            prefill_chunk: self.prefill_chunk.max(1),
+            ..Default::default()
+        })
+    }
+
+    /// Check the budget for `prompt` tokens plus up to `generate` more (generation may stop
+    /// early at `--max-context`, the prompt may not) and set the session's limit and reservation.
+    pub fn apply(
+        &self,
+        session: &mut kl_engine::Session,
+        prompt: usize,
+        generate: usize,
+    ) -> Result<Footprint> {
+        let budget = self.memory_budget.as_deref().map(parse_size).transpose()?;
+        let max_context = self.max_context.as_deref().map(parse_tokens).transpose()?;
+        let context = match max_context {
+            Some(m) if prompt > m => {
+                bail!("the prompt is {prompt} tokens but --max-context is {m}")
+            }
+            Some(m) => (prompt + generate).min(m),
+            None => prompt + generate,
+        };
+        let mut probe = session.model().new_state();
+        let f = apply_budget(
+            session.model(),
+            &mut probe,
+            context,
+            budget,
+            max_context,
+            false,
+        )?;
+        if let Some(limit) = probe.limit() {
+            if limit < session.max_context() {
+                let reason = match (budget, max_context) {
+                    (Some(b), Some(m)) if m <= limit => {
+                        format!("--max-context {m} (memory budget {})", human(b))
+                    }
+                    (Some(b), _) => format!("memory budget {}", human(b)),
+                    (None, _) => format!("--max-context {limit}"),
+                };
+                session.set_max_context(limit, reason);
+            }
+        }
+        if let Some(m) = max_context {
+            session.reserve(m);
+        }
+        Ok(f)
+    }
+}
+
 /// Parse a byte size: a number with an optional unit (B, KB, MB, GB, TB decimal; KiB, MiB, GiB,
 /// TiB binary; K/M/G/T alone are binary).
 pub fn parse_size(s: &str) -> Result<u64> {

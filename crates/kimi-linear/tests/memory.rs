@@ -211,3 +211,47 @@ fn cache_dtype_flag() {
         &["int3", "bf16, f32 or fp8"],
     );
 }
+
+#[test]
+fn run_honours_memory_flags() {
+    let d = temp_dir("runmem");
+    let m = d.join("m");
+    let o = run(&["synth", "--preset", "tiny", "--out", m.to_str().unwrap()]);
+    assert!(o.status.success());
+    let ms = m.to_str().unwrap();
+    expect_error(
+        &[
+            "run",
+            "--model",
+            ms,
+            "--prompt",
+            "hello",
+            "--memory-budget",
+            "1KB",
+        ],
+        &["memory budget", "not even an empty context fits"],
+    );
+    // The budget-derived limit stops generation cleanly, reported in the stats line.
+    let o = run(&[
+        "run",
+        "--model",
+        ms,
+        "--prompt",
+        "hello world",
+        "-n",
+        "40",
+        "--seed",
+        "1",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--max-context",
+        "20",
+        "--cache-dtype",
+        "fp8",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("context: 20/20"), "{err}");
+    std::fs::remove_dir_all(d).ok();
+}

@@ -67,6 +67,7 @@ pub struct Session {
     limit_reason: String,
     prompt_tokens: usize,
     prompt_time: Duration,
+    reserved: usize,
 }
 
 impl Session {
@@ -106,6 +107,7 @@ impl Session {
             limit_reason,
             prompt_tokens: 0,
             prompt_time: Duration::ZERO,
+            reserved: 0,
         }
     }
 
@@ -167,6 +169,12 @@ impl Session {
         self.limit_reason = reason.into();
     }
 
+    /// Allocate latent-cache blocks for `tokens` tokens up front (kept across [`Session::reset`]).
+    pub fn reserve(&mut self, tokens: usize) {
+        self.reserved = tokens;
+        self.state.reserve(tokens);
+    }
+
     /// Bytes held by the state: KDA recurrent and conv state plus the allocated MLA cache.
     pub fn state_bytes(&self) -> usize {
         self.state.kda_state_bytes() + self.state.conv_state_bytes() + self.state.mla_cache_bytes()
@@ -193,14 +201,27 @@ impl Session {
 
     /// Prefill `ids` and return the logits of the last one.
     pub fn feed(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.feed_with_progress(ids, &mut |_, _| {})
+    }
+
+    /// [`Session::feed`] calling `progress(done, total)` after each prefill chunk.
+    pub fn feed_with_progress(
+        &mut self,
+        ids: &[u32],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<f32>> {
         if ids.is_empty() {
             return Err(kl_model::ModelError::Empty.into());
         }
         self.check_room(ids.len())?;
         let t0 = Instant::now();
-        let logits =
-            self.model
-                .prefill(ids, &mut self.state, LogitsMode::Last, &mut Probe::off())?;
+        let logits = self.model.prefill_with_progress(
+            ids,
+            &mut self.state,
+            LogitsMode::Last,
+            &mut Probe::off(),
+            progress,
+        )?;
         self.prompt_time += t0.elapsed();
         self.prompt_tokens += ids.len();
         self.history.extend_from_slice(ids);
@@ -301,6 +322,7 @@ impl Session {
     /// Forget everything: a fresh state, empty history.
     pub fn reset(&mut self) {
         self.state = self.model.new_state();
+        self.state.reserve(self.reserved);
         self.history.clear();
         self.logits = None;
         self.prompt_tokens = 0;

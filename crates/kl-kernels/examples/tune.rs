@@ -12,8 +12,53 @@ fn best(mut f: impl FnMut(), reps: usize) -> f64 {
     }
     b
 }
+fn kda_main() {
+    use kl_kernels::kda::*;
+    let (h, kd, vd, t) = (32usize, 128usize, 128usize, 1024usize);
+    let s = KdaShape { t, h, k: kd, v: vd };
+    let mut seed = 7u64;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    };
+    let mut q: Vec<f32> = (0..t * h * kd).map(|_| rnd()).collect();
+    let mut k: Vec<f32> = (0..t * h * kd).map(|_| rnd()).collect();
+    kl_kernels::norm::l2_normalize_rows(&mut q, kd, 1e-6, (kd as f32).powf(-0.5));
+    kl_kernels::norm::l2_normalize_rows(&mut k, kd, 1e-6, 1.0);
+    let v: Vec<f32> = (0..t * h * vd).map(|_| rnd()).collect();
+    let g: Vec<f32> = (0..t * h * kd)
+        .map(|_| -((rnd() + 1.0) * 0.5).powi(4) * 3.0)
+        .collect();
+    let beta: Vec<f32> = (0..t * h).map(|_| (rnd() + 1.0) * 0.5).collect();
+    let mut st = vec![0f32; h * kd * vd];
+    let mut o = vec![0f32; t * h * vd];
+    let (tf, d, c) = (t as f64, kd as f64, 64.0);
+    let flops = h as f64 * (6.0 * tf * d * d + 3.0 * tf * c * d + tf * c * c);
+    let th = rayon::current_num_threads();
+    let mut bestg = 0f64;
+    let mut peak = 0f64;
+    for _ in 0..std::env::var("ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4)
+    {
+        peak = peak.max(kl_kernels::roofline::measure_fma_gflops(th));
+        let sec = best(|| kda_chunked(s, &q, &k, &v, &g, &beta, &mut st, &mut o), 5);
+        bestg = bestg.max(flops / sec / 1e9);
+    }
+    println!(
+        "kda_chunked best {bestg:.1} GFLOP/s, peak {peak:.1}: {:.1}%",
+        100.0 * bestg / peak
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(|s| s.as_str()) == Some("kda") {
+        return kda_main();
+    }
     // variants: "panelKiB,kc,nc_max" separated by spaces
     let variants: Vec<[usize; 3]> = args
         .iter()

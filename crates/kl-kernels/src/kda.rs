@@ -20,6 +20,7 @@
 //! `state` `[H, K, V]`, `out` `[T, H, V]`. Heads run in parallel.
 
 use crate::activation::softplus;
+use crate::dense::{exp_inplace, forward_subst, gemm, mul_exp_diff, mul_exp_sdiff, MatA, Mode};
 use crate::simd::axpy;
 use rayon::prelude::*;
 
@@ -199,18 +200,34 @@ pub fn kda_chunked_reference(
     }
 }
 
+/// Rows of a sub-chunk: off-diagonal `16 × 16` blocks of `A_kk`/`A_qk` are products with the
+/// reference `Γ_n` at the first row `n` of the query sub-chunk (every factor `≤ 1`).
+const SUB: usize = 16;
+
+/// Largest `|Γ_i − Γ_n|` within a diagonal sub-chunk for which it is also factorised (factors
+/// then stay within `e^{±80}`, far from f32 overflow/underflow); stronger decays fall back to
+/// pairwise exponents for that block.
+const SPAN_MAX: f32 = 80.0;
+
 /// Per-head scratch of the chunked form.
 struct ChunkScratch {
-    gam: Vec<f32>, // [C, K] cumulative log-decay
-    qc: Vec<f32>,  // [C, K]
-    kc: Vec<f32>,  // [C, K]
-    vc: Vec<f32>,  // [C, V]
-    bc: Vec<f32>,  // [C]
-    akk: Vec<f32>, // [C, C]
-    aqk: Vec<f32>, // [C, C]
-    w: Vec<f32>,   // [C, K]
-    u: Vec<f32>,   // [C, V]  (becomes V')
-    o: Vec<f32>,   // [V]  one output row
+    gam: Vec<f32>,  // [C, K] cumulative log-decay Γ
+    qc: Vec<f32>,   // [C, K]
+    kc: Vec<f32>,   // [C, K]
+    bc: Vec<f32>,   // [C]
+    gt: Vec<f32>,   // [K, C] Γ transposed
+    kt: Vec<f32>,   // [K, C] K transposed
+    kf: Vec<f32>,   // [K, C] key side k_j·e^{Γ_n − Γ_j}, transposed
+    qk: Vec<f32>,   // [2·SUB, K] query side k_i·e^{Γ_i − Γ_n} then q_i·e^{Γ_i − Γ_n}
+    erow: Vec<f32>, // [K]
+    prod: Vec<f32>, // [2·SUB, C]
+    akk: Vec<f32>,  // [C, C] β_i-scaled, strictly lower
+    aqk: Vec<f32>,  // [C, C] inclusive lower
+    eg: Vec<f32>,   // [C, K] e^Γ
+    w: Vec<f32>,    // [C, K]
+    u: Vec<f32>,    // [C, V] (becomes V')
+    eq: Vec<f32>,   // [C, K] e^Γ⊙Q, then e^{Γ_C−Γ}⊙K
+    o: Vec<f32>,    // [C, V]
 }
 
 impl ChunkScratch {
@@ -220,13 +237,20 @@ impl ChunkScratch {
             gam: vec![0.0; c * kd],
             qc: vec![0.0; c * kd],
             kc: vec![0.0; c * kd],
-            vc: vec![0.0; c * vd],
             bc: vec![0.0; c],
+            gt: vec![0.0; kd * c],
+            kt: vec![0.0; kd * c],
+            kf: vec![0.0; kd * c],
+            qk: vec![0.0; 2 * SUB * kd],
+            erow: vec![0.0; kd],
+            prod: vec![0.0; 2 * SUB * c],
             akk: vec![0.0; c * c],
             aqk: vec![0.0; c * c],
+            eg: vec![0.0; c * kd],
             w: vec![0.0; c * kd],
             u: vec![0.0; c * vd],
-            o: vec![0.0; vd],
+            eq: vec![0.0; c * kd],
+            o: vec![0.0; c * vd],
         }
     }
 }
@@ -281,8 +305,63 @@ pub fn kda_chunked(
         });
 }
 
+/// One chunk of one head: the §5.3 equations as small dense products.
+///
+/// 1. `A_kk`, `A_qk` per 16-row sub-chunk `s` (reference row `n = 16s`): one product
+///    `[K̃_s; Q̃_s] · K̂ᵀ` with `K̃_s[i] = k_i e^{Γ_i−Γ_n}`, `Q̃_s[i] = q_i e^{Γ_i−Γ_n}` and
+///    `K̂[j] = k_j e^{Γ_n−Γ_j}` for all earlier rows `j < n` (factors ≤ 1), plus the diagonal
+///    block's own rows when its decay span is at most [`SPAN_MAX`] (else pairwise exponents).
+/// 2. `W`, `U` by forward substitution with `I + A_kk` (row-wise, register-blocked).
+/// 3. `V' = U − W·S`, `O = (e^Γ⊙Q)·S + A_qk·V'`, `S ← Diag(e^{Γ_C}) S + (e^{Γ_C−Γ}⊙K)ᵀ·V'`.
 #[allow(clippy::too_many_arguments)]
 fn chunk_head(
+    sc: &mut ChunkScratch,
+    st: &mut [f32],
+    hi: usize,
+    t0: usize,
+    c: usize,
+    s: KdaShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    g: &[f32],
+    beta: &[f32],
+    write_out: impl FnMut(usize, &[f32]),
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::features().avx2_fma {
+        // SAFETY: AVX2+FMA checked; the body is the same safe code, compiled for AVX2 so its
+        // element-wise loops vectorise 8-wide.
+        unsafe {
+            return chunk_head_avx2(sc, st, hi, t0, c, s, q, k, v, g, beta, write_out);
+        }
+    }
+    chunk_head_body(sc, st, hi, t0, c, s, q, k, v, g, beta, write_out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn chunk_head_avx2(
+    sc: &mut ChunkScratch,
+    st: &mut [f32],
+    hi: usize,
+    t0: usize,
+    c: usize,
+    s: KdaShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    g: &[f32],
+    beta: &[f32],
+    write_out: impl FnMut(usize, &[f32]),
+) {
+    chunk_head_body(sc, st, hi, t0, c, s, q, k, v, g, beta, write_out)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn chunk_head_body(
     sc: &mut ChunkScratch,
     st: &mut [f32],
     hi: usize,
@@ -299,13 +378,14 @@ fn chunk_head(
     let KdaShape {
         h, k: kd, v: vd, ..
     } = s;
-    // Gather the chunk of this head; Γ = cumsum g.
+    const C: usize = CHUNK;
+    // Gather the chunk of this head; Γ = cumsum g; transposed copies of Γ and K.
     for r in 0..c {
         let ti = t0 + r;
         let base = (ti * h + hi) * kd;
         sc.qc[r * kd..(r + 1) * kd].copy_from_slice(&q[base..base + kd]);
         sc.kc[r * kd..(r + 1) * kd].copy_from_slice(&k[base..base + kd]);
-        sc.vc[r * vd..(r + 1) * vd].copy_from_slice(&v[(ti * h + hi) * vd..(ti * h + hi + 1) * vd]);
+        sc.u[r * vd..(r + 1) * vd].copy_from_slice(&v[(ti * h + hi) * vd..(ti * h + hi + 1) * vd]);
         sc.bc[r] = beta[ti * h + hi];
         for d in 0..kd {
             let prev = if r == 0 {
@@ -313,89 +393,182 @@ fn chunk_head(
             } else {
                 sc.gam[(r - 1) * kd + d]
             };
-            sc.gam[r * kd + d] = prev + g[base + d];
+            let gv = prev + g[base + d];
+            sc.gam[r * kd + d] = gv;
+            sc.gt[d * C + r] = gv;
+            sc.kt[d * C + r] = sc.kc[r * kd + d];
         }
     }
-    // Pairwise decayed products: A_kk (strict lower, ×β_i) and A_qk (inclusive lower).
-    for i in 0..c {
-        let gi = &sc.gam[i * kd..(i + 1) * kd];
-        let ki = &sc.kc[i * kd..(i + 1) * kd];
-        let qi = &sc.qc[i * kd..(i + 1) * kd];
-        for j in 0..=i {
-            let gj = &sc.gam[j * kd..(j + 1) * kd];
-            let kj = &sc.kc[j * kd..(j + 1) * kd];
-            let (mut skk, mut sqk) = (0f32, 0f32);
+    sc.eg[..c * kd].copy_from_slice(&sc.gam[..c * kd]);
+    exp_inplace(&mut sc.eg[..c * kd]);
+
+    // 1. A_kk (β_i-scaled, strictly lower) and A_qk (inclusive lower), sub-chunk by sub-chunk.
+    let mut r0 = 0;
+    while r0 < c {
+        let r1 = (r0 + SUB).min(c);
+        let m = r1 - r0;
+        let gn = &sc.gam[r0 * kd..(r0 + 1) * kd];
+        let (mut lo, mut hi_) = (0f32, 0f32);
+        for i in r0..r1 {
+            for (a, b) in sc.gam[i * kd..(i + 1) * kd].iter().zip(gn) {
+                lo = lo.min(a - b);
+                hi_ = hi_.max(a - b);
+            }
+        }
+        let diag_ok = lo >= -SPAN_MAX && hi_ <= SPAN_MAX;
+        // Query side.
+        for i in r0..r1 {
+            let gi = &sc.gam[i * kd..(i + 1) * kd];
+            for ((e, a), b) in sc.erow.iter_mut().zip(gi).zip(gn) {
+                *e = a - b;
+            }
+            exp_inplace(&mut sc.erow);
+            let li = i - r0;
             for d in 0..kd {
-                let e = (gi[d] - gj[d]).exp() * kj[d];
-                skk += ki[d] * e;
-                sqk += qi[d] * e;
-            }
-            sc.akk[i * CHUNK + j] = if j < i { sc.bc[i] * skk } else { 0.0 };
-            sc.aqk[i * CHUNK + j] = sqk;
-        }
-    }
-    // Forward substitution: W_i = β_i e^{Γ_i}⊙k_i − Σ_{j<i} A_kk[i,j] W_j; U likewise with v.
-    for i in 0..c {
-        let bi = sc.bc[i];
-        for d in 0..kd {
-            sc.w[i * kd + d] = bi * sc.gam[i * kd + d].exp() * sc.kc[i * kd + d];
-        }
-        for x in 0..vd {
-            sc.u[i * vd + x] = bi * sc.vc[i * vd + x];
-        }
-        for j in 0..i {
-            let a = sc.akk[i * CHUNK + j];
-            if a != 0.0 {
-                let (wj, wi) = sc.w.split_at_mut(i * kd);
-                axpy(-a, &wj[j * kd..(j + 1) * kd], &mut wi[..kd]);
-                let (uj, ui) = sc.u.split_at_mut(i * vd);
-                axpy(-a, &uj[j * vd..(j + 1) * vd], &mut ui[..vd]);
+                sc.qk[li * kd + d] = sc.kc[i * kd + d] * sc.erow[d];
+                sc.qk[(m + li) * kd + d] = sc.qc[i * kd + d] * sc.erow[d];
             }
         }
-    }
-    // V' = U − W S   (u becomes V').
-    for i in 0..c {
-        for d in 0..kd {
-            let wd = sc.w[i * kd + d];
-            if wd != 0.0 {
-                axpy(
-                    -wd,
-                    &st[d * vd..(d + 1) * vd],
-                    &mut sc.u[i * vd..(i + 1) * vd],
+        // Key side (transposed): earlier rows, and the block itself when safe.
+        let jmax = if diag_ok { r1 } else { r0 };
+        if jmax > 0 {
+            for d in 0..kd {
+                let row = d * C..d * C + jmax;
+                mul_exp_sdiff(
+                    &mut sc.kf[row.clone()],
+                    &sc.kt[row.clone()],
+                    gn[d],
+                    &sc.gt[row],
                 );
             }
+            let a = MatA {
+                data: &sc.qk[..2 * m * kd],
+                rs: kd,
+                cs: 1,
+            };
+            gemm(2 * m, jmax, kd, a, &sc.kf, C, &mut sc.prod, C, Mode::Set);
         }
-    }
-    // O_i = (e^{Γ_i}⊙q_i) S + Σ_{j≤i} A_qk[i,j] V'_j.
-    let mut o = std::mem::take(&mut sc.o);
-    for i in 0..c {
-        o.fill(0.0);
-        for d in 0..kd {
-            let f = sc.gam[i * kd + d].exp() * sc.qc[i * kd + d];
-            if f != 0.0 {
-                axpy(f, &st[d * vd..(d + 1) * vd], &mut o);
+        for i in r0..r1 {
+            let li = i - r0;
+            let b = sc.bc[i];
+            for j in 0..C {
+                let inside = j < jmax;
+                sc.akk[i * C + j] = if inside && j < i {
+                    b * sc.prod[li * C + j]
+                } else {
+                    0.0
+                };
+                sc.aqk[i * C + j] = if inside && j <= i {
+                    sc.prod[(m + li) * C + j]
+                } else {
+                    0.0
+                };
+            }
+            if !diag_ok {
+                // Pairwise exponents on the diagonal block: e^{Γ_i − Γ_j} ≤ 1 for j ≤ i.
+                let gi = &sc.gam[i * kd..(i + 1) * kd];
+                for j in r0..=i {
+                    let gj = &sc.gam[j * kd..(j + 1) * kd];
+                    for ((e, a), b) in sc.erow.iter_mut().zip(gi).zip(gj) {
+                        *e = a - b;
+                    }
+                    exp_inplace(&mut sc.erow);
+                    let (ki, qi, kj) = (
+                        &sc.kc[i * kd..(i + 1) * kd],
+                        &sc.qc[i * kd..(i + 1) * kd],
+                        &sc.kc[j * kd..(j + 1) * kd],
+                    );
+                    let (mut skk, mut sqk) = (0f32, 0f32);
+                    for d in 0..kd {
+                        let e = sc.erow[d] * kj[d];
+                        skk += ki[d] * e;
+                        sqk += qi[d] * e;
+                    }
+                    if j < i {
+                        sc.akk[i * C + j] = b * skk;
+                    }
+                    sc.aqk[i * C + j] = sqk;
+                }
             }
         }
-        for j in 0..=i {
-            axpy(sc.aqk[i * CHUNK + j], &sc.u[j * vd..(j + 1) * vd], &mut o);
-        }
-        write_out(t0 + i, &o);
+        r0 = r1;
     }
-    sc.o = o;
-    // S ← Diag(e^{Γ_last}) S + Σ_i (e^{Γ_last − Γ_i}⊙k_i) V'_iᵀ.
+
+    // 2. W = (I + A_kk)⁻¹ Diag(β)(e^Γ⊙K), U = (I + A_kk)⁻¹ Diag(β) V.
+    for i in 0..c {
+        let b = sc.bc[i];
+        for d in 0..kd {
+            sc.w[i * kd + d] = b * sc.eg[i * kd + d] * sc.kc[i * kd + d];
+        }
+        for x in &mut sc.u[i * vd..(i + 1) * vd] {
+            *x *= b;
+        }
+    }
+    forward_subst(c, &sc.akk, C, &mut sc.w, kd, kd);
+    forward_subst(c, &sc.akk, C, &mut sc.u, vd, vd);
+
+    // 3. V' = U − W·S.
+    let wa = MatA {
+        data: &sc.w[..c * kd],
+        rs: kd,
+        cs: 1,
+    };
+    gemm(c, vd, kd, wa, st, vd, &mut sc.u, vd, Mode::Sub);
+    // O = (e^Γ⊙Q)·S + A_qk·V' (A_qk is zero above the diagonal: stop each block at its end).
+    for (e, (a, b)) in sc.eq[..c * kd].iter_mut().zip(sc.eg.iter().zip(&sc.qc)) {
+        *e = a * b;
+    }
+    let qa = MatA {
+        data: &sc.eq[..c * kd],
+        rs: kd,
+        cs: 1,
+    };
+    gemm(c, vd, kd, qa, st, vd, &mut sc.o, vd, Mode::Set);
+    let mut r0 = 0;
+    while r0 < c {
+        let r1 = (r0 + SUB).min(c);
+        let a = MatA {
+            data: &sc.aqk[r0 * C..],
+            rs: C,
+            cs: 1,
+        };
+        gemm(
+            r1 - r0,
+            vd,
+            r1,
+            a,
+            &sc.u,
+            vd,
+            &mut sc.o[r0 * vd..],
+            vd,
+            Mode::Add,
+        );
+        r0 = r1;
+    }
+    for i in 0..c {
+        write_out(t0 + i, &sc.o[i * vd..(i + 1) * vd]);
+    }
+    // S ← Diag(e^{Γ_last}) S + (e^{Γ_last − Γ}⊙K)ᵀ V'.
     let last = (c - 1) * kd;
+    for i in 0..c {
+        let row = i * kd..(i + 1) * kd;
+        mul_exp_diff(
+            &mut sc.eq[row.clone()],
+            &sc.kc[row.clone()],
+            &sc.gam[last..last + kd],
+            &sc.gam[row],
+        );
+    }
     for d in 0..kd {
-        let gl = sc.gam[last + d];
-        let row = &mut st[d * vd..(d + 1) * vd];
-        let e = gl.exp();
-        for x in row.iter_mut() {
+        let e = sc.eg[last + d];
+        for x in &mut st[d * vd..(d + 1) * vd] {
             *x *= e;
         }
-        for i in 0..c {
-            let f = (gl - sc.gam[i * kd + d]).exp() * sc.kc[i * kd + d];
-            if f != 0.0 {
-                axpy(f, &sc.u[i * vd..(i + 1) * vd], row);
-            }
-        }
     }
+    let ka = MatA {
+        data: &sc.eq[..c * kd],
+        rs: 1,
+        cs: kd,
+    };
+    gemm(kd, vd, c, ka, &sc.u, vd, st, vd, Mode::Add);
 }

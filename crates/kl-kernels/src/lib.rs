@@ -22,6 +22,7 @@ pub mod activation;
 pub mod attention;
 pub mod conv1d;
 pub mod cpu;
+mod dense;
 pub mod elem;
 pub mod fp8;
 pub mod kda;

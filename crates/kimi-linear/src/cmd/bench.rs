@@ -118,14 +118,17 @@ pub fn run(a: Args) -> Result<()> {
         .with_context(|| format!("cannot load model from {}", a.model.display()))?;
     let threads = rayon::current_num_threads();
     let vocab = model.config().vocab_size;
-    if !a.json {
+    if !a.json && !a.no_roofline {
         eprintln!(
             "measuring the roofline on {threads} threads ({})…",
             kl_kernels::cpu::describe()
         );
     }
-    let fma = measure_fma_gflops(threads);
-    let stream = measure_stream_gbps(threads);
+    let (fma, stream) = if a.no_roofline {
+        (f64::NAN, f64::NAN)
+    } else {
+        (measure_fma_gflops(threads), measure_stream_gbps(threads))
+    };
 
     // Warm-up: touch the weights once (page in the mmap) so the first timing is not I/O.
     {

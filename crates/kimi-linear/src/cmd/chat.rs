@@ -18,6 +18,8 @@ pub struct Args {
     system: Option<String>,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    memory: crate::memory::MemoryArgs,
 }
 
 const HELP: &str =
@@ -52,7 +54,10 @@ fn parse(line: &str) -> Input<'_> {
 /// conversation goes on, and the exit status is 1 if any turn or command failed.
 pub fn run(a: Args) -> Result<()> {
     let (mut sampler, stop, seed) = a.sampling.build()?;
-    let mut session = open_session(&a.model, "chat")?;
+    let mut session = open_session(&a.model, "chat", a.memory.options()?)?;
+    // A chat grows turn by turn: the budget is checked for its first reply up front, and the
+    // session stops cleanly (a clear error, the chat goes on) when a later turn would pass it.
+    a.memory.apply(&mut session, 0, a.sampling.n_predict)?;
     a.sampling.limit(&mut session)?;
     let mut chat = Chat::new(session, a.system.clone()).context("cannot start the chat")?;
     let interactive = std::io::stdin().is_terminal();

@@ -15,7 +15,7 @@ use std::time::Instant;
 #[derive(clap::Args)]
 pub struct Args {
     /// Context tokens to feed.
-    #[arg(long, default_value_t = 32_768)]
+    #[arg(long, default_value_t = 20_000)]
     context: usize,
     /// Tokens to generate.
     #[arg(long, default_value_t = 16)]

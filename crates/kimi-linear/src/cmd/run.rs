@@ -1,6 +1,6 @@
 //! `kimi-linear run`: a prompt in, the continuation streamed out.
 
-use crate::memory::{human, peak_rss_bytes};
+use crate::memory::{human, peak_rss_bytes, progress_bar, MemoryArgs};
 use anyhow::{bail, Context, Result};
 use kl_engine::{GenerationStats, Sampler, SamplingParams, Session, StopRules};
 use kl_model::ModelOptions;
@@ -90,8 +90,8 @@ fn fresh_seed() -> u64 {
 }
 
 /// Load `spec` (a directory or a cached Hugging Face repo id) and require a tokenizer.
-pub fn open_session(spec: &str, what: &str) -> Result<Session> {
-    let loaded = kl_engine::resolve::load(spec, ModelOptions::default())
+pub fn open_session(spec: &str, what: &str, opts: ModelOptions) -> Result<Session> {
+    let loaded = kl_engine::resolve::load(spec, opts)
         .with_context(|| format!("cannot load model {spec}"))?;
     if loaded.tokenizer.is_none() {
         bail!(
@@ -155,6 +155,8 @@ pub struct Args {
     system: Option<String>,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    memory: MemoryArgs,
 }
 
 /// Run `run`.
@@ -167,7 +169,7 @@ pub fn run(a: Args) -> Result<()> {
         (None, None) => bail!("give --prompt TEXT or --prompt-file FILE"),
     };
     let (mut sampler, stop, seed) = a.sampling.build()?;
-    let mut session = open_session(&a.model, "run")?;
+    let mut session = open_session(&a.model, "run", a.memory.options()?)?;
     a.sampling.limit(&mut session)?;
     let tok = session.require_tokenizer("run")?.clone();
     let prompt = if a.chat {
@@ -193,7 +195,19 @@ pub fn run(a: Args) -> Result<()> {
             session.limit_reason()
         );
     }
-    session.feed(&ids).context("cannot process the prompt")?;
+    a.memory
+        .apply(&mut session, ids.len(), a.sampling.n_predict)?;
+    let pb = progress_bar(ids.len(), a.memory.quiet);
+    session
+        .feed_with_progress(&ids, &mut |done, _| {
+            if let Some(pb) = &pb {
+                pb.set_position(done as u64);
+            }
+        })
+        .context("cannot process the prompt")?;
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
     let stats = session.generate(&mut sampler, a.sampling.n_predict, &stop, emit)?;
     if std::io::stdout().is_terminal() {
         emit("\n");

@@ -1,0 +1,417 @@
+//! Small dense building blocks for the chunked KDA kernel: a register-blocked f32 product of
+//! small row-major matrices (operands in L1/L2) and a vectorised `exp`.
+//!
+//! AVX2+FMA when present, portable loops otherwise (also on aarch64).
+
+use crate::cpu::features;
+
+/// How [`gemm`] combines the product with `C`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Mode {
+    /// `C = A·B`.
+    Set,
+    /// `C += A·B`.
+    Add,
+    /// `C −= A·B`.
+    Sub,
+}
+
+/// A read-only matrix view with arbitrary strides: element `(i, p)` at `ptr[i·rs + p·cs]`
+/// (so a transposed row-major matrix is just `rs = 1`, `cs = ld`).
+#[derive(Clone, Copy)]
+pub(crate) struct MatA<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+/// `C[m×n] (=|+=|−=) A[m×kk] · B[kk×n]`; `B` row-major with leading dimension `ldb`, `C` with
+/// `ldc`. Bounds are checked once up front (then raw pointers are used).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm(
+    m: usize,
+    n: usize,
+    kk: usize,
+    a: MatA<'_>,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    mode: Mode,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        n <= ldc && c.len() >= (m - 1) * ldc + n,
+        "gemm: C too small"
+    );
+    if kk == 0 {
+        if mode == Mode::Set {
+            for i in 0..m {
+                c[i * ldc..i * ldc + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    assert!(
+        n <= ldb && b.len() >= (kk - 1) * ldb + n,
+        "gemm: B too small"
+    );
+    assert!(
+        a.data.len() > (m - 1) * a.rs + (kk - 1) * a.cs,
+        "gemm: A too small"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if features().avx2_fma {
+        // SAFETY: AVX2+FMA checked; all accesses are inside the ranges asserted above.
+        unsafe { x86::gemm(m, n, kk, a, b.as_ptr(), ldb, c.as_mut_ptr(), ldc, mode) };
+        return;
+    }
+    let _ = features;
+    let mut row = vec![0f32; n];
+    for i in 0..m {
+        row.fill(0.0);
+        for p in 0..kk {
+            let av = a.data[i * a.rs + p * a.cs];
+            for (r, bv) in row.iter_mut().zip(&b[p * ldb..p * ldb + n]) {
+                *r += av * bv;
+            }
+        }
+        let cr = &mut c[i * ldc..i * ldc + n];
+        match mode {
+            Mode::Set => cr.copy_from_slice(&row),
+            Mode::Add => cr.iter_mut().zip(&row).for_each(|(c, r)| *c += r),
+            Mode::Sub => cr.iter_mut().zip(&row).for_each(|(c, r)| *c -= r),
+        }
+    }
+}
+
+/// `x[i] = exp(x[i])` (≤ 2 ulp on AVX2; results below ~1e-38 flush to 0).
+pub(crate) fn exp_inplace(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if features().avx2_fma {
+        // SAFETY: AVX2+FMA checked.
+        unsafe { x86::exp_inplace(x) };
+        return;
+    }
+    for v in x {
+        *v = v.exp();
+    }
+}
+
+/// `dst[i] = src[i] · exp(a[i] − b[i])`.
+pub(crate) fn mul_exp_diff(dst: &mut [f32], src: &[f32], a: &[f32], b: &[f32]) {
+    let n = dst.len();
+    assert!(src.len() == n && a.len() == n && b.len() == n);
+    #[cfg(target_arch = "x86_64")]
+    if features().avx2_fma {
+        // SAFETY: AVX2+FMA checked; lengths equal.
+        unsafe { x86::mul_exp_diff(dst, src, a, b) };
+        return;
+    }
+    for i in 0..n {
+        dst[i] = src[i] * (a[i] - b[i]).exp();
+    }
+}
+
+/// `dst[i] = src[i] · exp(s − b[i])` (scalar `s`).
+pub(crate) fn mul_exp_sdiff(dst: &mut [f32], src: &[f32], s: f32, b: &[f32]) {
+    let n = dst.len();
+    assert!(src.len() == n && b.len() == n);
+    #[cfg(target_arch = "x86_64")]
+    if features().avx2_fma {
+        // SAFETY: AVX2+FMA checked; lengths equal.
+        unsafe { x86::mul_exp_sdiff(dst, src, s, b) };
+        return;
+    }
+    for i in 0..n {
+        dst[i] = src[i] * (s - b[i]).exp();
+    }
+}
+
+/// Forward substitution on rows: for `i` in `0..m`, `X_i −= Σ_{j<i} L[i·ldl + j] · X_j`, where
+/// `X` rows have width `w` and leading dimension `ldx` (unit lower-triangular `L` implied).
+pub(crate) fn forward_subst(m: usize, l: &[f32], ldl: usize, x: &mut [f32], ldx: usize, w: usize) {
+    if m == 0 || w == 0 {
+        return;
+    }
+    assert!(w <= ldx && x.len() >= (m - 1) * ldx + w);
+    assert!(l.len() >= (m - 1) * ldl + m.saturating_sub(1));
+    #[cfg(target_arch = "x86_64")]
+    if features().avx2_fma {
+        // SAFETY: AVX2+FMA checked; bounds asserted.
+        unsafe { x86::forward_subst(m, l.as_ptr(), ldl, x.as_mut_ptr(), ldx, w) };
+        return;
+    }
+    for i in 1..m {
+        let (done, rest) = x.split_at_mut(i * ldx);
+        let xi = &mut rest[..w];
+        for j in 0..i {
+            let a = l[i * ldl + j];
+            if a != 0.0 {
+                for (xv, xj) in xi.iter_mut().zip(&done[j * ldx..j * ldx + w]) {
+                    *xv -= a * xj;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{MatA, Mode};
+    use std::arch::x86_64::*;
+
+    /// `exp` on 8 lanes (Cephes polynomial; inputs clamped to [−87.34, 88]; below → +0).
+    #[inline(always)]
+    pub unsafe fn exp8(x: __m256) -> __m256 {
+        let lo = _mm256_set1_ps(-87.336_55);
+        let under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+        let x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0));
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.398_199_9e-3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.000_000_1e-1));
+        let r2 = _mm256_mul_ps(r, r);
+        let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
+        let e = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        );
+        _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)))
+    }
+
+    #[inline(always)]
+    unsafe fn mask(m: usize) -> __m256i {
+        let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(m as i32), idx)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_inplace(x: &mut [f32]) {
+        let n = x.len();
+        let p = x.as_mut_ptr();
+        let mut i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(p.add(i), exp8(_mm256_loadu_ps(p.add(i))));
+            i += 8;
+        }
+        if i < n {
+            let mk = mask(n - i);
+            let v = exp8(_mm256_maskload_ps(p.add(i), mk));
+            _mm256_maskstore_ps(p.add(i), mk, v);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn mul_exp_diff(dst: &mut [f32], src: &[f32], a: &[f32], b: &[f32]) {
+        let n = dst.len();
+        let (d, s, pa, pb) = (dst.as_mut_ptr(), src.as_ptr(), a.as_ptr(), b.as_ptr());
+        let mut i = 0;
+        while i + 8 <= n {
+            let e = exp8(_mm256_sub_ps(
+                _mm256_loadu_ps(pa.add(i)),
+                _mm256_loadu_ps(pb.add(i)),
+            ));
+            _mm256_storeu_ps(d.add(i), _mm256_mul_ps(_mm256_loadu_ps(s.add(i)), e));
+            i += 8;
+        }
+        if i < n {
+            let mk = mask(n - i);
+            let e = exp8(_mm256_sub_ps(
+                _mm256_maskload_ps(pa.add(i), mk),
+                _mm256_maskload_ps(pb.add(i), mk),
+            ));
+            _mm256_maskstore_ps(
+                d.add(i),
+                mk,
+                _mm256_mul_ps(_mm256_maskload_ps(s.add(i), mk), e),
+            );
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn mul_exp_sdiff(dst: &mut [f32], src: &[f32], sv: f32, b: &[f32]) {
+        let n = dst.len();
+        let (d, s, pb) = (dst.as_mut_ptr(), src.as_ptr(), b.as_ptr());
+        let a = _mm256_set1_ps(sv);
+        let mut i = 0;
+        while i + 8 <= n {
+            let e = exp8(_mm256_sub_ps(a, _mm256_loadu_ps(pb.add(i))));
+            _mm256_storeu_ps(d.add(i), _mm256_mul_ps(_mm256_loadu_ps(s.add(i)), e));
+            i += 8;
+        }
+        if i < n {
+            let mk = mask(n - i);
+            let e = exp8(_mm256_sub_ps(a, _mm256_maskload_ps(pb.add(i), mk)));
+            _mm256_maskstore_ps(
+                d.add(i),
+                mk,
+                _mm256_mul_ps(_mm256_maskload_ps(s.add(i), mk), e),
+            );
+        }
+    }
+
+    /// Register tile `MR × 8·NV` of `C (op)= A·B`; the last vector of each row is masked when
+    /// `!FULL`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn kern<const MR: usize, const NV: usize, const FULL: bool>(
+        kk: usize,
+        a: *const f32,
+        rs: usize,
+        cs: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        mk: __m256i,
+        mode: Mode,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); NV]; MR];
+        for p in 0..kk {
+            let mut bv = [_mm256_setzero_ps(); NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                let bp = b.add(p * ldb + 8 * v);
+                *x = if FULL || v + 1 < NV {
+                    _mm256_loadu_ps(bp)
+                } else {
+                    _mm256_maskload_ps(bp, mk)
+                };
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = _mm256_broadcast_ss(&*a.add(i * rs + p * cs));
+                for v in 0..NV {
+                    row[v] = _mm256_fmadd_ps(av, bv[v], row[v]);
+                }
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (v, x) in row.iter().enumerate() {
+                let cp = c.add(i * ldc + 8 * v);
+                let full = FULL || v + 1 < NV;
+                let old = match mode {
+                    Mode::Set => _mm256_setzero_ps(),
+                    _ if full => _mm256_loadu_ps(cp),
+                    _ => _mm256_maskload_ps(cp, mk),
+                };
+                let r = match mode {
+                    Mode::Set => *x,
+                    Mode::Add => _mm256_add_ps(old, *x),
+                    Mode::Sub => _mm256_sub_ps(old, *x),
+                };
+                if full {
+                    _mm256_storeu_ps(cp, r);
+                } else {
+                    _mm256_maskstore_ps(cp, mk, r);
+                }
+            }
+        }
+    }
+
+    const MR: usize = 6;
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gemm(
+        m: usize,
+        n: usize,
+        kk: usize,
+        a: MatA<'_>,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        mode: Mode,
+    ) {
+        let (ap, rs, cs) = (a.data.as_ptr(), a.rs, a.cs);
+        let mut j0 = 0;
+        while j0 < n {
+            let cols = 16.min(n - j0);
+            let nv = cols.div_ceil(8);
+            let full = cols % 8 == 0;
+            let mk = mask(if full { 8 } else { cols % 8 });
+            let mut i0 = 0;
+            while i0 < m {
+                let mr = MR.min(m - i0);
+                let (a0, b0, c0) = (ap.add(i0 * rs), b.add(j0), c.add(i0 * ldc + j0));
+                macro_rules! go {
+                    ($($r:literal),*) => {
+                        match (mr, nv, full) {
+                            $(
+                                ($r, 1, true) => kern::<$r, 1, true>(kk, a0, rs, cs, b0, ldb, c0, ldc, mk, mode),
+                                ($r, 1, false) => kern::<$r, 1, false>(kk, a0, rs, cs, b0, ldb, c0, ldc, mk, mode),
+                                ($r, 2, true) => kern::<$r, 2, true>(kk, a0, rs, cs, b0, ldb, c0, ldc, mk, mode),
+                                ($r, 2, false) => kern::<$r, 2, false>(kk, a0, rs, cs, b0, ldb, c0, ldc, mk, mode),
+                            )*
+                            _ => unreachable!(),
+                        }
+                    };
+                }
+                go!(1, 2, 3, 4, 5, 6);
+                i0 += mr;
+            }
+            j0 += cols;
+        }
+    }
+
+    /// Row `i` of `X` minus `Σ_{j<i} L[i,j]·X_j`, 64 columns (8 registers) at a time.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn forward_subst(
+        m: usize,
+        l: *const f32,
+        ldl: usize,
+        x: *mut f32,
+        ldx: usize,
+        w: usize,
+    ) {
+        for i in 1..m {
+            let li = l.add(i * ldl);
+            let xi = x.add(i * ldx);
+            let mut c0 = 0;
+            while c0 < w {
+                let cols = 64.min(w - c0);
+                if cols == 64 {
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    for (v, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_loadu_ps(xi.add(c0 + 8 * v));
+                    }
+                    for j in 0..i {
+                        let lv = _mm256_broadcast_ss(&*li.add(j));
+                        let xj = x.add(j * ldx + c0);
+                        for (v, a) in acc.iter_mut().enumerate() {
+                            *a = _mm256_fnmadd_ps(lv, _mm256_loadu_ps(xj.add(8 * v)), *a);
+                        }
+                    }
+                    for (v, a) in acc.iter().enumerate() {
+                        _mm256_storeu_ps(xi.add(c0 + 8 * v), *a);
+                    }
+                } else {
+                    // Narrow tail: 8 columns at a time, masked at the end.
+                    let mut cc = 0;
+                    while cc < cols {
+                        let mk = mask((cols - cc).min(8));
+                        let mut a = _mm256_maskload_ps(xi.add(c0 + cc), mk);
+                        for j in 0..i {
+                            let lv = _mm256_broadcast_ss(&*li.add(j));
+                            let xj = _mm256_maskload_ps(x.add(j * ldx + c0 + cc), mk);
+                            a = _mm256_fnmadd_ps(lv, xj, a);
+                        }
+                        _mm256_maskstore_ps(xi.add(c0 + cc), mk, a);
+                        cc += 8;
+                    }
+                }
+                c0 += cols;
+            }
+        }
+    }
+}
