@@ -12,6 +12,16 @@ fn best(mut f: impl FnMut(), reps: usize) -> f64 {
     }
     b
 }
+fn cpu_ns() -> u64 {
+    let mut tot = 0;
+    for e in std::fs::read_dir("/proc/self/task").unwrap() {
+        let p = e.unwrap().path().join("schedstat");
+        if let Ok(s) = std::fs::read_to_string(p) {
+            tot += s.split_whitespace().next().unwrap().parse::<u64>().unwrap();
+        }
+    }
+    tot
+}
 fn kda_main() {
     use kl_kernels::kda::*;
     let (h, kd, vd, t) = (32usize, 128usize, 128usize, 1024usize);
@@ -47,6 +57,16 @@ fn kda_main() {
         peak = peak.max(kl_kernels::roofline::measure_fma_gflops(th));
         let sec = best(|| kda_chunked(s, &q, &k, &v, &g, &beta, &mut st, &mut o), 5);
         bestg = bestg.max(flops / sec / 1e9);
+        let c0 = cpu_ns();
+        for _ in 0..5 {
+            kda_chunked(s, &q, &k, &v, &g, &beta, &mut st, &mut o);
+        }
+        let cpu = (cpu_ns() - c0) as f64 * 1e-9 / 5.0;
+        println!(
+            "  cpu-time per call {:.1} ms -> {:.1} GFLOP/s per busy core",
+            cpu * 1e3,
+            flops / cpu / 1e9
+        );
     }
     println!(
         "kda_chunked best {bestg:.1} GFLOP/s, peak {peak:.1}: {:.1}%",

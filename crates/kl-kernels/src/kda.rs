@@ -20,7 +20,9 @@
 //! `state` `[H, K, V]`, `out` `[T, H, V]`. Heads run in parallel.
 
 use crate::activation::softplus;
-use crate::dense::{exp_inplace, forward_subst, gemm, mul_exp_diff, mul_exp_sdiff, MatA, Mode};
+use crate::dense::{
+    exp_inplace, forward_subst, gemm, mul_exp_diff, mul_exp_sdiff, prefetch, transpose, MatA, Mode,
+};
 use crate::simd::axpy;
 use rayon::prelude::*;
 
@@ -379,26 +381,37 @@ fn chunk_head_body(
         h, k: kd, v: vd, ..
     } = s;
     const C: usize = CHUNK;
-    // Gather the chunk of this head; Γ = cumsum g; transposed copies of Γ and K.
+    // Gather the chunk of this head (prefetching the next chunk's rows); Γ = cumsum g.
+    let t_total = q.len() / (h * kd);
     for r in 0..c {
         let ti = t0 + r;
         let base = (ti * h + hi) * kd;
+        let vb = (ti * h + hi) * vd;
+        if ti + C < t_total {
+            let (nb, nv) = (base + C * h * kd, vb + C * h * vd);
+            prefetch(&q[nb..nb + kd]);
+            prefetch(&k[nb..nb + kd]);
+            prefetch(&g[nb..nb + kd]);
+            prefetch(&v[nv..nv + vd]);
+        }
         sc.qc[r * kd..(r + 1) * kd].copy_from_slice(&q[base..base + kd]);
         sc.kc[r * kd..(r + 1) * kd].copy_from_slice(&k[base..base + kd]);
-        sc.u[r * vd..(r + 1) * vd].copy_from_slice(&v[(ti * h + hi) * vd..(ti * h + hi + 1) * vd]);
+        sc.u[r * vd..(r + 1) * vd].copy_from_slice(&v[vb..vb + vd]);
         sc.bc[r] = beta[ti * h + hi];
-        for d in 0..kd {
-            let prev = if r == 0 {
-                0.0
-            } else {
-                sc.gam[(r - 1) * kd + d]
-            };
-            let gv = prev + g[base + d];
-            sc.gam[r * kd + d] = gv;
-            sc.gt[d * C + r] = gv;
-            sc.kt[d * C + r] = sc.kc[r * kd + d];
+        let gr = &g[base..base + kd];
+        if r == 0 {
+            sc.gam[..kd].copy_from_slice(gr);
+        } else {
+            let (prev, cur) = sc.gam.split_at_mut(r * kd);
+            let prev = &prev[(r - 1) * kd..];
+            for ((x, p), gv) in cur[..kd].iter_mut().zip(prev).zip(gr) {
+                *x = p + gv;
+            }
         }
     }
+    // Transposed copies of Γ and K (the key side of the A products runs along rows j).
+    transpose(&sc.gam, c, kd, kd, &mut sc.gt, C);
+    transpose(&sc.kc, c, kd, kd, &mut sc.kt, C);
     sc.eg[..c * kd].copy_from_slice(&sc.gam[..c * kd]);
     exp_inplace(&mut sc.eg[..c * kd]);
 

@@ -15,7 +15,7 @@ use std::time::Instant;
 #[derive(clap::Args)]
 pub struct Args {
     /// Context tokens to feed.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 32_768)]
     context: usize,
     /// Tokens to generate.
     #[arg(long, default_value_t = 16)]
@@ -198,7 +198,7 @@ pub fn run(a: Args) -> Result<()> {
         human(f.conv_state_bytes)
     );
     println!(
-        "  process peak RSS     {:>16}  {:>10} (total incl. weights {} and workspace)",
+        "  process peak RSS     {:>16}  {:>10} (planned total: weights {}, state, workspace; the tokenizer and prompt text are extra)",
         peak_rss_bytes().map_or("unknown".into(), human),
         human(f.total_bytes),
         human(f.weights_bytes)
