@@ -361,7 +361,7 @@ unsafe fn chunk_head_avx2(
     chunk_head_body(sc, st, hi, t0, c, s, q, k, v, g, beta, write_out)
 }
 
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 #[inline(always)]
 fn chunk_head_body(
     sc: &mut ChunkScratch,
