@@ -15,7 +15,7 @@
 //! long-context decode scales with threads; the result is bit-identical to the serial order, so
 //! a token's output does not depend on whether it was prefilled or decoded, or on the chunking.
 
-use crate::simd::{axpy, dot_f32};
+use crate::simd::dot_f32;
 use crate::Elem;
 use rayon::prelude::*;
 
@@ -191,30 +191,26 @@ fn attend_range<R: KeyRows + ?Sized>(
     while j < k1 {
         tile.resize(TILE * dk, 0.0);
         let n = rows.widen(j, TILE.min(k1 - j), tile);
-        scores.resize(n, 0.0);
+        scores.resize(h * n, 0.0);
+        tile_scores(qrow, h, dk, &tile[..n * dk], n, scale, scores);
         for hh in 0..h {
-            let qh = &qrow[hh * dk..(hh + 1) * dk];
-            let mut mx = p.m[hh];
-            for (x, sc) in scores.iter_mut().enumerate() {
-                *sc = scale * dot_f32(qh, &tile[x * dk..(x + 1) * dk]);
-                mx = mx.max(*sc);
-            }
+            let row = &mut scores[hh * n..(hh + 1) * n];
+            let mx = row.iter().fold(p.m[hh], |m, &x| m.max(x));
             let corr = (p.m[hh] - mx).exp();
-            let acc = &mut p.acc[hh * dv..(hh + 1) * dv];
             if corr != 1.0 {
-                for a in acc.iter_mut() {
+                for a in p.acc[hh * dv..(hh + 1) * dv].iter_mut() {
                     *a *= corr;
                 }
             }
             let mut l = p.l[hh] * corr;
-            for (x, sc) in scores.iter().enumerate() {
-                let e = (sc - mx).exp();
-                l += e;
-                axpy(e, &tile[x * dk..x * dk + dv], acc);
+            for sc in row.iter_mut() {
+                *sc = (*sc - mx).exp();
+                l += *sc;
             }
             p.l[hh] = l;
             p.m[hh] = mx;
         }
+        tile_pv(scores, h, n, &tile[..n * dk], dk, dv, &mut p.acc);
         j += n;
     }
 }
@@ -323,4 +319,171 @@ pub fn latent_attention_rows<R: KeyRows + ?Sized>(
             p.finish(dv, o);
         },
     );
+}
+
+/// `scores[h·n + x] = scale · q_h · key_x` for all heads and the `n` keys of a tile.
+///
+/// Every score is accumulated in the same order (8 lanes over `k`, then the lane sum, then the
+/// tail) whichever register block computes it, so results do not depend on `n` or `h`.
+fn tile_scores(
+    q: &[f32],
+    h: usize,
+    dk: usize,
+    tile: &[f32],
+    n: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::features().avx2_fma {
+        // SAFETY: AVX2 and FMA checked at run time; all slices are bounds-checked below.
+        unsafe { x86::tile_scores(q, h, dk, tile, n, scale, scores) };
+        return;
+    }
+    for hh in 0..h {
+        let qh = &q[hh * dk..(hh + 1) * dk];
+        for x in 0..n {
+            scores[hh * n + x] = scale * dot_f32(qh, &tile[x * dk..(x + 1) * dk]);
+        }
+    }
+}
+
+/// `acc[h·dv + c] += Σ_x p[h·n + x] · tile[x·dk + c]` (values are the first `dv` columns).
+/// Each element is summed over `x` in order, whichever register block computes it.
+fn tile_pv(p: &[f32], h: usize, n: usize, tile: &[f32], dk: usize, dv: usize, acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::features().avx2_fma {
+        // SAFETY: AVX2 and FMA checked at run time.
+        unsafe { x86::tile_pv(p, h, n, tile, dk, dv, acc) };
+        return;
+    }
+    for hh in 0..h {
+        let a = &mut acc[hh * dv..(hh + 1) * dv];
+        for x in 0..n {
+            let e = p[hh * n + x];
+            for (ac, v) in a.iter_mut().zip(&tile[x * dk..x * dk + dv]) {
+                *ac += e * v;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Scores of up to 4 heads × 2 keys at a time; one 8-lane accumulator per (head, key).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile_scores(
+        q: &[f32],
+        h: usize,
+        dk: usize,
+        tile: &[f32],
+        n: usize,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        assert!(q.len() >= h * dk && tile.len() >= n * dk && scores.len() >= h * n);
+        let k8 = dk / 8 * 8;
+        let (qp, tp) = (q.as_ptr(), tile.as_ptr());
+        let mut h0 = 0;
+        while h0 < h {
+            let hb = (h - h0).min(4);
+            let mut x0 = 0;
+            while x0 < n {
+                let xb = (n - x0).min(2);
+                let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+                let mut kk = 0;
+                while kk < k8 {
+                    let mut kv = [_mm256_setzero_ps(); 2];
+                    for (xi, kvx) in kv.iter_mut().enumerate().take(xb) {
+                        *kvx = _mm256_loadu_ps(tp.add((x0 + xi) * dk + kk));
+                    }
+                    for (hi, acc_h) in acc.iter_mut().enumerate().take(hb) {
+                        let qv = _mm256_loadu_ps(qp.add((h0 + hi) * dk + kk));
+                        for xi in 0..xb {
+                            acc_h[xi] = _mm256_fmadd_ps(qv, kv[xi], acc_h[xi]);
+                        }
+                    }
+                    kk += 8;
+                }
+                for hi in 0..hb {
+                    for xi in 0..xb {
+                        let mut sum = hsum(acc[hi][xi]);
+                        for t in k8..dk {
+                            sum += *qp.add((h0 + hi) * dk + t) * *tp.add((x0 + xi) * dk + t);
+                        }
+                        scores[(h0 + hi) * n + x0 + xi] = scale * sum;
+                    }
+                }
+                x0 += xb;
+            }
+            h0 += hb;
+        }
+    }
+
+    /// `acc += P · V` in blocks of up to 4 heads × 16 value columns held in registers over the
+    /// whole tile.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile_pv(
+        p: &[f32],
+        h: usize,
+        n: usize,
+        tile: &[f32],
+        dk: usize,
+        dv: usize,
+        acc: &mut [f32],
+    ) {
+        assert!(p.len() >= h * n && tile.len() >= n * dk && acc.len() >= h * dv && dv <= dk);
+        let c16 = dv / 16 * 16;
+        let (pp, tp, ap) = (p.as_ptr(), tile.as_ptr(), acc.as_mut_ptr());
+        let mut h0 = 0;
+        while h0 < h {
+            let hb = (h - h0).min(4);
+            let mut c0 = 0;
+            while c0 < c16 {
+                let mut r = [[_mm256_setzero_ps(); 2]; 4];
+                for (hi, rh) in r.iter_mut().enumerate().take(hb) {
+                    rh[0] = _mm256_loadu_ps(ap.add((h0 + hi) * dv + c0));
+                    rh[1] = _mm256_loadu_ps(ap.add((h0 + hi) * dv + c0 + 8));
+                }
+                for x in 0..n {
+                    let v0 = _mm256_loadu_ps(tp.add(x * dk + c0));
+                    let v1 = _mm256_loadu_ps(tp.add(x * dk + c0 + 8));
+                    for (hi, rh) in r.iter_mut().enumerate().take(hb) {
+                        let e = _mm256_broadcast_ss(&*pp.add((h0 + hi) * n + x));
+                        rh[0] = _mm256_fmadd_ps(e, v0, rh[0]);
+                        rh[1] = _mm256_fmadd_ps(e, v1, rh[1]);
+                    }
+                }
+                for (hi, rh) in r.iter().enumerate().take(hb) {
+                    _mm256_storeu_ps(ap.add((h0 + hi) * dv + c0), rh[0]);
+                    _mm256_storeu_ps(ap.add((h0 + hi) * dv + c0 + 8), rh[1]);
+                }
+                c0 += 16;
+            }
+            // Value columns past the last multiple of 16: scalar, same order over x.
+            for hi in 0..hb {
+                for c in c16..dv {
+                    let mut a = *ap.add((h0 + hi) * dv + c);
+                    for x in 0..n {
+                        a = (*pp.add((h0 + hi) * n + x)).mul_add(*tp.add(x * dk + c), a);
+                    }
+                    *ap.add((h0 + hi) * dv + c) = a;
+                }
+            }
+            h0 += hb;
+        }
+    }
 }

@@ -48,3 +48,26 @@ fn prefill_rows_equal_single_query_calls_bitwise() {
         });
     }
 }
+
+#[test]
+fn real_width_rows_match_reference() {
+    use kl_kernels::attention::latent_attention_reference;
+    let mut rng = Rng::new(12);
+    // The released model's row (R 512 + P 64), odd head count and key counts.
+    let s = LatentAttnShape {
+        h: 5,
+        dk: 576,
+        dv: 512,
+    };
+    let block_rows = 256;
+    for &(tq, n_keys) in &[(1usize, 1usize), (1, 77), (3, 300), (1, 1500)] {
+        let store = rng.vec(n_keys.div_ceil(block_rows) * block_rows * s.dk, 1.0);
+        let blocks: Vec<&[f32]> = store.chunks(block_rows * s.dk).collect();
+        let q = rng.vec(tq * s.h * s.dk, 0.2);
+        let (mut o, mut r) = (vec![0f32; tq * s.h * s.dv], vec![0f32; tq * s.h * s.dv]);
+        latent_attention(s, &q, &blocks, block_rows, n_keys, 0.0417, &mut o);
+        latent_attention_reference(s, &q, &blocks, block_rows, n_keys, 0.0417, &mut r);
+        let d = common::max_abs_diff(&o, &r);
+        assert!(d < 1e-5, "tq={tq} n={n_keys}: {d}");
+    }
+}
