@@ -370,18 +370,8 @@ fn tile_pv(p: &[f32], h: usize, n: usize, tile: &[f32], dk: usize, dv: usize, ac
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use crate::simd::x86::hsum;
     use std::arch::x86_64::*;
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
 
     /// Scores of up to 4 heads × 2 keys at a time; one 8-lane accumulator per (head, key).
     #[target_feature(enable = "avx2,fma")]
