@@ -54,6 +54,7 @@ enum Command {
 
 fn main() {
     tune_allocator();
+    restore_sigpipe();
     let cli = Cli::parse();
     let threads = match cli.threads {
         Some(0) => {
@@ -124,5 +125,15 @@ fn tune_allocator() {
     // SAFETY: mallopt is called once, before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
+/// Die quietly on a closed pipe (`kimi-linear demo | head`) like other Unix tools, instead of
+/// panicking in `println!`: Rust ignores SIGPIPE by default.
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: resetting a signal disposition to its default before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

@@ -212,15 +212,22 @@ pub fn apply_budget(
     Ok(f)
 }
 
-/// A prefill progress bar on stderr, shown only on a terminal and without `--quiet`.
+/// A prefill progress bar on stderr, shown only when both stdout and stderr are terminals and
+/// without `--quiet` (output piped to a file gets nothing extra).
 pub fn progress_bar(total: usize, quiet: bool) -> Option<ProgressBar> {
-    if quiet || !std::io::stderr().is_terminal() || total < 2 {
+    if quiet || !std::io::stdout().is_terminal() || !std::io::stderr().is_terminal() || total < 2 {
         return None;
     }
     let pb = ProgressBar::new(total as u64);
     pb.set_style(
-        ProgressStyle::with_template("prefill {bar:40} {pos}/{len} tokens  {per_sec}  ETA {eta}")
-            .expect("valid template"),
+        ProgressStyle::with_template("prefill {bar:40} {pos}/{len} tokens  {tps}  ETA {eta}")
+            .expect("valid template")
+            .with_key(
+                "tps",
+                |st: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.0} tokens/s", st.per_sec());
+                },
+            ),
     );
     Some(pb)
 }
