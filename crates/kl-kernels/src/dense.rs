@@ -6,14 +6,16 @@
 use crate::cpu::features;
 
 /// How [`gemm`] combines the product with `C`.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Mode {
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Mode<'a> {
     /// `C = A·B`.
     Set,
     /// `C += A·B`.
     Add,
     /// `C −= A·B`.
     Sub,
+    /// `C = Diag(s)·C + A·B` (`s` has one factor per row of `C`).
+    ScaleAdd(&'a [f32]),
 }
 
 /// A read-only matrix view with arbitrary strides: element `(i, p)` at `ptr[i·rs + p·cs]`
@@ -37,7 +39,7 @@ pub(crate) fn gemm(
     ldb: usize,
     c: &mut [f32],
     ldc: usize,
-    mode: Mode,
+    mode: Mode<'_>,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -47,9 +49,12 @@ pub(crate) fn gemm(
         "gemm: C too small"
     );
     if kk == 0 {
-        if mode == Mode::Set {
-            for i in 0..m {
-                c[i * ldc..i * ldc + n].fill(0.0);
+        for i in 0..m {
+            let cr = &mut c[i * ldc..i * ldc + n];
+            match mode {
+                Mode::Set => cr.fill(0.0),
+                Mode::ScaleAdd(sc) => cr.iter_mut().for_each(|x| *x *= sc[i]),
+                _ => {}
             }
         }
         return;
@@ -83,6 +88,10 @@ pub(crate) fn gemm(
             Mode::Set => cr.copy_from_slice(&row),
             Mode::Add => cr.iter_mut().zip(&row).for_each(|(c, r)| *c += r),
             Mode::Sub => cr.iter_mut().zip(&row).for_each(|(c, r)| *c -= r),
+            Mode::ScaleAdd(sc) => cr
+                .iter_mut()
+                .zip(&row)
+                .for_each(|(c, r)| *c = *c * sc[i] + r),
         }
     }
 }
@@ -115,19 +124,15 @@ pub(crate) fn mul_exp_diff(dst: &mut [f32], src: &[f32], a: &[f32], b: &[f32]) {
     }
 }
 
-/// `dst[i] = src[i] · exp(s − b[i])` (scalar `s`).
-pub(crate) fn mul_exp_sdiff(dst: &mut [f32], src: &[f32], s: f32, b: &[f32]) {
-    let n = dst.len();
-    assert!(src.len() == n && b.len() == n);
+/// `(min, max)` of `x` and 0 (so `(0, 0)` when empty). NaNs are not reported.
+pub(crate) fn min_max(x: &[f32]) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
     if features().avx2_fma {
-        // SAFETY: AVX2+FMA checked; lengths equal.
-        unsafe { x86::mul_exp_sdiff(dst, src, s, b) };
-        return;
+        // SAFETY: AVX2 checked.
+        return unsafe { x86::min_max(x) };
     }
-    for i in 0..n {
-        dst[i] = src[i] * (s - b[i]).exp();
-    }
+    x.iter()
+        .fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)))
 }
 
 /// Forward substitution on rows: for `i` in `0..m`, `X_i −= Σ_{j<i} L[i·ldl + j] · X_j`, where
@@ -183,23 +188,6 @@ pub(crate) fn transpose(
             dst[c * ldd + r] = src[r * lds + c];
         }
     }
-}
-
-/// Hint that the `n` floats at `p` will be read soon (into L2); no-op off x86-64.
-#[inline(always)]
-pub(crate) fn prefetch(s: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-        let mut i = 0;
-        while i < s.len() {
-            // SAFETY: prefetch never faults; the address is inside `s`.
-            unsafe { _mm_prefetch(s.as_ptr().add(i) as *const i8, _MM_HINT_T1) };
-            i += 16;
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = s;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -296,6 +284,25 @@ mod x86 {
         }
     }
 
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn min_max(x: &[f32]) -> (f32, f32) {
+        let (n, p) = (x.len(), x.as_ptr());
+        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 8 <= n {
+            let v = _mm256_loadu_ps(p.add(i));
+            lo = _mm256_min_ps(lo, v);
+            hi = _mm256_max_ps(hi, v);
+            i += 8;
+        }
+        let (mut a, mut b) = ([0f32; 8], [0f32; 8]);
+        _mm256_storeu_ps(a.as_mut_ptr(), lo);
+        _mm256_storeu_ps(b.as_mut_ptr(), hi);
+        let lo = x[i..].iter().chain(&a).fold(0f32, |m, &v| m.min(v));
+        let hi = x[i..].iter().chain(&b).fold(0f32, |m, &v| m.max(v));
+        (lo, hi)
+    }
+
     #[inline(always)]
     unsafe fn mask(m: usize) -> __m256i {
         let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -345,28 +352,6 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn mul_exp_sdiff(dst: &mut [f32], src: &[f32], sv: f32, b: &[f32]) {
-        let n = dst.len();
-        let (d, s, pb) = (dst.as_mut_ptr(), src.as_ptr(), b.as_ptr());
-        let a = _mm256_set1_ps(sv);
-        let mut i = 0;
-        while i + 8 <= n {
-            let e = exp8(_mm256_sub_ps(a, _mm256_loadu_ps(pb.add(i))));
-            _mm256_storeu_ps(d.add(i), _mm256_mul_ps(_mm256_loadu_ps(s.add(i)), e));
-            i += 8;
-        }
-        if i < n {
-            let mk = mask(n - i);
-            let e = exp8(_mm256_sub_ps(a, _mm256_maskload_ps(pb.add(i), mk)));
-            _mm256_maskstore_ps(
-                d.add(i),
-                mk,
-                _mm256_mul_ps(_mm256_maskload_ps(s.add(i), mk), e),
-            );
-        }
-    }
-
     /// Register tile `MR × 8·NV` of `C (op)= A·B`; the last vector of each row is masked when
     /// `!FULL`.
     #[allow(clippy::too_many_arguments)]
@@ -381,7 +366,7 @@ mod x86 {
         c: *mut f32,
         ldc: usize,
         mk: __m256i,
-        mode: Mode,
+        mode: Mode<'_>,
     ) {
         let mut acc = [[_mm256_setzero_ps(); NV]; MR];
         for p in 0..kk {
@@ -414,6 +399,9 @@ mod x86 {
                     Mode::Set => *x,
                     Mode::Add => _mm256_add_ps(old, *x),
                     Mode::Sub => _mm256_sub_ps(old, *x),
+                    Mode::ScaleAdd(sc) => {
+                        _mm256_add_ps(_mm256_mul_ps(old, _mm256_set1_ps(sc[i])), *x)
+                    }
                 };
                 if full {
                     _mm256_storeu_ps(cp, r);
@@ -437,7 +425,7 @@ mod x86 {
         ldb: usize,
         c: *mut f32,
         ldc: usize,
-        mode: Mode,
+        mode: Mode<'_>,
     ) {
         let (ap, rs, cs) = (a.data.as_ptr(), a.rs, a.cs);
         let mut j0 = 0;
@@ -448,8 +436,19 @@ mod x86 {
             let mk = mask(if full { 8 } else { cols % 8 });
             let mut i0 = 0;
             while i0 < m {
-                let mr = MR.min(m - i0);
+                // Rows per tile: 6, but never leave a 1- or 2-row tail (too few accumulator
+                // chains to cover the FMA latency): 7 → 4 + 3, 8 → 4 + 4.
+                let left = m - i0;
+                let mr = if left == 7 || left == 8 {
+                    4
+                } else {
+                    MR.min(left)
+                };
                 let (a0, b0, c0) = (ap.add(i0 * rs), b.add(j0), c.add(i0 * ldc + j0));
+                let mode = match mode {
+                    Mode::ScaleAdd(sc) => Mode::ScaleAdd(&sc[i0..]),
+                    other => other,
+                };
                 macro_rules! go {
                     ($($r:literal),*) => {
                         match (mr, nv, full) {

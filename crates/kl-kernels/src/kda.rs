@@ -13,15 +13,20 @@
 //!   `Γ = cumsum g`, `A_kk[i,j] = β_i Σ_d k_i k_j e^{Γ_i−Γ_j}` (j<i), `W = (I+A_kk)⁻¹ Diag(β)(e^Γ⊙K)`,
 //!   `U = (I+A_kk)⁻¹ Diag(β) V`, `V' = U − W S`, `O = (e^Γ⊙Q) S + A_qk V'` with
 //!   `A_qk[i,j] = Σ_d q_i k_j e^{Γ_i−Γ_j}` (j≤i), `S ← Diag(e^{Γ_C}) S + (e^{Γ_C−Γ}⊙K)ᵀ V'`.
-//!   Exponents are only ever formed as differences `Γ_i − Γ_j ≤ 0` (never `e^{−Γ_j}`, which
-//!   overflows for strong decays), so every factor is in (0, 1].
+//!   It is evaluated as small dense products (register-blocked, AVX2 when available): per
+//!   16-row sub-chunk, `A_kk`/`A_qk` come from one product against keys rescaled to the
+//!   sub-chunk's first row `n` (factors `e^{Γ_i−Γ_n}`, `e^{Γ_n−Γ_j}`; never `e^{−Γ_j}` over a
+//!   whole chunk, which overflows for strong decays), `W`/`U` from a forward substitution, and
+//!   `W·S`, `A_qk·V'`, `Kᵀ·V'` are plain products; about `C·K` exponentials per chunk and head
+//!   instead of `C²·K`. Rows with very strong decay fall back to pairwise exponents (see
+//!   `chunk_head`), and every row of a chunk depends bit for bit only on the rows before it.
 //!
 //! Layouts (PyTorch order): `q, k, g` `[T, H, K]`, `v` `[T, H, V]`, `beta` `[T, H]`,
 //! `state` `[H, K, V]`, `out` `[T, H, V]`. Heads run in parallel.
 
 use crate::activation::softplus;
 use crate::dense::{
-    exp_inplace, forward_subst, gemm, mul_exp_diff, mul_exp_sdiff, prefetch, transpose, MatA, Mode,
+    exp_inplace, forward_subst, gemm, min_max, mul_exp_diff, transpose, MatA, Mode,
 };
 use crate::simd::axpy;
 use rayon::prelude::*;
@@ -206,42 +211,55 @@ pub fn kda_chunked_reference(
 /// reference `Γ_n` at the first row `n` of the query sub-chunk (every factor `≤ 1`).
 const SUB: usize = 16;
 
-/// Largest `|Γ_i − Γ_n|` within a diagonal sub-chunk for which it is also factorised (factors
-/// then stay within `e^{±80}`, far from f32 overflow/underflow); stronger decays fall back to
-/// pairwise exponents for that block.
-const SPAN_MAX: f32 = 80.0;
+/// Largest `|Γ_i[d] − Γ_n[d]|` (over channels `d`, and over the rows of the sub-chunk up to `i`)
+/// for which row `i` is factorised through `qf_i = e^{Γ_i − Γ_n}` and `k_i / qf_i ≤ e^{60}|k_i|`.
+/// Products of that with a factor that underflowed (`< e^{−87.3}`, flushed or subnormal) are then
+/// off by at most `e^{60−87.3} ≈ 1.4·10⁻¹²` in absolute value, far below f32 resolution of
+/// the O(1) results; rows with stronger decay take explicit (pairwise) exponents instead.
+const SPAN_MAX: f32 = 60.0;
 
 /// Per-head scratch of the chunked form.
 struct ChunkScratch {
-    gam: Vec<f32>,  // [C, K] cumulative log-decay Γ
-    qc: Vec<f32>,   // [C, K]
-    kc: Vec<f32>,   // [C, K]
-    bc: Vec<f32>,   // [C]
-    gt: Vec<f32>,   // [K, C] Γ transposed
-    kt: Vec<f32>,   // [K, C] K transposed
-    kf: Vec<f32>,   // [K, C] key side k_j·e^{Γ_n − Γ_j}, transposed
-    qk: Vec<f32>,   // [2·SUB, K] query side k_i·e^{Γ_i − Γ_n} then q_i·e^{Γ_i − Γ_n}
-    erow: Vec<f32>, // [K]
-    prod: Vec<f32>, // [2·SUB, C]
-    akk: Vec<f32>,  // [C, C] β_i-scaled, strictly lower
-    aqk: Vec<f32>,  // [C, C] inclusive lower
-    eg: Vec<f32>,   // [C, K] e^Γ
-    w: Vec<f32>,    // [C, K]
-    u: Vec<f32>,    // [C, V] (becomes V')
-    eq: Vec<f32>,   // [C, K] e^Γ⊙Q, then e^{Γ_C−Γ}⊙K
-    o: Vec<f32>,    // [C, V]
+    gam: Vec<f32>,   // [C, K] cumulative log-decay Γ
+    qc: Vec<f32>,    // [C, K]
+    kc: Vec<f32>,    // [C, K]
+    bc: Vec<f32>,    // [C]
+    qf: Vec<f32>,    // [C, K] e^{Γ_i − Γ_n(i)} (n(i) = first row of i's sub-chunk)
+    kinv: Vec<f32>,  // [C, K] k_i / qf_i (factorisable rows; 0 for the others)
+    kinvt: Vec<f32>, // [K, C] kinv transposed
+    rho: Vec<f32>,   // [C/SUB, K] e^{Γ_n(b) − Γ_n(b−1)}
+    egn: Vec<f32>,   // [C/SUB, K] e^{Γ_n(b)}
+    ok: Vec<bool>,   // [C] row factorisable (causal, within its sub-chunk; see SPAN_MAX)
+    rf: Vec<f32>,    // [K] running product of rho
+    kf: Vec<f32>,    // [K, C] key side k_j·e^{Γ_n − Γ_j}, transposed
+    qk: Vec<f32>,    // [2·SUB, K] query side k_i·qf_i then q_i·qf_i
+    erow: Vec<f32>,  // [K]
+    prod: Vec<f32>,  // [2·SUB, C]
+    akk: Vec<f32>,   // [C, C] β_i-scaled, strictly lower
+    aqk: Vec<f32>,   // [C, C] inclusive lower
+    eg: Vec<f32>,    // [C, K] e^Γ
+    w: Vec<f32>,     // [C, K]
+    u: Vec<f32>,     // [C, V] (becomes V')
+    eq: Vec<f32>,    // [C, K] e^Γ⊙Q, then e^{Γ_C−Γ}⊙K
+    o: Vec<f32>,     // [C, V]
 }
 
 impl ChunkScratch {
     fn new(kd: usize, vd: usize) -> Self {
         let c = CHUNK;
+        let nsub = CHUNK / SUB;
         ChunkScratch {
             gam: vec![0.0; c * kd],
             qc: vec![0.0; c * kd],
             kc: vec![0.0; c * kd],
             bc: vec![0.0; c],
-            gt: vec![0.0; kd * c],
-            kt: vec![0.0; kd * c],
+            qf: vec![0.0; c * kd],
+            kinv: vec![0.0; c * kd],
+            kinvt: vec![0.0; kd * c],
+            rho: vec![0.0; nsub * kd],
+            egn: vec![0.0; nsub * kd],
+            ok: vec![false; c],
+            rf: vec![0.0; kd],
             kf: vec![0.0; kd * c],
             qk: vec![0.0; 2 * SUB * kd],
             erow: vec![0.0; kd],
@@ -271,7 +289,9 @@ pub fn kda_chunked(
     out: &mut [f32],
 ) {
     check(s, q, k, v, g, beta, state, out);
-    let KdaShape { t, h, k: kd, v: vd } = s;
+    let KdaShape {
+        t, k: kd, v: vd, ..
+    } = s;
     let op = SendPtr(out.as_mut_ptr());
     state
         .par_chunks_exact_mut(kd * vd)
@@ -281,27 +301,8 @@ pub fn kda_chunked(
             let mut t0 = 0;
             while t0 < t {
                 let c = CHUNK.min(t - t0);
-                // SAFETY: rows t0..t0+c of head hi are written only here.
-                chunk_head(
-                    &mut sc,
-                    st,
-                    hi,
-                    t0,
-                    c,
-                    s,
-                    q,
-                    k,
-                    v,
-                    g,
-                    beta,
-                    |ti, o| unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            o.as_ptr(),
-                            op.get().add((ti * h + hi) * vd),
-                            vd,
-                        );
-                    },
-                );
+                // Rows t0..t0+c of head hi of `out` are written only here.
+                chunk_head(&mut sc, st, hi, t0, c, s, q, k, v, g, beta, op);
                 t0 += c;
             }
         });
@@ -309,10 +310,22 @@ pub fn kda_chunked(
 
 /// One chunk of one head: the §5.3 equations as small dense products.
 ///
-/// 1. `A_kk`, `A_qk` per 16-row sub-chunk `s` (reference row `n = 16s`): one product
-///    `[K̃_s; Q̃_s] · K̂ᵀ` with `K̃_s[i] = k_i e^{Γ_i−Γ_n}`, `Q̃_s[i] = q_i e^{Γ_i−Γ_n}` and
-///    `K̂[j] = k_j e^{Γ_n−Γ_j}` for all earlier rows `j < n` (factors ≤ 1), plus the diagonal
-///    block's own rows when its decay span is at most [`SPAN_MAX`] (else pairwise exponents).
+/// Exponentials: per 16-row sub-chunk `b` with first row `n_b`, one exp per element for the
+/// query-side factors `qf_i = e^{Γ_i − Γ_{n_b}} ≤ 1`, plus the rows `e^{Γ_{n_b}}` and
+/// `ρ_b = e^{Γ_{n_b} − Γ_{n_{b−1}}}`. For rows whose decay since `n_b` stays within [`SPAN_MAX`]
+/// (`qf ≥ e^{−60}`), everything else is a product of these: `e^{Γ_i} = e^{Γ_{n_b}}·qf_i`,
+/// key-side factors `k_j e^{Γ_{n_s} − Γ_j} = (k_j / qf_j)·Π ρ` and `e^{Γ_C − Γ_i}k_i` likewise,
+/// so about `C·K` exps per chunk instead of `C²·K`. Rows with stronger decay take explicit
+/// exponents of non-positive differences (and pairwise ones on their diagonal block).
+///
+/// Row `i`'s output depends only on rows `≤ i` of the chunk, bit for bit: every path decision
+/// is per row and causal, and each product accumulates every element in a fixed order. So a
+/// chunk recomputed from its start with more rows reproduces the earlier rows exactly (the
+/// layers crate relies on this for split prefill).
+///
+/// 1. `A_kk`, `A_qk` per query sub-chunk `s`: one product `[K̃_s; Q̃_s] · K̂ᵀ` with
+///    `K̃_s[i] = k_i qf_i`, `Q̃_s[i] = q_i qf_i`, `K̂[j] = k_j e^{Γ_{n_s}−Γ_j}` (all earlier rows,
+///    and the diagonal block's factorisable ones).
 /// 2. `W`, `U` by forward substitution with `I + A_kk` (row-wise, register-blocked).
 /// 3. `V' = U − W·S`, `O = (e^Γ⊙Q)·S + A_qk·V'`, `S ← Diag(e^{Γ_C}) S + (e^{Γ_C−Γ}⊙K)ᵀ·V'`.
 #[allow(clippy::too_many_arguments)]
@@ -328,17 +341,17 @@ fn chunk_head(
     v: &[f32],
     g: &[f32],
     beta: &[f32],
-    write_out: impl FnMut(usize, &[f32]),
+    out: SendPtr,
 ) {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::features().avx2_fma {
         // SAFETY: AVX2+FMA checked; the body is the same safe code, compiled for AVX2 so its
         // element-wise loops vectorise 8-wide.
         unsafe {
-            return chunk_head_avx2(sc, st, hi, t0, c, s, q, k, v, g, beta, write_out);
+            return chunk_head_avx2(sc, st, hi, t0, c, s, q, k, v, g, beta, out);
         }
     }
-    chunk_head_body(sc, st, hi, t0, c, s, q, k, v, g, beta, write_out)
+    chunk_head_body(sc, st, hi, t0, c, s, q, k, v, g, beta, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -356,12 +369,16 @@ unsafe fn chunk_head_avx2(
     v: &[f32],
     g: &[f32],
     beta: &[f32],
-    write_out: impl FnMut(usize, &[f32]),
+    out: SendPtr,
 ) {
-    chunk_head_body(sc, st, hi, t0, c, s, q, k, v, g, beta, write_out)
+    chunk_head_body(sc, st, hi, t0, c, s, q, k, v, g, beta, out)
 }
 
-#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[allow(
+    clippy::too_many_arguments,
+    clippy::needless_range_loop,
+    clippy::manual_memcpy
+)]
 #[inline(always)]
 fn chunk_head_body(
     sc: &mut ChunkScratch,
@@ -375,127 +392,177 @@ fn chunk_head_body(
     v: &[f32],
     g: &[f32],
     beta: &[f32],
-    mut write_out: impl FnMut(usize, &[f32]),
+    out: SendPtr,
 ) {
     let KdaShape {
         h, k: kd, v: vd, ..
     } = s;
     const C: usize = CHUNK;
-    // Gather the chunk of this head (prefetching the next chunk's rows); Γ = cumsum g.
-    let t_total = q.len() / (h * kd);
+    // Gather the chunk of this head; Γ = cumsum g. One fused loop per row (no memcpy calls:
+    // hence the `manual_memcpy` allowance) so that the loads of q, k, g and v rows are all in
+    // flight together.
     for r in 0..c {
         let ti = t0 + r;
         let base = (ti * h + hi) * kd;
         let vb = (ti * h + hi) * vd;
-        if ti + C < t_total {
-            let (nb, nv) = (base + C * h * kd, vb + C * h * vd);
-            prefetch(&q[nb..nb + kd]);
-            prefetch(&k[nb..nb + kd]);
-            prefetch(&g[nb..nb + kd]);
-            prefetch(&v[nv..nv + vd]);
-        }
-        sc.qc[r * kd..(r + 1) * kd].copy_from_slice(&q[base..base + kd]);
-        sc.kc[r * kd..(r + 1) * kd].copy_from_slice(&k[base..base + kd]);
-        sc.u[r * vd..(r + 1) * vd].copy_from_slice(&v[vb..vb + vd]);
-        sc.bc[r] = beta[ti * h + hi];
-        let gr = &g[base..base + kd];
+        let (qr, kr, gr) = (
+            &q[base..base + kd],
+            &k[base..base + kd],
+            &g[base..base + kd],
+        );
+        let (gprev, gcur) = sc.gam.split_at_mut(r * kd);
+        let gcur = &mut gcur[..kd];
+        let qd = &mut sc.qc[r * kd..(r + 1) * kd];
+        let kdst = &mut sc.kc[r * kd..(r + 1) * kd];
         if r == 0 {
-            sc.gam[..kd].copy_from_slice(gr);
+            for d in 0..kd {
+                qd[d] = qr[d];
+                kdst[d] = kr[d];
+                gcur[d] = gr[d];
+            }
         } else {
-            let (prev, cur) = sc.gam.split_at_mut(r * kd);
-            let prev = &prev[(r - 1) * kd..];
-            for ((x, p), gv) in cur[..kd].iter_mut().zip(prev).zip(gr) {
-                *x = p + gv;
+            let gprev = &gprev[(r - 1) * kd..r * kd];
+            for d in 0..kd {
+                qd[d] = qr[d];
+                kdst[d] = kr[d];
+                gcur[d] = gprev[d] + gr[d];
+            }
+        }
+        for (x, y) in sc.u[r * vd..(r + 1) * vd].iter_mut().zip(&v[vb..vb + vd]) {
+            *x = *y;
+        }
+        sc.bc[r] = beta[ti * h + hi];
+    }
+    // Per sub-chunk: qf, factorisability, e^{Γ_n}, ρ, kinv; then e^Γ.
+    let nsub = c.div_ceil(SUB);
+    for bi in 0..nsub {
+        let (r0, r1) = (bi * SUB, ((bi + 1) * SUB).min(c));
+        let gn = &sc.gam[r0 * kd..(r0 + 1) * kd];
+        for i in r0..r1 {
+            let gi = &sc.gam[i * kd..(i + 1) * kd];
+            let qf = &mut sc.qf[i * kd..(i + 1) * kd];
+            for ((e, a), b) in qf.iter_mut().zip(gi).zip(gn) {
+                *e = a - b;
+            }
+        }
+        // Row i is factorisable when it and every earlier row of its block stay within
+        // SPAN_MAX of the reference (causal: later rows never change an earlier row's path).
+        let mut ok = true;
+        for i in r0..r1 {
+            let (lo, hi_) = min_max(&sc.qf[i * kd..(i + 1) * kd]);
+            ok = ok && lo >= -SPAN_MAX && hi_ <= SPAN_MAX;
+            sc.ok[i] = ok;
+        }
+        exp_inplace(&mut sc.qf[r0 * kd..r1 * kd]);
+        let egn = &mut sc.egn[bi * kd..(bi + 1) * kd];
+        egn.copy_from_slice(gn);
+        exp_inplace(egn);
+        if bi > 0 {
+            let gp = &sc.gam[(r0 - SUB) * kd..(r0 - SUB + 1) * kd];
+            let rho = &mut sc.rho[bi * kd..(bi + 1) * kd];
+            for ((r, a), b) in rho.iter_mut().zip(gn).zip(gp) {
+                *r = a - b;
+            }
+            exp_inplace(rho);
+        }
+        for i in r0..r1 {
+            let row = i * kd..(i + 1) * kd;
+            let egn = &sc.egn[bi * kd..(bi + 1) * kd];
+            for ((e, a), b) in sc.eg[row.clone()]
+                .iter_mut()
+                .zip(egn)
+                .zip(&sc.qf[row.clone()])
+            {
+                *e = a * b;
+            }
+            if sc.ok[i] {
+                for ((x, a), b) in sc.kinv[row.clone()]
+                    .iter_mut()
+                    .zip(&sc.kc[row.clone()])
+                    .zip(&sc.qf[row])
+                {
+                    *x = a / b;
+                }
+            } else {
+                sc.kinv[row].fill(0.0);
             }
         }
     }
-    // Transposed copies of Γ and K (the key side of the A products runs along rows j).
-    transpose(&sc.gam, c, kd, kd, &mut sc.gt, C);
-    transpose(&sc.kc, c, kd, kd, &mut sc.kt, C);
-    sc.eg[..c * kd].copy_from_slice(&sc.gam[..c * kd]);
-    exp_inplace(&mut sc.eg[..c * kd]);
+    transpose(&sc.kinv, c, kd, kd, &mut sc.kinvt, C);
 
     // 1. A_kk (β_i-scaled, strictly lower) and A_qk (inclusive lower), sub-chunk by sub-chunk.
-    let mut r0 = 0;
-    while r0 < c {
-        let r1 = (r0 + SUB).min(c);
+    for si in 0..nsub {
+        let (r0, r1) = (si * SUB, ((si + 1) * SUB).min(c));
         let m = r1 - r0;
-        let gn = &sc.gam[r0 * kd..(r0 + 1) * kd];
-        let (mut lo, mut hi_) = (0f32, 0f32);
-        for i in r0..r1 {
-            for (a, b) in sc.gam[i * kd..(i + 1) * kd].iter().zip(gn) {
-                lo = lo.min(a - b);
-                hi_ = hi_.max(a - b);
-            }
-        }
-        let diag_ok = lo >= -SPAN_MAX && hi_ <= SPAN_MAX;
         // Query side.
         for i in r0..r1 {
-            let gi = &sc.gam[i * kd..(i + 1) * kd];
-            for ((e, a), b) in sc.erow.iter_mut().zip(gi).zip(gn) {
-                *e = a - b;
-            }
-            exp_inplace(&mut sc.erow);
             let li = i - r0;
+            let qf = &sc.qf[i * kd..(i + 1) * kd];
             for d in 0..kd {
-                sc.qk[li * kd + d] = sc.kc[i * kd + d] * sc.erow[d];
-                sc.qk[(m + li) * kd + d] = sc.qc[i * kd + d] * sc.erow[d];
+                sc.qk[li * kd + d] = sc.kc[i * kd + d] * qf[d];
+                sc.qk[(m + li) * kd + d] = sc.qc[i * kd + d] * qf[d];
             }
         }
-        // Key side (transposed): earlier rows, and the block itself when safe.
-        let jmax = if diag_ok { r1 } else { r0 };
-        if jmax > 0 {
-            for d in 0..kd {
-                let row = d * C..d * C + jmax;
-                mul_exp_sdiff(
-                    &mut sc.kf[row.clone()],
-                    &sc.kt[row.clone()],
-                    gn[d],
-                    &sc.gt[row],
-                );
+        // Key side (transposed), block by block going back: rf = e^{Γ_{n_s} − Γ_{n_b}}.
+        // Columns of non-factorisable rows are explicit exponents (earlier blocks) or zero
+        // (this block: those rows take pairwise exponents below).
+        sc.rf.fill(1.0);
+        for bi in (0..=si).rev() {
+            if bi < si {
+                let rho = &sc.rho[(bi + 1) * kd..(bi + 2) * kd];
+                for (r, p) in sc.rf.iter_mut().zip(rho) {
+                    *r *= p;
+                }
             }
-            let a = MatA {
-                data: &sc.qk[..2 * m * kd],
-                rs: kd,
-                cs: 1,
-            };
-            gemm(2 * m, jmax, kd, a, &sc.kf, C, &mut sc.prod, C, Mode::Set);
+            let (b0, b1) = (bi * SUB, ((bi + 1) * SUB).min(c));
+            for d in 0..kd {
+                let f = sc.rf[d];
+                let (dst, src) = (&mut sc.kf[d * C + b0..d * C + b1], &sc.kinvt[d * C + b0..]);
+                for (x, y) in dst.iter_mut().zip(src) {
+                    *x = y * f;
+                }
+            }
+            if bi < si {
+                // Rows with strong decay: explicit e^{Γ_{n_s} − Γ_j} ≤ 1, scattered.
+                let gn = &sc.gam[r0 * kd..(r0 + 1) * kd];
+                for j in (b0..b1).filter(|&j| !sc.ok[j]) {
+                    let row = j * kd..(j + 1) * kd;
+                    mul_exp_diff(&mut sc.erow, &sc.kc[row.clone()], gn, &sc.gam[row]);
+                    for d in 0..kd {
+                        sc.kf[d * C + j] = sc.erow[d];
+                    }
+                }
+            }
         }
+        let a = MatA {
+            data: &sc.qk[..2 * m * kd],
+            rs: kd,
+            cs: 1,
+        };
+        gemm(2 * m, r1, kd, a, &sc.kf, C, &mut sc.prod, C, Mode::Set);
         for i in r0..r1 {
             let li = i - r0;
             let b = sc.bc[i];
-            for j in 0..C {
-                let inside = j < jmax;
-                sc.akk[i * C + j] = if inside && j < i {
-                    b * sc.prod[li * C + j]
-                } else {
-                    0.0
-                };
-                sc.aqk[i * C + j] = if inside && j <= i {
-                    sc.prod[(m + li) * C + j]
-                } else {
-                    0.0
-                };
+            let (nk, nq) = (i, i + 1);
+            let akk = &mut sc.akk[i * C..(i + 1) * C];
+            for (a, p) in akk[..nk].iter_mut().zip(&sc.prod[li * C..li * C + nk]) {
+                *a = b * p;
             }
-            if !diag_ok {
+            akk[nk..].fill(0.0);
+            let aqk = &mut sc.aqk[i * C..(i + 1) * C];
+            aqk[..nq].copy_from_slice(&sc.prod[(m + li) * C..(m + li) * C + nq]);
+            aqk[nq..].fill(0.0);
+            if !sc.ok[i] {
                 // Pairwise exponents on the diagonal block: e^{Γ_i − Γ_j} ≤ 1 for j ≤ i.
                 let gi = &sc.gam[i * kd..(i + 1) * kd];
                 for j in r0..=i {
                     let gj = &sc.gam[j * kd..(j + 1) * kd];
-                    for ((e, a), b) in sc.erow.iter_mut().zip(gi).zip(gj) {
-                        *e = a - b;
-                    }
-                    exp_inplace(&mut sc.erow);
-                    let (ki, qi, kj) = (
-                        &sc.kc[i * kd..(i + 1) * kd],
-                        &sc.qc[i * kd..(i + 1) * kd],
-                        &sc.kc[j * kd..(j + 1) * kd],
-                    );
+                    mul_exp_diff(&mut sc.erow, &sc.kc[j * kd..(j + 1) * kd], gi, gj);
+                    let (ki, qi) = (&sc.kc[i * kd..(i + 1) * kd], &sc.qc[i * kd..(i + 1) * kd]);
                     let (mut skk, mut sqk) = (0f32, 0f32);
                     for d in 0..kd {
-                        let e = sc.erow[d] * kj[d];
-                        skk += ki[d] * e;
-                        sqk += qi[d] * e;
+                        skk += ki[d] * sc.erow[d];
+                        sqk += qi[d] * sc.erow[d];
                     }
                     if j < i {
                         sc.akk[i * C + j] = b * skk;
@@ -504,7 +571,6 @@ fn chunk_head_body(
                 }
             }
         }
-        r0 = r1;
     }
 
     // 2. W = (I + A_kk)⁻¹ Diag(β)(e^Γ⊙K), U = (I + A_kk)⁻¹ Diag(β) V.
@@ -559,23 +625,40 @@ fn chunk_head_body(
         r0 = r1;
     }
     for i in 0..c {
-        write_out(t0 + i, &sc.o[i * vd..(i + 1) * vd]);
+        // SAFETY: output row (t0 + i, hi) is `vd` floats inside `out`, written only by the task
+        // that owns head hi.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                sc.o[i * vd..].as_ptr(),
+                out.get().add(((t0 + i) * h + hi) * vd),
+                vd,
+            );
+        }
     }
-    // S ← Diag(e^{Γ_last}) S + (e^{Γ_last − Γ}⊙K)ᵀ V'.
+    // S ← Diag(e^{Γ_last}) S + (e^{Γ_last − Γ}⊙K)ᵀ V'; e^{Γ_last − Γ_i} k_i = kinv_i·qf_last·Πρ.
     let last = (c - 1) * kd;
-    for i in 0..c {
-        let row = i * kd..(i + 1) * kd;
-        mul_exp_diff(
-            &mut sc.eq[row.clone()],
-            &sc.kc[row.clone()],
-            &sc.gam[last..last + kd],
-            &sc.gam[row],
-        );
-    }
-    for d in 0..kd {
-        let e = sc.eg[last + d];
-        for x in &mut st[d * vd..(d + 1) * vd] {
-            *x *= e;
+    sc.rf.copy_from_slice(&sc.qf[last..last + kd]);
+    for bi in (0..nsub).rev() {
+        if bi + 1 < nsub {
+            let rho = &sc.rho[(bi + 1) * kd..(bi + 2) * kd];
+            for (r, p) in sc.rf.iter_mut().zip(rho) {
+                *r *= p;
+            }
+        }
+        for i in bi * SUB..((bi + 1) * SUB).min(c) {
+            let row = i * kd..(i + 1) * kd;
+            if sc.ok[i] {
+                for ((x, a), f) in sc.eq[row.clone()].iter_mut().zip(&sc.kinv[row]).zip(&sc.rf) {
+                    *x = a * f;
+                }
+            } else {
+                mul_exp_diff(
+                    &mut sc.eq[row.clone()],
+                    &sc.kc[row.clone()],
+                    &sc.gam[last..last + kd],
+                    &sc.gam[row],
+                );
+            }
         }
     }
     let ka = MatA {
@@ -583,5 +666,6 @@ fn chunk_head_body(
         rs: 1,
         cs: kd,
     };
-    gemm(kd, vd, c, ka, &sc.u, vd, st, vd, Mode::Add);
+    let decay = Mode::ScaleAdd(&sc.eg[last..last + kd]);
+    gemm(kd, vd, c, ka, &sc.u, vd, st, vd, decay);
 }

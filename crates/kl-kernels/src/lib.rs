@@ -14,6 +14,19 @@
 //! **Numerics.** All accumulation is f32. Weights are converted element by element (bf16 → f32 is
 //! exact), never materialised as whole f32 copies: [`matmul`] converts a panel of rows at a time.
 //!
+//! **Batch invariance.** [`matmul`] accumulates every output element in one canonical order
+//! (8 lanes over `K`, fixed tail and lane-sum order) in both its decode and prefill paths, so
+//! `y[t, n]` is bit-identical whatever the number of rows, the tiling or the thread count: a
+//! prompt prefilled in pieces gives the same bits as one prefill. [`kda::kda_chunked`] makes
+//! every output row of a chunk depend only on the rows before it (bitwise), so a partial chunk
+//! recomputed with more rows reproduces its earlier rows.
+//!
+//! **Speed.** The compute-bound kernels are register-blocked (matmul: 4 × 3 tiles of 8-lane
+//! accumulators over an L2-resident f32 panel, K-blocked for L1; KDA: 6 × 16 tiles of small
+//! dense products, see the private `dense` module); decode matmul streams bf16 weights in
+//! register-width groups. [`roofline`] measures the machine's FMA peak and read bandwidth so
+//! that `cargo bench -p kl-kernels` can quote each kernel as a fraction of it.
+//!
 //! **CPU features** are detected once at run time ([`cpu::features`]); one binary uses AVX2+FMA
 //! where present and falls back to portable code elsewhere (including aarch64).
 #![deny(missing_docs)]

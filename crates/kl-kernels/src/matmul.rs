@@ -7,10 +7,13 @@
 //!   rows are split across threads; a group of rows is streamed once in its stored dtype (bf16 and
 //!   f16 widened in registers) and dotted against every `x` row.
 //! - **Many rows** (prefill): a compute-bound product. A panel of `W` rows is widened once into a
-//!   thread-local f32 buffer (never the whole matrix) and multiplied against blocks of `x` rows
-//!   with a register-blocked microkernel (4 `x` rows × 3 `W` rows = 12 vector accumulators).
+//!   thread-local f32 buffer (never the whole matrix, ~768 KiB so it stays in L2, rows padded
+//!   against 4 KiB aliasing) and multiplied against blocks of `x` rows with a register-blocked
+//!   microkernel (4 `x` rows × 3 `W` rows = 12 vector accumulators). `K` goes in blocks of at
+//!   most 1024 columns, the 4 `x` rows of a block packed so that they stay in L1; the
+//!   accumulators are saved between blocks bit for bit. Tasks are (panel, row range) pairs.
 //!
-//! **Batch invariance.** Both regimes run the *same* tile kernel ([`x86`] / [`portable`]), so
+//! **Batch invariance.** Both regimes run the *same* tile kernel (AVX2 or portable), so
 //! every output element is accumulated in one canonical order that depends only on `K`:
 //! one 8-lane accumulator, lane `l` summing `x[k]·w[k]` for `k ≡ l (mod 8)` in increasing `k`
 //! (fused multiply–add on AVX2, multiply then add in the portable code), the `K mod 8` tail as one
@@ -280,26 +283,17 @@ const NR: usize = 3;
 
 /// Largest K block of the prefill path: `MR` rows of x (`MR·KC·4` bytes) stay in L1 while the
 /// panel's rows stream past them from L2.
-const KC: usize = 512;
-
-/// TEMPORARY tuning knobs.
-#[doc(hidden)]
-pub static TUNE: [std::sync::atomic::AtomicUsize; 4] =
-    [const { std::sync::atomic::AtomicUsize::new(0) }; 4];
-fn tune(i: usize, d: usize) -> usize {
-    match TUNE[i].load(std::sync::atomic::Ordering::Relaxed) {
-        0 => d,
-        v => v,
-    }
-}
+const KC: usize = 1024;
 
 /// Per-thread scratch of the prefill path (grows to the largest panel seen, ≤ ~1 MiB).
 #[derive(Default)]
 struct Scratch {
-    /// Widened weight panel `[rows, K]`.
+    /// Widened weight panel `[rows, ldp]` (`ldp ≥ K`, padded so rows do not alias in L1).
     panel: Vec<f32>,
     /// Saved accumulators between K blocks: `[rows / NR][MR·NR][8]`.
     part: Vec<f32>,
+    /// The current `MR × K-block` of x, packed with a padded stride.
+    xpack: Vec<f32>,
 }
 
 thread_local! {
@@ -313,7 +307,7 @@ fn prefill<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: usize
     let simd = R::simd_ok();
     let threads = rayon::current_num_threads().max(1);
     // Panel: ~768 KiB of f32 (stays in L2 while x blocks stream past it), a multiple of NR rows.
-    let nc = ((tune(0, 768) * 1024) / (4 * k)).clamp(NR, tune(3, 192)) / NR * NR;
+    let nc = ((768 * 1024) / (4 * k)).clamp(NR, 192) / NR * NR;
     let nc = nc.min(n.div_ceil(threads).next_multiple_of(NR));
     let panels = n.div_ceil(nc);
     // Split T as well when there are too few panels to keep every thread busy.
@@ -324,7 +318,7 @@ fn prefill<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: usize
     let t_step = t.div_ceil(t_parts).next_multiple_of(MR);
     let t_parts = t.div_ceil(t_step);
     // K blocks: equal widths, multiples of 8 (the last one takes the tail).
-    let kblocks = if simd { k.div_ceil(tune(1, KC)) } else { 1 };
+    let kblocks = if simd { k.div_ceil(KC) } else { 1 };
     let kb_w = k.div_ceil(kblocks).next_multiple_of(8);
     let yp = SendPtr(y.as_mut_ptr());
     let wd = w.data();
@@ -335,64 +329,95 @@ fn prefill<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: usize
         let rows = n1 - n0;
         SCRATCH.with(|cell| {
             let mut sc = cell.borrow_mut();
-            let Scratch { panel, part } = &mut *sc;
-            if panel.len() < rows * k {
-                panel.resize(rows * k, 0.0);
+            let Scratch { panel, part, xpack } = &mut *sc;
+            // Row strides padded by 64 bytes so that the 4 x rows and 3 W rows of a tile do not
+            // all map to the same L1 sets when K·4 is a multiple of 4 KiB.
+            let ldp = k.next_multiple_of(16) + 16;
+            if panel.len() < rows * ldp {
+                panel.resize(rows * ldp, 0.0);
             }
-            let groups = rows.div_ceil(NR);
-            if part.len() < groups * MR * NR * 8 {
-                part.resize(groups * MR * NR * 8, 0.0);
+            for r in 0..rows {
+                let src = &wd[(n0 + r) * k..(n0 + r + 1) * k];
+                R::widen(src, &mut panel[r * ldp..r * ldp + k]);
             }
-            R::widen(&wd[n0 * k..n1 * k], &mut panel[..rows * k]);
-            let pp = panel.as_ptr();
-            let partp = part.as_mut_ptr();
-            let mut tb = t0;
-            while tb < t1 {
-                let mr = MR.min(t1 - tb);
-                let mut k0 = 0;
-                while k0 < k {
-                    let k1 = (k0 + kb_w).min(k);
-                    let mut nb = 0;
-                    while nb < rows {
+            if !simd {
+                for tb in (t0..t1).step_by(MR) {
+                    let mr = MR.min(t1 - tb);
+                    for nb in (0..rows).step_by(NR) {
                         let nr = NR.min(rows - nb);
-                        let xp = x[tb * k..].as_ptr();
                         // SAFETY: panel rows nb..nb+nr and x rows tb..tb+mr hold k elements;
-                        // `part` holds this group's MR·NR·8 floats; the y elements
-                        // (tb.., n0+nb..) belong to this task only.
+                        // the y elements (tb.., n0+nb..) belong to this task only.
                         unsafe {
-                            let yo = if k1 == k {
-                                yp.get().add(tb * n + n0 + nb)
-                            } else {
-                                std::ptr::null_mut()
-                            };
-                            let gp = partp.add(nb / NR * MR * NR * 8);
-                            #[cfg(target_arch = "x86_64")]
-                            if simd {
+                            portable::tile_dyn::<[f32]>(
+                                mr,
+                                nr,
+                                x[tb * k..].as_ptr(),
+                                k,
+                                panel[nb * ldp..].as_ptr(),
+                                ldp,
+                                k,
+                                yp.get().add(tb * n + n0 + nb),
+                                n,
+                            );
+                        }
+                    }
+                }
+                return;
+            }
+            #[cfg(target_arch = "x86_64")]
+            {
+                let groups = rows.div_ceil(NR);
+                if part.len() < groups * MR * NR * 8 {
+                    part.resize(groups * MR * NR * 8, 0.0);
+                }
+                let ldxp = kb_w + 16;
+                if xpack.len() < MR * ldxp {
+                    xpack.resize(MR * ldxp, 0.0);
+                }
+                let partp = part.as_mut_ptr();
+                for tb in (t0..t1).step_by(MR) {
+                    let mr = MR.min(t1 - tb);
+                    let mut k0 = 0;
+                    while k0 < k {
+                        let k1 = (k0 + kb_w).min(k);
+                        let kw = k1 - k0;
+                        for r in 0..mr {
+                            let src = &x[(tb + r) * k + k0..(tb + r) * k + k1];
+                            xpack[r * ldxp..r * ldxp + kw].copy_from_slice(src);
+                        }
+                        for nb in (0..rows).step_by(NR) {
+                            let nr = NR.min(rows - nb);
+                            // SAFETY: xpack rows hold kw elements, panel rows nb..nb+nr hold
+                            // k ≥ k0 + kw; `part` holds this group's MR·NR·8 floats; the y
+                            // elements (tb.., n0+nb..) belong to this task only. k0 is a multiple
+                            // of 8, so the block's tail (if any) is the row's tail.
+                            unsafe {
+                                let yo = if k1 == k {
+                                    yp.get().add(tb * n + n0 + nb)
+                                } else {
+                                    std::ptr::null_mut()
+                                };
                                 x86::tile_dyn::<x86::F32>(
                                     mr,
                                     nr,
-                                    xp,
-                                    k,
-                                    pp.add(nb * k),
-                                    k,
-                                    (k0, k1),
-                                    gp,
+                                    xpack.as_ptr(),
+                                    ldxp,
+                                    panel[nb * ldp + k0..].as_ptr(),
+                                    ldp,
+                                    (0, kw),
+                                    partp.add(nb / NR * MR * NR * 8),
                                     k0 > 0,
                                     yo,
                                     n,
                                 );
-                                nb += nr;
-                                continue;
                             }
-                            let _ = gp;
-                            portable::tile_dyn::<[f32]>(mr, nr, xp, k, pp.add(nb * k), k, k, yo, n);
                         }
-                        nb += nr;
+                        k0 = k1;
                     }
-                    k0 = k1;
                 }
-                tb += mr;
             }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (part, xpack, kb_w);
         });
     };
     (0..panels * t_parts).into_par_iter().for_each(body);

@@ -4,6 +4,7 @@
 //! them; the AVX2 versions use four 8-lane FMA accumulators. Results differ from a sequential sum
 //! only by reassociation (well within the f32 tolerances the tests use).
 
+#[cfg(target_arch = "x86_64")]
 use crate::cpu::features;
 use half::bf16;
 

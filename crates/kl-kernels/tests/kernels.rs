@@ -207,7 +207,14 @@ fn conv_split_equals_one_call() {
 fn matmul_is_batch_invariant() {
     use half::f16;
     let mut rng = Rng::new(6);
-    for &(k, n) in &[(1usize, 5usize), (7, 9), (64, 70), (203, 37), (1000, 130)] {
+    for &(k, n) in &[
+        (1usize, 5usize),
+        (7, 9),
+        (64, 70),
+        (203, 37),
+        (1000, 130),
+        (2100, 23),
+    ] {
         let x = rng.vec(200 * k, 1.0);
         let wf = rng.vec(n * k, 1.0);
         let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
@@ -271,7 +278,7 @@ fn matmul_is_batch_invariant() {
 fn kda_chunked_extreme_decays_match_recurrent() {
     let mut rng = Rng::new(7);
     type Gen = fn(&mut Rng, usize) -> f32;
-    let regimes: [(&str, Gen); 6] = [
+    let regimes: [(&str, Gen); 8] = [
         ("zero", |_, _| 0.0),
         ("mild", |r, _| -(r.uniform() + 1.0) * 0.025),
         ("uniform to -100", |r, _| -(r.uniform() + 1.0) * 50.0),
@@ -282,6 +289,12 @@ fn kda_chunked_extreme_decays_match_recurrent() {
             } else {
                 -(r.uniform() + 1.0) * 0.01
             }
+        }),
+        ("steady -3.4 (factorised, cross-block underflow)", |r, _| {
+            -3.4 + 0.01 * r.uniform()
+        }),
+        ("steady -3.9 (rows switch to pairwise)", |r, _| {
+            -3.9 + 0.01 * r.uniform()
         }),
         ("rare huge", |r, _| {
             if r.uniform() > 0.95 {
@@ -309,6 +322,58 @@ fn kda_chunked_extreme_decays_match_recurrent() {
                 od < 2e-5 && sd < 2e-5,
                 "{name} {t}x{h}x{k}x{v}: o {od:e} state {sd:e}"
             );
+        }
+    }
+}
+
+/// Output row `i` of a chunk depends only on rows `≤ i` of that chunk, bit for bit: recomputing
+/// a partial chunk from its start with more rows (what the layers crate does for split prefill)
+/// reproduces the earlier rows exactly, whatever the decay regime of the later rows.
+#[test]
+fn kda_chunked_rows_are_causal_bitwise() {
+    let mut rng = Rng::new(8);
+    for &(h, k, v) in &[(2usize, 128usize, 128usize), (3, 33, 17)] {
+        let t = 64 + 50;
+        let s = KdaShape { t, h, k, v };
+        let [q, kk, vv, _, beta, st0] = kda_inputs(&mut rng, s);
+        // Mild decays, with a burst of very strong ones on some rows of the partial chunk (so
+        // that later rows take other paths than earlier ones of the same sub-chunk).
+        let g: Vec<f32> = (0..t * h * k)
+            .map(|i| {
+                let row = i / (h * k);
+                if row % 16 == 9 || row == 64 + 37 {
+                    -70.0 + rng.uniform()
+                } else {
+                    -(rng.uniform() + 1.0) * 0.3
+                }
+            })
+            .collect();
+        let mut full_state = st0.clone();
+        let mut full = vec![0.0; t * h * v];
+        kda_chunked(s, &q, &kk, &vv, &g, &beta, &mut full_state, &mut full);
+        for n in [1usize, 5, 9, 10, 16, 17, 37, 38, 49] {
+            let tt = 64 + n;
+            let sp = KdaShape { t: tt, ..s };
+            let (a, b) = (tt * h * k, tt * h);
+            let mut st = st0.clone();
+            let mut o = vec![0.0; tt * h * v];
+            kda_chunked(
+                sp,
+                &q[..a],
+                &kk[..a],
+                &vv[..tt * h * v],
+                &g[..a],
+                &beta[..b],
+                &mut st,
+                &mut o,
+            );
+            for (i, (x, y)) in o.iter().zip(&full).enumerate() {
+                assert_eq!(
+                    x.to_bits(),
+                    y.to_bits(),
+                    "{h}x{k}x{v}: prefix of {tt} rows, element {i}: {x} vs {y}"
+                );
+            }
         }
     }
 }
