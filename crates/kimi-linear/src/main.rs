@@ -66,9 +66,22 @@ fn main() {
     };
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
+        .stack_size(16 << 20)
         .build_global()
         .expect("thread pool is built once");
-    let result = match cli.command {
+    // The command runs on a pool worker, so every parallel region of prefill and decode starts
+    // from a worker (the calling thread works too, and no job is injected from outside the pool,
+    // which would cost a wake-up and, now and then, an allocation per region).
+    let result = rayon::scope(|_| run(cli.command));
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Dispatch one command.
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Forward(a) => cmd::forward::run(a),
         Command::Synth(a) => cmd::synth::run(a),
         Command::Plan(a) => cmd::plan::run(a),
@@ -79,10 +92,6 @@ fn main() {
         Command::Tokenize(a) => cmd::tokenize::run_tokenize(a),
         Command::Detokenize(a) => cmd::tokenize::run_detokenize(a),
         Command::ChatTemplate(a) => cmd::tokenize::run_chat_template(a),
-    };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
     }
 }
 

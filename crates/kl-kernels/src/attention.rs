@@ -15,9 +15,11 @@
 //! long-context decode scales with threads; the result is bit-identical to the serial order, so
 //! a token's output does not depend on whether it was prefilled or decoded, or on the chunking.
 
+use crate::dense::exp_inplace;
 use crate::simd::dot_f32;
 use crate::Elem;
 use rayon::prelude::*;
+use std::cell::RefCell;
 
 /// Keys per softmax tile.
 pub const TILE: usize = 64;
@@ -133,6 +135,16 @@ impl Partial {
         }
     }
 
+    /// Reset to the empty state for `h` heads of width `dv` (reusing the buffers).
+    fn shape(&mut self, h: usize, dv: usize) {
+        self.m.clear();
+        self.m.resize(h, f32::NEG_INFINITY);
+        self.l.clear();
+        self.l.resize(h, 0.0);
+        self.acc.clear();
+        self.acc.resize(h * dv, 0.0);
+    }
+
     fn reset(&mut self) {
         self.m.fill(f32::NEG_INFINITY);
         self.l.fill(0.0);
@@ -173,6 +185,21 @@ impl Partial {
     }
 }
 
+/// The calling thread's flash-decoding partial states.
+struct Decode {
+    parts: Vec<Partial>,
+    total: Partial,
+}
+
+thread_local! {
+    static DECODE: RefCell<Decode> = RefCell::new(Decode {
+        parts: Vec::new(),
+        total: Partial::new(0, 0),
+    });
+    /// Each worker's key tile and score buffers.
+    static TILES: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
 /// Visit keys `k0..k1` for one query `qrow` `[H, Dk]`, updating `p`. `tile` is scratch.
 #[allow(clippy::too_many_arguments)]
 fn attend_range<R: KeyRows + ?Sized>(
@@ -202,12 +229,11 @@ fn attend_range<R: KeyRows + ?Sized>(
                     *a *= corr;
                 }
             }
-            let mut l = p.l[hh] * corr;
             for sc in row.iter_mut() {
-                *sc = (*sc - mx).exp();
-                l += *sc;
+                *sc -= mx;
             }
-            p.l[hh] = l;
+            exp_inplace(row);
+            p.l[hh] = row.iter().fold(p.l[hh] * corr, |l, &e| l + e);
             p.m[hh] = mx;
         }
         tile_pv(scores, h, n, &tile[..n * dk], dk, dv, &mut p.acc);
@@ -273,21 +299,44 @@ pub fn latent_attention_rows<R: KeyRows + ?Sized>(
     assert_eq!(out.len(), tq * h * dv);
     if tq == 1 && n_keys > SEGMENT {
         // Flash-decoding: segments in parallel, merged in order (same bits as the serial path).
-        let partials: Vec<Partial> = (0..n_keys.div_ceil(SEGMENT))
-            .into_par_iter()
-            .map(|si| {
-                let mut p = Partial::new(h, dv);
-                let (mut tile, mut scores) = (Vec::new(), Vec::new());
-                let (k0, k1) = (si * SEGMENT, ((si + 1) * SEGMENT).min(n_keys));
-                attend_range(s, q, rows, k0, k1, scale, &mut p, &mut tile, &mut scores);
-                p
-            })
-            .collect();
-        let mut total = Partial::new(h, dv);
-        for p in &partials {
-            total.merge(p, dv);
-        }
-        total.finish(dv, out);
+        // The partial states live in the calling thread's scratch and the tiles in each
+        // worker's, so a decode step allocates nothing once warmed up.
+        let nseg = n_keys.div_ceil(SEGMENT);
+        DECODE.with(|cell| {
+            // A nested call on this thread (a second sequence decoding from inside this one's
+            // parallel region) gets fresh buffers instead of the busy ones.
+            let mut fresh;
+            let mut guard = cell.try_borrow_mut();
+            let Decode { parts, total } = match guard.as_deref_mut() {
+                Ok(d) => d,
+                Err(_) => {
+                    fresh = Decode {
+                        parts: Vec::new(),
+                        total: Partial::new(h, dv),
+                    };
+                    &mut fresh
+                }
+            };
+            while parts.len() < nseg {
+                parts.push(Partial::new(h, dv));
+            }
+            total.shape(h, dv);
+            parts[..nseg]
+                .par_iter_mut()
+                .enumerate()
+                .for_each(|(si, p)| {
+                    p.shape(h, dv);
+                    let (k0, k1) = (si * SEGMENT, ((si + 1) * SEGMENT).min(n_keys));
+                    TILES.with(|c| {
+                        let (tile, scores) = &mut *c.borrow_mut();
+                        attend_range(s, q, rows, k0, k1, scale, p, tile, scores);
+                    });
+                });
+            for p in &parts[..nseg] {
+                total.merge(p, dv);
+            }
+            total.finish(dv, out);
+        });
         return;
     }
     let op = SendPtr(out.as_mut_ptr());

@@ -612,7 +612,7 @@ mod x86 {
             if !pfp.is_null() {
                 let mut o = 0;
                 while o < pf_step {
-                    _mm_prefetch::<_MM_HINT_T0>(pfp.add(o) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T1>(pfp.add(o) as *const i8);
                     o += 64;
                 }
                 pfp = pfp.add(pf_step);

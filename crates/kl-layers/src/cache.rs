@@ -16,8 +16,9 @@
 //! Rows are rounded on write and widened on read by the attention kernel.
 
 use half::bf16;
-use kl_kernels::attention::{latent_attention_rows, BlockRows, KeyRows, LatentAttnShape};
+use kl_kernels::attention::{latent_attention_rows, KeyRows, LatentAttnShape};
 use kl_kernels::fp8;
+use kl_kernels::Elem;
 
 /// Tokens per block.
 pub const BLOCK_ROWS: usize = 256;
@@ -295,24 +296,16 @@ impl LatentCache {
     fn rows_view(&self, f: impl FnOnce(&dyn KeyRows)) {
         let (dk, n_rows) = (self.width, self.len);
         match &self.blocks {
-            Blocks::F32(b) => {
-                let v: Vec<&[f32]> = b.iter().map(|x| &x[..]).collect();
-                f(&BlockRows {
-                    blocks: &v,
-                    block_rows: BLOCK_ROWS,
-                    dk,
-                    n_rows,
-                })
-            }
-            Blocks::Bf16(b) => {
-                let v: Vec<&[bf16]> = b.iter().map(|x| &x[..]).collect();
-                f(&BlockRows {
-                    blocks: &v,
-                    block_rows: BLOCK_ROWS,
-                    dk,
-                    n_rows,
-                })
-            }
+            Blocks::F32(b) => f(&DenseRows {
+                blocks: b,
+                dk,
+                n_rows,
+            }),
+            Blocks::Bf16(b) => f(&DenseRows {
+                blocks: b,
+                dk,
+                n_rows,
+            }),
             Blocks::Fp8(b) => f(&Fp8Rows {
                 blocks: b,
                 dk,
@@ -331,6 +324,26 @@ impl LatentCache {
             dv,
         };
         self.rows_view(|rows| latent_attention_rows(s, q, rows, scale, out));
+    }
+}
+
+/// f32 or bf16 rows in the cache's own blocks.
+struct DenseRows<'a, C> {
+    blocks: &'a [Box<[C]>],
+    dk: usize,
+    n_rows: usize,
+}
+
+impl<C: Elem> KeyRows for DenseRows<'_, C> {
+    fn rows(&self) -> usize {
+        self.n_rows
+    }
+    fn widen(&self, r0: usize, n: usize, dst: &mut [f32]) -> usize {
+        let (b, r) = (r0 / BLOCK_ROWS, r0 % BLOCK_ROWS);
+        let n = n.min(BLOCK_ROWS - r).min(self.n_rows - r0);
+        let dk = self.dk;
+        C::widen(&self.blocks[b][r * dk..(r + n) * dk], &mut dst[..n * dk]);
+        n
     }
 }
 

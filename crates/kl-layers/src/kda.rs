@@ -11,7 +11,7 @@
 //! Both gates read the layer input `x` (after `input_layernorm`), not the conv output.
 
 use crate::linear::Linear;
-use crate::{vector, Mode, Probe};
+use crate::{vector, Mode, Probe, Scratch};
 use kl_config::KdaDims;
 use kl_kernels::activation::sigmoid;
 use kl_kernels::conv1d::conv1d_causal_silu;
@@ -294,6 +294,7 @@ impl Kda {
     }
 
     /// `out[T, D] = KDA(x[T, D])`, advancing `state` by `T` tokens.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         x: &[f32],
@@ -301,6 +302,7 @@ impl Kda {
         state: &mut KdaState,
         mode: Mode,
         probe: &mut Probe,
+        scratch: &mut Scratch,
         out: &mut [f32],
     ) {
         let KdaDims {
@@ -309,15 +311,39 @@ impl Kda {
             conv_kernel: w,
         } = self.dims;
         let p = h * k;
-        // Projections and short convolutions (each with its own carried history).
-        let mut qkv = [vec![0f32; t * p], vec![0f32; t * p], vec![0f32; t * p]];
-        let projs = [&self.q_proj, &self.k_proj, &self.v_proj];
-        let mut raw = vec![0f32; t * p];
-        for i in 0..3 {
-            projs[i].forward(x, t, &mut raw);
-            conv1d_causal_silu(&raw, p, &self.conv[i], w, &mut state.conv[i], &mut qkv[i]);
+        // The six products of x (q, k, v, the gates' first halves and β) in one region, then the
+        // short convolutions (each with its own carried history).
+        let mut raw = [
+            scratch.take(t * p),
+            scratch.take(t * p),
+            scratch.take(t * p),
+        ];
+        let mut fa = scratch.take(t * k);
+        let mut beta = scratch.take(t * h);
+        let mut ga = scratch.take(t * k);
+        {
+            let [rq, rk, rv] = &mut raw;
+            Linear::forward_many(
+                t,
+                &mut [
+                    (&self.q_proj, x, rq),
+                    (&self.k_proj, x, rk),
+                    (&self.v_proj, x, rv),
+                    (&self.f_a_proj, x, &mut fa),
+                    (&self.b_proj, x, &mut beta),
+                    (&self.g_a_proj, x, &mut ga),
+                ],
+            );
         }
-        let [mut q, mut kk, v] = qkv;
+        let mut q = scratch.take(t * p);
+        let mut kk = scratch.take(t * p);
+        let mut v = scratch.take(t * p);
+        for (i, dst) in [&mut q, &mut kk, &mut v].into_iter().enumerate() {
+            conv1d_causal_silu(&raw[i], p, &self.conv[i], w, &mut state.conv[i], dst);
+        }
+        for r in raw.into_iter().rev() {
+            scratch.give(r);
+        }
         if probe.enabled() {
             let mut cat = Vec::with_capacity(t * 3 * p);
             for ti in 0..t {
@@ -327,13 +353,21 @@ impl Kda {
             }
             probe.record("kda.qkv_conv", &[t, 3 * p], &cat);
         }
-        // Forget gate (log-decay), f32.
-        let fa = self.f_a_proj.apply(x, t);
-        let mut g = self.f_b_proj.apply(&fa, t);
+        // Second halves of both gates: forget gate (log-decay, f32) and output gate.
+        let mut g = scratch.take(t * p);
+        let mut gate = scratch.take(t * p);
+        Linear::forward_many(
+            t,
+            &mut [
+                (&self.f_b_proj, &fa, &mut g),
+                (&self.g_b_proj, &ga, &mut gate),
+            ],
+        );
+        scratch.give(ga);
+        scratch.give(fa);
         kda_gate(&mut g, &self.a_log, &self.dt_bias, h, k);
         probe.record("kda.g", &[t, h, k], &g);
         // β.
-        let mut beta = self.b_proj.apply(x, t);
         probe.record("kda.beta_logits", &[t, h], &beta);
         for b in beta.iter_mut() {
             *b = sigmoid(*b);
@@ -342,7 +376,7 @@ impl Kda {
         l2_normalize_rows(&mut q, k, 1e-6, (k as f32).powf(-0.5));
         l2_normalize_rows(&mut kk, k, 1e-6, 1.0);
         // Delta rule.
-        let mut core = vec![0f32; t * p];
+        let mut core = scratch.take(t * p);
         match mode {
             Mode::Prefill => self.prefill_core(state, &q, &kk, &v, &g, &beta, t, &mut core),
             Mode::Decode => {
@@ -360,14 +394,20 @@ impl Kda {
                 )
             }
         }
+        scratch.give(beta);
+        scratch.give(g);
+        scratch.give(v);
+        scratch.give(kk);
+        scratch.give(q);
         probe.record("kda.core_out", &[t, h, k], &core);
         // Output gate and gated RMSNorm per head.
-        let ga = self.g_a_proj.apply(x, t);
-        let gate = self.g_b_proj.apply(&ga, t);
         probe.record("kda.out_gate", &[t, h, k], &gate);
-        let mut normed = vec![0f32; t * p];
+        let mut normed = scratch.take(t * p);
         rms_norm_gated(&core, &gate, &self.o_norm, self.eps, &mut normed);
         probe.record("kda.o_normed", &[t, h, k], &normed);
         self.o_proj.forward(&normed, t, out);
+        scratch.give(normed);
+        scratch.give(gate);
+        scratch.give(core);
     }
 }

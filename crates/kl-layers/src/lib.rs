@@ -19,6 +19,9 @@
 //! as `[P,W]` f32, `A_log` `[1,1,H,1]` as `[H]`, and MLA's `kv_b_proj` key half is transposed per
 //! head into `W_UKᵀ` (same dtype) for weight absorption. Nothing is re-interpreted at run time.
 //!
+//! **Scratch.** Every forward also takes a [`Scratch`] from which it borrows its temporaries
+//! and to which it returns them, so a decode step allocates nothing once warmed up.
+//!
 //! **Probes.** Every forward takes a [`Probe`]; when enabled it records intermediates under the
 //! names of `../shared/golden/golden_model.safetensors` (`kda.qkv_conv`, `mla.kv_a`, …) so that a
 //! test or a debugging session can diff any tensor against the reference. Disabled, it costs a
@@ -32,8 +35,10 @@ pub mod mla;
 pub mod mlp;
 pub mod moe;
 pub mod probe;
+pub mod scratch;
 
 pub use probe::Probe;
+pub use scratch::Scratch;
 
 /// Which form of the computation a forward call uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

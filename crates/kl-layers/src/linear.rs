@@ -153,6 +153,21 @@ impl Linear {
         }
     }
 
+    /// Several independent products `y_i = x_i · W_iᵀ`, each of `t` rows, in one parallel
+    /// region: a thread that finishes its share of one product helps with the others instead of
+    /// waiting at a barrier after each. Results are those of [`Linear::forward`], bit for bit.
+    pub fn forward_many(t: usize, jobs: &mut [(&Linear, &[f32], &mut [f32])]) {
+        use rayon::prelude::*;
+        jobs.par_iter_mut().for_each(|(l, x, y)| l.forward(x, t, y));
+    }
+
+    /// `x · Wᵀ` into a buffer taken from `scratch` (give it back when done).
+    pub fn apply_in(&self, x: &[f32], t: usize, scratch: &mut crate::Scratch) -> Vec<f32> {
+        let mut y = scratch.take(t * self.rows);
+        self.forward(x, t, &mut y);
+        y
+    }
+
     /// Convenience: allocate and return `x · Wᵀ`.
     pub fn apply(&self, x: &[f32], t: usize) -> Vec<f32> {
         let mut y = vec![0f32; t * self.rows];

@@ -17,10 +17,11 @@
 
 use crate::cache::LatentCache;
 use crate::linear::Linear;
-use crate::{vector, Probe};
+use crate::{vector, Probe, Scratch};
 use kl_config::MlaDims;
 use kl_kernels::norm::rms_norm;
 use kl_weights::{Checkpoint, WeightsError};
+use rayon::prelude::*;
 
 #[derive(Clone)]
 enum QProj {
@@ -125,37 +126,64 @@ impl Mla {
         self.w_uk_t.bytes()
     }
 
-    fn project_q(&self, x: &[f32], t: usize) -> Vec<f32> {
+    fn project_q(&self, x: &[f32], t: usize, scratch: &mut Scratch) -> Vec<f32> {
         match &self.q {
-            QProj::Direct(l) => l.apply(x, t),
+            QProj::Direct(l) => l.apply_in(x, t, scratch),
             QProj::LowRank { a, norm, b } => {
-                let qa = a.apply(x, t);
-                let mut n = vec![0f32; qa.len()];
+                let qa = a.apply_in(x, t, scratch);
+                let mut n = scratch.take(qa.len());
                 rms_norm(&qa, norm, self.kv_eps, &mut n);
-                b.apply(&n, t)
+                let q = b.apply_in(&n, t, scratch);
+                scratch.give(n);
+                scratch.give(qa);
+                q
             }
         }
     }
 
     /// Cache rows `[T, R+dr]` = `[RMSNorm(kv_a[:R]) ; kv_a[R:]]` for input `x`.
-    fn latent_rows(&self, x: &[f32], t: usize, probe: &mut Probe) -> Vec<f32> {
+    fn latent_rows(
+        &self,
+        x: &[f32],
+        t: usize,
+        probe: &mut Probe,
+        scratch: &mut Scratch,
+    ) -> Vec<f32> {
+        let kv_a = self.kv_a_proj.apply_in(x, t, scratch);
+        self.normalize_latent(kv_a, t, probe, scratch)
+    }
+
+    /// Cache rows from `kv_a` `[T, R+dr]` (given back to `scratch`).
+    fn normalize_latent(
+        &self,
+        kv_a: Vec<f32>,
+        t: usize,
+        probe: &mut Probe,
+        scratch: &mut Scratch,
+    ) -> Vec<f32> {
         let (r, dr) = (self.dims.kv_lora_rank, self.dims.qk_rope);
-        let kv_a = self.kv_a_proj.apply(x, t);
         probe.record("mla.kv_a", &[t, r + dr], &kv_a);
-        let mut rows = kv_a.clone();
+        let mut rows = scratch.take(kv_a.len());
+        rows.copy_from_slice(&kv_a);
         for (src, dst) in kv_a.chunks_exact(r + dr).zip(rows.chunks_exact_mut(r + dr)) {
             rms_norm(&src[..r], &self.kv_a_norm, self.kv_eps, &mut dst[..r]);
         }
+        scratch.give(kv_a);
         rows
     }
 
     /// `out[T, D] = MLA(x[T, D])`: appends `T` rows to `cache`, then attends causally over it.
+    ///
+    /// The per-head products with `W_UKᵀ` and `W_UV` run head-parallel for a single token
+    /// (decode), one matrix product over all tokens per head otherwise; both give the same bits
+    /// (the matrix product is batch invariant).
     pub fn forward(
         &self,
         x: &[f32],
         t: usize,
         cache: &mut LatentCache,
         probe: &mut Probe,
+        scratch: &mut Scratch,
         out: &mut [f32],
     ) {
         let MlaDims {
@@ -166,9 +194,27 @@ impl Mla {
             v_head: dv,
             ..
         } = self.dims;
-        let q = self.project_q(x, t);
+        // The query path's first product and kv_a in one parallel region.
+        let mut kv_a = scratch.take(t * (r + dr));
+        let q = match &self.q {
+            QProj::Direct(l) => {
+                let mut q = scratch.take(t * l.rows());
+                Linear::forward_many(t, &mut [(l, x, &mut q), (&self.kv_a_proj, x, &mut kv_a)]);
+                q
+            }
+            QProj::LowRank { a, norm, b } => {
+                let mut qa = scratch.take(t * a.rows());
+                Linear::forward_many(t, &mut [(a, x, &mut qa), (&self.kv_a_proj, x, &mut kv_a)]);
+                let mut n = scratch.take(qa.len());
+                rms_norm(&qa, norm, self.kv_eps, &mut n);
+                let q = b.apply_in(&n, t, scratch);
+                scratch.give(n);
+                scratch.give(qa);
+                q
+            }
+        };
         probe.record("mla.q", &[t, nh * (dn + dr)], &q);
-        let rows = self.latent_rows(x, t, probe);
+        let rows = self.normalize_latent(kv_a, t, probe, scratch);
         if probe.enabled() {
             let lat: Vec<f32> = rows
                 .chunks_exact(r + dr)
@@ -182,42 +228,69 @@ impl Mla {
             );
         }
         cache.append(&rows);
+        scratch.give(rows);
         // Absorbed queries [T, H, R+dr].
         let w = r + dr;
-        let mut q_abs = vec![0f32; t * nh * w];
-        let mut qn = vec![0f32; t * dn];
-        let mut ql = vec![0f32; t * r];
-        for h in 0..nh {
-            for ti in 0..t {
-                let src = &q[ti * nh * (dn + dr) + h * (dn + dr)..][..dn + dr];
-                qn[ti * dn..(ti + 1) * dn].copy_from_slice(&src[..dn]);
-                q_abs[(ti * nh + h) * w + r..(ti * nh + h + 1) * w].copy_from_slice(&src[dn..]);
+        let mut q_abs = scratch.take(t * nh * w);
+        if t == 1 {
+            q_abs.par_chunks_mut(w).enumerate().for_each(|(h, qa)| {
+                let src = &q[h * (dn + dr)..(h + 1) * (dn + dr)];
+                qa[r..].copy_from_slice(&src[dn..]);
+                self.w_uk_t
+                    .forward_rows(&src[..dn], 1, h * r, r, &mut qa[..r]);
+            });
+        } else {
+            let mut qn = scratch.take(t * dn);
+            let mut ql = scratch.take(t * r);
+            for h in 0..nh {
+                for ti in 0..t {
+                    let src = &q[ti * nh * (dn + dr) + h * (dn + dr)..][..dn + dr];
+                    qn[ti * dn..(ti + 1) * dn].copy_from_slice(&src[..dn]);
+                    q_abs[(ti * nh + h) * w + r..(ti * nh + h + 1) * w].copy_from_slice(&src[dn..]);
+                }
+                self.w_uk_t.forward_rows(&qn, t, h * r, r, &mut ql);
+                for ti in 0..t {
+                    q_abs[(ti * nh + h) * w..(ti * nh + h) * w + r]
+                        .copy_from_slice(&ql[ti * r..(ti + 1) * r]);
+                }
             }
-            self.w_uk_t.forward_rows(&qn, t, h * r, r, &mut ql);
-            for ti in 0..t {
-                q_abs[(ti * nh + h) * w..(ti * nh + h) * w + r]
-                    .copy_from_slice(&ql[ti * r..(ti + 1) * r]);
-            }
+            scratch.give(ql);
+            scratch.give(qn);
         }
-        let mut ctx = vec![0f32; t * nh * r];
+        scratch.give(q);
+        let mut ctx = scratch.take(t * nh * r);
         cache.attend(nh, r, &q_abs, self.dims.softmax_scale(), &mut ctx);
+        scratch.give(q_abs);
         // o_h = W_UV_h ctx_h.
-        let mut core = vec![0f32; t * nh * dv];
-        let mut ch = vec![0f32; t * r];
-        let mut oh = vec![0f32; t * dv];
-        for h in 0..nh {
-            for ti in 0..t {
-                ch[ti * r..(ti + 1) * r]
-                    .copy_from_slice(&ctx[(ti * nh + h) * r..(ti * nh + h + 1) * r]);
+        let mut core = scratch.take(t * nh * dv);
+        if t == 1 {
+            core.par_chunks_mut(dv).enumerate().for_each(|(h, o)| {
+                let row0 = h * (dn + dv) + dn;
+                self.kv_b_proj
+                    .forward_rows(&ctx[h * r..(h + 1) * r], 1, row0, dv, o);
+            });
+        } else {
+            let mut ch = scratch.take(t * r);
+            let mut oh = scratch.take(t * dv);
+            for h in 0..nh {
+                for ti in 0..t {
+                    ch[ti * r..(ti + 1) * r]
+                        .copy_from_slice(&ctx[(ti * nh + h) * r..(ti * nh + h + 1) * r]);
+                }
+                self.kv_b_proj
+                    .forward_rows(&ch, t, h * (dn + dv) + dn, dv, &mut oh);
+                for ti in 0..t {
+                    core[ti * nh * dv + h * dv..][..dv]
+                        .copy_from_slice(&oh[ti * dv..(ti + 1) * dv]);
+                }
             }
-            self.kv_b_proj
-                .forward_rows(&ch, t, h * (dn + dv) + dn, dv, &mut oh);
-            for ti in 0..t {
-                core[ti * nh * dv + h * dv..][..dv].copy_from_slice(&oh[ti * dv..(ti + 1) * dv]);
-            }
+            scratch.give(oh);
+            scratch.give(ch);
         }
+        scratch.give(ctx);
         probe.record("mla.attn_core", &[t, nh * dv], &core);
         self.o_proj.forward(&core, t, out);
+        scratch.give(core);
     }
 
     /// Naive twin for a whole sequence (no cache): expand per-head keys `[W_UK c ; k_pe]` and
@@ -231,8 +304,9 @@ impl Mla {
             v_head: dv,
             ..
         } = self.dims;
-        let q = self.project_q(x, t);
-        let rows = self.latent_rows(x, t, &mut Probe::off());
+        let mut scratch = Scratch::new();
+        let q = self.project_q(x, t, &mut scratch);
+        let rows = self.latent_rows(x, t, &mut Probe::off(), &mut scratch);
         let lat: Vec<f32> = rows
             .chunks_exact(r + dr)
             .flat_map(|row| row[..r].to_vec())

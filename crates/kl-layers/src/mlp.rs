@@ -1,6 +1,7 @@
 //! Dense SwiGLU: `down( SiLU(gate x) ⊙ up x )` — layer 0's MLP and the MoE shared expert.
 
 use crate::linear::Linear;
+use crate::Scratch;
 use kl_kernels::activation::swiglu;
 use kl_weights::{Checkpoint, WeightsError};
 
@@ -37,14 +38,21 @@ impl SwiGlu {
     }
 
     /// `out[T, D] = MLP(x[T, D])`.
-    pub fn forward(&self, x: &[f32], t: usize, out: &mut [f32]) {
+    pub fn forward(&self, x: &[f32], t: usize, scratch: &mut Scratch, out: &mut [f32]) {
         let i = self.width();
-        let mut g = vec![0f32; t * i];
-        let mut u = vec![0f32; t * i];
-        self.gate.forward(x, t, &mut g);
-        self.up.forward(x, t, &mut u);
-        swiglu(&mut g, &u);
-        self.down.forward(&g, t, out);
+        let mut g = scratch.take(t * i);
+        let mut u = scratch.take(t * i);
+        self.forward_with(x, t, &mut g, &mut u, out);
+        scratch.give(u);
+        scratch.give(g);
+    }
+
+    /// [`SwiGlu::forward`] with caller-provided hidden buffers `g`, `u` (`[T, I]` each).
+    pub fn forward_with(&self, x: &[f32], t: usize, g: &mut [f32], u: &mut [f32], out: &mut [f32]) {
+        self.gate.forward(x, t, g);
+        self.up.forward(x, t, u);
+        swiglu(g, u);
+        self.down.forward(g, t, out);
     }
 
     /// Bytes of weights.

@@ -17,10 +17,11 @@
 
 use crate::linear::Linear;
 use crate::mlp::SwiGlu;
-use crate::{vector, Probe};
+use crate::{vector, Probe, Scratch};
 use kl_config::MoeDims;
 use kl_kernels::activation::sigmoid;
 use kl_weights::{Checkpoint, WeightsError};
+use rayon::prelude::*;
 
 /// How the top-k combine weights are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -112,6 +113,22 @@ impl Moe {
 
     /// Route `T` tokens given router logits `[T, E]`.
     pub fn route(&self, logits: &[f32], t: usize, mode: RouterWeights) -> Routing {
+        let (mut ids, mut weights) = (Vec::new(), Vec::new());
+        self.route_into(logits, t, mode, &mut Scratch::new(), &mut ids, &mut weights);
+        Routing { ids, weights }
+    }
+
+    /// [`Moe::route`] into caller buffers (`ids`, `weights` are cleared first), with its
+    /// temporaries from `scratch`.
+    pub fn route_into(
+        &self,
+        logits: &[f32],
+        t: usize,
+        mode: RouterWeights,
+        scratch: &mut Scratch,
+        ids: &mut Vec<usize>,
+        weights: &mut Vec<f32>,
+    ) {
         let MoeDims {
             num_experts: e,
             top_k: k,
@@ -121,11 +138,13 @@ impl Moe {
             routed_scaling_factor,
             ..
         } = self.dims;
-        let mut ids = Vec::with_capacity(t * k);
-        let mut weights = Vec::with_capacity(t * k);
-        let mut scores = vec![0f32; e];
-        let mut choice = vec![0f32; e];
-        let mut order: Vec<usize> = (0..e).collect();
+        ids.clear();
+        weights.clear();
+        let mut scores = scratch.take(e);
+        let mut choice = scratch.take(e);
+        let mut order = scratch.take_idx();
+        let mut groups = scratch.take_idx();
+        let mut gscore = scratch.take(ng);
         for ti in 0..t {
             for j in 0..e {
                 scores[j] = sigmoid(logits[ti * e + j]);
@@ -134,102 +153,207 @@ impl Moe {
             if ng > 1 {
                 // Group-limited routing: group score = sum of its two best choice scores.
                 let gs = e / ng;
-                let mut gscore: Vec<(f32, usize)> = (0..ng)
-                    .map(|g| {
-                        let mut v: Vec<f32> = choice[g * gs..(g + 1) * gs].to_vec();
-                        v.sort_by(|a, b| b.total_cmp(a));
-                        (v[0] + v[1], g)
-                    })
-                    .collect();
-                gscore.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-                for &(_, g) in &gscore[topk_group..] {
+                for (g, sc) in gscore.iter_mut().enumerate() {
+                    let (mut b0, mut b1) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+                    for &c in &choice[g * gs..(g + 1) * gs] {
+                        if c.total_cmp(&b0).is_gt() {
+                            b1 = b0;
+                            b0 = c;
+                        } else if c.total_cmp(&b1).is_gt() {
+                            b1 = c;
+                        }
+                    }
+                    *sc = b0 + b1;
+                }
+                groups.clear();
+                groups.extend(0..ng);
+                groups.sort_by(|&a, &b| gscore[b].total_cmp(&gscore[a]).then(a.cmp(&b)));
+                for &g in &groups[topk_group..] {
                     // As the reference: masked scores become 0.0.
                     choice[g * gs..(g + 1) * gs].fill(0.0);
                 }
             }
+            order.clear();
+            order.extend(0..e);
             order.sort_by(|&a, &b| choice[b].total_cmp(&choice[a]).then(a.cmp(&b)));
-            let chosen = &order[..k];
-            let w: Vec<f32> = chosen
-                .iter()
-                .map(|&j| match mode {
-                    RouterWeights::Unbiased => scores[j],
-                    RouterWeights::Biased => scores[j] + self.bias[j],
-                })
-                .collect();
+            let w = |j: usize| match mode {
+                RouterWeights::Unbiased => scores[j],
+                RouterWeights::Biased => scores[j] + self.bias[j],
+            };
             let denom = if renormalize && k > 1 {
-                w.iter().sum::<f32>() + 1e-20
+                order[..k].iter().map(|&j| w(j)).sum::<f32>() + 1e-20
             } else {
                 1.0
             };
-            for (&j, wj) in chosen.iter().zip(w) {
+            for &j in &order[..k] {
                 ids.push(j);
-                weights.push(wj / denom * routed_scaling_factor);
+                weights.push(w(j) / denom * routed_scaling_factor);
             }
         }
-        Routing { ids, weights }
+        scratch.give(gscore);
+        scratch.give_idx(groups);
+        scratch.give_idx(order);
+        scratch.give(choice);
+        scratch.give(scores);
     }
 
-    /// `out[T, D] = MoE(x[T, D])`.
+    /// `out[T, D] = MoE(x[T, D])`, temporaries from `scratch`.
+    ///
+    /// Tokens are grouped by expert (a counting sort of the routing), each chosen expert runs
+    /// once over its tokens, and the outputs are added to `out` expert by expert in ascending
+    /// order, then the shared expert's — the same order whatever `T`, so a token's result does
+    /// not depend on which other tokens share the call.
     pub fn forward(
         &self,
         x: &[f32],
         t: usize,
         router: RouterWeights,
         probe: &mut Probe,
+        scratch: &mut Scratch,
         out: &mut [f32],
     ) {
         let (e, k) = (self.dims.num_experts, self.dims.top_k);
         let d = self.gate.cols();
-        let logits = self.gate.apply(x, t);
+        let logits = self.gate.apply_in(x, t, scratch);
         probe.record("moe.router_logits", &[t, e], &logits);
-        let routing = self.route(&logits, t, router);
+        let mut ids = scratch.take_idx();
+        let mut weights = scratch.take(0);
+        self.route_into(&logits, t, router, scratch, &mut ids, &mut weights);
+        scratch.give(logits);
         if probe.enabled() {
             // Golden order: ids ascending per token, weights alongside.
-            let (mut ids, mut ws) = (Vec::new(), Vec::new());
+            let (mut pid, mut pw) = (Vec::new(), Vec::new());
             for ti in 0..t {
                 let mut pairs: Vec<(usize, f32)> = (0..k)
-                    .map(|j| (routing.ids[ti * k + j], routing.weights[ti * k + j]))
+                    .map(|j| (ids[ti * k + j], weights[ti * k + j]))
                     .collect();
                 pairs.sort_by_key(|p| p.0);
-                ids.extend(pairs.iter().map(|p| p.0 as f32));
-                ws.extend(pairs.iter().map(|p| p.1));
+                pid.extend(pairs.iter().map(|p| p.0 as f32));
+                pw.extend(pairs.iter().map(|p| p.1));
             }
-            probe.record("moe.topk_ids", &[t, k], &ids);
-            probe.record("moe.topk_weights", &[t, k], &ws);
+            probe.record("moe.topk_ids", &[t, k], &pid);
+            probe.record("moe.topk_weights", &[t, k], &pw);
         }
-        // Group tokens by expert.
-        let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
-        for ti in 0..t {
-            for j in 0..k {
-                assigned[routing.ids[ti * k + j]].push((ti, routing.weights[ti * k + j]));
-            }
+        // Counting sort of the (token, slot) pairs by expert: start[ex]..start[ex+1] in `order`.
+        let mut start = scratch.take_idx();
+        start.resize(e + 1, 0);
+        for &id in ids.iter() {
+            start[id + 1] += 1;
+        }
+        for i in 0..e {
+            start[i + 1] += start[i];
+        }
+        let mut fill = scratch.take_idx();
+        fill.extend_from_slice(&start[..e]);
+        let mut order = scratch.take_idx();
+        order.resize(t * k, 0);
+        for (slot, &id) in ids.iter().enumerate() {
+            order[fill[id]] = slot;
+            fill[id] += 1;
         }
         out.fill(0.0);
-        let mut xs = Vec::new();
-        let mut ys = Vec::new();
-        for (ex, toks) in assigned.iter().enumerate() {
-            if toks.is_empty() {
+        if t == 1 {
+            self.forward_one(x, &ids, &weights, &order, probe, scratch, out);
+            scratch.give_idx(order);
+            scratch.give_idx(fill);
+            scratch.give_idx(start);
+            scratch.give(weights);
+            scratch.give_idx(ids);
+            return;
+        }
+        let mut xs = scratch.take(0);
+        let mut ys = scratch.take(0);
+        for ex in 0..e {
+            let slots = &order[start[ex]..start[ex + 1]];
+            if slots.is_empty() {
                 continue;
             }
-            let n = toks.len();
+            let n = slots.len();
             xs.clear();
-            for &(ti, _) in toks {
+            for &slot in slots {
+                let ti = slot / k;
                 xs.extend_from_slice(&x[ti * d..(ti + 1) * d]);
             }
+            ys.clear();
             ys.resize(n * d, 0.0);
-            self.experts[ex].forward(&xs, n, &mut ys);
-            for (r, &(ti, w)) in toks.iter().enumerate() {
-                kl_kernels::simd::axpy(w, &ys[r * d..(r + 1) * d], &mut out[ti * d..(ti + 1) * d]);
+            self.experts[ex].forward(&xs, n, scratch, &mut ys);
+            for (r, &slot) in slots.iter().enumerate() {
+                let ti = slot / k;
+                kl_kernels::simd::axpy(
+                    weights[slot],
+                    &ys[r * d..(r + 1) * d],
+                    &mut out[ti * d..(ti + 1) * d],
+                );
             }
         }
         probe.record("moe.routed_out", &[t, d], out);
         if let Some(shared) = &self.shared {
-            let mut s = vec![0f32; t * d];
-            shared.forward(x, t, &mut s);
-            probe.record("moe.shared_out", &[t, d], &s);
-            for (o, v) in out.iter_mut().zip(&s) {
+            ys.clear();
+            ys.resize(t * d, 0.0);
+            shared.forward(x, t, scratch, &mut ys);
+            probe.record("moe.shared_out", &[t, d], &ys);
+            for (o, v) in out.iter_mut().zip(&ys) {
                 *o += v;
             }
         }
+        scratch.give(ys);
+        scratch.give(xs);
+        scratch.give_idx(order);
+        scratch.give_idx(fill);
+        scratch.give_idx(start);
+        scratch.give(weights);
+        scratch.give_idx(ids);
+    }
+
+    /// One token: the chosen experts and the shared expert run at once (one parallel region
+    /// instead of one per matrix), then their outputs are added in the order of
+    /// [`Moe::forward`] (chosen experts by ascending id, then the shared one), so the bits are
+    /// those of the general path.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_one(
+        &self,
+        x: &[f32],
+        ids: &[usize],
+        weights: &[f32],
+        order: &[usize],
+        probe: &mut Probe,
+        scratch: &mut Scratch,
+        out: &mut [f32],
+    ) {
+        let d = x.len();
+        let k = ids.len();
+        let jobs = k + usize::from(self.shared.is_some());
+        let wmax = self
+            .shared
+            .as_ref()
+            .map_or(0, |s| s.width())
+            .max(self.dims.expert_width);
+        let mut ys = scratch.take(jobs * d);
+        let mut hid = scratch.take(jobs * 2 * wmax);
+        let mlp = |j: usize| match j < k {
+            true => &self.experts[ids[order[j]]],
+            false => self.shared.as_ref().expect("job k is the shared expert"),
+        };
+        ys.par_chunks_mut(d)
+            .zip(hid.par_chunks_mut(2 * wmax))
+            .enumerate()
+            .for_each(|(j, (y, h))| {
+                let m = mlp(j);
+                let (g, u) = h[..2 * m.width()].split_at_mut(m.width());
+                m.forward_with(x, 1, g, u, y);
+            });
+        for (j, &slot) in order.iter().enumerate() {
+            kl_kernels::simd::axpy(weights[slot], &ys[j * d..(j + 1) * d], out);
+        }
+        probe.record("moe.routed_out", &[1, d], out);
+        if self.shared.is_some() {
+            let s = &ys[k * d..(k + 1) * d];
+            probe.record("moe.shared_out", &[1, d], s);
+            for (o, v) in out.iter_mut().zip(s) {
+                *o += v;
+            }
+        }
+        scratch.give(hid);
+        scratch.give(ys);
     }
 }

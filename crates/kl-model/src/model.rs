@@ -9,7 +9,7 @@ use kl_layers::linear::Linear;
 use kl_layers::mla::Mla;
 use kl_layers::mlp::SwiGlu;
 use kl_layers::moe::{Moe, RouterWeights};
-use kl_layers::{Mode, Probe};
+use kl_layers::{Mode, Probe, Scratch};
 use kl_weights::{Checkpoint, WeightsError};
 use std::path::Path;
 
@@ -49,6 +49,14 @@ pub enum ModelError {
         limit: usize,
         /// Where the limit comes from.
         reason: String,
+    },
+    /// A logits buffer of the wrong length.
+    #[error("logits buffer holds {len} values, expected vocab_size = {vocab}")]
+    LogitsLen {
+        /// Its length.
+        len: usize,
+        /// vocab_size.
+        vocab: usize,
     },
     /// A state snapshot that cannot be read or does not match the model.
     #[error("state snapshot {path}: {message}")]
@@ -341,16 +349,26 @@ impl KimiLinear {
         });
         let chunk = self.opts.prefill_chunk.max(1);
         let n_chunks = ids.len().div_ceil(chunk);
+        // Chunk-sized temporaries, reused across this call's chunks and freed after it.
+        let mut scratch = Scratch::new();
         for (ci, piece) in ids.chunks(chunk).enumerate() {
-            let h = self.run_layers(piece, state, Mode::Prefill, probe);
+            let h = self.run_layers(piece, state, Mode::Prefill, probe, &mut scratch);
+            let t = piece.len();
             match logits {
-                LogitsMode::All => out.extend_from_slice(&self.head(&h, piece.len(), probe)),
+                LogitsMode::All => {
+                    let n = out.len();
+                    out.resize(n + t * v, 0.0);
+                    self.head(&h, t, probe, &mut scratch, &mut out[n..]);
+                }
                 LogitsMode::Last if ci + 1 == n_chunks => {
                     let d = self.cfg.hidden;
-                    out = self.head(&h[(piece.len() - 1) * d..], 1, &mut Probe::off());
+                    out.resize(v, 0.0);
+                    let last = &h[(t - 1) * d..];
+                    self.head(last, 1, &mut Probe::off(), &mut scratch, &mut out);
                 }
                 LogitsMode::Last => {}
             }
+            scratch.give(h);
             progress(((ci + 1) * chunk).min(ids.len()), ids.len());
         }
         Ok(out)
@@ -363,19 +381,48 @@ impl KimiLinear {
         state: &mut SequenceState,
         probe: &mut Probe,
     ) -> Result<Vec<f32>, ModelError> {
+        let mut logits = vec![0f32; self.cfg.vocab_size];
+        self.decode_into(id, state, probe, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// [`KimiLinear::decode`] writing the logits into `logits` (`[vocab]`).
+    ///
+    /// Allocates nothing once the sequence has decoded a token (its temporaries live in the
+    /// state's scratch), except a new latent-cache block every 256 tokens unless reserved.
+    pub fn decode_into(
+        &self,
+        id: u32,
+        state: &mut SequenceState,
+        probe: &mut Probe,
+        logits: &mut [f32],
+    ) -> Result<(), ModelError> {
         self.check_ids(&[id])?;
         state.check_room(1)?;
-        let h = self.run_layers(&[id], state, Mode::Decode, probe);
-        Ok(self.head(&h, 1, probe))
+        if logits.len() != self.cfg.vocab_size {
+            return Err(ModelError::LogitsLen {
+                len: logits.len(),
+                vocab: self.cfg.vocab_size,
+            });
+        }
+        let mut scratch = std::mem::take(&mut state.scratch);
+        let h = self.run_layers(&[id], state, Mode::Decode, probe, &mut scratch);
+        self.head(&h, 1, probe, &mut scratch, logits);
+        scratch.give(h);
+        state.scratch = scratch;
+        Ok(())
     }
 
     /// Final norm and `lm_head` for `t` rows of hidden state.
-    fn head(&self, h: &[f32], t: usize, probe: &mut Probe) -> Vec<f32> {
-        let mut x = vec![0f32; t * self.cfg.hidden];
+    fn head(&self, h: &[f32], t: usize, probe: &mut Probe, scratch: &mut Scratch, out: &mut [f32]) {
+        let mut x = scratch.take(t * self.cfg.hidden);
         rms_norm(h, &self.norm, self.cfg.rms_norm_eps, &mut x);
-        probe.set_prefix("");
+        if probe.enabled() {
+            probe.set_prefix("");
+        }
         probe.record("final_norm", &[t, self.cfg.hidden], &x);
-        self.lm_head.apply(&x, t)
+        self.lm_head.forward(&x, t, out);
+        scratch.give(x);
     }
 
     /// Embedding and all layers for `ids`; returns the residual stream `[T, D]`.
@@ -385,26 +432,33 @@ impl KimiLinear {
         state: &mut SequenceState,
         mode: Mode,
         probe: &mut Probe,
+        scratch: &mut Scratch,
     ) -> Vec<f32> {
         let (t, d) = (ids.len(), self.cfg.hidden);
         let eps = self.cfg.rms_norm_eps;
-        let mut h = vec![0f32; t * d];
+        let mut h = scratch.take(t * d);
         for (row, &id) in h.chunks_exact_mut(d).zip(ids) {
             self.embed.row_f32(id as usize, row);
         }
-        probe.set_prefix("");
+        if probe.enabled() {
+            probe.set_prefix("");
+        }
         probe.record("embeddings", &[t, d], &h);
-        let mut x = vec![0f32; t * d];
-        let mut y = vec![0f32; t * d];
+        let mut x = scratch.take(t * d);
+        let mut y = scratch.take(t * d);
         for (i, (layer, st)) in self.layers.iter().zip(state.layers.iter_mut()).enumerate() {
-            probe.set_prefix(format!("layers.{i}."));
+            if probe.enabled() {
+                probe.set_prefix(format!("layers.{i}."));
+            }
             rms_norm(&h, &layer.input_norm, eps, &mut x);
             probe.record("attn_in", &[t, d], &x);
             match (&layer.mixer, st) {
                 (TokenMixer::Kda(k), LayerState::Kda(s)) => {
-                    k.forward(&x, t, s, mode, probe, &mut y)
+                    k.forward(&x, t, s, mode, probe, scratch, &mut y)
                 }
-                (TokenMixer::Mla(m), LayerState::Mla(c)) => m.forward(&x, t, c, probe, &mut y),
+                (TokenMixer::Mla(m), LayerState::Mla(c)) => {
+                    m.forward(&x, t, c, probe, scratch, &mut y)
+                }
                 _ => unreachable!("state built from the same config as the model"),
             }
             probe.record("attn_out", &[t, d], &y);
@@ -414,8 +468,10 @@ impl KimiLinear {
             rms_norm(&h, &layer.post_norm, eps, &mut x);
             probe.record("mlp_in", &[t, d], &x);
             match &layer.mlp {
-                ChannelMixer::Dense(m) => m.forward(&x, t, &mut y),
-                ChannelMixer::Moe(m) => m.forward(&x, t, self.opts.router_weights, probe, &mut y),
+                ChannelMixer::Dense(m) => m.forward(&x, t, scratch, &mut y),
+                ChannelMixer::Moe(m) => {
+                    m.forward(&x, t, self.opts.router_weights, probe, scratch, &mut y)
+                }
             }
             probe.record("mlp_out", &[t, d], &y);
             for (a, b) in h.iter_mut().zip(&y) {
@@ -423,6 +479,8 @@ impl KimiLinear {
             }
             probe.record("out", &[t, d], &h);
         }
+        scratch.give(y);
+        scratch.give(x);
         state.pos += t;
         h
     }

@@ -3,6 +3,7 @@
 use kl_config::{Mixer, ModelConfig};
 use kl_layers::cache::{CacheDtype, LatentCache};
 use kl_layers::kda::KdaState;
+use kl_layers::Scratch;
 
 /// State of one layer.
 #[derive(Debug, Clone)]
@@ -22,6 +23,8 @@ pub struct SequenceState {
     pub pos: usize,
     /// Largest number of tokens this state may hold, and why (budget or --max-context).
     limit: Option<(usize, String)>,
+    /// Decode's reusable activation buffers (single-token sized; not part of the state proper).
+    pub(crate) scratch: Scratch,
 }
 
 impl SequenceState {
@@ -43,6 +46,7 @@ impl SequenceState {
             layers,
             pos: 0,
             limit: None,
+            scratch: Scratch::new(),
         }
     }
 

@@ -7,7 +7,7 @@ use common::*;
 use kl_config::{presets, ModelConfig, RawConfig};
 use kl_layers::cache::{CacheDtype, LatentCache};
 use kl_layers::mla::Mla;
-use kl_layers::Probe as LProbe;
+use kl_layers::{Probe as LProbe, Scratch};
 use kl_model::{KimiLinear, LayerState, LogitsMode, ModelOptions, Probe};
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -213,7 +213,14 @@ fn absorbed_mla_equals_naive_mla() {
             CacheDtype::F32,
         );
         let mut absorbed = vec![0f32; t * d];
-        mla.forward(&x, t, &mut cache, &mut LProbe::off(), &mut absorbed);
+        mla.forward(
+            &x,
+            t,
+            &mut cache,
+            &mut LProbe::off(),
+            &mut Scratch::new(),
+            &mut absorbed,
+        );
         assert_close(&format!("absorbed prefill T={t}"), &absorbed, &naive, 1e-5);
         // Absorbed decode, one token at a time.
         let mut cache = LatentCache::new(
@@ -228,6 +235,7 @@ fn absorbed_mla_equals_naive_mla() {
                 1,
                 &mut cache,
                 &mut LProbe::off(),
+                &mut Scratch::new(),
                 &mut step,
             );
             assert_close(

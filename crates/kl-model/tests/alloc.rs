@@ -1,0 +1,97 @@
+//! Decode allocates nothing per token after warm-up.
+//!
+//! A counting global allocator wraps the system one; after a prefill long enough for
+//! flash-decoding (several attention segments) and a few warm-up tokens, decoding more tokens
+//! must not allocate at all, on any thread.
+
+use kl_config::presets;
+use kl_layers::cache::CacheDtype;
+use kl_model::{KimiLinear, LogitsMode, ModelOptions, Probe};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+struct Counting;
+
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator, counting calls.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        System.alloc(l)
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        System.dealloc(p, l)
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        System.alloc_zeroed(l)
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        System.realloc(p, l, n)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn decode_allocates_nothing_after_warm_up() {
+    // Two workers even on a one-core machine, so the parallel paths run.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build_global();
+    let mut cfg = presets::tiny();
+    cfg.vocab_size = 512;
+    let dir = std::env::temp_dir().join(format!("kl-alloc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    kl_weights::synth_checkpoint(&cfg, &dir, 3, 1 << 30).expect("synth");
+    for dtype in [CacheDtype::Bf16, CacheDtype::Fp8, CacheDtype::F32] {
+        let model = KimiLinear::load(
+            &dir,
+            ModelOptions {
+                cache_dtype: dtype,
+                ..Default::default()
+            },
+        )
+        .expect("loads");
+        let mut st = model.new_state();
+        // Past two attention segments, so decode runs the flash-decoding merge.
+        let prompt: Vec<u32> = (0..2100).map(|i| (i * 37 % 512) as u32).collect();
+        st.reserve(2200);
+        let mut logits = vec![0f32; 512];
+        let mut probe = Probe::off();
+        model
+            .prefill(&prompt, &mut st, LogitsMode::Last, &mut probe)
+            .expect("prefill");
+        let mut id = 1u32;
+        let mut step = |model: &KimiLinear, st: &mut kl_model::SequenceState, id: &mut u32| {
+            model
+                .decode_into(*id, st, &mut probe, &mut logits)
+                .expect("decode");
+            *id = (logits
+                .iter()
+                .enumerate()
+                .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+                .0) as u32;
+        };
+        // Run on a pool worker, as the CLI does: a parallel region entered from outside the
+        // pool queues a job in rayon's injector, which allocates a block now and then.
+        let n = rayon::scope(|_| {
+            for _ in 0..4 {
+                step(&model, &mut st, &mut id);
+            }
+            let before = ALLOCS.load(Ordering::SeqCst);
+            for _ in 0..16 {
+                step(&model, &mut st, &mut id);
+            }
+            ALLOCS.load(Ordering::SeqCst) - before
+        });
+        assert_eq!(
+            n, 0,
+            "{dtype:?} cache: {n} allocations in 16 decoded tokens"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
