@@ -229,11 +229,14 @@ impl Session {
         Ok(logits)
     }
 
-    /// Consume one sampled id with the decode step.
-    fn step(&mut self, id: u32) -> Result<()> {
-        let logits = self.model.decode(id, &mut self.state, &mut Probe::off())?;
+    /// Consume one sampled id with the decode step, reusing `buf` (any length; the last logits' buffer) for the logits, so a
+    /// generated token costs no allocation in the model.
+    fn step_into(&mut self, id: u32, mut buf: Vec<f32>) -> Result<()> {
+        buf.resize(self.model.config().vocab_size, 0.0);
+        self.model
+            .decode_into(id, &mut self.state, &mut Probe::off(), &mut buf)?;
         self.history.push(id);
-        self.logits = Some(logits);
+        self.logits = Some(buf);
         Ok(())
     }
 
@@ -276,7 +279,7 @@ impl Session {
             let is_stop_id =
                 stop.stop_ids.contains(&id) || (!stop.ignore_eos && self.eos.contains(&id));
             if is_stop_id {
-                self.step(id)?;
+                self.step_into(id, logits)?;
                 reason = StopReason::Eos(id);
                 break;
             }
@@ -288,7 +291,7 @@ impl Session {
             if !scan.emit.is_empty() {
                 on_text(&scan.emit);
             }
-            self.step(id)?;
+            self.step_into(id, logits)?;
             if let Some(i) = scan.stopped {
                 reason = StopReason::StopString(i);
                 break;

@@ -101,6 +101,20 @@ fn random_fill(model: &KimiLinear, state: &mut SequenceState, depth: usize) {
     state.pos = depth;
 }
 
+/// One measured decode depth.
+struct DecodeRow {
+    depth: usize,
+    tps: f64,
+    gbps: f64,
+    gflops: f64,
+    /// Bytes per second over the stream bandwidth.
+    of_bandwidth: f64,
+    /// Roofline time over measured time, the roofline being the slower of bytes at stream
+    /// bandwidth and FLOPs at the FMA peak.
+    of_roofline: f64,
+    bound: &'static str,
+}
+
 /// Run `bench`.
 pub fn run(a: Args) -> Result<()> {
     let opts = ModelOptions {
@@ -186,21 +200,35 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
         // One untimed step (first-touch of buffers), then the timed steps.
-        let l = model.decode(next, &mut st, &mut Probe::off())?;
-        next = argmax(&l);
+        let mut logits = vec![0f32; vocab];
+        model.decode_into(next, &mut st, &mut Probe::off(), &mut logits)?;
+        next = argmax(&logits);
         let n = a.gen_tokens.max(1);
         let start = Instant::now();
         for _ in 0..n {
-            let l = model.decode(next, &mut st, &mut Probe::off())?;
-            next = argmax(&l);
+            model.decode_into(next, &mut st, &mut Probe::off(), &mut logits)?;
+            next = argmax(&logits);
         }
         let secs = start.elapsed().as_secs_f64();
         let tps = n as f64 / secs;
-        let c = model.token_cost(depth + n / 2);
+        let ctx = depth + n / 2;
+        let c = model.token_cost(ctx);
         let bytes = (c.weight_bytes + c.state_bytes + c.cache_bytes) as f64;
+        let flops = (c.matmul_flops + c.attn_flops_per_key * ctx as u64) as f64;
         let gbps = bytes * tps / 1e9;
+        // Roofline time of one token: the slower of streaming its bytes and doing its FLOPs.
+        let (t_mem, t_fma) = (bytes / (stream * 1e9), flops / (fma * 1e9));
+        let bound = if t_fma > t_mem { "compute" } else { "memory" };
         decode.insert(depth.to_string(), serde_json::json!(tps));
-        decode_rows.push((depth, tps, gbps, gbps / stream));
+        decode_rows.push(DecodeRow {
+            depth,
+            tps,
+            gbps,
+            gflops: flops * tps / 1e9,
+            of_bandwidth: gbps / stream,
+            of_roofline: t_mem.max(t_fma) * tps,
+            bound,
+        });
     }
     let rss = peak_rss_bytes().unwrap_or(0);
     // What the planner predicts for the largest sequence this run held.
@@ -231,7 +259,9 @@ pub fn run(a: Args) -> Result<()> {
             "prefill_tokens_per_s": prefill,
             "decode_tokens_per_s": decode,
             "prefill_fraction_of_fma_peak": prefill_rows.iter().map(|r| (r.0.to_string(), serde_json::json!(r.3))).collect::<serde_json::Map<_, _>>(),
-            "decode_fraction_of_bandwidth": decode_rows.iter().map(|r| (r.0.to_string(), serde_json::json!(r.3))).collect::<serde_json::Map<_, _>>(),
+            "decode_fraction_of_bandwidth": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(r.of_bandwidth))).collect::<serde_json::Map<_, _>>(),
+            "decode_fraction_of_roofline": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(r.of_roofline))).collect::<serde_json::Map<_, _>>(),
+            "decode_bound": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(r.bound))).collect::<serde_json::Map<_, _>>(),
             "decode_bytes_per_token": model.token_cost(0).weight_bytes + model.token_cost(0).state_bytes,
             "peak_rss_bytes": rss,
             "planned_bytes": planned,
@@ -245,17 +275,32 @@ pub fn run(a: Args) -> Result<()> {
         kl_kernels::cpu::describe(),
         opts.cache_dtype.name()
     );
-    println!("roofline: FMA {fma:.1} GFLOP/s, stream {stream:.1} GB/s");
-    for (t, tps, gf, frac) in &prefill_rows {
-        println!(
-            "prefill {t:>7} tokens: {tps:>9.1} tok/s  {gf:>7.1} GFLOP/s  {:>5.1}% of FMA peak",
-            frac * 100.0
-        );
+    let roof = !a.no_roofline;
+    if roof {
+        println!("roofline: FMA {fma:.1} GFLOP/s, stream {stream:.1} GB/s");
     }
-    for (d, tps, gb, frac) in &decode_rows {
+    for (t, tps, gf, frac) in &prefill_rows {
+        let of = if roof {
+            format!("  {:>5.1}% of FMA peak", frac * 100.0)
+        } else {
+            String::new()
+        };
+        println!("prefill {t:>7} tokens: {tps:>9.1} tok/s  {gf:>7.1} GFLOP/s{of}");
+    }
+    for r in &decode_rows {
+        let of = if roof {
+            format!(
+                "  {:>5.1}% of bandwidth, {:>5.1}% of roofline ({}-bound)",
+                r.of_bandwidth * 100.0,
+                r.of_roofline * 100.0,
+                r.bound
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "decode at depth {d:>7}: {tps:>9.2} tok/s  {gb:>7.2} GB/s    {:>5.1}% of bandwidth",
-            frac * 100.0
+            "decode at depth {:>7}: {:>9.2} tok/s  {:>7.2} GB/s  {:>6.1} GFLOP/s{of}",
+            r.depth, r.tps, r.gbps, r.gflops
         );
     }
     println!(
