@@ -255,3 +255,45 @@ fn run_honours_memory_flags() {
     assert!(err.contains("context: 20/20"), "{err}");
     std::fs::remove_dir_all(d).ok();
 }
+
+#[test]
+fn bench_json_reports_every_field() {
+    let tiny = tiny_dir();
+    let t = tiny.to_str().unwrap();
+    let v = json(&[
+        "--threads",
+        "2",
+        "bench",
+        "--model",
+        t,
+        "--prompt-tokens",
+        "5,17",
+        "--gen-tokens",
+        "3",
+        "--depth",
+        "0,40",
+        "--no-roofline",
+        "--json",
+    ]);
+    assert_eq!(v["threads"], 2);
+    for len in ["5", "17"] {
+        let tps = v["prefill_tokens_per_s"][len].as_f64().expect(len);
+        assert!(tps > 0.0 && tps.is_finite(), "{v}");
+    }
+    for depth in ["0", "40"] {
+        let tps = v["decode_tokens_per_s"][depth].as_f64().expect(depth);
+        assert!(tps > 0.0 && tps.is_finite(), "{v}");
+        assert!(v["decode_bound"][depth].is_string(), "{v}");
+    }
+    // Without a roofline measurement the roofline figures are null, never made up.
+    assert!(
+        v["fma_gflops"].is_null() && v["stream_gbps"].is_null(),
+        "{v}"
+    );
+    let rss = v["peak_rss_bytes"].as_u64().unwrap();
+    assert!(rss > 1 << 20, "{v}");
+    expect_error(
+        &["bench", "--model", t, "--depth-fill", "sideways"],
+        &["--depth-fill", "sideways"],
+    );
+}
