@@ -185,6 +185,27 @@ impl Partial {
     }
 }
 
+/// Per-thread buffers of [`attend_range`].
+#[derive(Default)]
+struct TileBufs {
+    /// Widened key rows of one tile `[TILE, Dk]`.
+    tile: Vec<f32>,
+    /// Scores `[H, TILE]`.
+    scores: Vec<f32>,
+    /// The query re-laid out in head pairs for the AVX-512 score kernel.
+    qpair: Vec<f32>,
+}
+
+impl TileBufs {
+    const fn new() -> Self {
+        TileBufs {
+            tile: Vec::new(),
+            scores: Vec::new(),
+            qpair: Vec::new(),
+        }
+    }
+}
+
 /// The calling thread's flash-decoding partial states.
 struct Decode {
     parts: Vec<Partial>,
@@ -196,11 +217,17 @@ thread_local! {
         parts: Vec::new(),
         total: Partial::new(0, 0),
     });
-    /// Each worker's key tile and score buffers.
-    static TILES: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Each worker's key tile, score and paired-query buffers.
+    static TILES: RefCell<TileBufs> = const { RefCell::new(TileBufs::new()) };
 }
 
-/// Visit keys `k0..k1` for one query `qrow` `[H, Dk]`, updating `p`. `tile` is scratch.
+/// Whether the AVX-512 tile kernels run (they give the AVX2 kernels' bits exactly).
+fn wide() -> bool {
+    let f = crate::cpu::features();
+    f.avx2_fma && f.avx512f
+}
+
+/// Visit keys `k0..k1` for one query `qrow` `[H, Dk]`, updating `p`, with `bufs` as scratch.
 #[allow(clippy::too_many_arguments)]
 fn attend_range<R: KeyRows + ?Sized>(
     s: LatentAttnShape,
@@ -210,15 +237,31 @@ fn attend_range<R: KeyRows + ?Sized>(
     k1: usize,
     scale: f32,
     p: &mut Partial,
-    tile: &mut Vec<f32>,
-    scores: &mut Vec<f32>,
+    bufs: &mut TileBufs,
 ) {
     let LatentAttnShape { h, dk, dv } = s;
+    let TileBufs {
+        tile,
+        scores,
+        qpair,
+    } = bufs;
+    let wide = wide();
+    if wide {
+        pair_heads(qrow, h, dk, qpair);
+    }
     let mut j = k0;
     while j < k1 {
         tile.resize(TILE * dk, 0.0);
         let n = rows.widen(j, TILE.min(k1 - j), tile);
         scores.resize(h * n, 0.0);
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: AVX-512F, AVX2 and FMA checked; `qpair` laid out by `pair_heads`.
+            unsafe { x86::tile_scores512(qpair, qrow, h, dk, &tile[..n * dk], n, scale, scores) };
+        } else {
+            tile_scores(qrow, h, dk, &tile[..n * dk], n, scale, scores);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
         tile_scores(qrow, h, dk, &tile[..n * dk], n, scale, scores);
         for hh in 0..h {
             let row = &mut scores[hh * n..(hh + 1) * n];
@@ -238,6 +281,23 @@ fn attend_range<R: KeyRows + ?Sized>(
         }
         tile_pv(scores, h, n, &tile[..n * dk], dk, dv, &mut p.acc);
         j += n;
+    }
+}
+
+/// The query `[H, Dk]` in head pairs: `qpair[((hp·(Dk/8) + c)·16 + l]` is `q[2hp][8c + l]` for
+/// `l < 8` and `q[2hp+1][8c + l − 8]` for `l ≥ 8` (zero past the last head), so that one 16-lane
+/// register holds the same 8 columns of two heads.
+fn pair_heads(q: &[f32], h: usize, dk: usize, qpair: &mut Vec<f32>) {
+    let nc = dk / 8;
+    let pairs = h.div_ceil(2);
+    qpair.clear();
+    qpair.resize(pairs * nc * 16, 0.0);
+    for hh in 0..h {
+        let (hp, half) = (hh / 2, hh % 2);
+        for c in 0..nc {
+            let dst = &mut qpair[(hp * nc + c) * 16 + half * 8..][..8];
+            dst.copy_from_slice(&q[hh * dk + 8 * c..hh * dk + 8 * c + 8]);
+        }
     }
 }
 
@@ -328,8 +388,7 @@ pub fn latent_attention_rows<R: KeyRows + ?Sized>(
                     p.shape(h, dv);
                     let (k0, k1) = (si * SEGMENT, ((si + 1) * SEGMENT).min(n_keys));
                     TILES.with(|c| {
-                        let (tile, scores) = &mut *c.borrow_mut();
-                        attend_range(s, q, rows, k0, k1, scale, p, tile, scores);
+                        attend_range(s, q, rows, k0, k1, scale, p, &mut c.borrow_mut());
                     });
                 });
             for p in &parts[..nseg] {
@@ -341,15 +400,8 @@ pub fn latent_attention_rows<R: KeyRows + ?Sized>(
     }
     let op = SendPtr(out.as_mut_ptr());
     (0..tq).into_par_iter().for_each_init(
-        || {
-            (
-                Partial::new(h, dv),
-                Partial::new(h, dv),
-                Vec::new(),
-                Vec::new(),
-            )
-        },
-        |(p, seg, tile, scores), i| {
+        || (Partial::new(h, dv), Partial::new(h, dv), TileBufs::new()),
+        |(p, seg, bufs), i| {
             p.reset();
             let lim = n_keys - tq + i + 1;
             let qrow = &q[i * h * dk..(i + 1) * h * dk];
@@ -359,7 +411,7 @@ pub fn latent_attention_rows<R: KeyRows + ?Sized>(
             while k0 < lim {
                 let k1 = (k0 + SEGMENT).min(lim);
                 seg.reset();
-                attend_range(s, qrow, rows, k0, k1, scale, seg, tile, scores);
+                attend_range(s, qrow, rows, k0, k1, scale, seg, bufs);
                 p.merge(seg, dv);
                 k0 = k1;
             }
@@ -401,9 +453,15 @@ fn tile_scores(
 /// Each element is summed over `x` in order, whichever register block computes it.
 fn tile_pv(p: &[f32], h: usize, n: usize, tile: &[f32], dk: usize, dv: usize, acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
+    if wide() {
+        // SAFETY: AVX-512F, AVX2 and FMA checked at run time.
+        unsafe { x86::tile_pv512(p, h, n, tile, dk, dv, acc) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if crate::cpu::features().avx2_fma {
         // SAFETY: AVX2 and FMA checked at run time.
-        unsafe { x86::tile_pv(p, h, n, tile, dk, dv, acc) };
+        unsafe { x86::tile_pv(p, h, n, tile, dk, dv, acc, 0) };
         return;
     }
     for hh in 0..h {
@@ -422,7 +480,49 @@ mod x86 {
     use crate::simd::x86::hsum;
     use std::arch::x86_64::*;
 
-    /// Scores of up to 4 heads × 2 keys at a time; one 8-lane accumulator per (head, key).
+    /// One block of `HB` heads × `XB` keys: one 8-lane accumulator per (head, key), held in
+    /// registers over the whole row (const sizes, so nothing spills).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn score_block<const HB: usize, const XB: usize>(
+        qp: *const f32,
+        tp: *const f32,
+        dk: usize,
+        h0: usize,
+        x0: usize,
+        n: usize,
+        scale: f32,
+        sp: *mut f32,
+    ) {
+        let k8 = dk / 8 * 8;
+        let mut acc = [[_mm256_setzero_ps(); XB]; HB];
+        let mut kk = 0;
+        while kk < k8 {
+            let mut kv = [_mm256_setzero_ps(); XB];
+            for (xi, v) in kv.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(tp.add((x0 + xi) * dk + kk));
+            }
+            for (hi, a) in acc.iter_mut().enumerate() {
+                let qv = _mm256_loadu_ps(qp.add((h0 + hi) * dk + kk));
+                for xi in 0..XB {
+                    a[xi] = _mm256_fmadd_ps(qv, kv[xi], a[xi]);
+                }
+            }
+            kk += 8;
+        }
+        for (hi, a) in acc.iter().enumerate() {
+            for (xi, v) in a.iter().enumerate() {
+                let mut sum = hsum(*v);
+                for t in k8..dk {
+                    sum += *qp.add((h0 + hi) * dk + t) * *tp.add((x0 + xi) * dk + t);
+                }
+                *sp.add((h0 + hi) * n + x0 + xi) = scale * sum;
+            }
+        }
+    }
+
+    /// Scores in blocks of up to 4 heads × 3 keys. Every score is the same 8-lane sum whatever
+    /// block computes it.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn tile_scores(
         q: &[f32],
@@ -434,47 +534,79 @@ mod x86 {
         scores: &mut [f32],
     ) {
         assert!(q.len() >= h * dk && tile.len() >= n * dk && scores.len() >= h * n);
-        let k8 = dk / 8 * 8;
-        let (qp, tp) = (q.as_ptr(), tile.as_ptr());
+        let (qp, tp, sp) = (q.as_ptr(), tile.as_ptr(), scores.as_mut_ptr());
         let mut h0 = 0;
         while h0 < h {
             let hb = (h - h0).min(4);
             let mut x0 = 0;
             while x0 < n {
-                let xb = (n - x0).min(2);
-                let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-                let mut kk = 0;
-                while kk < k8 {
-                    let mut kv = [_mm256_setzero_ps(); 2];
-                    for (xi, kvx) in kv.iter_mut().enumerate().take(xb) {
-                        *kvx = _mm256_loadu_ps(tp.add((x0 + xi) * dk + kk));
-                    }
-                    for (hi, acc_h) in acc.iter_mut().enumerate().take(hb) {
-                        let qv = _mm256_loadu_ps(qp.add((h0 + hi) * dk + kk));
-                        for xi in 0..xb {
-                            acc_h[xi] = _mm256_fmadd_ps(qv, kv[xi], acc_h[xi]);
+                let xb = (n - x0).min(3);
+                macro_rules! go {
+                    ($( ($a:literal, $b:literal) ),*) => {
+                        match (hb, xb) {
+                            $( ($a, $b) => score_block::<$a, $b>(qp, tp, dk, h0, x0, n, scale, sp), )*
+                            _ => unreachable!(),
                         }
-                    }
-                    kk += 8;
+                    };
                 }
-                for hi in 0..hb {
-                    for xi in 0..xb {
-                        let mut sum = hsum(acc[hi][xi]);
-                        for t in k8..dk {
-                            sum += *qp.add((h0 + hi) * dk + t) * *tp.add((x0 + xi) * dk + t);
-                        }
-                        scores[(h0 + hi) * n + x0 + xi] = scale * sum;
-                    }
-                }
+                go!(
+                    (4, 3),
+                    (4, 2),
+                    (4, 1),
+                    (3, 3),
+                    (3, 2),
+                    (3, 1),
+                    (2, 3),
+                    (2, 2),
+                    (2, 1),
+                    (1, 3),
+                    (1, 2),
+                    (1, 1)
+                );
                 x0 += xb;
             }
             h0 += hb;
         }
     }
 
-    /// `acc += P · V` in blocks of up to 4 heads × 16 value columns held in registers over the
+    /// `HB` heads × 16 value columns of `acc`, in registers over all `n` keys of the tile.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pv_block<const HB: usize>(
+        pp: *const f32,
+        tp: *const f32,
+        ap: *mut f32,
+        n: usize,
+        dk: usize,
+        dv: usize,
+        h0: usize,
+        c0: usize,
+    ) {
+        let mut r = [[_mm256_setzero_ps(); 2]; HB];
+        for (hi, rh) in r.iter_mut().enumerate() {
+            rh[0] = _mm256_loadu_ps(ap.add((h0 + hi) * dv + c0));
+            rh[1] = _mm256_loadu_ps(ap.add((h0 + hi) * dv + c0 + 8));
+        }
+        for x in 0..n {
+            let v0 = _mm256_loadu_ps(tp.add(x * dk + c0));
+            let v1 = _mm256_loadu_ps(tp.add(x * dk + c0 + 8));
+            for (hi, rh) in r.iter_mut().enumerate() {
+                let e = _mm256_broadcast_ss(&*pp.add((h0 + hi) * n + x));
+                rh[0] = _mm256_fmadd_ps(e, v0, rh[0]);
+                rh[1] = _mm256_fmadd_ps(e, v1, rh[1]);
+            }
+        }
+        for (hi, rh) in r.iter().enumerate() {
+            _mm256_storeu_ps(ap.add((h0 + hi) * dv + c0), rh[0]);
+            _mm256_storeu_ps(ap.add((h0 + hi) * dv + c0 + 8), rh[1]);
+        }
+    }
+
+    /// `acc += P · V` over value columns `cstart..dv` (`cstart` a multiple of 16), in blocks of up
+    /// to 4 heads × 16 value columns held in registers over the
     /// whole tile.
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile_pv(
         p: &[f32],
         h: usize,
@@ -483,6 +615,7 @@ mod x86 {
         dk: usize,
         dv: usize,
         acc: &mut [f32],
+        cstart: usize,
     ) {
         assert!(p.len() >= h * n && tile.len() >= n * dk && acc.len() >= h * dv && dv <= dk);
         let c16 = dv / 16 * 16;
@@ -490,25 +623,13 @@ mod x86 {
         let mut h0 = 0;
         while h0 < h {
             let hb = (h - h0).min(4);
-            let mut c0 = 0;
+            let mut c0 = cstart;
             while c0 < c16 {
-                let mut r = [[_mm256_setzero_ps(); 2]; 4];
-                for (hi, rh) in r.iter_mut().enumerate().take(hb) {
-                    rh[0] = _mm256_loadu_ps(ap.add((h0 + hi) * dv + c0));
-                    rh[1] = _mm256_loadu_ps(ap.add((h0 + hi) * dv + c0 + 8));
-                }
-                for x in 0..n {
-                    let v0 = _mm256_loadu_ps(tp.add(x * dk + c0));
-                    let v1 = _mm256_loadu_ps(tp.add(x * dk + c0 + 8));
-                    for (hi, rh) in r.iter_mut().enumerate().take(hb) {
-                        let e = _mm256_broadcast_ss(&*pp.add((h0 + hi) * n + x));
-                        rh[0] = _mm256_fmadd_ps(e, v0, rh[0]);
-                        rh[1] = _mm256_fmadd_ps(e, v1, rh[1]);
-                    }
-                }
-                for (hi, rh) in r.iter().enumerate().take(hb) {
-                    _mm256_storeu_ps(ap.add((h0 + hi) * dv + c0), rh[0]);
-                    _mm256_storeu_ps(ap.add((h0 + hi) * dv + c0 + 8), rh[1]);
+                match hb {
+                    4 => pv_block::<4>(pp, tp, ap, n, dk, dv, h0, c0),
+                    3 => pv_block::<3>(pp, tp, ap, n, dk, dv, h0, c0),
+                    2 => pv_block::<2>(pp, tp, ap, n, dk, dv, h0, c0),
+                    _ => pv_block::<1>(pp, tp, ap, n, dk, dv, h0, c0),
                 }
                 c0 += 16;
             }
@@ -523,6 +644,204 @@ mod x86 {
                 }
             }
             h0 += hb;
+        }
+    }
+
+    /// 256 bits at `p` in both halves of a 512-bit register.
+    #[inline(always)]
+    unsafe fn bcast8(p: *const f32) -> __m512 {
+        _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(p))))
+    }
+
+    /// Upper 8 lanes.
+    #[inline(always)]
+    unsafe fn high8(v: __m512) -> __m256 {
+        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
+    }
+
+    /// `HP` head pairs × `XB` keys: a 16-lane accumulator holds the 8-lane accumulators of both
+    /// heads of a pair for one key, so each lane runs exactly the AVX2 kernel's FMA sequence.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn score_block512<const HP: usize, const XB: usize>(
+        qpp: *const f32,
+        qp: *const f32,
+        tp: *const f32,
+        h: usize,
+        dk: usize,
+        hp0: usize,
+        x0: usize,
+        n: usize,
+        scale: f32,
+        sp: *mut f32,
+    ) {
+        let nc = dk / 8;
+        let mut acc = [[_mm512_setzero_ps(); XB]; HP];
+        for c in 0..nc {
+            let mut kb = [_mm512_setzero_ps(); XB];
+            for (xi, v) in kb.iter_mut().enumerate() {
+                *v = bcast8(tp.add((x0 + xi) * dk + 8 * c));
+            }
+            for (pi, a) in acc.iter_mut().enumerate() {
+                let qv = _mm512_loadu_ps(qpp.add(((hp0 + pi) * nc + c) * 16));
+                for xi in 0..XB {
+                    a[xi] = _mm512_fmadd_ps(qv, kb[xi], a[xi]);
+                }
+            }
+        }
+        for (pi, a) in acc.iter().enumerate() {
+            for (xi, v) in a.iter().enumerate() {
+                for (half, v8) in [_mm512_castps512_ps256(*v), high8(*v)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let hh = 2 * (hp0 + pi) + half;
+                    if hh >= h {
+                        continue;
+                    }
+                    let mut sum = hsum(v8);
+                    for t in nc * 8..dk {
+                        sum += *qp.add(hh * dk + t) * *tp.add((x0 + xi) * dk + t);
+                    }
+                    *sp.add(hh * n + x0 + xi) = scale * sum;
+                }
+            }
+        }
+    }
+
+    /// [`tile_scores`] with 512-bit registers (same bits): blocks of up to 4 head pairs × 4
+    /// keys. `qpair` is the query laid out by `super::pair_heads`, `q` the plain one (tails).
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile_scores512(
+        qpair: &[f32],
+        q: &[f32],
+        h: usize,
+        dk: usize,
+        tile: &[f32],
+        n: usize,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let pairs = h.div_ceil(2);
+        assert!(qpair.len() >= pairs * (dk / 8) * 16 && q.len() >= h * dk);
+        assert!(tile.len() >= n * dk && scores.len() >= h * n);
+        let (qpp, qp, tp, sp) = (
+            qpair.as_ptr(),
+            q.as_ptr(),
+            tile.as_ptr(),
+            scores.as_mut_ptr(),
+        );
+        let mut p0 = 0;
+        while p0 < pairs {
+            let pb = (pairs - p0).min(4);
+            let mut x0 = 0;
+            while x0 < n {
+                let xb = (n - x0).min(4);
+                macro_rules! go {
+                    ($( ($a:literal, $b:literal) ),*) => {
+                        match (pb, xb) {
+                            $( ($a, $b) => score_block512::<$a, $b>(
+                                qpp, qp, tp, h, dk, p0, x0, n, scale, sp
+                            ), )*
+                            _ => unreachable!(),
+                        }
+                    };
+                }
+                go!(
+                    (4, 4),
+                    (4, 3),
+                    (4, 2),
+                    (4, 1),
+                    (3, 4),
+                    (3, 3),
+                    (3, 2),
+                    (3, 1),
+                    (2, 4),
+                    (2, 3),
+                    (2, 2),
+                    (2, 1),
+                    (1, 4),
+                    (1, 3),
+                    (1, 2),
+                    (1, 1)
+                );
+                x0 += xb;
+            }
+            p0 += pb;
+        }
+    }
+
+    /// `HB` heads × 32 value columns in 16-lane registers over all `n` keys (each lane the
+    /// AVX2 kernel's sequence).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pv_block512<const HB: usize>(
+        pp: *const f32,
+        tp: *const f32,
+        ap: *mut f32,
+        n: usize,
+        dk: usize,
+        dv: usize,
+        h0: usize,
+        c0: usize,
+    ) {
+        let mut r = [[_mm512_setzero_ps(); 2]; HB];
+        for (hi, rh) in r.iter_mut().enumerate() {
+            rh[0] = _mm512_loadu_ps(ap.add((h0 + hi) * dv + c0));
+            rh[1] = _mm512_loadu_ps(ap.add((h0 + hi) * dv + c0 + 16));
+        }
+        for x in 0..n {
+            let v0 = _mm512_loadu_ps(tp.add(x * dk + c0));
+            let v1 = _mm512_loadu_ps(tp.add(x * dk + c0 + 16));
+            for (hi, rh) in r.iter_mut().enumerate() {
+                let e = _mm512_set1_ps(*pp.add((h0 + hi) * n + x));
+                rh[0] = _mm512_fmadd_ps(e, v0, rh[0]);
+                rh[1] = _mm512_fmadd_ps(e, v1, rh[1]);
+            }
+        }
+        for (hi, rh) in r.iter().enumerate() {
+            _mm512_storeu_ps(ap.add((h0 + hi) * dv + c0), rh[0]);
+            _mm512_storeu_ps(ap.add((h0 + hi) * dv + c0 + 16), rh[1]);
+        }
+    }
+
+    /// [`tile_pv`] with 512-bit registers (same bits): blocks of up to 8 heads × 32 columns, the
+    /// columns past the last multiple of 32 by the AVX2 kernel.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn tile_pv512(
+        p: &[f32],
+        h: usize,
+        n: usize,
+        tile: &[f32],
+        dk: usize,
+        dv: usize,
+        acc: &mut [f32],
+    ) {
+        assert!(p.len() >= h * n && tile.len() >= n * dk && acc.len() >= h * dv && dv <= dk);
+        let c32 = dv / 32 * 32;
+        let (pp, tp, ap) = (p.as_ptr(), tile.as_ptr(), acc.as_mut_ptr());
+        let mut h0 = 0;
+        while h0 < h {
+            let hb = (h - h0).min(8);
+            let mut c0 = 0;
+            while c0 < c32 {
+                match hb {
+                    8 => pv_block512::<8>(pp, tp, ap, n, dk, dv, h0, c0),
+                    7 => pv_block512::<7>(pp, tp, ap, n, dk, dv, h0, c0),
+                    6 => pv_block512::<6>(pp, tp, ap, n, dk, dv, h0, c0),
+                    5 => pv_block512::<5>(pp, tp, ap, n, dk, dv, h0, c0),
+                    4 => pv_block512::<4>(pp, tp, ap, n, dk, dv, h0, c0),
+                    3 => pv_block512::<3>(pp, tp, ap, n, dk, dv, h0, c0),
+                    2 => pv_block512::<2>(pp, tp, ap, n, dk, dv, h0, c0),
+                    _ => pv_block512::<1>(pp, tp, ap, n, dk, dv, h0, c0),
+                }
+                c0 += 32;
+            }
+            h0 += hb;
+        }
+        if c32 < dv {
+            tile_pv(p, h, n, tile, dk, dv, acc, c32);
         }
     }
 }
