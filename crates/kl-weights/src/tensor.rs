@@ -97,7 +97,7 @@ impl Tensor {
         map: &Arc<Mmap>,
         range: Range<usize>,
     ) -> Tensor {
-        let aligned = (map.as_ptr() as usize + range.start) % dtype.size() == 0;
+        let aligned = (map.as_ptr() as usize + range.start).is_multiple_of(dtype.size());
         let storage = if aligned {
             Storage::Mapped {
                 map: Arc::clone(map),

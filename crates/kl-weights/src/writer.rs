@@ -69,7 +69,7 @@ fn header(specs: &[&TensorSpec], metadata: &BTreeMap<String, String>) -> Vec<u8>
         offset = end;
     }
     let mut bytes = serde_json::to_vec(&map).expect("JSON map");
-    while (8 + bytes.len()) % 8 != 0 {
+    while !(8 + bytes.len()).is_multiple_of(8) {
         bytes.push(b' ');
     }
     bytes

@@ -131,7 +131,7 @@ fn misaligned_tensor_is_copied_in_its_own_dtype() {
     let d = TempDir::new("misaligned");
     // 64-byte header keeps the data section 8-aligned; `b` then starts at data offset 2.
     let mut h = r#"{"a":{"dtype":"BF16","shape":[1],"data_offsets":[0,2]},"b":{"dtype":"F32","shape":[2],"data_offsets":[2,10]}}"#.to_string();
-    while (8 + h.len()) % 8 != 0 {
+    while !(8 + h.len()).is_multiple_of(8) {
         h.push(' ');
     }
     let mut data = half::bf16::from_f32(1.5).to_bits().to_le_bytes().to_vec();
