@@ -221,20 +221,10 @@ thread_local! {
     static TILES: RefCell<TileBufs> = const { RefCell::new(TileBufs::new()) };
 }
 
-/// Cleared by [`set_wide_kernels`] (tests comparing the AVX-512 and AVX2 paths).
-static WIDE_ALLOWED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// Allow (default) or forbid the AVX-512 attention kernels, process-wide. For tests that check
-/// the two paths give the same bits; not for production use.
-#[doc(hidden)]
-pub fn set_wide_kernels(on: bool) {
-    WIDE_ALLOWED.store(on, std::sync::atomic::Ordering::SeqCst);
-}
-
 /// Whether the AVX-512 tile kernels run (they give the AVX2 kernels' bits exactly).
 fn wide() -> bool {
     let f = crate::cpu::features();
-    f.avx2_fma && f.avx512f && WIDE_ALLOWED.load(std::sync::atomic::Ordering::Relaxed)
+    f.avx2_fma && f.avx512f
 }
 
 /// Visit keys `k0..k1` for one query `qrow` `[H, Dk]`, updating `p`, with `bufs` as scratch.

@@ -1,0 +1,112 @@
+//! Kernels with an AVX-512 path give exactly the bits of their AVX2 path.
+//!
+//! The ISA is chosen once per process, so each test recomputes its case in a child process of
+//! this test binary with `KL_NO_AVX512=1` and compares the printed bits with its own. On a CPU
+//! without AVX-512 both runs take the AVX2 path and the comparison holds trivially.
+
+mod common;
+use common::Rng;
+use half::bf16;
+use kl_kernels::attention::{latent_attention, LatentAttnShape, SEGMENT};
+use kl_kernels::kda::{kda_chunked, KdaShape};
+use kl_kernels::norm::l2_normalize_rows;
+use std::process::Command;
+
+/// Bits of `x` as one line of hex words.
+fn hex(x: &[f32]) -> String {
+    x.iter()
+        .map(|v| format!("{:08x}", v.to_bits()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// In the child, print `values` and return true; in the parent, run the child and assert that
+/// it printed the same bits.
+fn compare_with_avx2(test: &str, values: &[f32]) -> bool {
+    let line = format!("BITS {}", hex(values));
+    if std::env::var("KL_ISA_CHILD").is_ok() {
+        println!("{line}");
+        return true;
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env("KL_NO_AVX512", "1")
+        .env("KL_ISA_CHILD", "1")
+        .output()
+        .expect("runs the test binary");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // libtest may print "test … " on the same line first.
+    let child = stdout
+        .lines()
+        .find_map(|l| l.find("BITS ").map(|i| &l[i..]))
+        .expect("the child prints its bits");
+    assert!(child == line, "{test}: AVX-512 and AVX2 results differ");
+    false
+}
+
+#[test]
+fn kda_chunked_bits_do_not_depend_on_avx512() {
+    let mut rng = Rng::new(31);
+    let mut all = Vec::new();
+    // Column counts below, at and past the 16- and 32-lane tiles; rows past the 8-row tiles.
+    for &(t, h, k, v) in &[
+        (150usize, 2usize, 20usize, 36usize),
+        (70, 1, 128, 128),
+        (9, 3, 17, 47),
+    ] {
+        let s = KdaShape { t, h, k, v };
+        let mut q = rng.vec(t * h * k, 1.0);
+        let mut kk = rng.vec(t * h * k, 1.0);
+        l2_normalize_rows(&mut q, k, 1e-6, (k as f32).powf(-0.5));
+        l2_normalize_rows(&mut kk, k, 1e-6, 1.0);
+        let vv = rng.vec(t * h * v, 1.0);
+        let g: Vec<f32> = (0..t * h * k)
+            .map(|_| -(rng.uniform() + 1.0) * 0.7)
+            .collect();
+        let beta: Vec<f32> = (0..t * h).map(|_| (rng.uniform() + 1.0) * 0.5).collect();
+        let mut st = rng.vec(h * k * v, 0.5);
+        let mut out = vec![0f32; t * h * v];
+        kda_chunked(s, &q, &kk, &vv, &g, &beta, &mut st, &mut out);
+        all.extend_from_slice(&out);
+        all.extend_from_slice(&st);
+    }
+    assert!(all.iter().all(|x| x.is_finite()));
+    compare_with_avx2("kda_chunked_bits_do_not_depend_on_avx512", &all);
+}
+
+#[test]
+fn latent_attention_bits_do_not_depend_on_avx512() {
+    let mut rng = Rng::new(21);
+    let mut all = Vec::new();
+    // Odd head counts (a half-empty head pair), widths with tails past the 8-, 16- and 32-lane
+    // blocks, the released model's row; several segments and a partial tile; decode and prefill.
+    for &(h, dk, dv) in &[
+        (7usize, 44usize, 40usize),
+        (3, 20, 17),
+        (5, 576, 512),
+        (2, 8, 8),
+    ] {
+        let s = LatentAttnShape { h, dk, dv };
+        let block_rows = 256;
+        let n_keys = 2 * SEGMENT + 77;
+        let store: Vec<bf16> = rng
+            .vec(n_keys.div_ceil(block_rows) * block_rows * dk, 1.0)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        let blocks: Vec<&[bf16]> = store.chunks(block_rows * dk).collect();
+        for tq in [1usize, 6] {
+            let q = rng.vec(tq * h * dk, 1.5);
+            let mut o = vec![0f32; tq * h * dv];
+            latent_attention(s, &q, &blocks, block_rows, n_keys, 0.15, &mut o);
+            all.extend_from_slice(&o);
+        }
+    }
+    assert!(all.iter().all(|x| x.is_finite()));
+    compare_with_avx2("latent_attention_bits_do_not_depend_on_avx512", &all);
+}
