@@ -16,6 +16,9 @@ pub struct MemoryArgs {
     /// Tokens per prefill chunk (activation memory depends on it, not on the prompt).
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
+    /// pub mla_prefill attention in prefill: auto (fewer FLOPs per chunk), absorbed, expanded.
+    #[arg(long, default_value = "auto")]
+    pub mla_prefill: String,
     /// Refuse before any work, or stop cleanly during the run, beyond this much memory: 16GiB, 800MB.
     #[arg(long)]
     pub memory_budget: Option<String>,
@@ -33,6 +36,7 @@ impl MemoryArgs {
         Ok(kl_model::ModelOptions {
             cache_dtype: parse_cache_dtype(&self.cache_dtype)?,
             prefill_chunk: self.prefill_chunk.max(1),
+            mla_prefill: parse_mla_prefill(&self.mla_prefill)?,
             ..Default::default()
         })
     }
@@ -130,6 +134,13 @@ pub fn parse_tokens(s: &str) -> Result<usize> {
 pub fn parse_cache_dtype(s: &str) -> Result<CacheDtype> {
     CacheDtype::parse(s)
         .with_context(|| format!("unknown cache dtype `{s}`: expected bf16, f32 or fp8"))
+}
+
+/// Parse `--mla-prefill`.
+pub fn parse_mla_prefill(s: &str) -> Result<kl_model::MlaPrefill> {
+    kl_model::MlaPrefill::parse(s).with_context(|| {
+        format!("unknown --mla-prefill `{s}`: expected auto, absorbed or expanded")
+    })
 }
 
 /// Human-readable bytes (binary units).

@@ -204,21 +204,32 @@ impl TileBufs {
             qpair: Vec::new(),
         }
     }
+
+    /// Capacity for `h` heads of key width `dk`, so that [`attend_range`] never allocates.
+    fn reserve(&mut self, h: usize, dk: usize) {
+        let grow = |v: &mut Vec<f32>, n: usize| v.reserve(n.saturating_sub(v.len()));
+        grow(&mut self.tile, TILE * dk);
+        grow(&mut self.scores, h * TILE);
+        grow(&mut self.qpair, h.div_ceil(2) * (dk / 8) * 16);
+    }
 }
 
 /// The calling thread's flash-decoding partial states.
 struct Decode {
     parts: Vec<Partial>,
     total: Partial,
+    /// Tile buffers, one per pool thread (indexed by `rayon::current_thread_index`), sized on the
+    /// calling thread before the parallel loop so that which worker runs which segment never
+    /// decides when memory is allocated.
+    bufs: Vec<std::sync::Mutex<TileBufs>>,
 }
 
 thread_local! {
     static DECODE: RefCell<Decode> = RefCell::new(Decode {
         parts: Vec::new(),
         total: Partial::new(0, 0),
+        bufs: Vec::new(),
     });
-    /// Each worker's key tile, score and paired-query buffers.
-    static TILES: RefCell<TileBufs> = const { RefCell::new(TileBufs::new()) };
 }
 
 /// Whether the AVX-512 tile kernels run (they give the AVX2 kernels' bits exactly).
@@ -367,12 +378,13 @@ pub fn latent_attention_rows<R: KeyRows + ?Sized>(
             // parallel region) gets fresh buffers instead of the busy ones.
             let mut fresh;
             let mut guard = cell.try_borrow_mut();
-            let Decode { parts, total } = match guard.as_deref_mut() {
+            let Decode { parts, total, bufs } = match guard.as_deref_mut() {
                 Ok(d) => d,
                 Err(_) => {
                     fresh = Decode {
                         parts: Vec::new(),
                         total: Partial::new(h, dv),
+                        bufs: Vec::new(),
                     };
                     &mut fresh
                 }
@@ -381,15 +393,25 @@ pub fn latent_attention_rows<R: KeyRows + ?Sized>(
                 parts.push(Partial::new(h, dv));
             }
             total.shape(h, dv);
+            let threads = rayon::current_num_threads().max(1);
+            while bufs.len() < threads {
+                bufs.push(std::sync::Mutex::new(TileBufs::new()));
+            }
+            for b in bufs.iter_mut() {
+                b.get_mut()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .reserve(h, dk);
+            }
+            let bufs = &bufs[..];
             parts[..nseg]
                 .par_iter_mut()
                 .enumerate()
                 .for_each(|(si, p)| {
                     p.shape(h, dv);
                     let (k0, k1) = (si * SEGMENT, ((si + 1) * SEGMENT).min(n_keys));
-                    TILES.with(|c| {
-                        attend_range(s, q, rows, k0, k1, scale, p, &mut c.borrow_mut());
-                    });
+                    let i = rayon::current_thread_index().unwrap_or(0) % bufs.len();
+                    let mut b = bufs[i].lock().unwrap_or_else(|e| e.into_inner());
+                    attend_range(s, q, rows, k0, k1, scale, p, &mut b);
                 });
             for p in &parts[..nseg] {
                 total.merge(p, dv);

@@ -292,6 +292,17 @@ impl LatentCache {
         Some(c)
     }
 
+    /// Rows `r0 .. r0 + n` widened to f32 into `dst` (`[n, width]`).
+    pub fn widen_rows(&self, r0: usize, n: usize, dst: &mut [f32]) {
+        assert!(r0 + n <= self.len && dst.len() >= n * self.width);
+        self.rows_view(|rows| {
+            let mut done = 0;
+            while done < n {
+                done += rows.widen(r0 + done, n - done, &mut dst[done * self.width..]);
+            }
+        });
+    }
+
     /// Run `f` with a [`KeyRows`] view of the cached rows.
     fn rows_view(&self, f: impl FnOnce(&dyn KeyRows)) {
         let (dk, n_rows) = (self.width, self.len);

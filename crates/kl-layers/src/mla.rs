@@ -23,6 +23,51 @@ use kl_kernels::norm::rms_norm;
 use kl_weights::{Checkpoint, WeightsError};
 use rayon::prelude::*;
 
+/// How MLA attends during prefill (decode always uses the absorbed form).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MlaPrefill {
+    /// Per call, the form with fewer FLOPs for its query and key counts
+    /// ([`Mla::attention_flops`]).
+    #[default]
+    Auto,
+    /// Weight absorption: every head scores the whole `R + dr` cache row.
+    Absorbed,
+    /// Per-head keys and values expanded from the cache through `kv_b_proj`, 256 keys at a time.
+    Expanded,
+}
+
+impl MlaPrefill {
+    /// Parse `auto`, `absorbed` or `expanded`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(MlaPrefill::Auto),
+            "absorbed" => Some(MlaPrefill::Absorbed),
+            "expanded" => Some(MlaPrefill::Expanded),
+            _ => None,
+        }
+    }
+}
+
+/// Keys per block of the expanded form.
+const EXPAND_BLOCK: usize = 256;
+
+/// Per-thread buffers of one head's expanded attention over one key block.
+#[derive(Default)]
+struct HeadBufs {
+    /// `[nb, dn + dr]`: the head's keys.
+    k: Vec<f32>,
+    /// `[dv, nb]`: the head's values, transposed.
+    vt: Vec<f32>,
+    /// `[T, nb]`: scores, then probabilities.
+    s: Vec<f32>,
+    /// `[T, dv]`: this block's `P · V`.
+    pv: Vec<f32>,
+}
+
+thread_local! {
+    static HEAD_BUFS: std::cell::RefCell<HeadBufs> = std::cell::RefCell::new(HeadBufs::default());
+}
+
 #[derive(Clone)]
 enum QProj {
     Direct(Linear),
@@ -177,11 +222,13 @@ impl Mla {
     /// The per-head products with `W_UKᵀ` and `W_UV` run head-parallel for a single token
     /// (decode), one matrix product over all tokens per head otherwise; both give the same bits
     /// (the matrix product is batch invariant).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         x: &[f32],
         t: usize,
         cache: &mut LatentCache,
+        form: MlaPrefill,
         probe: &mut Probe,
         scratch: &mut Scratch,
         out: &mut [f32],
@@ -229,6 +276,15 @@ impl Mla {
         }
         cache.append(&rows);
         scratch.give(rows);
+        if self.uses_expanded(t, cache.len(), form) {
+            let mut core = scratch.take(t * nh * dv);
+            self.attend_expanded(&q, t, cache, scratch, &mut core);
+            scratch.give(q);
+            probe.record("mla.attn_core", &[t, nh * dv], &core);
+            self.o_proj.forward(&core, t, out);
+            scratch.give(core);
+            return;
+        }
         // Absorbed queries [T, H, R+dr].
         let w = r + dr;
         let mut q_abs = scratch.take(t * nh * w);
@@ -291,6 +347,181 @@ impl Mla {
         probe.record("mla.attn_core", &[t, nh * dv], &core);
         self.o_proj.forward(&core, t, out);
         scratch.give(core);
+    }
+
+    /// Attention FLOPs of `t` new queries (the last `t` of `n` cached rows): `(absorbed,
+    /// expanded)`, over and above the per-token weight products (which include the absorption
+    /// products `W_UKᵀ q` and `W_UV ctx`). Absorbed: per visible (query, key) pair every head
+    /// scores `R + dr` values and sums `R`. Expanded: every key block is expanded through
+    /// `kv_b_proj` once per call (`n · R · H · (dn + dv)` multiply–adds), each head scores
+    /// `dn + dr` and sums `dv` per pair (whole blocks, masked entries included), and the
+    /// absorption products are not done (subtracted).
+    pub fn attention_flops(&self, t: usize, n: usize) -> (u64, u64) {
+        let MlaDims {
+            num_heads: h,
+            kv_lora_rank: r,
+            qk_nope: dn,
+            qk_rope: dr,
+            v_head: dv,
+            ..
+        } = self.dims;
+        let (t, n, h, r, dn, dr, dv) = (
+            t as u64, n as u64, h as u64, r as u64, dn as u64, dr as u64, dv as u64,
+        );
+        let pairs = t * (n - t) + t * (t + 1) / 2;
+        let absorbed = pairs * h * 2 * (2 * r + dr);
+        let blocks = n.div_ceil(EXPAND_BLOCK as u64) * EXPAND_BLOCK as u64;
+        let expanded = (n - t) * r * h * (dn + dv) * 2 + t * blocks * h * 2 * (dn + dr + dv);
+        (absorbed, expanded)
+    }
+
+    /// Whether `form` means the expanded form for `t` queries over `n` cached rows.
+    pub fn uses_expanded(&self, t: usize, n: usize, form: MlaPrefill) -> bool {
+        match form {
+            MlaPrefill::Absorbed => false,
+            MlaPrefill::Expanded => true,
+            MlaPrefill::Auto => {
+                let (absorbed, expanded) = self.attention_flops(t, n);
+                // The absorbed kernel runs nearer the FMA peak than the small products of the
+                // expanded form; require a clear FLOP saving (measured crossover on `mini`:
+                // a 512-token chunk over 1–2K cached rows).
+                t > 1 && 2 * expanded < absorbed
+            }
+        }
+    }
+
+    /// Attention FLOPs of `t` queries over `n` cached rows in the form `form` chooses.
+    pub fn chosen_attention_flops(&self, t: usize, n: usize, form: MlaPrefill) -> u64 {
+        let (a, e) = self.attention_flops(t, n);
+        if self.uses_expanded(t, n, form) {
+            e
+        } else {
+            a
+        }
+    }
+
+    /// Expanded causal attention of the `t` newest cache rows' queries over the whole cache:
+    /// `core[T, H·dv]`. Keys go in blocks of [`EXPAND_BLOCK`] aligned to position 0, each block's
+    /// per-head keys `[W_UK c ; k_pe]` and values `W_UV c` formed with one `kv_b_proj` product
+    /// (the matrix product is batch invariant), heads in parallel, an online softmax per query.
+    /// A query's result depends only on its own row and the cache, never on `t`, so prefill in
+    /// pieces gives the same bits as one prefill in this form too.
+    fn attend_expanded(
+        &self,
+        q: &[f32],
+        t: usize,
+        cache: &LatentCache,
+        scratch: &mut Scratch,
+        core: &mut [f32],
+    ) {
+        let MlaDims {
+            num_heads: nh,
+            kv_lora_rank: r,
+            qk_nope: dn,
+            qk_rope: dr,
+            v_head: dv,
+            ..
+        } = self.dims;
+        let (w, e, qk) = (r + dr, dn + dv, dn + dr);
+        let n = cache.len();
+        let p0 = n - t;
+        let scale = self.dims.softmax_scale();
+        // Per-head queries [H, T, dn+dr] (a token's q is [H, dn+dr]).
+        let mut qh = scratch.take(nh * t * qk);
+        for hh in 0..nh {
+            for i in 0..t {
+                qh[(hh * t + i) * qk..(hh * t + i + 1) * qk]
+                    .copy_from_slice(&q[(i * nh + hh) * qk..(i * nh + hh + 1) * qk]);
+            }
+        }
+        let mut m = scratch.take(nh * t);
+        m.fill(f32::NEG_INFINITY);
+        let mut l = scratch.take(nh * t);
+        let mut acc = scratch.take(nh * t * dv);
+        let mut rows = scratch.take(EXPAND_BLOCK * w);
+        let mut lat = scratch.take(EXPAND_BLOCK * r);
+        let mut kv = scratch.take(EXPAND_BLOCK * nh * e);
+        let mut k0 = 0;
+        while k0 < n {
+            let nb = EXPAND_BLOCK.min(n - k0);
+            cache.widen_rows(k0, nb, &mut rows);
+            for x in 0..nb {
+                lat[x * r..(x + 1) * r].copy_from_slice(&rows[x * w..x * w + r]);
+            }
+            self.kv_b_proj
+                .forward(&lat[..nb * r], nb, &mut kv[..nb * nh * e]);
+            let (rows, kv, qh) = (&rows[..], &kv[..], &qh[..]);
+            acc.par_chunks_mut(t * dv)
+                .zip(m.par_chunks_mut(t).zip(l.par_chunks_mut(t)))
+                .enumerate()
+                .for_each(|(hh, (acc, (m, l)))| {
+                    HEAD_BUFS.with(|cell| {
+                        let mut bufs = cell.borrow_mut();
+                        let HeadBufs { k, vt, s, pv } = &mut *bufs;
+                        k.resize(nb * qk, 0.0);
+                        vt.resize(dv * nb, 0.0);
+                        s.resize(t * nb, 0.0);
+                        pv.resize(t * dv, 0.0);
+                        for x in 0..nb {
+                            let src = &kv[(x * nh + hh) * e..(x * nh + hh + 1) * e];
+                            k[x * qk..x * qk + dn].copy_from_slice(&src[..dn]);
+                            k[x * qk + dn..(x + 1) * qk]
+                                .copy_from_slice(&rows[x * w + r..(x + 1) * w]);
+                            for c in 0..dv {
+                                vt[c * nb + x] = src[dn + c];
+                            }
+                        }
+                        let qrows = &qh[hh * t * qk..(hh + 1) * t * qk];
+                        kl_kernels::matmul::matmul(qrows, &k[..], s, t, qk, nb);
+                        for i in 0..t {
+                            // Query i sits at position p0 + i and sees keys 0 ..= p0 + i.
+                            let visible = (p0 + i + 1).saturating_sub(k0).min(nb);
+                            let row = &mut s[i * nb..(i + 1) * nb];
+                            if visible == 0 {
+                                row.fill(0.0);
+                                continue;
+                            }
+                            let mut mx = m[i];
+                            for v in &mut row[..visible] {
+                                *v *= scale;
+                                mx = mx.max(*v);
+                            }
+                            let corr = (m[i] - mx).exp();
+                            for v in &mut row[..visible] {
+                                *v -= mx;
+                            }
+                            row[visible..].fill(f32::NEG_INFINITY);
+                            kl_kernels::activation::exp_inplace(row);
+                            l[i] = row[..visible].iter().fold(l[i] * corr, |a, &p| a + p);
+                            m[i] = mx;
+                            for a in &mut acc[i * dv..(i + 1) * dv] {
+                                *a *= corr;
+                            }
+                        }
+                        kl_kernels::matmul::matmul(&s[..], &vt[..], pv, t, nb, dv);
+                        for (a, p) in acc.iter_mut().zip(pv.iter()) {
+                            *a += p;
+                        }
+                    });
+                });
+            k0 += nb;
+        }
+        for hh in 0..nh {
+            for i in 0..t {
+                let inv = 1.0 / l[hh * t + i];
+                let src = &acc[(hh * t + i) * dv..(hh * t + i + 1) * dv];
+                for (o, a) in core[i * nh * dv + hh * dv..][..dv].iter_mut().zip(src) {
+                    *o = a * inv;
+                }
+            }
+        }
+        scratch.give(kv);
+        scratch.give(lat);
+        scratch.give(rows);
+        scratch.give(acc);
+        scratch.give(l);
+        scratch.give(m);
+        scratch.give(qh);
     }
 
     /// Naive twin for a whole sequence (no cache): expand per-head keys `[W_UK c ; k_pe]` and

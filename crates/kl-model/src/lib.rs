@@ -24,6 +24,7 @@ pub mod snapshot;
 mod state;
 
 pub use kl_layers::cache::CacheDtype;
+pub use kl_layers::mla::MlaPrefill;
 pub use kl_layers::moe::RouterWeights;
 pub use kl_layers::Probe;
 pub use model::{KimiLinear, LogitsMode, ModelError, ModelOptions, TokenCost};

@@ -6,7 +6,7 @@ use kl_kernels::norm::rms_norm;
 use kl_layers::cache::CacheDtype;
 use kl_layers::kda::Kda;
 use kl_layers::linear::Linear;
-use kl_layers::mla::Mla;
+use kl_layers::mla::{Mla, MlaPrefill};
 use kl_layers::mlp::SwiGlu;
 use kl_layers::moe::{Moe, RouterWeights};
 use kl_layers::{Mode, Probe, Scratch};
@@ -77,6 +77,10 @@ pub struct ModelOptions {
     pub cache_dtype: CacheDtype,
     /// Tokens per prefill chunk (bounds activation memory).
     pub prefill_chunk: usize,
+    /// MLA attention form in prefill. Prefill in pieces is bit-identical to one prefill for a
+    /// fixed form (`Absorbed` or `Expanded`); `Auto` picks per chunk by FLOPs, so different
+    /// splits may round differently (within f32 noise).
+    pub mla_prefill: MlaPrefill,
 }
 
 impl Default for ModelOptions {
@@ -85,6 +89,7 @@ impl Default for ModelOptions {
             router_weights: RouterWeights::Unbiased,
             cache_dtype: CacheDtype::F32,
             prefill_chunk: 512,
+            mla_prefill: MlaPrefill::Auto,
         }
     }
 }
@@ -296,6 +301,18 @@ impl KimiLinear {
         }
     }
 
+    /// MLA attention FLOPs of one prefill chunk of `t` tokens that ends at context length `n`,
+    /// summed over the MLA layers, in the form the options choose for it.
+    pub fn prefill_attention_flops(&self, t: usize, n: usize) -> u64 {
+        self.layers
+            .iter()
+            .map(|l| match &l.mixer {
+                TokenMixer::Mla(m) => m.chosen_attention_flops(t, n, self.opts.mla_prefill),
+                TokenMixer::Kda(_) => 0,
+            })
+            .sum()
+    }
+
     /// A fresh state for one sequence.
     pub fn new_state(&self) -> SequenceState {
         SequenceState::new(&self.cfg, self.opts.cache_dtype)
@@ -457,7 +474,11 @@ impl KimiLinear {
                     k.forward(&x, t, s, mode, probe, scratch, &mut y)
                 }
                 (TokenMixer::Mla(m), LayerState::Mla(c)) => {
-                    m.forward(&x, t, c, probe, scratch, &mut y)
+                    let form = match mode {
+                        Mode::Prefill => self.opts.mla_prefill,
+                        Mode::Decode => MlaPrefill::Absorbed,
+                    };
+                    m.forward(&x, t, c, form, probe, scratch, &mut y)
                 }
                 _ => unreachable!("state built from the same config as the model"),
             }

@@ -9,7 +9,7 @@
 //!   Fraction of the bandwidth roofline = (active weight bytes + KDA state read/write + latent
 //!   cache read) per token × tokens/s / stream bandwidth.
 
-use crate::memory::{human, parse_cache_dtype, peak_rss_bytes};
+use crate::memory::{human, parse_cache_dtype, parse_mla_prefill, peak_rss_bytes};
 use anyhow::{bail, Context, Result};
 use kl_kernels::roofline::{measure_fma_gflops, measure_stream_gbps};
 use kl_model::{KimiLinear, LayerState, LogitsMode, ModelOptions, Probe, SequenceState};
@@ -40,6 +40,9 @@ pub struct Args {
     /// Tokens per prefill chunk.
     #[arg(long, default_value_t = 512)]
     prefill_chunk: usize,
+    /// mla_prefill attention in prefill: auto (fewer FLOPs per chunk), absorbed, expanded.
+    #[arg(long, default_value = "auto")]
+    mla_prefill: String,
     /// Skip the roofline measurement (its 256 MiB buffer would dominate peak RSS in memory
     /// measurements); fractions of the roofline are then not reported.
     #[arg(long)]
@@ -120,6 +123,7 @@ pub fn run(a: Args) -> Result<()> {
     let opts = ModelOptions {
         cache_dtype: parse_cache_dtype(&a.cache_dtype)?,
         prefill_chunk: a.prefill_chunk.max(1),
+        mla_prefill: parse_mla_prefill(&a.mla_prefill)?,
         ..Default::default()
     };
     if a.depth_fill != "prefill" && a.depth_fill != "random" {
@@ -173,8 +177,16 @@ pub fn run(a: Args) -> Result<()> {
         model.prefill(&ids, &mut st, LogitsMode::Last, &mut Probe::off())?;
         let secs = start.elapsed().as_secs_f64();
         let c = model.token_cost(0);
-        let flops = (c.matmul_flops + c.kda_flops) as f64 * t as f64
-            + c.attn_flops_per_key as f64 * (t as f64 * (t as f64 + 1.0) / 2.0);
+        // Attention FLOPs chunk by chunk, in the form (absorbed or expanded) each chunk used.
+        let chunk = opts.prefill_chunk;
+        let attn: u64 = (0..t)
+            .step_by(chunk)
+            .map(|p0| {
+                let n = (p0 + chunk).min(t);
+                model.prefill_attention_flops(n - p0, n)
+            })
+            .sum();
+        let flops = (c.matmul_flops + c.kda_flops) as f64 * t as f64 + attn as f64;
         let tps = t as f64 / secs;
         let frac = flops / secs / 1e9 / fma;
         prefill.insert(t.to_string(), serde_json::json!(tps));

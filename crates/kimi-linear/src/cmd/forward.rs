@@ -2,7 +2,8 @@
 
 use crate::ids::read_ids;
 use crate::memory::{
-    apply_budget, human, parse_cache_dtype, parse_size, parse_tokens, peak_rss_bytes, progress_bar,
+    apply_budget, human, parse_cache_dtype, parse_mla_prefill, parse_size, parse_tokens,
+    peak_rss_bytes, progress_bar,
 };
 use crate::output::{Decl, OutputFile};
 use anyhow::{Context, Result};
@@ -37,6 +38,9 @@ pub struct Args {
     /// Tokens per prefill chunk.
     #[arg(long, default_value_t = 512)]
     prefill_chunk: usize,
+    /// mla_prefill attention in prefill: auto (fewer FLOPs per chunk), absorbed, expanded.
+    #[arg(long, default_value = "auto")]
+    mla_prefill: String,
     /// Latent cache dtype: f32 (default here: exact parity with the reference), bf16, fp8.
     #[arg(long, default_value = "f32")]
     cache_dtype: String,
@@ -71,6 +75,7 @@ pub fn run(a: Args) -> Result<()> {
         },
         prefill_chunk: a.prefill_chunk.max(1),
         cache_dtype: parse_cache_dtype(&a.cache_dtype)?,
+        mla_prefill: parse_mla_prefill(&a.mla_prefill)?,
     };
     let budget = a.memory_budget.as_deref().map(parse_size).transpose()?;
     let max_context = a.max_context.as_deref().map(parse_tokens).transpose()?;
