@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub fn shared() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
@@ -19,27 +18,81 @@ pub fn tiny_dir() -> PathBuf {
     d
 }
 
-/// A fresh empty directory under the system temp dir.
-pub fn temp_dir(tag: &str) -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "kl-cli-{}-{}-{}",
-        tag,
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh empty directory under the system temp dir, removed (with everything in it) when
+/// dropped, including when the test panics. Derefs to its path.
+pub struct TestDir(tempfile::TempDir);
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl AsRef<Path> for TestDir {
+    fn as_ref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+/// A fresh empty directory `kl-cli-<tag>-*` under the system temp dir; keep the guard alive
+/// while the directory is used.
+pub fn temp_dir(tag: &str) -> TestDir {
+    TestDir(
+        tempfile::Builder::new()
+            .prefix(&format!("kl-cli-{tag}-"))
+            .tempdir()
+            .unwrap(),
+    )
 }
 
 /// Copy the tiny model into a fresh directory.
-pub fn tiny_copy(tag: &str) -> PathBuf {
+pub fn tiny_copy(tag: &str) -> TestDir {
     let d = temp_dir(tag);
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(tiny_dir().join(f), d.join(f)).unwrap();
     }
     d
+}
+
+/// A fixture directory shared by all tests of a binary (held in a `static`, so never dropped):
+/// it lives under Cargo's `CARGO_TARGET_TMPDIR` (inside `target/`) and is reused across runs
+/// instead of piling up in the system temp dir. `fill` writes the files afresh on every call
+/// into a scratch directory next to it; each file then replaces its namesake by an atomic rename,
+/// so a concurrent run reading the same fixture never sees a half-written file, and files that
+/// `fill` no longer writes are removed.
+pub fn build_dir_fixture(name: &str, fill: impl FnOnce(&Path)) -> PathBuf {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let dest = root.join(name);
+    std::fs::create_dir_all(&dest).unwrap();
+    let scratch = tempfile::Builder::new()
+        .prefix(&format!("{name}-tmp-"))
+        .tempdir_in(root)
+        .unwrap();
+    fill(scratch.path());
+    let fresh: std::collections::BTreeSet<_> = std::fs::read_dir(scratch.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    for e in std::fs::read_dir(&dest).unwrap() {
+        let e = e.unwrap();
+        if !fresh.contains(&e.file_name()) {
+            let p = e.path();
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).unwrap();
+            } else {
+                std::fs::remove_file(&p).unwrap();
+            }
+        }
+    }
+    for f in &fresh {
+        let to = dest.join(f);
+        if to.is_dir() {
+            std::fs::remove_dir_all(&to).unwrap();
+        }
+        std::fs::rename(scratch.path().join(f), to).unwrap();
+    }
+    dest
 }
 
 pub fn run(args: &[&str]) -> Output {

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{expect_error, run, shared, temp_dir};
+use common::{build_dir_fixture, expect_error, run, shared, temp_dir, TestDir};
 use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -30,26 +30,27 @@ fn ok(out: &Output) -> (String, String) {
     (String::from_utf8(out.stdout.clone()).unwrap(), err)
 }
 
-/// A synthetic tiny model with tokenizer files, written once by the binary itself.
+/// A synthetic tiny model with tokenizer files, written once per test binary by the binary
+/// itself (under the build dir, see `build_dir_fixture`).
 fn synth() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let d = temp_dir("engine-synth");
-        ok(&run(&[
-            "synth",
-            "--preset",
-            "tiny",
-            "--out",
-            &s(&d),
-            "--seed",
-            "3",
-        ]));
-        d
+        build_dir_fixture("kl-cli-engine-synth", |d| {
+            ok(&run(&[
+                "synth",
+                "--preset",
+                "tiny",
+                "--out",
+                &s(d),
+                "--seed",
+                "3",
+            ]));
+        })
     })
 }
 
 /// A copy of the synthetic model whose config.json is changed by `edit`.
-fn synth_copy(tag: &str, edit: impl FnOnce(&mut Value)) -> PathBuf {
+fn synth_copy(tag: &str, edit: impl FnOnce(&mut Value)) -> TestDir {
     let d = temp_dir(tag);
     for e in std::fs::read_dir(synth()).unwrap() {
         let e = e.unwrap();
@@ -275,13 +276,13 @@ fn run_finds_a_repo_id_in_the_hf_cache() {
             "2",
             "--ignore-eos",
         ])
-        .env("HF_HUB_CACHE", &cache)
+        .env("HF_HUB_CACHE", cache.as_os_str())
         .output()
         .unwrap();
     ok(&out);
     let out = Command::new(env!("CARGO_BIN_EXE_kimi-linear"))
         .args(["run", "--model", "acme/missing", "--prompt", "Hi"])
-        .env("HF_HUB_CACHE", &cache)
+        .env("HF_HUB_CACHE", cache.as_os_str())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -396,9 +397,8 @@ fn errors_are_clear_and_exit_1() {
         &["element 1", "99999"],
     );
     // A prompt longer than the model's limit, or than --ctx-size.
-    let small = s(&synth_copy("small-ctx", |v| {
-        v["model_max_length"] = 4.into()
-    }));
+    let small_dir = synth_copy("small-ctx", |v| v["model_max_length"] = 4.into());
+    let small = s(&small_dir);
     expect_error(
         &[
             "run",

@@ -253,7 +253,6 @@ fn run_honours_memory_flags() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("context: 20/20"), "{err}");
-    std::fs::remove_dir_all(d).ok();
 }
 
 #[test]

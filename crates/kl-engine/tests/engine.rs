@@ -14,20 +14,63 @@ fn shared() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
 }
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kl-engine-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh empty directory `kl-engine-<tag>-*` under the system temp dir, removed when the
+/// guard drops (also when the test panics).
+fn temp_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("kl-engine-{tag}-"))
+        .tempdir()
+        .unwrap()
 }
 
-/// A synthetic checkpoint with the golden tiny dims and a tokenizer (written once per run).
+/// A fixture directory shared by all tests of this binary (held in a `static`, so never
+/// dropped): it lives under Cargo's `CARGO_TARGET_TMPDIR` (inside `target/`) and is reused
+/// across runs instead of piling up in the system temp dir. `fill` writes the files afresh on
+/// every call into a scratch directory next to it; each file then replaces its namesake by an
+/// atomic rename, so a concurrent run reading the same fixture never sees a half-written file,
+/// and files that `fill` no longer writes are removed.
+fn build_dir_fixture(name: &str, fill: impl FnOnce(&Path)) -> PathBuf {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let dest = root.join(name);
+    std::fs::create_dir_all(&dest).unwrap();
+    let scratch = tempfile::Builder::new()
+        .prefix(&format!("{name}-tmp-"))
+        .tempdir_in(root)
+        .unwrap();
+    fill(scratch.path());
+    let fresh: std::collections::BTreeSet<_> = std::fs::read_dir(scratch.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    for e in std::fs::read_dir(&dest).unwrap() {
+        let e = e.unwrap();
+        if !fresh.contains(&e.file_name()) {
+            let p = e.path();
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).unwrap();
+            } else {
+                std::fs::remove_file(&p).unwrap();
+            }
+        }
+    }
+    for f in &fresh {
+        let to = dest.join(f);
+        if to.is_dir() {
+            std::fs::remove_dir_all(&to).unwrap();
+        }
+        std::fs::rename(scratch.path().join(f), to).unwrap();
+    }
+    dest
+}
+
+/// A synthetic checkpoint with the golden tiny dims and a tokenizer (written once per run,
+/// under the build dir).
 fn synth_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let d = temp_dir("synth");
-        kl_weights::synth_checkpoint(&kl_config::presets::tiny(), &d, 11, 1 << 30).unwrap();
-        d
+        build_dir_fixture("kl-engine-synth", |d| {
+            kl_weights::synth_checkpoint(&kl_config::presets::tiny(), d, 11, 1 << 30).unwrap();
+        })
     })
 }
 
@@ -256,7 +299,7 @@ fn save_and_load_continue_exactly() {
     a.feed(&prompt).unwrap();
     let mut sampler = Sampler::new(params);
     a.generate(&mut sampler, 5, &no_eos(), |_| {}).unwrap();
-    let path = dir.join("state.bin");
+    let path = dir.path().join("state.bin");
     a.save(&path).unwrap();
     let saved_sampler = sampler.clone();
     let mut text_a = String::new();
@@ -280,7 +323,7 @@ fn save_and_load_continue_exactly() {
     // Saved right after a prefill (nothing generated yet).
     let mut c = synth_session();
     c.feed(&prompt).unwrap();
-    let p2 = dir.join("prefill.bin");
+    let p2 = dir.path().join("prefill.bin");
     c.save(&p2).unwrap();
     let mut d = synth_session();
     d.load(&p2).unwrap();
@@ -304,7 +347,7 @@ fn save_and_load_continue_exactly() {
     let mut sm = Sampler::new(p);
     chat.send("hello", &mut sm, 4, &StopRules::default(), |_| {})
         .unwrap();
-    let cpath = dir.join("chat.bin");
+    let cpath = dir.path().join("chat.bin");
     chat.save(&cpath).unwrap();
     let mut other = Chat::new(synth_session(), Some("sys".into())).unwrap();
     other.load(&cpath).unwrap();

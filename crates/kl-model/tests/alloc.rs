@@ -44,12 +44,15 @@ fn decode_allocates_nothing_after_warm_up() {
         .build_global();
     let mut cfg = presets::tiny();
     cfg.vocab_size = 512;
-    let dir = std::env::temp_dir().join(format!("kl-alloc-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    kl_weights::synth_checkpoint(&cfg, &dir, 3, 1 << 30).expect("synth");
+    let tmp = tempfile::Builder::new()
+        .prefix("kl-alloc-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
+    kl_weights::synth_checkpoint(&cfg, dir, 3, 1 << 30).expect("synth");
     for dtype in [CacheDtype::Bf16, CacheDtype::Fp8, CacheDtype::F32] {
         let model = KimiLinear::load(
-            &dir,
+            dir,
             ModelOptions {
                 cache_dtype: dtype,
                 ..Default::default()
@@ -93,5 +96,4 @@ fn decode_allocates_nothing_after_warm_up() {
             "{dtype:?} cache: {n} allocations in 16 decoded tokens"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -136,8 +136,11 @@ fn cache_dtypes_stay_within_published_tolerance() {
 
 #[test]
 fn snapshots_round_trip_bit_exactly() {
-    let dir = std::env::temp_dir().join(format!("kl-snap-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("kl-snap-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path();
     for dtype in [CacheDtype::F32, CacheDtype::Bf16, CacheDtype::Fp8] {
         let m = tiny(dtype, 64);
         let mut st = m.new_state();
@@ -166,5 +169,4 @@ fn snapshots_round_trip_bit_exactly() {
             .to_string()
             .contains("bad magic"));
     }
-    std::fs::remove_dir_all(dir).ok();
 }

@@ -41,14 +41,14 @@ fn odd_config() -> RawConfig {
     c
 }
 
-/// The odd synthetic model, written once per test binary.
+/// The odd synthetic model, written once per test binary (under the build dir, see
+/// `build_dir_fixture`).
 fn odd_model_dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("kl-model-props-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        kl_weights::synth_checkpoint(&odd_config(), &d, 7, 1 << 16).expect("synth");
-        d
+        build_dir_fixture("kl-model-props", |d| {
+            kl_weights::synth_checkpoint(&odd_config(), d, 7, 1 << 16).expect("synth");
+        })
     })
 }
 

@@ -2,20 +2,16 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use common::{fixture_dir, read_fixture};
 use kl_tokenizer::{Tokenizer, TokenizerError};
 
-/// A fresh, empty directory under the system temp dir.
-fn temp_dir(tag: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
+/// A fresh, empty directory `kl-tok-<tag>-*` under the system temp dir, removed when the
+/// guard drops (also when the test panics).
+fn temp_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("kl-tok-{tag}-"))
+        .tempdir()
         .unwrap()
-        .as_nanos();
-    let dir = std::env::temp_dir().join(format!("kl-tok-{tag}-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn config() -> String {
@@ -35,8 +31,9 @@ fn load_err(model: &str) -> String {
 
 #[test]
 fn missing_files_name_the_path() {
-    let dir = temp_dir("missing");
-    let err = Tokenizer::from_dir(&dir).unwrap_err();
+    let tmp = temp_dir("missing");
+    let dir = tmp.path();
+    let err = Tokenizer::from_dir(dir).unwrap_err();
     let want = dir.join("tiktoken.model");
     assert!(
         matches!(&err, TokenizerError::MissingFile { path } if *path == want),
@@ -48,14 +45,13 @@ fn missing_files_name_the_path() {
     );
 
     std::fs::write(dir.join("tiktoken.model"), model()).unwrap();
-    let err = Tokenizer::from_dir(&dir).unwrap_err().to_string();
+    let err = Tokenizer::from_dir(dir).unwrap_err().to_string();
     assert!(err.contains("tokenizer_config.json"), "{err}");
 
     // With both files and no template, it loads and has no chat template.
     std::fs::write(dir.join("tokenizer_config.json"), config()).unwrap();
-    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let tok = Tokenizer::from_dir(dir).unwrap();
     assert!(tok.chat_template().is_none());
-    std::fs::remove_dir_all(&dir).unwrap();
 
     assert!(Tokenizer::from_dir(&fixture_dir().join("no-such-dir")).is_err());
 }
