@@ -11,12 +11,18 @@
 //! GB/s of compulsory traffic (bandwidth-bound kernels), and the fraction of the roofline measured
 //! at start-up with the same number of threads; then the same for the best iteration (useful on a
 //! shared, noisy machine).
+//!
+//! The FMA peak is measured with the widest vector width the kernels use (AVX-512 when the
+//! matmul prefill kernel uses it; `KL_NO_AVX512=1` forces AVX2 everywhere). With AVX-512 active,
+//! every matmul case also runs on the AVX2 kernels (same bits) and is quoted against the AVX2
+//! peak, an A/B comparison within one run.
 
 use half::bf16;
 use kl_kernels::attention::{latent_attention, LatentAttnShape};
+use kl_kernels::cpu::Isa;
 use kl_kernels::kda::{kda_chunked, kda_recurrent, KdaShape, CHUNK};
-use kl_kernels::matmul::matmul;
-use kl_kernels::roofline::{measure_fma_gflops, measure_stream_gbps};
+use kl_kernels::matmul::{matmul, matmul_isa};
+use kl_kernels::roofline::{measure_fma, measure_fma_isa, measure_stream_gbps, FmaPeak};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -34,7 +40,10 @@ impl Rng {
 }
 
 struct Roof {
+    /// FMA peak of the widest ISA in use.
     gflops: f64,
+    /// The AVX2 FMA peak, when AVX-512 is in use (for the AVX2 A/B rows of `matmul`).
+    avx2: Option<FmaPeak>,
     gbps: f64,
 }
 
@@ -93,6 +102,19 @@ fn report_bytes(name: &str, (secs, best): (f64, f64), bytes: f64, flops: f64, ro
 
 fn bench_matmul(roof: &Roof, rng: &mut Rng) {
     let t = 512;
+    // One case at the default (widest) ISA, then on the AVX2 kernels against the AVX2 peak.
+    let case = |name: &str, run: &mut dyn FnMut(Isa), flops: f64| {
+        report_flops(name, time(|| run(Isa::Avx512)), flops, roof);
+        if let Some(p) = roof.avx2 {
+            let r2 = Roof {
+                gflops: p.gflops,
+                avx2: None,
+                gbps: roof.gbps,
+            };
+            let name = format!("{name} [avx2]");
+            report_flops(&name, time(|| run(Isa::Avx2)), flops, &r2);
+        }
+    };
     for &(k, n) in &[
         (2304, 4096),
         (2304, 1024),
@@ -107,24 +129,20 @@ fn bench_matmul(roof: &Roof, rng: &mut Rng) {
             .map(bf16::from_f32)
             .collect();
         let mut y = vec![0f32; t * n];
-        let secs = time(|| matmul(black_box(&x), &w, &mut y, t, k, n));
-        report_flops(
+        case(
             &format!("matmul bf16 T={t} K={k} N={n}"),
-            secs,
+            &mut |isa| matmul_isa(isa, black_box(&x), &w, &mut y, t, k, n),
             2.0 * (t * k * n) as f64,
-            roof,
         );
     }
     let (k, n) = (2304, 2304);
     let x = rng.vec(t * k, 1.0);
     let w = rng.vec(n * k, 0.05);
     let mut y = vec![0f32; t * n];
-    let secs = time(|| matmul(black_box(&x), &w, &mut y, t, k, n));
-    report_flops(
+    case(
         &format!("matmul f32 T={t} K={k} N={n}"),
-        secs,
+        &mut |isa| matmul_isa(isa, black_box(&x), &w, &mut y, t, k, n),
         2.0 * (t * k * n) as f64,
-        roof,
     );
 }
 
@@ -265,14 +283,19 @@ fn main() {
         .collect();
     let want = |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
     let threads = rayon::current_num_threads();
+    let fma = measure_fma(threads);
+    let avx2 = (fma.isa == Isa::Avx512).then(|| measure_fma_isa(threads, Isa::Avx2));
     let roof = Roof {
-        gflops: measure_fma_gflops(threads),
+        gflops: fma.gflops,
+        avx2,
         gbps: measure_stream_gbps(threads),
     };
+    let avx2_note = avx2.map_or(String::new(), |p| format!("; avx2 {:.1}", p.gflops));
     println!(
-        "# {} | {threads} threads | roofline: FMA peak {:.1} GFLOP/s, stream read {:.1} GB/s",
+        "# {} | {threads} threads | roofline: FMA peak {:.1} GFLOP/s ({}{avx2_note}), stream read {:.1} GB/s",
         kl_kernels::cpu::describe(),
         roof.gflops,
+        fma.isa,
         roof.gbps
     );
     let mut rng = Rng(0x9E3779B97F4A7C15);

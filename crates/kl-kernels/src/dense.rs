@@ -7,7 +7,7 @@
 
 use crate::cpu::features;
 
-/// How [`gemm`] combines the product with `C`.
+/// How [`gemm()`] combines the product with `C`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Mode<'a> {
     /// `C = A·B`.
@@ -589,7 +589,7 @@ mod x86 {
         }
     }
 
-    /// [`gemm`] with 16-lane registers: tiles of up to 8 rows × 32 columns (16 accumulators).
+    /// [`gemm()`](fn@gemm) with 16-lane registers: tiles of up to 8 rows × 32 columns (16 accumulators).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub unsafe fn gemm512(

@@ -21,14 +21,18 @@
 //! every output row of a chunk depend only on the rows before it (bitwise), so a partial chunk
 //! recomputed with more rows reproduces its earlier rows.
 //!
-//! **Speed.** The compute-bound kernels are register-blocked (matmul: 4 × 3 tiles of 8-lane
-//! accumulators over an L2-resident f32 panel, K-blocked for L1; KDA: 6 × 16 tiles of small
-//! dense products, see the private `dense` module); decode matmul streams bf16 weights in
-//! register-width groups. [`roofline`] measures the machine's FMA peak and read bandwidth so
-//! that `cargo bench -p kl-kernels` can quote each kernel as a fraction of it.
+//! **Speed.** The compute-bound kernels are register-blocked (prefill matmul: 6 × 4 tiles of
+//! row-pair 16-lane accumulators on AVX-512, 4 × 3 tiles of 8-lane ones on AVX2, over an
+//! L2-resident f32 panel, K-blocked for L1; KDA: 8 × 32 / 6 × 16 tiles of small dense products,
+//! see the private `dense` module; latent attention: head-pair × key blocks); decode matmul
+//! streams bf16 weights in register-width groups with software prefetch. [`roofline`] measures
+//! the machine's FMA peak (at the widest ISA in use) and read bandwidth so that
+//! `cargo bench -p kl-kernels` can quote each kernel as a fraction of it.
 //!
-//! **CPU features** are detected once at run time ([`cpu::features`]); one binary uses AVX2+FMA
-//! where present and falls back to portable code elsewhere (including aarch64).
+//! **CPU features** are detected once at run time ([`cpu::features`]); one binary uses AVX-512F
+//! or AVX2+FMA where present and falls back to portable code elsewhere (including aarch64).
+//! Every AVX-512 kernel computes exactly the bits of its AVX2 twin (each 16-lane register holds
+//! two 8-lane accumulators), so `KL_NO_AVX512=1` changes speed only.
 #![deny(missing_docs)]
 
 pub mod activation;

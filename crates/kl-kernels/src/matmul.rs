@@ -5,25 +5,42 @@
 //! Two regimes:
 //! - **Few rows** (`T ≤ GEMV_MAX_ROWS`, decode): a bandwidth-bound matrix–vector product. Weight
 //!   rows are split across threads; a group of rows is streamed once in its stored dtype (bf16 and
-//!   f16 widened in registers) and dotted against every `x` row.
+//!   f16 widened in registers) and dotted against every `x` row. It stays on AVX2 even where
+//!   AVX-512 is available: it is bound by memory bandwidth, not by the vector width.
 //! - **Many rows** (prefill): a compute-bound product. A panel of `W` rows is widened once into a
-//!   thread-local f32 buffer (never the whole matrix, ~768 KiB so it stays in L2, rows padded
-//!   against 4 KiB aliasing) and multiplied against blocks of `x` rows with a register-blocked
-//!   microkernel (4 `x` rows × 3 `W` rows = 12 vector accumulators). `K` goes in blocks of at
-//!   most 1024 columns, the 4 `x` rows of a block packed so that they stay in L1; the
-//!   accumulators are saved between blocks bit for bit. Tasks are (panel, row range) pairs.
+//!   thread-local f32 buffer (never the whole matrix, ~768 KiB so it stays in L2) and multiplied
+//!   against blocks of `x` rows with a register-blocked microkernel. `K` goes in blocks, the `x`
+//!   rows of a block packed so that they stay in L1; the accumulators are saved between blocks
+//!   bit for bit. Tasks are (panel, row range) pairs. Two kernels:
+//!   - **AVX2** (and portable): 4 `x` rows × 3 `W` rows = 12 8-lane accumulators, `K` blocks of
+//!     at most 1024 columns, panel rows padded against 4 KiB aliasing.
+//!   - **AVX-512F** (where the CPU has it, unless `KL_NO_AVX512=1`): 6 `x` rows × 4 *pairs* of
+//!     `W` rows = 24 16-lane accumulators, `K` blocks of at most 768 columns. A 512-bit register
+//!     holds the 8-lane accumulators of two `W` rows side by side, `[acc(x, W[j]) | acc(x,
+//!     W[j+1])]`; the panel is packed with rows `j` and `j+1` interleaved in 8-column chunks, so
+//!     that one 64-byte load gives `[W[j][k..k+8] | W[j+1][k..k+8]]`, and the 8 `x` columns are
+//!     broadcast to both halves. The next `x` block is prefetched while the current one is swept.
 //!
-//! **Batch invariance.** Both regimes run the *same* tile kernel (AVX2 or portable), so
-//! every output element is accumulated in one canonical order that depends only on `K`:
-//! one 8-lane accumulator, lane `l` summing `x[k]·w[k]` for `k ≡ l (mod 8)` in increasing `k`
-//! (fused multiply–add on AVX2, multiply then add in the portable code), the `K mod 8` tail as one
-//! last step on zero-padded lanes, then the fixed tree `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`.
-//! Hence `y[t, n]` is a function of `x[t, :]` and `W[n, :]` only — bit-identical whatever `T`, the
-//! thread count, the tiling, or whether the row went through the decode or the prefill path — so a
-//! prompt prefilled in pieces gives the same bits as one prefill.
+//! **Batch invariance.** Every output element is accumulated in one canonical order that depends
+//! only on `K`: one 8-lane accumulator, lane `l` summing `x[k]·w[k]` for `k ≡ l (mod 8)` in
+//! increasing `k` (fused multiply–add on AVX2 and AVX-512, multiply then add in the portable code),
+//! the `K mod 8` tail as one last step on zero-padded lanes (`+0` in both `x` and `W`), then the
+//! fixed tree `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`. Decode and prefill run the same AVX2 tile
+//! kernel (or the same portable one). The AVX-512 kernel computes the same bits: each half of a
+//! 512-bit accumulator is exactly one AVX2 accumulator — its lane `l` sees the same operands
+//! (`x[k]` from the broadcast, `W[j][k]` from the interleaved panel) in the same order, with the
+//! same fused multiply–add and rounding, starting from `+0` and saved/restored bit for bit across
+//! `K` blocks — and the final reduction adds the same pairs in the same tree, several registers
+//! at a time (IEEE addition is commutative, so only which operands meet matters, not which lane
+//! they sit in; as everywhere in Rust, the payload bits of a NaN result are not specified). Hence `y[t, n]` is a function of `x[t, :]` and `W[n, :]` only — bit-identical
+//! whatever `T`, the thread count, the tiling, the SIMD width, or whether the row went through the
+//! decode or the prefill path — so a prompt prefilled in pieces gives the same bits as one
+//! prefill, and decode (AVX2) agrees with prefill (AVX-512). [`matmul_isa`] runs a narrower path
+//! on purpose, to compare them.
 //!
 //! [`matmul_reference`] is the plain triple loop both are tested against.
 
+use crate::cpu::Isa;
 use crate::Elem;
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -68,6 +85,27 @@ impl SendPtr {
 /// Batch invariant: `y[t, n]` depends only on `x[t, :]` and `W[n, :]` (bitwise), not on `T`, the
 /// thread count or the path taken (see the module docs).
 pub fn matmul<W: Elem>(x: &[f32], w: &[W], y: &mut [f32], t: usize, k: usize, n: usize) {
+    matmul_isa(crate::cpu::features().isa(), x, w, y, t, k, n)
+}
+
+/// [`matmul`] using kernels no wider than `isa` (capped at what [`crate::cpu::features`] allows):
+/// `Isa::Avx2` runs the AVX2 prefill kernel even where the AVX-512 one is available (decode,
+/// `T ≤ GEMV_MAX_ROWS`, is AVX2 either way).
+///
+/// The AVX2 and AVX-512 paths give the same bits (see the module docs), so choosing between them
+/// only changes speed; this exists to compare them in tests and benchmarks. `Isa::Portable`
+/// selects the portable code, whose bits differ (multiply then add instead of fused
+/// multiply–add).
+pub fn matmul_isa<W: Elem>(
+    isa: Isa,
+    x: &[f32],
+    w: &[W],
+    y: &mut [f32],
+    t: usize,
+    k: usize,
+    n: usize,
+) {
+    let isa = isa.min(crate::cpu::features().isa());
     assert_eq!(
         x.len(),
         t * k,
@@ -97,15 +135,15 @@ pub fn matmul<W: Elem>(x: &[f32], w: &[W], y: &mut [f32], t: usize, k: usize, n:
     // SAFETY (all three casts): `W` is exactly the type named by the `TypeId` test.
     if id == TypeId::of::<bf16>() {
         let w = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const bf16, w.len()) };
-        run(x, w, y, t, k, n);
+        run(isa, x, w, y, t, k, n);
     } else if id == TypeId::of::<f32>() {
         let w = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const f32, w.len()) };
-        run(x, w, y, t, k, n);
+        run(isa, x, w, y, t, k, n);
     } else if id == TypeId::of::<f16>() {
         let w = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const f16, w.len()) };
-        run(x, w, y, t, k, n);
+        run(isa, x, w, y, t, k, n);
     } else {
-        run(x, &Generic(w), y, t, k, n);
+        run(isa, x, &Generic(w), y, t, k, n);
     }
 }
 
@@ -183,11 +221,16 @@ impl<W: Elem> Rows for Generic<'_, W> {
 }
 
 /// Dispatch to the decode (gemv) or prefill path.
-fn run<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: usize, n: usize) {
+fn run<R: Rows + ?Sized>(isa: Isa, x: &[f32], w: &R, y: &mut [f32], t: usize, k: usize, n: usize) {
+    let simd = isa >= Isa::Avx2 && R::simd_ok();
     if t <= GEMV_MAX_ROWS {
-        gemv(x, w, y, t, k, n);
+        gemv(simd, x, w, y, t, k, n);
     } else {
-        prefill(x, w, y, t, k, n);
+        #[cfg(target_arch = "x86_64")]
+        if simd && isa == Isa::Avx512 {
+            return prefill_wide(x, w, y, t, k, n);
+        }
+        prefill(simd, x, w, y, t, k, n);
     }
 }
 
@@ -222,8 +265,15 @@ unsafe fn tile_dyn<R: Rows + ?Sized>(
 }
 
 /// Decode: weight rows split across threads, each group of `nr` rows streamed once.
-fn gemv<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: usize, n: usize) {
-    let simd = R::simd_ok();
+fn gemv<R: Rows + ?Sized>(
+    simd: bool,
+    x: &[f32],
+    w: &R,
+    y: &mut [f32],
+    t: usize,
+    k: usize,
+    n: usize,
+) {
     // Rows of W per tile (more independent accumulator chains for small T) and x rows per tile.
     let (nr, mr) = match t {
         1 => (6, 1),
@@ -313,8 +363,15 @@ thread_local! {
 /// Prefill: `(T range, W panel)` tasks; each widens its panel into a thread-local f32 buffer and
 /// sweeps its x rows in `MR`-row blocks over the panel's `NR`-row groups, `K` in blocks of at
 /// most `KC` columns (partial accumulators saved between blocks, so the order is unchanged).
-fn prefill<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: usize, n: usize) {
-    let simd = R::simd_ok();
+fn prefill<R: Rows + ?Sized>(
+    simd: bool,
+    x: &[f32],
+    w: &R,
+    y: &mut [f32],
+    t: usize,
+    k: usize,
+    n: usize,
+) {
     let threads = rayon::current_num_threads().max(1);
     // Panel: ~768 KiB of f32 (stays in L2 while x blocks stream past it), a multiple of NR rows.
     let nc = ((768 * 1024) / (4 * k)).clamp(NR, 192) / NR * NR;
@@ -429,6 +486,145 @@ fn prefill<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: usize
             }
             #[cfg(not(target_arch = "x86_64"))]
             let _ = (part, xpack, kb_w);
+        });
+    };
+    (0..panels * t_parts).into_par_iter().for_each(body);
+}
+
+/// Largest K block of the AVX-512 prefill path: the `x512::MR` packed x rows of a block
+/// (`MR·KC·4` bytes) stay in L1 while the panel streams past them.
+#[cfg(target_arch = "x86_64")]
+const KC_WIDE: usize = 768;
+
+/// Index (< 16) of the first element of `v` whose address is a multiple of 64 bytes.
+#[cfg(target_arch = "x86_64")]
+fn aligned64(v: &[f32]) -> usize {
+    (64 - v.as_ptr() as usize % 64) % 64 / 4
+}
+
+/// Prefill with the AVX-512 tile kernel ([`x512`]): the tasks and blocking of [`prefill`], with
+/// two changes that give the same bits faster.
+///
+/// - The panel is packed in row pairs: for `K` block `b`, group `g` of `2·NP` rows, 8-column
+///   chunk `c` and pair `p`, the 16 floats `[W[2p][8c..8c+8] | W[2p+1][8c..8c+8]]` (zeros past
+///   `K` and in the missing partner of an odd last row), stored `[b][g][c][p][16]`: each tile
+///   reads one contiguous 64-byte aligned stream.
+/// - The `MR` x rows of a block are packed zero-padded to a multiple of 8 columns (the tail step
+///   is then an ordinary step on zeros, as in the AVX2 kernel), and the sources of the next block
+///   are prefetched into L2 while the current one is swept.
+#[cfg(target_arch = "x86_64")]
+fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: usize, n: usize) {
+    use x512::{MR, NP};
+    /// W rows per tile.
+    const G: usize = 2 * NP;
+    let threads = rayon::current_num_threads().max(1);
+    // Panel: ~768 KiB of f32 (stays in L2 while x blocks stream past it), whole tiles.
+    let nc = ((768 * 1024) / (4 * k)).clamp(G, 192) / G * G;
+    let nc = nc.min(n.div_ceil(threads).next_multiple_of(G));
+    let panels = n.div_ceil(nc);
+    // Split T as well when there are too few panels to keep every thread busy.
+    let t_parts = (2 * threads)
+        .div_ceil(panels)
+        .min(t.div_ceil(16 * MR))
+        .max(1);
+    let t_step = t.div_ceil(t_parts).next_multiple_of(MR);
+    let t_parts = t.div_ceil(t_step);
+    // K blocks of `cb` 8-column chunks, equal but for the last.
+    let kchunks = k.div_ceil(8);
+    let cb = kchunks.div_ceil(k.div_ceil(KC_WIDE));
+    let kblocks = kchunks.div_ceil(cb);
+    let yp = SendPtr(y.as_mut_ptr());
+    let wd = w.data();
+    let body = |task: usize| {
+        let (pi, ti) = (task / t_parts, task % t_parts);
+        let (n0, n1) = (pi * nc, ((pi + 1) * nc).min(n));
+        let (t0, t1) = (ti * t_step, ((ti + 1) * t_step).min(t));
+        let rows = n1 - n0;
+        let groups = rows.div_ceil(G);
+        SCRATCH.with(|cell| {
+            let mut sc = cell.borrow_mut();
+            let Scratch { panel, part, xpack } = &mut *sc;
+            let plen = kblocks * groups * cb * NP * 16;
+            if panel.len() < plen + 16 {
+                panel.resize(plen + 16, 0.0);
+            }
+            let po = aligned64(panel);
+            let pan = &mut panel[po..po + plen];
+            // SAFETY: rows n0..n1 of W hold k elements each; `pan` holds the packed panel.
+            unsafe {
+                x512::pack_panel::<R::L>(wd[n0 * k..].as_ptr(), k, rows, pan, cb);
+            }
+            if part.len() < groups * MR * NP * 16 {
+                part.resize(groups * MR * NP * 16, 0.0);
+            }
+            // Packed x rows: 64-byte aligned, 16 floats of padding against L1 set conflicts.
+            let ldxp = cb * 8 + 16;
+            if xpack.len() < MR * ldxp + 16 {
+                xpack.resize(MR * ldxp + 16, 0.0);
+            }
+            let xo = aligned64(xpack);
+            let xpk = &mut xpack[xo..xo + MR * ldxp];
+            let partp = part.as_mut_ptr();
+            for tb in (t0..t1).step_by(MR) {
+                let mr = MR.min(t1 - tb);
+                for b in 0..kblocks {
+                    let (k0, k1) = (b * cb * 8, ((b + 1) * cb * 8).min(k));
+                    let kw = k1 - k0;
+                    let steps = kw.div_ceil(8);
+                    for r in 0..mr {
+                        let dst = &mut xpk[r * ldxp..r * ldxp + steps * 8];
+                        dst[..kw].copy_from_slice(&x[(tb + r) * k + k0..(tb + r) * k + k1]);
+                        dst[kw..].fill(0.0);
+                    }
+                    // The next x block's sources, prefetched a share per tile of this sweep.
+                    let next = if b + 1 < kblocks {
+                        Some((tb, b + 1))
+                    } else if tb + MR < t1 {
+                        Some((tb + MR, 0))
+                    } else {
+                        None
+                    };
+                    let mut pf = match next {
+                        Some((nt, nb)) => {
+                            let (nk0, nk1) = (nb * cb * 8, ((nb + 1) * cb * 8).min(k));
+                            x512::Prefetch::new(
+                                x[nt * k + nk0..].as_ptr(),
+                                k,
+                                MR.min(t1 - nt),
+                                nk1 - nk0,
+                            )
+                        }
+                        _ => x512::Prefetch::none(),
+                    };
+                    let quota = pf.left().div_ceil(groups);
+                    for g in 0..groups {
+                        // SAFETY: xpk rows hold `steps·8` floats; the (b, g) block of the panel
+                        // holds `steps` chunks of NP·16 floats, 64-byte aligned; `part` holds
+                        // this group's MR·NP·16 floats; the y elements (tb.., n0+g·G..) belong
+                        // to this task only.
+                        unsafe {
+                            let yo = if b + 1 == kblocks {
+                                yp.get().add(tb * n + n0 + g * G)
+                            } else {
+                                std::ptr::null_mut()
+                            };
+                            x512::tile_dyn(
+                                mr,
+                                G.min(rows - g * G),
+                                xpk.as_ptr(),
+                                ldxp,
+                                pan.as_ptr().add((b * groups + g) * cb * NP * 16),
+                                steps,
+                                partp.add(g * MR * NP * 16),
+                                b > 0,
+                                yo,
+                                n,
+                                pf.take(quota),
+                            );
+                        }
+                    }
+                }
+            }
         });
     };
     (0..panels * t_parts).into_par_iter().for_each(body);
@@ -713,5 +909,287 @@ mod x86 {
             (4, 2),
             (4, 3)
         )
+    }
+}
+
+/// The AVX-512 prefill tile: the AVX2 kernel's canonical 8-lane order, two W rows per register.
+///
+/// Each 512-bit accumulator holds `[acc(x row r, W row 2p) | acc(x row r, W row 2p+1)]`, each half
+/// exactly an 8-lane accumulator of the AVX2 kernel: the 8 x columns of a step are broadcast to
+/// both halves and the W pair is one 64-byte load from the interleaved panel, so every lane runs
+/// the same fused multiply–add sequence on the same operands. The final reduction applies the
+/// AVX2 kernel's tree to each half (see `reduce8`).
+#[cfg(target_arch = "x86_64")]
+mod x512 {
+    use super::x86::Load;
+    use std::arch::x86_64::*;
+
+    /// x rows per tile.
+    pub const MR: usize = 6;
+    /// W row pairs per tile: `MR·NP` = 24 accumulators of the 32 vector registers (measured
+    /// against 8 × 3, 7 × 4, 5 × 5, 4 × 6 and 12 × 2: 6 × 4 was the fastest, about 20% over
+    /// 8 × 3, with one thread or two).
+    pub const NP: usize = 4;
+
+    /// Pack `rows` rows of `W` (`k` elements each, from `src`) into the interleaved panel layout
+    /// of [`super::prefill_wide`] with `cb` chunks per K block, widening to f32.
+    ///
+    /// # Safety
+    /// `src` holds `rows·k` elements; `pan` holds `kblocks·groups·cb·NP·16` floats and is 64-byte
+    /// aligned; the CPU has AVX-512F, AVX2 (and F16C for f16).
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn pack_panel<L: Load>(
+        src: *const L::E,
+        k: usize,
+        rows: usize,
+        pan: &mut [f32],
+        cb: usize,
+    ) {
+        let g_rows = 2 * NP;
+        let groups = rows.div_ceil(g_rows);
+        let kchunks = k.div_ceil(8);
+        let gsz = cb * NP * 16;
+        let pp = pan.as_mut_ptr();
+        let zero = _mm256_setzero_ps();
+        for q in 0..rows.div_ceil(2) {
+            let (r0, r1) = (2 * q, 2 * q + 1);
+            let (g, p) = (r0 / g_rows, r0 % g_rows / 2);
+            let s0 = src.add(r0 * k);
+            let s1 = src.add(r1.min(rows - 1) * k);
+            let has1 = r1 < rows;
+            let (mut b, mut c) = (0, 0);
+            for ci in 0..kchunks {
+                if c == cb {
+                    (b, c) = (b + 1, 0);
+                }
+                let (i, m) = (ci * 8, 8.min(k - ci * 8));
+                let load = |s: *const L::E| {
+                    if m == 8 {
+                        L::load8(s.add(i))
+                    } else {
+                        L::load_tail(s.add(i), m)
+                    }
+                };
+                let hi = if has1 { load(s1) } else { zero };
+                let v = _mm512_insertf64x4::<1>(
+                    _mm512_castpd256_pd512(_mm256_castps_pd(load(s0))),
+                    _mm256_castps_pd(hi),
+                );
+                let dst = pp.add((b * groups + g) * gsz + (c * NP + p) * 16);
+                _mm512_store_pd(dst as *mut f64, v);
+                c += 1;
+            }
+        }
+    }
+
+    /// Software prefetch of a block of rows (`rows` rows of `len` floats, `ld` apart), one cache
+    /// line per tile step, handed out to the tiles of a sweep in shares.
+    pub struct Prefetch {
+        base: *const f32,
+        ld: usize,
+        lines: usize,
+        row: usize,
+        line: usize,
+        left: usize,
+    }
+
+    impl Prefetch {
+        /// Prefetch `rows` rows of `len` floats at `base`, `ld` floats apart.
+        pub fn new(base: *const f32, ld: usize, rows: usize, len: usize) -> Self {
+            let lines = len.div_ceil(16);
+            Prefetch {
+                base,
+                ld,
+                lines,
+                row: 0,
+                line: 0,
+                left: rows * lines,
+            }
+        }
+        /// Nothing to prefetch.
+        pub fn none() -> Self {
+            Prefetch {
+                base: std::ptr::null(),
+                ld: 0,
+                lines: 1,
+                row: 0,
+                line: 0,
+                left: 0,
+            }
+        }
+        /// Lines not yet prefetched.
+        pub fn left(&self) -> usize {
+            self.left
+        }
+        /// The next `n` lines (or fewer), for one tile.
+        pub fn take(&mut self, n: usize) -> Prefetch {
+            let m = n.min(self.left);
+            let share = Prefetch { left: m, ..*self };
+            self.left -= m;
+            self.line += m;
+            self.row += self.line / self.lines;
+            self.line %= self.lines;
+            share
+        }
+    }
+
+    /// The fixed tree of [`super::x86::hsum`] on both 8-lane halves of 8 registers at once: 16
+    /// sums, `u[q]`'s half `h` at index `4·(2·(q % 2) + h) + q / 2`.
+    ///
+    /// Each level adds the same operand pairs as `hsum`: `l_i + l_{i+4}`, then `s_0 + s_2` and
+    /// `s_1 + s_3`, then their sum; only the lanes they sit in differ.
+    #[inline(always)]
+    unsafe fn reduce8(u: &[__m512; 8]) -> __m512 {
+        // Level 1: 128-bit blocks [q.A0-3, q.B0-3, q'.A0-3, q'.B0-3] + [the upper 4 lanes].
+        let l1 = |a: __m512, b: __m512| {
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(a, b),
+                _mm512_shuffle_f32x4::<0xDD>(a, b),
+            )
+        };
+        // Level 2: per block [s0+s2, s1+s3] of `a`, then of `b`.
+        let l2 = |a: __m512, b: __m512| {
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0b01_00_01_00>(a, b),
+                _mm512_shuffle_ps::<0b11_10_11_10>(a, b),
+            )
+        };
+        // Level 3: per block [t0+t1 of a's two sums, then of b's].
+        let l3 = |a: __m512, b: __m512| {
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0b10_00_10_00>(a, b),
+                _mm512_shuffle_ps::<0b11_01_11_01>(a, b),
+            )
+        };
+        let s01 = l1(u[0], u[1]);
+        let s23 = l1(u[2], u[3]);
+        let s45 = l1(u[4], u[5]);
+        let s67 = l1(u[6], u[7]);
+        l3(l2(s01, s23), l2(s45, s67))
+    }
+
+    /// One `MR × 2·NP` tile over `steps` 8-column chunks (see [`super::prefill_wide`]).
+    ///
+    /// `xp`: `MR` rows of x, `ldx` apart, each holding `steps·8` floats (zeros past K). `wp`: the
+    /// tile's panel block, chunk `s` at `s·NPF·16` (`NPF` = [`NP`], the panel's pairs per chunk),
+    /// pair `p` of a chunk at `p·16`, 64-byte aligned. Accumulators start at zero, or from `part`
+    /// (`[MR][NP][16]`) when `resume`; they end reduced into `y` (`nrows ≤ 2·NP` W rows; the
+    /// partner of an odd last row is dropped) when `yp` is non-null, else saved to `part` bit for
+    /// bit. One line of `pf` is prefetched per step.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn tile<const MR: usize, const NP: usize>(
+        xp: *const f32,
+        ldx: usize,
+        wp: *const f32,
+        steps: usize,
+        part: *mut f32,
+        resume: bool,
+        yp: *mut f32,
+        ldy: usize,
+        nrows: usize,
+        mut pf: Prefetch,
+    ) {
+        let cs = super::x512::NP * 16;
+        let mut acc = [[_mm512_setzero_ps(); NP]; MR];
+        if resume {
+            for (r, a) in acc.iter_mut().enumerate() {
+                for (p, v) in a.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(part.add((r * NP + p) * 16));
+                }
+            }
+        }
+        for s in 0..steps {
+            if pf.left > 0 {
+                _mm_prefetch::<_MM_HINT_T1>(pf.base.add(pf.row * pf.ld + pf.line * 16) as *const i8);
+                pf.line += 1;
+                if pf.line == pf.lines {
+                    pf.line = 0;
+                    pf.row += 1;
+                }
+                pf.left -= 1;
+            }
+            let w = wp.add(s * cs);
+            let mut wv = [_mm512_setzero_ps(); NP];
+            for (p, v) in wv.iter_mut().enumerate() {
+                *v = _mm512_load_ps(w.add(p * 16));
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let x8 = _mm256_loadu_pd(xp.add(r * ldx + s * 8) as *const f64);
+                let xv = _mm512_castpd_ps(_mm512_broadcast_f64x4(x8));
+                for p in 0..NP {
+                    a[p] = _mm512_fmadd_ps(xv, wv[p], a[p]);
+                }
+            }
+        }
+        if yp.is_null() {
+            for (r, a) in acc.iter().enumerate() {
+                for (p, v) in a.iter().enumerate() {
+                    _mm512_storeu_ps(part.add((r * NP + p) * 16), *v);
+                }
+            }
+            return;
+        }
+        // Reduce 8 accumulators at a time (zeros pad the last group), then scatter to y.
+        let mut sums = [[0f32; 16]; 3];
+        let flat = |i: usize| {
+            if i < MR * NP {
+                acc[i / NP][i % NP]
+            } else {
+                _mm512_setzero_ps()
+            }
+        };
+        for (gi, out) in sums.iter_mut().enumerate().take((MR * NP).div_ceil(8)) {
+            let u: [__m512; 8] = std::array::from_fn(|q| flat(gi * 8 + q));
+            _mm512_storeu_ps(out.as_mut_ptr(), reduce8(&u));
+        }
+        for r in 0..MR {
+            for j in 0..nrows {
+                let i = r * NP + j / 2;
+                let (q, h) = (i % 8, j % 2);
+                *yp.add(r * ldy + j) = sums[i / 8][4 * (2 * (q % 2) + h) + q / 2];
+            }
+        }
+    }
+
+    /// [`tile`] for `mr ≤ MR` x rows and `nrows ≤ 2·NP` W rows (`nrows.div_ceil(2)` pairs).
+    ///
+    /// # Safety
+    /// As [`tile`]; the CPU has AVX-512F, AVX2 and FMA.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn tile_dyn(
+        mr: usize,
+        nrows: usize,
+        xp: *const f32,
+        ldx: usize,
+        wp: *const f32,
+        steps: usize,
+        part: *mut f32,
+        resume: bool,
+        yp: *mut f32,
+        ldy: usize,
+        pf: Prefetch,
+    ) {
+        macro_rules! by_np {
+            ($m:literal) => {
+                match nrows.div_ceil(2) {
+                    1 => tile::<$m, 1>(xp, ldx, wp, steps, part, resume, yp, ldy, nrows, pf),
+                    2 => tile::<$m, 2>(xp, ldx, wp, steps, part, resume, yp, ldy, nrows, pf),
+                    3 => tile::<$m, 3>(xp, ldx, wp, steps, part, resume, yp, ldy, nrows, pf),
+                    4 => tile::<$m, 4>(xp, ldx, wp, steps, part, resume, yp, ldy, nrows, pf),
+                    np => unreachable!("{np} pairs"),
+                }
+            };
+        }
+        match mr {
+            1 => by_np!(1),
+            2 => by_np!(2),
+            3 => by_np!(3),
+            4 => by_np!(4),
+            5 => by_np!(5),
+            6 => by_np!(6),
+            _ => unreachable!("{mr} x rows"),
+        }
     }
 }

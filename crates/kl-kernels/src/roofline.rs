@@ -1,9 +1,12 @@
 //! Roofline measurement: the machine's peak f32 FMA throughput and its memory read bandwidth,
 //! so that benchmarks can quote each kernel as a fraction of what the hardware can do.
 //!
-//! - [`measure_fma_gflops`] runs independent FMA chains (12 × 8-lane AVX2 accumulators where
-//!   available, enough to cover the FMA latency on two ports) on every thread for a fixed time
-//!   and reports GFLOP/s (one FMA = 2 flops).
+//! - [`measure_fma`] runs independent FMA chains (12 vector accumulators, enough to cover the FMA
+//!   latency on two ports) on every thread for a fixed time and reports GFLOP/s (one FMA = 2
+//!   flops) together with the instruction set measured: the widest one the kernels use
+//!   ([`crate::cpu::Features::isa`]), i.e. 16-lane AVX-512 FMAs when the AVX-512 matmul prefill
+//!   kernel is active (`KL_NO_AVX512=1` measures AVX2, `KL_NO_SIMD=1` the portable loop).
+//!   [`measure_fma_gflops`] is its GFLOP/s alone.
 //! - [`measure_stream_gbps`] sums an f32 buffer of 256 MiB (or twice the last-level cache if that
 //!   is larger, at most 1 GiB: see [`stream_bytes`]) split across threads, each thread reading
 //!   its part as 8 sequential streams advanced together (one stream alone leaves bandwidth unused:
@@ -17,20 +20,38 @@ use std::hint::black_box;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-/// FMA operations per inner iteration per thread: 12 chains × 8 lanes.
+use crate::cpu::Isa;
+
+/// Independent accumulator chains of the FMA probe (each one vector register).
 const CHAINS: usize = 12;
 
-/// Peak f32 FMA throughput in GFLOP/s (2 flops per FMA lane) with `threads` threads (≥ 1).
-///
-/// Uses AVX2+FMA when the CPU has it ([`crate::cpu::features`]), a portable 8-wide loop
-/// otherwise. Takes about 0.3 s.
-pub fn measure_fma_gflops(threads: usize) -> f64 {
+/// A measured FMA peak and the instruction set it was measured with.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FmaPeak {
+    /// f32 GFLOP/s over all threads (2 flops per FMA lane).
+    pub gflops: f64,
+    /// The vector width measured: `Avx512` (16 lanes), `Avx2` (8 lanes) or `Portable`.
+    pub isa: Isa,
+}
+
+/// Peak f32 FMA throughput with `threads` threads (≥ 1), measured with the widest instruction
+/// set the kernels use on this machine ([`crate::cpu::features`]`().isa()`): AVX-512 where the
+/// matmul prefill runs its AVX-512 kernel, else AVX2+FMA, else a portable 8-wide loop. Takes
+/// about 0.3 s.
+pub fn measure_fma(threads: usize) -> FmaPeak {
+    measure_fma_isa(threads, crate::cpu::features().isa())
+}
+
+/// [`measure_fma`] with FMAs no wider than `isa` (capped at what the CPU allows; the result
+/// says which was used), e.g. `Isa::Avx2` for the peak of the AVX2-only kernels.
+pub fn measure_fma_isa(threads: usize, isa: Isa) -> FmaPeak {
+    let isa = isa.min(crate::cpu::features().isa());
     let threads = threads.max(1);
     // Calibrate the iteration count on one thread so each timed run lasts ~60 ms.
     let mut iters = 1u64 << 16;
     loop {
         let t = Instant::now();
-        black_box(fma_loop(iters));
+        black_box(fma_loop(isa, iters));
         if t.elapsed() > Duration::from_millis(20) || iters > 1 << 34 {
             let per = t.elapsed().as_secs_f64() / iters as f64;
             iters = ((0.06 / per) as u64).max(1);
@@ -41,12 +62,17 @@ pub fn measure_fma_gflops(threads: usize) -> f64 {
     let mut best = 0f64;
     for _ in 0..4 {
         let secs = run_threads(threads, |_| {
-            black_box(fma_loop(iters));
+            black_box(fma_loop(isa, iters));
         });
-        let flops = (threads as u64 * iters * (CHAINS * 8 * 2) as u64) as f64;
+        let flops = (threads as u64 * iters * (CHAINS * isa.f32_lanes() * 2) as u64) as f64;
         best = best.max(flops / secs / 1e9);
     }
-    best
+    FmaPeak { gflops: best, isa }
+}
+
+/// [`measure_fma`]'s GFLOP/s alone.
+pub fn measure_fma_gflops(threads: usize) -> f64 {
+    measure_fma(threads).gflops
 }
 
 /// Memory read bandwidth in GB/s (10⁹ bytes/s) with `threads` threads (≥ 1): a sum over a
@@ -161,13 +187,17 @@ fn run_threads(threads: usize, f: impl Fn(usize) + Sync) -> f64 {
     start.get().expect("start set").elapsed().as_secs_f64()
 }
 
-/// `iters` rounds of `CHAINS` independent 8-lane FMAs; returns a value depending on all chains.
-fn fma_loop(iters: u64) -> f32 {
+/// `iters` rounds of `CHAINS` independent FMAs of `isa.f32_lanes()` lanes (`isa` no wider than
+/// the CPU allows); returns a value depending on all chains.
+fn fma_loop(isa: Isa, iters: u64) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if crate::cpu::features().avx2_fma {
-        // SAFETY: AVX2 and FMA checked at run time.
-        return unsafe { x86::fma_loop(iters) };
+    match isa {
+        // SAFETY: `isa` is capped at the features detected at run time.
+        Isa::Avx512 => return unsafe { x86::fma_loop_512(iters) },
+        Isa::Avx2 => return unsafe { x86::fma_loop(iters) },
+        Isa::Portable => {}
     }
+    let _ = isa;
     let (a, b) = (black_box(0.999_999f32), black_box(1e-7f32));
     let mut acc = [[1f32; 8]; CHAINS];
     for _ in 0..iters {
@@ -220,6 +250,23 @@ mod x86 {
         let mut out = [0f32; 8];
         _mm256_storeu_ps(out.as_mut_ptr(), s);
         out.iter().sum()
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn fma_loop_512(iters: u64) -> f32 {
+        let a = _mm512_set1_ps(black_box(0.999_999));
+        let b = _mm512_set1_ps(black_box(1e-7));
+        let mut acc = [_mm512_set1_ps(1.0); CHAINS];
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm512_fmadd_ps(*v, a, b);
+            }
+        }
+        let mut s = _mm512_setzero_ps();
+        for v in acc {
+            s = _mm512_add_ps(s, v);
+        }
+        _mm512_reduce_add_ps(s)
     }
 
     #[target_feature(enable = "avx2,fma")]

@@ -2,14 +2,22 @@
 
 mod common;
 use common::{max_abs_diff, Rng};
-use half::bf16;
+use half::{bf16, f16};
 use kl_kernels::attention::{latent_attention, latent_attention_reference, LatentAttnShape};
+use kl_kernels::cpu::Isa;
 use kl_kernels::kda::{kda_chunked, kda_chunked_reference, kda_recurrent, KdaShape};
-use kl_kernels::matmul::{matmul, matmul_reference};
+use kl_kernels::matmul::{matmul, matmul_isa, matmul_reference};
 use kl_kernels::norm::l2_normalize_rows;
 
 #[test]
-fn matmul_matches_reference_bf16_and_f32() {
+fn matmul_matches_reference_bf16_f16_and_f32() {
+    // T > 8 takes the prefill path: the AVX-512 kernel where the CPU has it (the narrower paths
+    // are compared bit for bit in `matmul_isa_paths_agree_bitwise`).
+    eprintln!(
+        "cpu: {} (matmul prefill kernel: {})",
+        kl_kernels::cpu::describe(),
+        kl_kernels::cpu::features().isa()
+    );
     let mut rng = Rng::new(1);
     for &(t, k, n) in &[
         (1, 1, 1),
@@ -19,23 +27,100 @@ fn matmul_matches_reference_bf16_and_f32() {
         (9, 65, 31),
         (64, 200, 300),
         (130, 37, 1),
+        (37, 1001, 29),
+        (17, 2100, 13),
     ] {
         let x = rng.vec(t * k, 1.0);
         let wf = rng.vec(n * k, 1.0);
         let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+        let wh: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
+        let tol = 1e-4 * (k as f32).sqrt();
         let (mut y, mut yr) = (vec![0f32; t * n], vec![0f32; t * n]);
         matmul(&x, &wb, &mut y, t, k, n);
         matmul_reference(&x, &wb, &mut yr, t, k, n);
-        assert!(
-            max_abs_diff(&y, &yr) < 1e-4 * (k as f32).sqrt(),
-            "bf16 t={t} k={k} n={n}"
-        );
+        assert!(max_abs_diff(&y, &yr) < tol, "bf16 t={t} k={k} n={n}");
+        matmul(&x, &wh, &mut y, t, k, n);
+        matmul_reference(&x, &wh, &mut yr, t, k, n);
+        assert!(max_abs_diff(&y, &yr) < tol, "f16 t={t} k={k} n={n}");
         matmul(&x, &wf, &mut y, t, k, n);
         matmul_reference(&x, &wf, &mut yr, t, k, n);
-        assert!(
-            max_abs_diff(&y, &yr) < 1e-4 * (k as f32).sqrt(),
-            "f32 t={t} k={k} n={n}"
-        );
+        assert!(max_abs_diff(&y, &yr) < tol, "f32 t={t} k={k} n={n}");
+    }
+}
+
+/// The AVX-512 prefill kernel gives exactly the AVX2 kernels' bits, and both give each row of a
+/// many-row call exactly as a one-row (decode, AVX2 gemv) call does. On a CPU without AVX-512
+/// (or under `KL_NO_AVX512=1` / `KL_NO_SIMD=1`) the paths requested collapse onto the widest one
+/// available and the same checks run on it.
+#[test]
+fn matmul_isa_paths_agree_bitwise() {
+    let widest = kl_kernels::cpu::features().isa();
+    eprintln!(
+        "cpu: {}; comparing matmul on {:?} (capped at {widest})",
+        kl_kernels::cpu::describe(),
+        [Isa::Avx512, Isa::Avx2]
+    );
+    fn check<W: kl_kernels::Elem>(name: &str, x: &[f32], w: &[W], t: usize, k: usize, n: usize) {
+        let run = |isa: Isa, t: usize, x: &[f32]| {
+            let mut y = vec![0f32; t * n];
+            matmul_isa(isa, x, w, &mut y, t, k, n);
+            y
+        };
+        let wide = run(Isa::Avx512, t, x);
+        let narrow = run(Isa::Avx2, t, x);
+        let default = {
+            let mut y = vec![0f32; t * n];
+            matmul(x, w, &mut y, t, k, n);
+            y
+        };
+        for i in 0..t * n {
+            let (a, b, c) = (wide[i], narrow[i], default[i]);
+            let at = format!("{name} t={t} k={k} n={n} element ({}, {})", i / n, i % n);
+            assert_eq!(a.to_bits(), b.to_bits(), "{at}: AVX-512 {a} vs AVX2 {b}");
+            assert_eq!(a.to_bits(), c.to_bits(), "{at}: AVX-512 {a} vs matmul {c}");
+        }
+        for r in 0..t {
+            let row = run(Isa::Avx512, 1, &x[r * k..(r + 1) * k]);
+            for j in 0..n {
+                let (a, b) = (wide[r * n + j], row[j]);
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{name} t={t} k={k} n={n}: row {r} of the prefill {a} vs decode {b} (col {j})"
+                );
+            }
+        }
+    }
+    let mut rng = Rng::new(11);
+    // T: partial blocks of x rows (6 per AVX-512 tile, 4 per AVX2 tile). N: odd (a W row pair
+    // with one row), fewer rows than a tile, several tiles. K: tails of 1..7 columns, one and
+    // several K blocks (at most 768 and 1024 columns), with saved partial sums.
+    for &(t, k, n) in &[
+        (37usize, 1usize, 7usize),
+        (37, 13, 1),
+        (37, 67, 5),
+        (37, 200, 37),
+        (9, 769, 11),
+        (37, 1025, 13),
+        (37, 2003, 31),
+        (12, 1536, 6),
+        (40, 4099, 3),
+    ] {
+        let mut x = rng.vec(t * k, 1.0);
+        // Signed zeros: a row of −0 and a row a third of −0 (sums of zeros, zero-padded tails).
+        x[..k].iter_mut().for_each(|v| *v = -0.0);
+        if t > 3 {
+            x[2 * k..3 * k]
+                .iter_mut()
+                .step_by(3)
+                .for_each(|v| *v = -0.0);
+        }
+        let wf = rng.vec(n * k, 1.0);
+        let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+        let wh: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
+        check("bf16", &x, &wb, t, k, n);
+        check("f16", &x, &wh, t, k, n);
+        check("f32", &x, &wf, t, k, n);
     }
 }
 
@@ -205,7 +290,6 @@ fn conv_split_equals_one_call() {
 /// a many-row call (prefill path) and of calls under different thread counts.
 #[test]
 fn matmul_is_batch_invariant() {
-    use half::f16;
     let mut rng = Rng::new(6);
     for &(k, n) in &[
         (1usize, 5usize),

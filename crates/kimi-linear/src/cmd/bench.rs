@@ -11,7 +11,7 @@
 
 use crate::memory::{human, parse_cache_dtype, parse_mla_prefill, peak_rss_bytes};
 use anyhow::{bail, Context, Result};
-use kl_kernels::roofline::{measure_fma_gflops, measure_stream_gbps};
+use kl_kernels::roofline::{measure_fma, measure_stream_gbps};
 use kl_model::{KimiLinear, LayerState, LogitsMode, ModelOptions, Probe, SequenceState};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -142,10 +142,15 @@ pub fn run(a: Args) -> Result<()> {
             kl_kernels::cpu::describe()
         );
     }
-    let (fma, stream) = if a.no_roofline {
-        (f64::NAN, f64::NAN)
+    let (fma, fma_isa, stream) = if a.no_roofline {
+        (f64::NAN, None, f64::NAN)
     } else {
-        (measure_fma_gflops(threads), measure_stream_gbps(threads))
+        let peak = measure_fma(threads);
+        (
+            peak.gflops,
+            Some(peak.isa.name()),
+            measure_stream_gbps(threads),
+        )
     };
 
     // Warm-up: touch the weights once (page in the mmap) so the first timing is not I/O.
@@ -267,6 +272,7 @@ pub fn run(a: Args) -> Result<()> {
             "cpu": kl_kernels::cpu::describe(),
             "cache_dtype": opts.cache_dtype.name(),
             "fma_gflops": fma,
+            "fma_isa": fma_isa,
             "stream_gbps": stream,
             "prefill_tokens_per_s": prefill,
             "decode_tokens_per_s": decode,
@@ -289,7 +295,10 @@ pub fn run(a: Args) -> Result<()> {
     );
     let roof = !a.no_roofline;
     if roof {
-        println!("roofline: FMA {fma:.1} GFLOP/s, stream {stream:.1} GB/s");
+        println!(
+            "roofline: FMA {fma:.1} GFLOP/s ({}), stream {stream:.1} GB/s",
+            fma_isa.unwrap_or("-")
+        );
     }
     for (t, tps, gf, frac) in &prefill_rows {
         let of = if roof {
