@@ -5,11 +5,10 @@
 //! without AVX-512 both runs take the AVX2 path and the comparison holds trivially.
 
 mod common;
-use common::Rng;
+use common::{kda_inputs, Rng};
 use half::bf16;
 use kl_kernels::attention::{latent_attention, LatentAttnShape, SEGMENT};
 use kl_kernels::kda::{kda_chunked, KdaShape};
-use kl_kernels::norm::l2_normalize_rows;
 use std::process::Command;
 
 /// Bits of `x` as one line of hex words.
@@ -60,16 +59,7 @@ fn kda_chunked_bits_do_not_depend_on_avx512() {
         (9, 3, 17, 47),
     ] {
         let s = KdaShape { t, h, k, v };
-        let mut q = rng.vec(t * h * k, 1.0);
-        let mut kk = rng.vec(t * h * k, 1.0);
-        l2_normalize_rows(&mut q, k, 1e-6, (k as f32).powf(-0.5));
-        l2_normalize_rows(&mut kk, k, 1e-6, 1.0);
-        let vv = rng.vec(t * h * v, 1.0);
-        let g: Vec<f32> = (0..t * h * k)
-            .map(|_| -(rng.uniform() + 1.0) * 0.7)
-            .collect();
-        let beta: Vec<f32> = (0..t * h).map(|_| (rng.uniform() + 1.0) * 0.5).collect();
-        let mut st = rng.vec(h * k * v, 0.5);
+        let [q, kk, vv, g, beta, mut st] = kda_inputs(&mut rng, s);
         let mut out = vec![0f32; t * h * v];
         kda_chunked(s, &q, &kk, &vv, &g, &beta, &mut st, &mut out);
         all.extend_from_slice(&out);

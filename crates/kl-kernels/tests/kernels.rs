@@ -1,13 +1,12 @@
 //! Every optimised kernel against its reference twin, on random inputs at odd sizes.
 
 mod common;
-use common::{max_abs_diff, Rng};
+use common::{kda_inputs, max_abs_diff, Rng};
 use half::{bf16, f16};
 use kl_kernels::attention::{latent_attention, latent_attention_reference, LatentAttnShape};
 use kl_kernels::cpu::Isa;
 use kl_kernels::kda::{kda_chunked, kda_chunked_reference, kda_recurrent, KdaShape};
 use kl_kernels::matmul::{matmul, matmul_isa, matmul_reference};
-use kl_kernels::norm::l2_normalize_rows;
 
 #[test]
 fn matmul_matches_reference_bf16_f16_and_f32() {
@@ -122,23 +121,6 @@ fn matmul_isa_paths_agree_bitwise() {
         check("f16", &x, &wh, t, k, n);
         check("f32", &x, &wf, t, k, n);
     }
-}
-
-fn kda_inputs(rng: &mut Rng, s: KdaShape) -> [Vec<f32>; 6] {
-    let KdaShape { t, h, k, v } = s;
-    let mut q = rng.vec(t * h * k, 1.0);
-    let mut kk = rng.vec(t * h * k, 1.0);
-    l2_normalize_rows(&mut q, k, 1e-6, (k as f32).powf(-0.5));
-    l2_normalize_rows(&mut kk, k, 1e-6, 1.0);
-    let vv = rng.vec(t * h * v, 1.0);
-    // Log-decays spanning weak to very strong (down to −30 per token) to exercise the
-    // overflow-safe pairwise exponents.
-    let g: Vec<f32> = (0..t * h * k)
-        .map(|_| -((rng.uniform() + 1.0) * 0.5).powi(4) * 30.0)
-        .collect();
-    let beta: Vec<f32> = (0..t * h).map(|_| (rng.uniform() + 1.0) * 0.5).collect();
-    let st = rng.vec(h * k * v, 0.5);
-    [q, kk, vv, g, beta, st]
 }
 
 #[test]
