@@ -3,8 +3,19 @@
 //! PyTorch `Conv1d(groups=C, padding=W-1)` keeping the first `T` outputs: tap `j = W-1` multiplies
 //! the current token, tap `0` the token `W-1` steps back. The state holds the last `W-1` raw inputs,
 //! oldest first, so a call on consecutive pieces equals one call on the whole sequence.
+//!
+//! [`conv1d_causal_silu`] runs blocks of output rows in parallel (each row reads only the inputs
+//! before it) and, within a row, blocks of channels whose taps are gathered once into a small
+//! local array so that the sum over taps is a vectorised loop; every output element is the sum
+//! over taps in tap order, then SiLU ([`crate::activation::silu_inplace`]), as in
+//! [`conv1d_causal_silu_reference`].
 
-use crate::activation::silu;
+use crate::activation::{silu, silu_inplace};
+
+/// Channels per block of [`conv1d_causal_silu`].
+const CB: usize = 64;
+/// Widest kernel with gathered taps; wider ones take the plain loop.
+const MAX_W: usize = 8;
 
 /// `x` `[T, C]` (raw, pre-conv), `weight` `[C, W]`, `state` `[W-1, C]` (oldest row first; zeros at
 /// the start of a sequence). Writes `out` `[T, C]` = SiLU(conv) and updates `state` to the last
@@ -17,24 +28,52 @@ pub fn conv1d_causal_silu(
     state: &mut [f32],
     out: &mut [f32],
 ) {
-    assert_eq!(weight.len(), c * w);
-    assert_eq!(state.len(), (w - 1) * c);
-    assert_eq!(x.len(), out.len());
-    let t = x.len() / c;
-    let hist = w - 1;
-    // Input row `i` in the extended sequence [state rows; x rows].
-    let row = |i: usize| -> &[f32] {
-        if i < hist {
-            &state[i * c..(i + 1) * c]
-        } else {
-            &x[(i - hist) * c..(i - hist + 1) * c]
+    check(x, c, weight, w, state, out);
+    if w > MAX_W {
+        return conv1d_causal_silu_reference(x, c, weight, w, state, out);
+    }
+    let st: &[f32] = state;
+    crate::par::rows_mut(out, c, 32, |r0, rows| {
+        let mut taps = [0f32; MAX_W * CB];
+        for c0 in (0..c).step_by(CB) {
+            let cw = CB.min(c - c0);
+            for j in 0..w {
+                for i in 0..cw {
+                    taps[j * CB + i] = weight[(c0 + i) * w + j];
+                }
+            }
+            for (ri, o) in rows.chunks_exact_mut(c).enumerate() {
+                let o = &mut o[c0..c0 + cw];
+                o.fill(0.0);
+                for j in 0..w {
+                    let r = input_row(x, st, c, w, r0 + ri + j);
+                    for ((ov, tv), rv) in o.iter_mut().zip(&taps[j * CB..]).zip(&r[c0..c0 + cw]) {
+                        *ov += tv * rv;
+                    }
+                }
+            }
         }
-    };
+        silu_inplace(rows);
+    });
+    push_state(x, c, w, state);
+}
+
+/// [`conv1d_causal_silu`] as a plain loop with the scalar [`silu`].
+pub fn conv1d_causal_silu_reference(
+    x: &[f32],
+    c: usize,
+    weight: &[f32],
+    w: usize,
+    state: &mut [f32],
+    out: &mut [f32],
+) {
+    check(x, c, weight, w, state, out);
+    let t = x.len() / c;
     for ti in 0..t {
         let o = &mut out[ti * c..(ti + 1) * c];
         o.fill(0.0);
         for j in 0..w {
-            let r = row(ti + j);
+            let r = input_row(x, state, c, w, ti + j);
             for ch in 0..c {
                 o[ch] += weight[ch * w + j] * r[ch];
             }
@@ -43,7 +82,32 @@ pub fn conv1d_causal_silu(
             *v = silu(*v);
         }
     }
-    // New state: the last `hist` rows of [state; x], updated in place (no allocation).
+    push_state(x, c, w, state);
+}
+
+fn check(x: &[f32], c: usize, weight: &[f32], w: usize, state: &[f32], out: &[f32]) {
+    assert!(c > 0 && w > 0, "conv1d: zero channels or taps");
+    assert_eq!(weight.len(), c * w, "conv1d: weight is not [C, W]");
+    assert_eq!(state.len(), (w - 1) * c, "conv1d: state is not [W-1, C]");
+    assert_eq!(x.len(), out.len(), "conv1d: x and out lengths differ");
+    assert_eq!(x.len() % c, 0, "conv1d: x is not [T, C]");
+}
+
+/// Row `i` of the extended sequence `[state rows; x rows]`.
+#[inline]
+fn input_row<'a>(x: &'a [f32], state: &'a [f32], c: usize, w: usize, i: usize) -> &'a [f32] {
+    let hist = w - 1;
+    if i < hist {
+        &state[i * c..(i + 1) * c]
+    } else {
+        &x[(i - hist) * c..(i - hist + 1) * c]
+    }
+}
+
+/// New state: the last `W-1` rows of `[state; x]`, updated in place (no allocation).
+fn push_state(x: &[f32], c: usize, w: usize, state: &mut [f32]) {
+    let hist = w - 1;
+    let t = x.len() / c;
     if hist > 0 {
         if t >= hist {
             state.copy_from_slice(&x[(t - hist) * c..t * c]);

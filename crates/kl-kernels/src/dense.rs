@@ -203,32 +203,7 @@ mod x86 {
     use super::{MatA, Mode};
     use std::arch::x86_64::*;
 
-    /// `exp` on 8 lanes (Cephes polynomial; inputs clamped to [−87.34, 88]; below → +0).
-    #[inline(always)]
-    pub unsafe fn exp8(x: __m256) -> __m256 {
-        let lo = _mm256_set1_ps(-87.336_55);
-        let under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-        let x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0));
-        let n = _mm256_round_ps(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-        );
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.398_199_9e-3));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
-        let r2 = _mm256_mul_ps(r, r);
-        let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
-        let e = _mm256_slli_epi32(
-            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
-            23,
-        );
-        _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)))
-    }
+    pub use crate::activation::x86::{exp8, mask};
 
     /// 8×8 blocks in registers, scalar edges.
     #[target_feature(enable = "avx2,fma")]
@@ -309,12 +284,6 @@ mod x86 {
         let lo = x[i..].iter().chain(&a).fold(0f32, |m, &v| m.min(v));
         let hi = x[i..].iter().chain(&b).fold(0f32, |m, &v| m.max(v));
         (lo, hi)
-    }
-
-    #[inline(always)]
-    unsafe fn mask(m: usize) -> __m256i {
-        let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(m as i32), idx)
     }
 
     #[target_feature(enable = "avx2,fma")]

@@ -24,7 +24,7 @@
 //! Layouts (PyTorch order): `q, k, g` `[T, H, K]`, `v` `[T, H, V]`, `beta` `[T, H]`,
 //! `state` `[H, K, V]`, `out` `[T, H, V]`. Heads run in parallel.
 
-use crate::activation::softplus;
+use crate::activation::{softplus_scaled, softplus_scaled_reference};
 use crate::dense::{
     exp_inplace, forward_subst, gemm, min_max, mul_exp_diff, transpose, MatA, Mode,
 };
@@ -48,17 +48,27 @@ pub struct KdaShape {
 }
 
 /// Gate: `g = −exp(A_log[h]) · softplus(gate_in + dt_bias)` over `[T, H, K]`, in place on `gate`.
-/// `a_log` is `[H]`, `dt_bias` is `[H·K]`.
-#[allow(clippy::needless_range_loop)]
+/// `a_log` is `[H]`, `dt_bias` is `[H·K]`. Vectorised ([`softplus_scaled`]) and, for many
+/// tokens, parallel over them.
 pub fn kda_gate(gate: &mut [f32], a_log: &[f32], dt_bias: &[f32], h: usize, k: usize) {
     assert_eq!(gate.len() % (h * k), 0);
-    for row in gate.chunks_exact_mut(h * k) {
-        for hi in 0..h {
-            let a = -a_log[hi].exp();
-            for d in 0..k {
-                let i = hi * k + d;
-                row[i] = a * softplus(row[i] + dt_bias[i]);
+    crate::par::rows_mut(gate, h * k, 32, |_, rows| {
+        for row in rows.chunks_exact_mut(h * k) {
+            for (hi, al) in a_log[..h].iter().enumerate() {
+                let r = hi * k..(hi + 1) * k;
+                softplus_scaled(&mut row[r.clone()], &dt_bias[r], -al.exp());
             }
+        }
+    });
+}
+
+/// [`kda_gate`] with the scalar `softplus`.
+pub fn kda_gate_reference(gate: &mut [f32], a_log: &[f32], dt_bias: &[f32], h: usize, k: usize) {
+    assert_eq!(gate.len() % (h * k), 0);
+    for row in gate.chunks_exact_mut(h * k) {
+        for (hi, al) in a_log[..h].iter().enumerate() {
+            let r = hi * k..(hi + 1) * k;
+            softplus_scaled_reference(&mut row[r.clone()], &dt_bias[r], -al.exp());
         }
     }
 }

@@ -45,6 +45,7 @@ pub mod fp8;
 pub mod kda;
 pub mod matmul;
 pub mod norm;
+pub mod par;
 pub mod roofline;
 pub mod simd;
 

@@ -43,7 +43,6 @@
 use crate::cpu::Isa;
 use crate::Elem;
 use half::{bf16, f16};
-use rayon::prelude::*;
 use std::any::TypeId;
 use std::cell::RefCell;
 
@@ -281,7 +280,7 @@ fn gemv<R: Rows + ?Sized>(
         3 => (4, 3),
         _ => (3, 4),
     };
-    let threads = rayon::current_num_threads().max(1);
+    let threads = crate::par::threads();
     let esz = std::mem::size_of::<R::E>().max(1);
     // About 256 KiB of weights per task, at least 4 tasks per thread when there is enough work.
     let rows_per_task = ((256 * 1024) / (k * esz).max(1))
@@ -332,7 +331,7 @@ fn gemv<R: Rows + ?Sized>(
     if tasks == 1 {
         body(0);
     } else {
-        (0..tasks).into_par_iter().for_each(body);
+        crate::par::for_each(tasks, body);
     }
 }
 
@@ -372,7 +371,7 @@ fn prefill<R: Rows + ?Sized>(
     k: usize,
     n: usize,
 ) {
-    let threads = rayon::current_num_threads().max(1);
+    let threads = crate::par::threads();
     // Panel: ~768 KiB of f32 (stays in L2 while x blocks stream past it), a multiple of NR rows.
     let nc = ((768 * 1024) / (4 * k)).clamp(NR, 192) / NR * NR;
     let nc = nc.min(n.div_ceil(threads).next_multiple_of(NR));
@@ -488,7 +487,7 @@ fn prefill<R: Rows + ?Sized>(
             let _ = (part, xpack, kb_w);
         });
     };
-    (0..panels * t_parts).into_par_iter().for_each(body);
+    crate::par::for_each(panels * t_parts, body);
 }
 
 /// Largest K block of the AVX-512 prefill path: the `x512::MR` packed x rows of a block
@@ -517,7 +516,7 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
     use x512::{MR, NP};
     /// W rows per tile.
     const G: usize = 2 * NP;
-    let threads = rayon::current_num_threads().max(1);
+    let threads = crate::par::threads();
     // Panel: ~768 KiB of f32 (stays in L2 while x blocks stream past it), whole tiles.
     let nc = ((768 * 1024) / (4 * k)).clamp(G, 192) / G * G;
     let nc = nc.min(n.div_ceil(threads).next_multiple_of(G));
@@ -627,7 +626,7 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
             }
         });
     };
-    (0..panels * t_parts).into_par_iter().for_each(body);
+    crate::par::for_each(panels * t_parts, body);
 }
 
 /// Portable tile kernel: the canonical order with 8 scalar lanes (multiply, then add).
@@ -931,6 +930,9 @@ mod x512 {
     /// 8 × 3, with one thread or two).
     pub const NP: usize = 4;
 
+    /// How far ahead [`pack_panel`] prefetches its source rows, in bytes.
+    const PACK_AHEAD: usize = 4096;
+
     /// Pack `rows` rows of `W` (`k` elements each, from `src`) into the interleaved panel layout
     /// of [`super::prefill_wide`] with `cb` chunks per K block, widening to f32.
     ///
@@ -963,6 +965,14 @@ mod x512 {
                     (b, c) = (b + 1, 0);
                 }
                 let (i, m) = (ci * 8, 8.min(k - ci * 8));
+                // A pair of rows is often one 4 KiB page, where the hardware prefetcher stops:
+                // fetch `PACK_AHEAD` bytes ahead in both rows (past a row's end this reaches the
+                // next pair's rows; a prefetch never faults).
+                if (i * size_of::<L::E>()) % 64 == 0 {
+                    let ahead = PACK_AHEAD / size_of::<L::E>();
+                    _mm_prefetch::<_MM_HINT_T0>(s0.wrapping_add(i + ahead) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(s1.wrapping_add(i + ahead) as *const i8);
+                }
                 let load = |s: *const L::E| {
                     if m == 8 {
                         L::load8(s.add(i))

@@ -1,6 +1,6 @@
 //! RMSNorm variants: plain, gated (KDA output norm) and per-head L2 normalisation.
 
-use crate::activation::sigmoid;
+use crate::activation::{sigmoid, sigmoid_inplace};
 use crate::Elem;
 
 /// Row-wise RMSNorm: `out[r] = w ⊙ x[r] / sqrt(mean(x[r]²) + eps)` for rows of width `w.len()`.
@@ -18,25 +18,53 @@ pub fn rms_norm<W: Elem>(x: &[f32], w: &[W], eps: f32, out: &mut [f32]) {
 }
 
 /// Gated RMSNorm of the KDA output (fla `FusedRMSNormGated`, sigmoid activation): for each row
-/// of width `w.len()`, `out = w ⊙ x / sqrt(mean(x²) + eps) ⊙ sigmoid(gate)`.
+/// of width `w.len()`, `out = w ⊙ x / sqrt(mean(x²) + eps) ⊙ sigmoid(gate)`. The sigmoid is
+/// vectorised ([`sigmoid_inplace`] on a copy of the gate row); many rows run in parallel.
 pub fn rms_norm_gated<W: Elem>(x: &[f32], gate: &[f32], w: &[W], eps: f32, out: &mut [f32]) {
     let d = w.len();
+    assert_eq!(x.len(), gate.len());
+    assert_eq!(x.len(), out.len());
+    crate::par::rows_mut(out, d, 32, |r0, rows| {
+        let (x, gate) = (
+            &x[r0 * d..r0 * d + rows.len()],
+            &gate[r0 * d..r0 * d + rows.len()],
+        );
+        rms_norm(x, w, eps, rows);
+        for (o, g) in rows.chunks_mut(64).zip(gate.chunks(64)) {
+            let mut s = [0f32; 64];
+            let s = &mut s[..g.len()];
+            s.copy_from_slice(g);
+            sigmoid_inplace(s);
+            o.iter_mut().zip(s.iter()).for_each(|(o, s)| *o *= s);
+        }
+    });
+}
+
+/// [`rms_norm_gated`] with the scalar sigmoid, in one loop.
+pub fn rms_norm_gated_reference<W: Elem>(
+    x: &[f32],
+    gate: &[f32],
+    w: &[W],
+    eps: f32,
+    out: &mut [f32],
+) {
     assert_eq!(x.len(), gate.len());
     rms_norm(x, w, eps, out);
     for (o, g) in out.iter_mut().zip(gate) {
         *o *= sigmoid(*g);
     }
-    let _ = d;
 }
 
 /// In-place L2 normalisation of rows of width `d`: `x ← scale · x / sqrt(Σx² + eps)` (eps inside
-/// the square root, as fla's `l2norm`).
+/// the square root, as fla's `l2norm`). Many rows run in parallel.
 pub fn l2_normalize_rows(x: &mut [f32], d: usize, eps: f32, scale: f32) {
-    for r in x.chunks_exact_mut(d) {
-        let s = r.iter().map(|v| v * v).sum::<f32>();
-        let f = scale / (s + eps).sqrt();
-        for v in r {
-            *v *= f;
+    crate::par::rows_mut(x, d, 256, |_, rows| {
+        for r in rows.chunks_exact_mut(d) {
+            let s = r.iter().map(|v| v * v).sum::<f32>();
+            let f = scale / (s + eps).sqrt();
+            for v in r {
+                *v *= f;
+            }
         }
-    }
+    });
 }

@@ -13,7 +13,7 @@
 use crate::linear::Linear;
 use crate::{vector, Mode, Probe, Scratch};
 use kl_config::KdaDims;
-use kl_kernels::activation::sigmoid;
+use kl_kernels::activation::sigmoid_inplace;
 use kl_kernels::conv1d::conv1d_causal_silu;
 use kl_kernels::kda::{kda_chunked, kda_gate, kda_recurrent, KdaShape, CHUNK};
 use kl_kernels::norm::{l2_normalize_rows, rms_norm_gated};
@@ -221,28 +221,42 @@ impl Kda {
         g: &[f32],
         beta: &[f32],
         t: usize,
+        scratch: &mut Scratch,
         core: &mut [f32],
     ) {
         let (h, k) = (self.dims.num_heads, self.dims.head_dim);
         let p = h * k;
         let np = st.pending.rows;
         let total = np + t;
-        let cat = |old: &[f32], new: &[f32], w: usize| -> Vec<f32> {
-            let mut c = Vec::with_capacity(total * w);
-            c.extend_from_slice(&old[..np * w]);
-            c.extend_from_slice(new);
-            c
-        };
-        let pd = &st.pending;
-        let (qa, ka, va, ga, ba) = (
-            cat(&vec![0f32; np * p], q, p),
-            cat(&pd.k, kk, p),
-            cat(&pd.v, v, p),
-            cat(&pd.g, g, p),
-            cat(&pd.beta, beta, h),
-        );
+        // Rows before this call's tokens still pending in the carry: prepend them (their q rows
+        // are zeros; their outputs were given out already). Without any, use the inputs as they
+        // are and write `core` directly.
+        let mut bufs: Vec<Vec<f32>> = Vec::new();
+        if np > 0 {
+            let pd = &st.pending;
+            for (old, new, w) in [
+                (None, q, p),
+                (Some(&pd.k), kk, p),
+                (Some(&pd.v), v, p),
+                (Some(&pd.g), g, p),
+                (Some(&pd.beta), beta, h),
+            ] {
+                let mut c = scratch.take(0);
+                match old {
+                    Some(o) => c.extend_from_slice(&o[..np * w]),
+                    None => c.resize(np * w, 0.0),
+                }
+                c.extend_from_slice(new);
+                bufs.push(c);
+            }
+            bufs.push(scratch.take(total * p));
+        }
+        let (qa, ka, va, ga, ba, out): (&[f32], &[f32], &[f32], &[f32], &[f32], &mut [f32]) =
+            match &mut bufs[..] {
+                [qa, ka, va, ga, ba, out] => (qa, ka, va, ga, ba, out),
+                _ => (q, kk, v, g, beta, &mut *core),
+            };
         let full = total / CHUNK * CHUNK;
-        let mut out = vec![0f32; total * p];
         if full > 0 {
             let s = KdaShape {
                 t: full,
@@ -263,7 +277,8 @@ impl Kda {
         }
         let tail = total - full;
         if tail > 0 {
-            let mut scratch = st.recurrent.clone();
+            let mut rec = scratch.take(0);
+            rec.extend_from_slice(&st.recurrent);
             let s = KdaShape {
                 t: tail,
                 h,
@@ -277,9 +292,10 @@ impl Kda {
                 &va[full * p..],
                 &ga[full * p..],
                 &ba[full * h..],
-                &mut scratch,
+                &mut rec,
                 &mut out[full * p..],
             );
+            scratch.give(rec);
             st.pending.k[..tail * p].copy_from_slice(&ka[full * p..]);
             st.pending.v[..tail * p].copy_from_slice(&va[full * p..]);
             st.pending.g[..tail * p].copy_from_slice(&ga[full * p..]);
@@ -290,7 +306,13 @@ impl Kda {
             st.pending.clear_from(tail, h, k);
         }
         st.pending.rows = tail;
-        core.copy_from_slice(&out[np * p..]);
+        if let Some(out) = bufs.pop() {
+            core.copy_from_slice(&out[np * p..]);
+            scratch.give(out);
+        }
+        for b in bufs.into_iter().rev() {
+            scratch.give(b);
+        }
     }
 
     /// `out[T, D] = KDA(x[T, D])`, advancing `state` by `T` tokens.
@@ -369,16 +391,16 @@ impl Kda {
         probe.record("kda.g", &[t, h, k], &g);
         // β.
         probe.record("kda.beta_logits", &[t, h], &beta);
-        for b in beta.iter_mut() {
-            *b = sigmoid(*b);
-        }
+        sigmoid_inplace(&mut beta);
         // L2-normalised q (scaled) and k.
         l2_normalize_rows(&mut q, k, 1e-6, (k as f32).powf(-0.5));
         l2_normalize_rows(&mut kk, k, 1e-6, 1.0);
         // Delta rule.
         let mut core = scratch.take(t * p);
         match mode {
-            Mode::Prefill => self.prefill_core(state, &q, &kk, &v, &g, &beta, t, &mut core),
+            Mode::Prefill => {
+                self.prefill_core(state, &q, &kk, &v, &g, &beta, t, scratch, &mut core)
+            }
             Mode::Decode => {
                 state.fold(&self.dims);
                 let shape = KdaShape { t, h, k, v: k };

@@ -158,7 +158,11 @@ impl Linear {
     /// waiting at a barrier after each. Results are those of [`Linear::forward`], bit for bit.
     pub fn forward_many(t: usize, jobs: &mut [(&Linear, &[f32], &mut [f32])]) {
         use rayon::prelude::*;
-        jobs.par_iter_mut().for_each(|(l, x, y)| l.forward(x, t, y));
+        if kl_kernels::par::is_serial() {
+            jobs.iter_mut().for_each(|(l, x, y)| l.forward(x, t, y));
+        } else {
+            jobs.par_iter_mut().for_each(|(l, x, y)| l.forward(x, t, y));
+        }
     }
 
     /// `x · Wᵀ` into a buffer taken from `scratch` (give it back when done).

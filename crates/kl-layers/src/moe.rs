@@ -13,7 +13,9 @@
 //! in-place add on a view also puts the bias into the weights (spec §7.2, §12.1).
 //!
 //! Prefill groups tokens by expert: each chosen expert runs one matrix product over all of its
-//! tokens; experts no token chose are never touched.
+//! tokens (in blocks of at most [`EXPERT_BLOCK`]); experts no token chose are never touched. The
+//! experts run in parallel, each on one thread with unsplit products, and are then combined per
+//! token in ascending expert order, so the bits do not depend on the thread count.
 
 use crate::linear::Linear;
 use crate::mlp::SwiGlu;
@@ -22,6 +24,10 @@ use kl_config::MoeDims;
 use kl_kernels::activation::sigmoid;
 use kl_weights::{Checkpoint, WeightsError};
 use rayon::prelude::*;
+use std::sync::{Mutex, PoisonError};
+
+/// Most tokens of one expert handled by one prefill task (bounds each thread's buffers).
+pub const EXPERT_BLOCK: usize = 256;
 
 /// How the top-k combine weights are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -261,31 +267,66 @@ impl Moe {
             scratch.give_idx(ids);
             return;
         }
-        let mut xs = scratch.take(0);
-        let mut ys = scratch.take(0);
+        // Routed experts: one task per (expert, block of at most EXPERT_BLOCK of its tokens),
+        // largest first, each run start to finish on one thread (`par::serial`: its products are
+        // not split again, so every weight panel is packed once per block); outputs land in `ys`
+        // at their positions in `order`.
+        let mut ys = scratch.take(t * k * d);
+        let threads = rayon::current_num_threads().max(1);
+        let bufs: Vec<Mutex<[Vec<f32>; 3]>> = (0..threads)
+            .map(|_| Mutex::new([scratch.take(0), scratch.take(0), scratch.take(0)]))
+            .collect();
+        let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
+        let mut rest = &mut ys[..];
         for ex in 0..e {
-            let slots = &order[start[ex]..start[ex + 1]];
-            if slots.is_empty() {
-                continue;
+            let mut p = start[ex];
+            while p < start[ex + 1] {
+                let n = (start[ex + 1] - p).min(EXPERT_BLOCK);
+                let (head, tail) = rest.split_at_mut(n * d);
+                tasks.push((ex, p, head));
+                rest = tail;
+                p += n;
             }
-            let n = slots.len();
+        }
+        tasks.sort_by_key(|task| std::cmp::Reverse(task.2.len()));
+        tasks.par_iter_mut().for_each(|(ex, p0, y)| {
+            let n = y.len() / d;
+            let i = rayon::current_thread_index().unwrap_or(0) % bufs.len();
+            let mut guard = bufs[i].lock().unwrap_or_else(PoisonError::into_inner);
+            let [xs, g, u] = &mut *guard;
             xs.clear();
-            for &slot in slots {
+            for &slot in &order[*p0..*p0 + n] {
                 let ti = slot / k;
                 xs.extend_from_slice(&x[ti * d..(ti + 1) * d]);
             }
-            ys.clear();
-            ys.resize(n * d, 0.0);
-            self.experts[ex].forward(&xs, n, scratch, &mut ys);
-            for (r, &slot) in slots.iter().enumerate() {
-                let ti = slot / k;
-                kl_kernels::simd::axpy(
-                    weights[slot],
-                    &ys[r * d..(r + 1) * d],
-                    &mut out[ti * d..(ti + 1) * d],
-                );
+            let m = &self.experts[*ex];
+            let hw = n * m.width();
+            g.resize(hw, 0.0);
+            u.resize(hw, 0.0);
+            kl_kernels::par::serial(|| m.forward_with(xs, n, &mut g[..hw], &mut u[..hw], y));
+        });
+        drop(tasks);
+        for b in bufs {
+            for v in b.into_inner().unwrap_or_else(PoisonError::into_inner) {
+                scratch.give(v);
             }
         }
+        // Combine per token: its positions in `order` ascending are its experts ascending, so
+        // each output row sums its experts in the same order as one expert-by-expert pass.
+        let mut pos = scratch.take_idx();
+        pos.resize(t * k, 0);
+        for (p, &slot) in order.iter().enumerate() {
+            pos[slot] = p;
+        }
+        out.par_chunks_mut(d)
+            .zip(pos.par_chunks_mut(k))
+            .for_each(|(o, ps)| {
+                ps.sort_unstable();
+                for &p in ps.iter() {
+                    kl_kernels::simd::axpy(weights[order[p]], &ys[p * d..(p + 1) * d], o);
+                }
+            });
+        scratch.give_idx(pos);
         probe.record("moe.routed_out", &[t, d], out);
         if let Some(shared) = &self.shared {
             ys.clear();
@@ -297,7 +338,6 @@ impl Moe {
             }
         }
         scratch.give(ys);
-        scratch.give(xs);
         scratch.give_idx(order);
         scratch.give_idx(fill);
         scratch.give_idx(start);

@@ -1,0 +1,79 @@
+//! Who runs a kernel's tasks: the rayon pool, or only the calling thread.
+//!
+//! The multithreaded kernels ([`crate::matmul`] and friends) split their work into independent
+//! tasks and hand them to rayon. That is right for one large product, and wrong for many small
+//! ones that are already being run in parallel by the caller — the mixture-of-experts prefill
+//! runs each expert's whole MLP as one task on one thread, where splitting every product again
+//! would only cut it into pieces too small to balance (and pack each weight panel twice).
+//! [`serial`] marks the calling thread so that, until it returns, kernels called on this thread
+//! run their tasks in order on it ([`threads`] answers 1, [`for_each`] is a plain loop).
+//!
+//! Results do not depend on this: every kernel computes the same bits whatever its task split
+//! (see the batch-invariance notes in [`crate::matmul`]). The mark is per thread and never
+//! crosses into rayon: a kernel inside [`serial`] makes no rayon call, so no other task can be
+//! stolen onto this thread while the mark is set.
+
+use rayon::prelude::*;
+use std::cell::Cell;
+
+thread_local! {
+    static SERIAL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Run `f` with the kernels it calls on this thread single-threaded (see the module notes).
+pub fn serial<R>(f: impl FnOnce() -> R) -> R {
+    /// Restores the previous mark, also when `f` unwinds.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SERIAL.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(SERIAL.with(|s| s.replace(true)));
+    f()
+}
+
+/// Whether the calling thread is inside [`serial`].
+pub fn is_serial() -> bool {
+    SERIAL.with(Cell::get)
+}
+
+/// Threads a kernel called here may use: 1 inside [`serial`], else the rayon pool's size.
+pub fn threads() -> usize {
+    if is_serial() {
+        1
+    } else {
+        rayon::current_num_threads().max(1)
+    }
+}
+
+/// `body(i)` for `i` in `0..n`: in order on this thread inside [`serial`], else on the pool.
+pub fn for_each(n: usize, body: impl Fn(usize) + Sync + Send) {
+    if is_serial() {
+        (0..n).for_each(body);
+    } else {
+        (0..n).into_par_iter().for_each(body);
+    }
+}
+
+/// `body(r0, rows)` over blocks of whole rows of `out` (`row_len` floats each; `r0` is the
+/// block's first row), in parallel once there are at least `2·min_rows` rows and more than one
+/// thread, else as one block on this thread (decode stays free of pool traffic).
+pub fn rows_mut(
+    out: &mut [f32],
+    row_len: usize,
+    min_rows: usize,
+    body: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
+    let n = out.len() / row_len.max(1);
+    let threads = threads();
+    if threads == 1 || n < 2 * min_rows.max(1) {
+        body(0, out);
+        return;
+    }
+    // A few blocks per thread, so that a slow thread does not hold the others up.
+    let per = n.div_ceil(4 * threads).max(min_rows);
+    out.par_chunks_mut(per * row_len)
+        .enumerate()
+        .for_each(|(i, rows)| body(i * per, rows));
+}

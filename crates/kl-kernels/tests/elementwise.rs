@@ -1,0 +1,198 @@
+//! Vectorised elementwise kernels (activations, KDA gate, short convolution, gated norm) against
+//! their scalar reference twins at odd sizes, over extreme inputs, and for position independence
+//! (an element's bits do not depend on the slice it sits in: prefill in pieces stays bit-exact).
+
+mod common;
+use common::Rng;
+use kl_kernels::activation::{
+    sigmoid, sigmoid_inplace, silu, silu_inplace, softplus, softplus_scaled,
+    softplus_scaled_reference, swiglu, swiglu_reference,
+};
+use kl_kernels::conv1d::{conv1d_causal_silu, conv1d_causal_silu_reference};
+use kl_kernels::kda::{kda_gate, kda_gate_reference};
+use kl_kernels::norm::{rms_norm_gated, rms_norm_gated_reference};
+
+/// Inputs across the interesting ranges: around 0, the softplus threshold 20, large of both
+/// signs, tiny, and ±0.
+fn inputs(rng: &mut Rng, n: usize) -> Vec<f32> {
+    let specials = [
+        0.0, -0.0, 1e-30, -1e-30, 1e-8, -1e-8, 19.99, 20.0, 20.01, -20.0, 87.0, -87.0, 88.5, -88.5,
+        100.0, -100.0, 1e4, -1e4,
+    ];
+    (0..n)
+        .map(|i| match i % 4 {
+            0 => specials[(i / 4) % specials.len()],
+            1 => rng.uniform() * 30.0,
+            2 => rng.uniform() * 3.0,
+            _ => rng.uniform() * 200.0,
+        })
+        .collect()
+}
+
+/// `|a − b| ≤ rel·|b| + abs` elementwise, with the index of the first failure.
+fn assert_near(name: &str, got: &[f32], want: &[f32], rel: f32, abs: f32, input: &[f32]) {
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= rel * w.abs() + abs,
+            "{name}[{i}] of x = {}: got {g:e}, want {w:e}",
+            input[i]
+        );
+    }
+}
+
+const SIZES: [usize; 7] = [1, 3, 7, 8, 9, 31, 1037];
+
+#[test]
+fn activations_match_scalar_formulas() {
+    let mut rng = Rng::new(11);
+    for n in SIZES {
+        let x = inputs(&mut rng, n);
+        let mut s = x.clone();
+        silu_inplace(&mut s);
+        let want: Vec<f32> = x.iter().map(|&v| silu(v)).collect();
+        assert_near("silu", &s, &want, 4e-7, 1e-30, &x);
+        let mut s = x.clone();
+        sigmoid_inplace(&mut s);
+        let want: Vec<f32> = x.iter().map(|&v| sigmoid(v)).collect();
+        assert_near("sigmoid", &s, &want, 4e-7, 1e-30, &x);
+        let up = rng.vec(n, 2.0);
+        let (mut a, mut b) = (x.clone(), x.clone());
+        swiglu(&mut a, &up);
+        swiglu_reference(&mut b, &up);
+        assert_near("swiglu", &a, &b, 5e-7, 1e-30, &x);
+        let bias = rng.vec(n, 1.0);
+        let (mut a, mut b) = (x.clone(), x.clone());
+        softplus_scaled(&mut a, &bias, -1.7);
+        softplus_scaled_reference(&mut b, &bias, -1.7);
+        let shifted: Vec<f32> = x.iter().zip(&bias).map(|(v, b)| v + b).collect();
+        assert_near("softplus", &a, &b, 4e-7, 1e-37, &shifted);
+    }
+    // The threshold and the tails exactly.
+    let mut a = vec![20.5f32, 25.0, -120.0];
+    softplus_scaled(&mut a, &[0.0; 3], 1.0);
+    assert_eq!(&a[..2], &[20.5, 25.0]);
+    assert!(a[2] >= 0.0 && a[2] < 1e-37, "softplus(-120) = {}", a[2]);
+    assert!((softplus(-120.0) - a[2]).abs() < 1e-37);
+}
+
+#[test]
+fn elementwise_bits_do_not_depend_on_position() {
+    let mut rng = Rng::new(12);
+    let x = inputs(&mut rng, 53);
+    let bias = rng.vec(53, 1.0);
+    let up = rng.vec(53, 1.0);
+    type Op = fn(&mut [f32], &[f32], &[f32]);
+    let ops: [(&str, Op); 4] = [
+        ("silu", |x, _, _| silu_inplace(x)),
+        ("sigmoid", |x, _, _| sigmoid_inplace(x)),
+        ("swiglu", |x, _, u| swiglu(x, u)),
+        ("softplus", |x, b, _| softplus_scaled(x, b, 0.3)),
+    ];
+    for (name, op) in ops {
+        let mut whole = x.clone();
+        op(&mut whole, &bias, &up);
+        for start in [0usize, 1, 5, 8, 13] {
+            for len in [1usize, 2, 8, 11, 40] {
+                if start + len > x.len() {
+                    continue;
+                }
+                let r = start..start + len;
+                let mut part = x[r.clone()].to_vec();
+                op(&mut part, &bias[r.clone()], &up[r.clone()]);
+                assert_eq!(
+                    part.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    whole[r].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{name} at {start}+{len}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn kda_gate_matches_reference() {
+    let mut rng = Rng::new(13);
+    for (t, h, k) in [(1, 3, 5), (7, 2, 9), (200, 4, 17)] {
+        let x = rng.vec(t * h * k, 8.0);
+        let a_log: Vec<f32> = (0..h).map(|i| (1.0 + i as f32).ln()).collect();
+        let dt_bias = rng.vec(h * k, 2.0);
+        let (mut a, mut b) = (x.clone(), x.clone());
+        kda_gate(&mut a, &a_log, &dt_bias, h, k);
+        kda_gate_reference(&mut b, &a_log, &dt_bias, h, k);
+        assert_near("kda_gate", &a, &b, 4e-7, 1e-37, &x);
+    }
+}
+
+#[test]
+fn conv1d_matches_reference_and_splits() {
+    let mut rng = Rng::new(14);
+    // Kernel widths with gathered taps and one past them; channel counts around the block size;
+    // enough rows for the parallel split.
+    for (c, w, t) in [(7, 4, 11), (67, 3, 130), (130, 4, 1), (5, 9, 9), (64, 1, 3)] {
+        let x = rng.vec(t * c, 3.0);
+        let wt = rng.vec(c * w, 1.0);
+        let st0 = rng.vec((w - 1) * c, 1.0);
+        let (mut s1, mut s2) = (st0.clone(), st0.clone());
+        let (mut o1, mut o2) = (vec![0.0; t * c], vec![0.0; t * c]);
+        conv1d_causal_silu(&x, c, &wt, w, &mut s1, &mut o1);
+        conv1d_causal_silu_reference(&x, c, &wt, w, &mut s2, &mut o2);
+        assert_near("conv1d", &o1, &o2, 5e-7, 1e-30, &x);
+        assert_eq!(s1, s2, "conv1d state, c {c} w {w} t {t}");
+        // Token by token (decode) gives the bits of one call (prefill).
+        let mut s3 = st0.clone();
+        let mut o3 = vec![0.0; t * c];
+        for ti in 0..t {
+            let r = ti * c..(ti + 1) * c;
+            conv1d_causal_silu(&x[r.clone()], c, &wt, w, &mut s3, &mut o3[r]);
+        }
+        assert_eq!(o1, o3, "conv1d split, c {c} w {w} t {t}");
+        assert_eq!(s1, s3);
+    }
+}
+
+#[test]
+fn rms_norm_gated_matches_reference() {
+    let mut rng = Rng::new(15);
+    for (rows, d) in [(1, 5), (3, 64), (300, 17)] {
+        let x = rng.vec(rows * d, 2.0);
+        let gate = inputs(&mut rng, rows * d);
+        let w = rng.vec(d, 1.0);
+        let (mut a, mut b) = (vec![0.0; rows * d], vec![0.0; rows * d]);
+        rms_norm_gated(&x, &gate, &w, 1e-5, &mut a);
+        rms_norm_gated_reference(&x, &gate, &w, 1e-5, &mut b);
+        assert_near("rms_norm_gated", &a, &b, 5e-7, 1e-30, &gate);
+    }
+}
+
+#[test]
+fn serial_marks_only_its_scope() {
+    use kl_kernels::par;
+    assert!(!par::is_serial());
+    let inner = par::serial(|| (par::is_serial(), par::threads()));
+    assert_eq!(inner, (true, 1));
+    assert!(!par::is_serial());
+    // A panic inside restores the mark.
+    let r = std::panic::catch_unwind(|| par::serial(|| panic!("inside")));
+    assert!(r.is_err());
+    assert!(!par::is_serial());
+    // rows_mut visits every row once, with the right first-row index, serial or not.
+    for serial in [false, true] {
+        let mut v = vec![0f32; 1000 * 3];
+        let fill = |v: &mut [f32]| {
+            par::rows_mut(v, 3, 7, |r0, rows| {
+                for (i, row) in rows.chunks_mut(3).enumerate() {
+                    row.iter_mut().for_each(|x| *x += (r0 + i) as f32);
+                }
+            })
+        };
+        if serial {
+            par::serial(|| fill(&mut v));
+        } else {
+            fill(&mut v);
+        }
+        for (i, row) in v.chunks(3).enumerate() {
+            assert_eq!(row, [i as f32; 3]);
+        }
+    }
+}
