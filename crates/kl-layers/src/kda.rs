@@ -251,11 +251,11 @@ impl Kda {
             }
             bufs.push(scratch.take(total * p));
         }
-        let (qa, ka, va, ga, ba, out): (&[f32], &[f32], &[f32], &[f32], &[f32], &mut [f32]) =
-            match &mut bufs[..] {
-                [qa, ka, va, ga, ba, out] => (qa, ka, va, ga, ba, out),
-                _ => (q, kk, v, g, beta, &mut *core),
-            };
+        let (ins, out): ([&[f32]; 5], &mut [f32]) = match &mut bufs[..] {
+            [qa, ka, va, ga, ba, out] => ([qa, ka, va, ga, ba], out),
+            _ => ([q, kk, v, g, beta], &mut *core),
+        };
+        let [qa, ka, va, ga, ba] = ins;
         let full = total / CHUNK * CHUNK;
         if full > 0 {
             let s = KdaShape {
