@@ -573,11 +573,34 @@ mod x86 {
         mode: Mode<'_>,
     ) {
         let (ap, rs, cs) = (a.data.as_ptr(), a.rs, a.cs);
+        // With enough row tiles to share the copy, each 32-column strip of B is first copied to
+        // a contiguous buffer: rows of B are often 512 bytes apart (K = V = 128), which puts a
+        // whole strip in a few L1 sets, so that it would be evicted between row tiles.
+        let pack = m >= 16 && kk >= 16;
+        let mut buf = if pack {
+            PACK_B.with(|c| c.take())
+        } else {
+            Vec::new()
+        };
+        if pack && buf.len() < kk * 32 {
+            buf.resize(kk * 32, 0.0);
+        }
         let mut j0 = 0;
         while j0 < n {
             let cols = 32.min(n - j0);
             let nv = cols.div_ceil(16);
             let mk = mask16(cols - 16 * (nv - 1));
+            let (bs, ldbs) = if pack {
+                let (m0, m1) = (mask16(cols), mask16(cols.saturating_sub(16)));
+                for p in 0..kk {
+                    let (src, dst) = (b.add(p * ldb + j0), buf.as_mut_ptr().add(p * 32));
+                    _mm512_storeu_ps(dst, _mm512_maskz_loadu_ps(m0, src));
+                    _mm512_storeu_ps(dst.add(16), _mm512_maskz_loadu_ps(m1, src.add(16)));
+                }
+                (buf.as_ptr(), 32)
+            } else {
+                (b.add(j0), ldb)
+            };
             let mut i0 = 0;
             while i0 < m {
                 let left = m - i0;
@@ -587,7 +610,7 @@ mod x86 {
                 } else {
                     8.min(left)
                 };
-                let (a0, b0, c0) = (ap.add(i0 * rs), b.add(j0), c.add(i0 * ldc + j0));
+                let (a0, b0, c0) = (ap.add(i0 * rs), bs, c.add(i0 * ldc + j0));
                 let mode = match mode {
                     Mode::ScaleAdd(sc) => Mode::ScaleAdd(&sc[i0..]),
                     other => other,
@@ -596,8 +619,8 @@ mod x86 {
                     ($($r:literal),*) => {
                         match (mr, nv) {
                             $(
-                                ($r, 1) => kern512::<$r, 1>(kk, a0, rs, cs, b0, ldb, c0, ldc, mk, mode),
-                                ($r, 2) => kern512::<$r, 2>(kk, a0, rs, cs, b0, ldb, c0, ldc, mk, mode),
+                                ($r, 1) => kern512::<$r, 1>(kk, a0, rs, cs, b0, ldbs, c0, ldc, mk, mode),
+                                ($r, 2) => kern512::<$r, 2>(kk, a0, rs, cs, b0, ldbs, c0, ldc, mk, mode),
                             )*
                             _ => unreachable!(),
                         }
@@ -608,5 +631,13 @@ mod x86 {
             }
             j0 += cols;
         }
+        if pack {
+            PACK_B.with(|c| c.set(buf));
+        }
+    }
+
+    thread_local! {
+        /// [`gemm512`]'s copy of a strip of B, kept between calls.
+        static PACK_B: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     }
 }

@@ -230,6 +230,7 @@ const SPAN_MAX: f32 = 60.0;
 
 /// Per-head scratch of the chunked form.
 struct ChunkScratch {
+    dims: (usize, usize), // (K, V) it was made for
     gam: Vec<f32>,   // [C, K] cumulative log-decay Γ
     qc: Vec<f32>,    // [C, K]
     kc: Vec<f32>,    // [C, K]
@@ -259,6 +260,7 @@ impl ChunkScratch {
         let c = CHUNK;
         let nsub = CHUNK / SUB;
         ChunkScratch {
+            dims: (kd, vd),
             gam: vec![0.0; c * kd],
             qc: vec![0.0; c * kd],
             kc: vec![0.0; c * kd],
@@ -307,15 +309,28 @@ pub fn kda_chunked(
         .par_chunks_exact_mut(kd * vd)
         .enumerate()
         .for_each(|(hi, st)| {
-            let mut sc = ChunkScratch::new(kd, vd);
-            let mut t0 = 0;
-            while t0 < t {
-                let c = CHUNK.min(t - t0);
-                // Rows t0..t0+c of head hi of `out` are written only here.
-                chunk_head(&mut sc, st, hi, t0, c, s, q, k, v, g, beta, op);
-                t0 += c;
-            }
+            CHUNK_SCRATCH.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                if slot.as_ref().is_none_or(|sc| sc.dims != (kd, vd)) {
+                    *slot = Some(ChunkScratch::new(kd, vd));
+                }
+                let sc = slot.as_mut().expect("scratch was just made");
+                let mut t0 = 0;
+                while t0 < t {
+                    let c = CHUNK.min(t - t0);
+                    // Rows t0..t0+c of head hi of `out` are written only here.
+                    chunk_head(sc, st, hi, t0, c, s, q, k, v, g, beta, op);
+                    t0 += c;
+                }
+            })
         });
+}
+
+thread_local! {
+    /// Each thread's [`ChunkScratch`], kept between calls (about 0.6 MiB at K = V = 128); every
+    /// element a chunk reads is written earlier in the same chunk.
+    static CHUNK_SCRATCH: std::cell::RefCell<Option<ChunkScratch>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// One chunk of one head: the §5.3 equations as small dense products.
@@ -354,12 +369,20 @@ fn chunk_head(
     out: SendPtr,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if crate::cpu::features().avx2_fma {
-        // SAFETY: AVX2+FMA checked; the body is the same safe code, compiled for AVX2 so its
-        // element-wise loops vectorise 8-wide.
-        unsafe {
+    match crate::cpu::features().isa() {
+        // SAFETY: AVX-512F (and AVX2+FMA) checked; the body is the same safe code compiled for
+        // AVX-512, so its element-wise loops vectorise 16-wide. Element-wise operations give
+        // the same bits at any width (no reductions are vectorised: Rust does not reassociate
+        // or contract floating-point arithmetic), and the products it calls pick their kernels
+        // by the same rule as elsewhere.
+        crate::cpu::Isa::Avx512 => unsafe {
+            return chunk_head_avx512(sc, st, hi, t0, c, s, q, k, v, g, beta, out);
+        },
+        // SAFETY: AVX2+FMA checked; the body compiled for AVX2 (8-wide loops).
+        crate::cpu::Isa::Avx2 => unsafe {
             return chunk_head_avx2(sc, st, hi, t0, c, s, q, k, v, g, beta, out);
-        }
+        },
+        crate::cpu::Isa::Portable => {}
     }
     chunk_head_body(sc, st, hi, t0, c, s, q, k, v, g, beta, out)
 }
@@ -368,6 +391,26 @@ fn chunk_head(
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn chunk_head_avx2(
+    sc: &mut ChunkScratch,
+    st: &mut [f32],
+    hi: usize,
+    t0: usize,
+    c: usize,
+    s: KdaShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    g: &[f32],
+    beta: &[f32],
+    out: SendPtr,
+) {
+    chunk_head_body(sc, st, hi, t0, c, s, q, k, v, g, beta, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn chunk_head_avx512(
     sc: &mut ChunkScratch,
     st: &mut [f32],
     hi: usize,
