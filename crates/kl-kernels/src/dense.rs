@@ -152,6 +152,12 @@ pub(crate) fn forward_subst(m: usize, l: &[f32], ldl: usize, x: &mut [f32], ldx:
     assert!(w <= ldx && x.len() >= (m - 1) * ldx + w);
     assert!(l.len() >= (m - 1) * ldl + m.saturating_sub(1));
     #[cfg(target_arch = "x86_64")]
+    if features().avx512f {
+        // SAFETY: AVX-512F (and AVX2+FMA) checked; bounds asserted.
+        unsafe { x86::forward_subst512(m, l.as_ptr(), ldl, x.as_mut_ptr(), ldx, w) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if features().avx2_fma {
         // SAFETY: AVX2+FMA checked; bounds asserted.
         unsafe { x86::forward_subst(m, l.as_ptr(), ldl, x.as_mut_ptr(), ldx, w) };
@@ -497,6 +503,58 @@ mod x86 {
         }
     }
 
+    /// [`forward_subst`] with 16-lane registers, 128 columns (8 registers) at a time: each
+    /// element is the same fused chain over `j` as in the AVX2 kernel, so the bits are equal.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn forward_subst512(
+        m: usize,
+        l: *const f32,
+        ldl: usize,
+        x: *mut f32,
+        ldx: usize,
+        w: usize,
+    ) {
+        for i in 1..m {
+            let li = l.add(i * ldl);
+            let xi = x.add(i * ldx);
+            let mut c0 = 0;
+            while c0 < w {
+                let cols = 128.min(w - c0);
+                if cols == 128 {
+                    let mut acc = [_mm512_setzero_ps(); 8];
+                    for (v, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_loadu_ps(xi.add(c0 + 16 * v));
+                    }
+                    for j in 0..i {
+                        let lv = _mm512_set1_ps(*li.add(j));
+                        let xj = x.add(j * ldx + c0);
+                        for (v, a) in acc.iter_mut().enumerate() {
+                            *a = _mm512_fnmadd_ps(lv, _mm512_loadu_ps(xj.add(16 * v)), *a);
+                        }
+                    }
+                    for (v, a) in acc.iter().enumerate() {
+                        _mm512_storeu_ps(xi.add(c0 + 16 * v), *a);
+                    }
+                } else {
+                    // Narrow tail: 16 columns at a time, masked at the end.
+                    let mut cc = 0;
+                    while cc < cols {
+                        let mk = mask16(cols - cc);
+                        let mut a = _mm512_maskz_loadu_ps(mk, xi.add(c0 + cc));
+                        for j in 0..i {
+                            let lv = _mm512_set1_ps(*li.add(j));
+                            let xj = _mm512_maskz_loadu_ps(mk, x.add(j * ldx + c0 + cc));
+                            a = _mm512_fnmadd_ps(lv, xj, a);
+                        }
+                        _mm512_mask_storeu_ps(xi.add(c0 + cc), mk, a);
+                        cc += 16;
+                    }
+                }
+                c0 += cols;
+            }
+        }
+    }
+
     /// Lanes `< m` of a 16-lane mask.
     #[inline(always)]
     fn mask16(m: usize) -> __mmask16 {
@@ -573,34 +631,11 @@ mod x86 {
         mode: Mode<'_>,
     ) {
         let (ap, rs, cs) = (a.data.as_ptr(), a.rs, a.cs);
-        // With enough row tiles to share the copy, each 32-column strip of B is first copied to
-        // a contiguous buffer: rows of B are often 512 bytes apart (K = V = 128), which puts a
-        // whole strip in a few L1 sets, so that it would be evicted between row tiles.
-        let pack = m >= 16 && kk >= 16;
-        let mut buf = if pack {
-            PACK_B.with(|c| c.take())
-        } else {
-            Vec::new()
-        };
-        if pack && buf.len() < kk * 32 {
-            buf.resize(kk * 32, 0.0);
-        }
         let mut j0 = 0;
         while j0 < n {
             let cols = 32.min(n - j0);
             let nv = cols.div_ceil(16);
             let mk = mask16(cols - 16 * (nv - 1));
-            let (bs, ldbs) = if pack {
-                let (m0, m1) = (mask16(cols), mask16(cols.saturating_sub(16)));
-                for p in 0..kk {
-                    let (src, dst) = (b.add(p * ldb + j0), buf.as_mut_ptr().add(p * 32));
-                    _mm512_storeu_ps(dst, _mm512_maskz_loadu_ps(m0, src));
-                    _mm512_storeu_ps(dst.add(16), _mm512_maskz_loadu_ps(m1, src.add(16)));
-                }
-                (buf.as_ptr(), 32)
-            } else {
-                (b.add(j0), ldb)
-            };
             let mut i0 = 0;
             while i0 < m {
                 let left = m - i0;
@@ -610,7 +645,7 @@ mod x86 {
                 } else {
                     8.min(left)
                 };
-                let (a0, b0, c0) = (ap.add(i0 * rs), bs, c.add(i0 * ldc + j0));
+                let (a0, b0, c0) = (ap.add(i0 * rs), b.add(j0), c.add(i0 * ldc + j0));
                 let mode = match mode {
                     Mode::ScaleAdd(sc) => Mode::ScaleAdd(&sc[i0..]),
                     other => other,
@@ -619,8 +654,8 @@ mod x86 {
                     ($($r:literal),*) => {
                         match (mr, nv) {
                             $(
-                                ($r, 1) => kern512::<$r, 1>(kk, a0, rs, cs, b0, ldbs, c0, ldc, mk, mode),
-                                ($r, 2) => kern512::<$r, 2>(kk, a0, rs, cs, b0, ldbs, c0, ldc, mk, mode),
+                                ($r, 1) => kern512::<$r, 1>(kk, a0, rs, cs, b0, ldb, c0, ldc, mk, mode),
+                                ($r, 2) => kern512::<$r, 2>(kk, a0, rs, cs, b0, ldb, c0, ldc, mk, mode),
                             )*
                             _ => unreachable!(),
                         }
@@ -631,13 +666,5 @@ mod x86 {
             }
             j0 += cols;
         }
-        if pack {
-            PACK_B.with(|c| c.set(buf));
-        }
-    }
-
-    thread_local! {
-        /// [`gemm512`]'s copy of a strip of B, kept between calls.
-        static PACK_B: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     }
 }
