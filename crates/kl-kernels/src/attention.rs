@@ -39,7 +39,80 @@ pub trait KeyRows: Sync {
     /// Widen up to `n` rows starting at row `r0` into `dst` (`[n, dk]` f32), stopping early at a
     /// storage boundary; returns the number of rows written (≥ 1 when `r0 < rows()`).
     fn widen(&self, r0: usize, n: usize, dst: &mut [f32]) -> usize;
+    /// Add the memory holding rows `r0 .. r0 + n` (within `rows()`) to `pf`, to be fetched
+    /// while the current tile is computed on. The default adds nothing.
+    fn spans(&self, r0: usize, n: usize, pf: &mut Prefetch) {
+        let _ = (r0, n, pf);
+    }
 }
+
+/// Cache lines of the next tile's key rows, prefetched (into L2) a few at a time by the score
+/// kernel, so that reading the cache from memory overlaps the arithmetic on the current tile.
+/// All at once would stall: the core tracks only a few misses in flight.
+pub struct Prefetch {
+    spans: [(*const u8, usize); 4],
+    len: usize,
+    span: usize,
+    off: usize,
+}
+
+impl Default for Prefetch {
+    fn default() -> Self {
+        Prefetch {
+            spans: [(std::ptr::null(), 0); 4],
+            len: 0,
+            span: 0,
+            off: 0,
+        }
+    }
+}
+
+impl Prefetch {
+    /// Add the bytes of `s` (at most four slices are kept; more are ignored).
+    pub fn push<T>(&mut self, s: &[T]) {
+        if self.len < self.spans.len() && !s.is_empty() {
+            self.spans[self.len] = (s.as_ptr().cast(), std::mem::size_of_val(s));
+            self.len += 1;
+        }
+    }
+
+    /// Lines not yet prefetched.
+    fn lines(&self) -> usize {
+        self.spans[self.span.min(self.len)..self.len]
+            .iter()
+            .map(|s| s.1.div_ceil(64))
+            .sum::<usize>()
+            .saturating_sub(self.off / 64)
+    }
+
+    /// Prefetch the next `k` lines (or fewer).
+    #[inline(always)]
+    fn step(&mut self, k: usize) {
+        for _ in 0..k {
+            if self.span >= self.len {
+                return;
+            }
+            let (p, bytes) = self.spans[self.span];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a prefetch reads nothing architecturally and never faults; the address
+            // is inside a live slice.
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(self.off).cast());
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = p;
+            self.off += 64;
+            if self.off >= bytes {
+                self.span += 1;
+                self.off = 0;
+            }
+        }
+    }
+}
+
+// SAFETY: the pointers are only ever used as prefetch hints (never dereferenced).
+unsafe impl Send for Prefetch {}
 
 /// Rows stored in fixed-size blocks of `block_rows` rows of width `dk`.
 pub struct BlockRows<'a, C: Elem> {
@@ -65,6 +138,16 @@ impl<C: Elem> KeyRows for BlockRows<'_, C> {
             &mut dst[..n * self.dk],
         );
         n
+    }
+    fn spans(&self, r0: usize, n: usize, pf: &mut Prefetch) {
+        let mut r = r0;
+        let end = (r0 + n).min(self.n_rows);
+        while r < end {
+            let (b, o) = (r / self.block_rows, r % self.block_rows);
+            let m = (self.block_rows - o).min(end - r);
+            pf.push(&self.blocks[b][o * self.dk..(o + m) * self.dk]);
+            r += m;
+        }
     }
 }
 
@@ -264,16 +347,31 @@ fn attend_range<R: KeyRows + ?Sized>(
     while j < k1 {
         tile.resize(TILE * dk, 0.0);
         let n = rows.widen(j, TILE.min(k1 - j), tile);
+        // The next tile's rows come from memory while this one is scored.
+        let mut pf = Prefetch::default();
+        rows.spans(j + n, TILE.min(k1 - j - n), &mut pf);
         scores.resize(h * n, 0.0);
         #[cfg(target_arch = "x86_64")]
         if wide {
             // SAFETY: AVX-512F, AVX2 and FMA checked; `qpair` laid out by `pair_heads`.
-            unsafe { x86::tile_scores512(qpair, qrow, h, dk, &tile[..n * dk], n, scale, scores) };
+            unsafe {
+                x86::tile_scores512(
+                    qpair,
+                    qrow,
+                    h,
+                    dk,
+                    &tile[..n * dk],
+                    n,
+                    scale,
+                    scores,
+                    &mut pf,
+                )
+            };
         } else {
-            tile_scores(qrow, h, dk, &tile[..n * dk], n, scale, scores);
+            tile_scores(qrow, h, dk, &tile[..n * dk], n, scale, scores, &mut pf);
         }
         #[cfg(not(target_arch = "x86_64"))]
-        tile_scores(qrow, h, dk, &tile[..n * dk], n, scale, scores);
+        tile_scores(qrow, h, dk, &tile[..n * dk], n, scale, scores, &mut pf);
         for hh in 0..h {
             let row = &mut scores[hh * n..(hh + 1) * n];
             let mx = row.iter().fold(p.m[hh], |m, &x| m.max(x));
@@ -448,6 +546,7 @@ pub fn latent_attention_rows<R: KeyRows + ?Sized>(
 ///
 /// Every score is accumulated in the same order (8 lanes over `k`, then the lane sum, then the
 /// tail) whichever register block computes it, so results do not depend on `n` or `h`.
+#[allow(clippy::too_many_arguments)]
 fn tile_scores(
     q: &[f32],
     h: usize,
@@ -456,14 +555,17 @@ fn tile_scores(
     n: usize,
     scale: f32,
     scores: &mut [f32],
+    pf: &mut Prefetch,
 ) {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::features().avx2_fma {
         // SAFETY: AVX2 and FMA checked at run time; all slices are bounds-checked below.
-        unsafe { x86::tile_scores(q, h, dk, tile, n, scale, scores) };
+        unsafe { x86::tile_scores(q, h, dk, tile, n, scale, scores, pf) };
         return;
     }
+    let quota = pf.lines().div_ceil(h.max(1));
     for hh in 0..h {
+        pf.step(quota);
         let qh = &q[hh * dk..(hh + 1) * dk];
         for x in 0..n {
             scores[hh * n + x] = scale * dot_f32(qh, &tile[x * dk..(x + 1) * dk]);
@@ -546,6 +648,7 @@ mod x86 {
     /// Scores in blocks of up to 4 heads × 3 keys. Every score is the same 8-lane sum whatever
     /// block computes it.
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile_scores(
         q: &[f32],
         h: usize,
@@ -554,15 +657,19 @@ mod x86 {
         n: usize,
         scale: f32,
         scores: &mut [f32],
+        pf: &mut super::Prefetch,
     ) {
         assert!(q.len() >= h * dk && tile.len() >= n * dk && scores.len() >= h * n);
         let (qp, tp, sp) = (q.as_ptr(), tile.as_ptr(), scores.as_mut_ptr());
+        // The prefetch lines, spread evenly over the blocks.
+        let quota = pf.lines().div_ceil(h.div_ceil(4) * n.div_ceil(3));
         let mut h0 = 0;
         while h0 < h {
             let hb = (h - h0).min(4);
             let mut x0 = 0;
             while x0 < n {
                 let xb = (n - x0).min(3);
+                pf.step(quota);
                 macro_rules! go {
                     ($( ($a:literal, $b:literal) ),*) => {
                         match (hb, xb) {
@@ -744,6 +851,7 @@ mod x86 {
         n: usize,
         scale: f32,
         scores: &mut [f32],
+        pf: &mut super::Prefetch,
     ) {
         let pairs = h.div_ceil(2);
         assert!(qpair.len() >= pairs * (dk / 8) * 16 && q.len() >= h * dk);
@@ -754,12 +862,15 @@ mod x86 {
             tile.as_ptr(),
             scores.as_mut_ptr(),
         );
+        // The prefetch lines, spread evenly over the blocks.
+        let quota = pf.lines().div_ceil(pairs.div_ceil(4) * n.div_ceil(4));
         let mut p0 = 0;
         while p0 < pairs {
             let pb = (pairs - p0).min(4);
             let mut x0 = 0;
             while x0 < n {
                 let xb = (n - x0).min(4);
+                pf.step(quota);
                 macro_rules! go {
                     ($( ($a:literal, $b:literal) ),*) => {
                         match (pb, xb) {
@@ -843,11 +954,13 @@ mod x86 {
         assert!(p.len() >= h * n && tile.len() >= n * dk && acc.len() >= h * dv && dv <= dk);
         let c32 = dv / 32 * 32;
         let (pp, tp, ap) = (p.as_ptr(), tile.as_ptr(), acc.as_mut_ptr());
-        let mut h0 = 0;
-        while h0 < h {
-            let hb = (h - h0).min(8);
-            let mut c0 = 0;
-            while c0 < c32 {
+        // Columns outer, heads inner: a 32-column strip of the tile's values (8 KiB for 64
+        // keys) stays in L1 while every head block reads it.
+        let mut c0 = 0;
+        while c0 < c32 {
+            let mut h0 = 0;
+            while h0 < h {
+                let hb = (h - h0).min(8);
                 match hb {
                     8 => pv_block512::<8>(pp, tp, ap, n, dk, dv, h0, c0),
                     7 => pv_block512::<7>(pp, tp, ap, n, dk, dv, h0, c0),
@@ -858,9 +971,9 @@ mod x86 {
                     2 => pv_block512::<2>(pp, tp, ap, n, dk, dv, h0, c0),
                     _ => pv_block512::<1>(pp, tp, ap, n, dk, dv, h0, c0),
                 }
-                c0 += 32;
+                h0 += hb;
             }
-            h0 += hb;
+            c0 += 32;
         }
         if c32 < dv {
             tile_pv(p, h, n, tile, dk, dv, acc, c32);

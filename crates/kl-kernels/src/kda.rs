@@ -231,28 +231,28 @@ const SPAN_MAX: f32 = 60.0;
 /// Per-head scratch of the chunked form.
 struct ChunkScratch {
     dims: (usize, usize), // (K, V) it was made for
-    gam: Vec<f32>,   // [C, K] cumulative log-decay Γ
-    qc: Vec<f32>,    // [C, K]
-    kc: Vec<f32>,    // [C, K]
-    bc: Vec<f32>,    // [C]
-    qf: Vec<f32>,    // [C, K] e^{Γ_i − Γ_n(i)} (n(i) = first row of i's sub-chunk)
-    kinv: Vec<f32>,  // [C, K] k_i / qf_i (factorisable rows; 0 for the others)
-    kinvt: Vec<f32>, // [K, C] kinv transposed
-    rho: Vec<f32>,   // [C/SUB, K] e^{Γ_n(b) − Γ_n(b−1)}
-    egn: Vec<f32>,   // [C/SUB, K] e^{Γ_n(b)}
-    ok: Vec<bool>,   // [C] row factorisable (causal, within its sub-chunk; see SPAN_MAX)
-    rf: Vec<f32>,    // [K] running product of rho
-    kf: Vec<f32>,    // [K, C] key side k_j·e^{Γ_n − Γ_j}, transposed
-    qk: Vec<f32>,    // [2·SUB, K] query side k_i·qf_i then q_i·qf_i
-    erow: Vec<f32>,  // [K]
-    prod: Vec<f32>,  // [2·SUB, C]
-    akk: Vec<f32>,   // [C, C] β_i-scaled, strictly lower
-    aqk: Vec<f32>,   // [C, C] inclusive lower
-    eg: Vec<f32>,    // [C, K] e^Γ
-    w: Vec<f32>,     // [C, K]
-    u: Vec<f32>,     // [C, V] (becomes V')
-    eq: Vec<f32>,    // [C, K] e^Γ⊙Q, then e^{Γ_C−Γ}⊙K
-    o: Vec<f32>,     // [C, V]
+    gam: Vec<f32>,        // [C, K] cumulative log-decay Γ
+    qc: Vec<f32>,         // [C, K]
+    kc: Vec<f32>,         // [C, K]
+    bc: Vec<f32>,         // [C]
+    qf: Vec<f32>,         // [C, K] e^{Γ_i − Γ_n(i)} (n(i) = first row of i's sub-chunk)
+    kinv: Vec<f32>,       // [C, K] k_i / qf_i (factorisable rows; 0 for the others)
+    kinvt: Vec<f32>,      // [K, C] kinv transposed
+    rho: Vec<f32>,        // [C/SUB, K] e^{Γ_n(b) − Γ_n(b−1)}
+    egn: Vec<f32>,        // [C/SUB, K] e^{Γ_n(b)}
+    ok: Vec<bool>,        // [C] row factorisable (causal, within its sub-chunk; see SPAN_MAX)
+    rf: Vec<f32>,         // [K] running product of rho
+    kf: Vec<f32>,         // [K, C] key side k_j·e^{Γ_n − Γ_j}, transposed
+    qk: Vec<f32>,         // [2·SUB, K] query side k_i·qf_i then q_i·qf_i
+    erow: Vec<f32>,       // [K]
+    prod: Vec<f32>,       // [2·SUB, C]
+    akk: Vec<f32>,        // [C, C] β_i-scaled, strictly lower
+    aqk: Vec<f32>,        // [C, C] inclusive lower
+    eg: Vec<f32>,         // [C, K] e^Γ
+    w: Vec<f32>,          // [C, K]
+    u: Vec<f32>,          // [C, V] (becomes V')
+    eq: Vec<f32>,         // [C, K] e^Γ⊙Q, then e^{Γ_C−Γ}⊙K
+    o: Vec<f32>,          // [C, V]
 }
 
 impl ChunkScratch {

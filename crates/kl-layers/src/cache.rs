@@ -16,7 +16,7 @@
 //! Rows are rounded on write and widened on read by the attention kernel.
 
 use half::bf16;
-use kl_kernels::attention::{latent_attention_rows, KeyRows, LatentAttnShape};
+use kl_kernels::attention::{latent_attention_rows, KeyRows, LatentAttnShape, Prefetch};
 use kl_kernels::fp8;
 use kl_kernels::Elem;
 
@@ -356,6 +356,16 @@ impl<C: Elem> KeyRows for DenseRows<'_, C> {
         C::widen(&self.blocks[b][r * dk..(r + n) * dk], &mut dst[..n * dk]);
         n
     }
+    fn spans(&self, r0: usize, n: usize, pf: &mut Prefetch) {
+        let mut r = r0;
+        let end = (r0 + n).min(self.n_rows);
+        while r < end {
+            let (b, o) = (r / BLOCK_ROWS, r % BLOCK_ROWS);
+            let m = (BLOCK_ROWS - o).min(end - r);
+            pf.push(&self.blocks[b][o * self.dk..(o + m) * self.dk]);
+            r += m;
+        }
+    }
 }
 
 /// fp8 rows with per-row, per-part scales.
@@ -386,5 +396,17 @@ impl KeyRows for Fp8Rows<'_> {
             }
         }
         n
+    }
+    fn spans(&self, r0: usize, n: usize, pf: &mut Prefetch) {
+        let mut r = r0;
+        let end = (r0 + n).min(self.n_rows);
+        while r < end {
+            let (b, o) = (r / BLOCK_ROWS, r % BLOCK_ROWS);
+            let m = (BLOCK_ROWS - o).min(end - r);
+            let (codes, scales) = &self.blocks[b];
+            pf.push(&codes[o * self.dk..(o + m) * self.dk]);
+            pf.push(&scales[o * 2..(o + m) * 2]);
+            r += m;
+        }
     }
 }
