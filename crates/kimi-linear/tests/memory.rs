@@ -279,6 +279,17 @@ fn bench_json_reports_every_field() {
         let tps = v["prefill_tokens_per_s"][len].as_f64().expect(len);
         assert!(tps > 0.0 && tps.is_finite(), "{v}");
     }
+    // The matrix-product tally: compute-bound products (more than 8 rows) ran for part of the
+    // 17-token prefill and not at all in the 5-token one (those are matrix–vector products).
+    let share = v["prefill_matmul_time_share"]["17"]
+        .as_f64()
+        .expect("share");
+    assert!(share > 0.0 && share <= 1.0, "{v}");
+    assert_eq!(
+        v["prefill_matmul_time_share"]["5"].as_f64(),
+        Some(0.0),
+        "{v}"
+    );
     for depth in ["0", "40"] {
         let tps = v["decode_tokens_per_s"][depth].as_f64().expect(depth);
         assert!(tps > 0.0 && tps.is_finite(), "{v}");
@@ -287,6 +298,10 @@ fn bench_json_reports_every_field() {
     // Without a roofline measurement the roofline figures are null, never made up.
     assert!(
         v["fma_gflops"].is_null() && v["stream_gbps"].is_null(),
+        "{v}"
+    );
+    assert!(
+        v["prefill_matmul_fraction_of_fma_peak"]["17"].is_null(),
         "{v}"
     );
     let rss = v["peak_rss_bytes"].as_u64().unwrap();

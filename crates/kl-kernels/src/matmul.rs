@@ -45,6 +45,9 @@ use crate::Elem;
 use half::{bf16, f16};
 use std::any::TypeId;
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
 
 /// Row count up to which the matrix–vector path is used.
 pub const GEMV_MAX_ROWS: usize = 8;
@@ -219,8 +222,97 @@ impl<W: Elem> Rows for Generic<'_, W> {
     type L = x86::Never<W>;
 }
 
+/// Work and time of the compute-bound products (`T > GEMV_MAX_ROWS`) run, on any thread, since
+/// [`tally_start`]: a benchmark aid (`kimi-linear bench` quotes the matrix products of a prefill
+/// against the FMA peak with it). While no tally runs, a product pays one relaxed atomic load.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Tally {
+    /// Floating-point operations (`2·T·K·N` per product).
+    pub flops: u64,
+    /// Wall time during which at least one product was running (overlapping products, such as
+    /// experts on different threads, count once).
+    pub busy_secs: f64,
+}
+
+static TALLY_ON: AtomicBool = AtomicBool::new(false);
+
+/// Products running now, when the first of them started, and the totals.
+struct TallyState {
+    active: usize,
+    since: Option<Instant>,
+    busy: f64,
+    flops: u64,
+}
+
+static TALLY: Mutex<TallyState> = Mutex::new(TallyState {
+    active: 0,
+    since: None,
+    busy: 0.0,
+    flops: 0,
+});
+
+fn tally_state() -> std::sync::MutexGuard<'static, TallyState> {
+    TALLY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Start (or restart from zero) the process-wide [`Tally`].
+pub fn tally_start() {
+    let mut st = tally_state();
+    *st = TallyState {
+        active: 0,
+        since: None,
+        busy: 0.0,
+        flops: 0,
+    };
+    TALLY_ON.store(true, Ordering::Release);
+}
+
+/// Stop the tally and return what it counted.
+pub fn tally_stop() -> Tally {
+    TALLY_ON.store(false, Ordering::Release);
+    let st = tally_state();
+    Tally {
+        flops: st.flops,
+        busy_secs: st.busy,
+    }
+}
+
 /// Dispatch to the decode (gemv) or prefill path.
 fn run<R: Rows + ?Sized>(isa: Isa, x: &[f32], w: &R, y: &mut [f32], t: usize, k: usize, n: usize) {
+    if t > GEMV_MAX_ROWS && TALLY_ON.load(Ordering::Relaxed) {
+        {
+            let mut st = tally_state();
+            if st.active == 0 {
+                st.since = Some(Instant::now());
+            }
+            st.active += 1;
+            st.flops += 2 * (t * k * n) as u64;
+        }
+        run_path(isa, x, w, y, t, k, n);
+        let mut st = tally_state();
+        st.active -= 1;
+        if st.active == 0 {
+            if let Some(t0) = st.since.take() {
+                st.busy += t0.elapsed().as_secs_f64();
+            }
+        }
+    } else {
+        run_path(isa, x, w, y, t, k, n);
+    }
+}
+
+/// [`run`] without the tally.
+fn run_path<R: Rows + ?Sized>(
+    isa: Isa,
+    x: &[f32],
+    w: &R,
+    y: &mut [f32],
+    t: usize,
+    k: usize,
+    n: usize,
+) {
     let simd = isa >= Isa::Avx2 && R::simd_ok();
     if t <= GEMV_MAX_ROWS {
         gemv(simd, x, w, y, t, k, n);

@@ -103,8 +103,11 @@ pub struct TokenCost {
     pub state_bytes: u64,
     /// Latent cache bytes read per decoded token at the given context.
     pub cache_bytes: u64,
-    /// Matrix-product FLOPs per token (2 × active parameters).
+    /// Matrix-product FLOPs per token (2 × active parameters), the output head's included.
     pub matmul_flops: u64,
+    /// The output head's share of `matmul_flops` (a prefill that returns only the last
+    /// token's logits runs the head once, not per token).
+    pub head_flops: u64,
     /// Chunked-KDA FLOPs per token.
     pub kda_flops: u64,
     /// Attention FLOPs per (query token, cached key) pair.
@@ -296,6 +299,7 @@ impl KimiLinear {
             state_bytes: state_rw as u64,
             cache_bytes: (n_mla * row * context) as u64,
             matmul_flops: 2 * matmul_params as u64,
+            head_flops: 2 * (self.lm_head.rows() * self.lm_head.cols()) as u64,
             kda_flops: kda_flops as u64,
             attn_flops_per_key: attn_flops_per_key as u64,
         }

@@ -2,7 +2,10 @@
 //! measured roofline (FMA GFLOP/s, memory stream GB/s).
 //!
 //! - Prefill at each `--prompt-tokens` length: a fresh sequence, one timed prefill of random ids.
-//!   Fraction of the FMA peak = (matmul + KDA + attention FLOPs) / time / peak.
+//!   Fraction of the FMA peak = (matmul + KDA + attention FLOPs) / time / peak. The
+//!   compute-bound matrix products are also quoted alone: their FLOPs over the wall time during
+//!   which any of them ran (a `kl_kernels::matmul` tally), against the peak, and that time's
+//!   share of the prefill.
 //! - Decode at each `--depth`: the sequence is first filled to that depth (a real prefill by
 //!   default; `--depth-fill random` writes random latent rows instead, which costs the same per
 //!   decoded token and is much faster to set up), then `--gen-tokens` greedy steps are timed.
@@ -104,6 +107,20 @@ fn random_fill(model: &KimiLinear, state: &mut SequenceState, depth: usize) {
     state.pos = depth;
 }
 
+/// One measured prefill length.
+struct PrefillRow {
+    t: usize,
+    tps: f64,
+    gflops: f64,
+    /// All prefill FLOPs per second over the FMA peak.
+    of_peak: f64,
+    /// The compute-bound matrix products alone (`kl_kernels::matmul::Tally`): their FLOPs over
+    /// the wall time during which any of them ran, against the FMA peak.
+    matmul_of_peak: f64,
+    /// That time's share of the prefill.
+    matmul_share: f64,
+}
+
 /// One measured decode depth.
 struct DecodeRow {
     depth: usize,
@@ -179,7 +196,9 @@ pub fn run(a: Args) -> Result<()> {
         let ids = random_ids(t, vocab, t as u64);
         let mut st = model.new_state();
         let start = Instant::now();
+        kl_kernels::matmul::tally_start();
         model.prefill(&ids, &mut st, LogitsMode::Last, &mut Probe::off())?;
+        let mm = kl_kernels::matmul::tally_stop();
         let secs = start.elapsed().as_secs_f64();
         let c = model.token_cost(0);
         // Attention FLOPs chunk by chunk, in the form (absorbed or expanded) each chunk used.
@@ -191,11 +210,19 @@ pub fn run(a: Args) -> Result<()> {
                 model.prefill_attention_flops(n - p0, n)
             })
             .sum();
-        let flops = (c.matmul_flops + c.kda_flops) as f64 * t as f64 + attn as f64;
+        // The output head runs once (LogitsMode::Last), everything else per token.
+        let per_token = c.matmul_flops - c.head_flops + c.kda_flops;
+        let flops = per_token as f64 * t as f64 + (c.head_flops + attn) as f64;
         let tps = t as f64 / secs;
-        let frac = flops / secs / 1e9 / fma;
         prefill.insert(t.to_string(), serde_json::json!(tps));
-        prefill_rows.push((t, tps, flops / secs / 1e9, frac));
+        prefill_rows.push(PrefillRow {
+            t,
+            tps,
+            gflops: flops / secs / 1e9,
+            of_peak: flops / secs / 1e9 / fma,
+            matmul_of_peak: mm.flops as f64 / mm.busy_secs / 1e9 / fma,
+            matmul_share: mm.busy_secs / secs,
+        });
     }
 
     let mut decode = serde_json::Map::new();
@@ -276,7 +303,9 @@ pub fn run(a: Args) -> Result<()> {
             "stream_gbps": stream,
             "prefill_tokens_per_s": prefill,
             "decode_tokens_per_s": decode,
-            "prefill_fraction_of_fma_peak": prefill_rows.iter().map(|r| (r.0.to_string(), serde_json::json!(r.3))).collect::<serde_json::Map<_, _>>(),
+            "prefill_fraction_of_fma_peak": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(r.of_peak))).collect::<serde_json::Map<_, _>>(),
+            "prefill_matmul_fraction_of_fma_peak": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(r.matmul_of_peak))).collect::<serde_json::Map<_, _>>(),
+            "prefill_matmul_time_share": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(r.matmul_share))).collect::<serde_json::Map<_, _>>(),
             "decode_fraction_of_bandwidth": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(r.of_bandwidth))).collect::<serde_json::Map<_, _>>(),
             "decode_fraction_of_roofline": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(r.of_roofline))).collect::<serde_json::Map<_, _>>(),
             "decode_bound": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(r.bound))).collect::<serde_json::Map<_, _>>(),
@@ -300,13 +329,21 @@ pub fn run(a: Args) -> Result<()> {
             fma_isa.unwrap_or("-")
         );
     }
-    for (t, tps, gf, frac) in &prefill_rows {
+    for r in &prefill_rows {
         let of = if roof {
-            format!("  {:>5.1}% of FMA peak", frac * 100.0)
+            format!(
+                "  {:>5.1}% of FMA peak; matrix products {:.1}% of peak ({:.0}% of the time)",
+                r.of_peak * 100.0,
+                r.matmul_of_peak * 100.0,
+                r.matmul_share * 100.0
+            )
         } else {
             String::new()
         };
-        println!("prefill {t:>7} tokens: {tps:>9.1} tok/s  {gf:>7.1} GFLOP/s{of}");
+        println!(
+            "prefill {:>7} tokens: {:>9.1} tok/s  {:>7.1} GFLOP/s{of}",
+            r.t, r.tps, r.gflops
+        );
     }
     for r in &decode_rows {
         let of = if roof {
