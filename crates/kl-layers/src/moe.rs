@@ -267,43 +267,64 @@ impl Moe {
             scratch.give_idx(ids);
             return;
         }
-        // Routed experts: one task per (expert, block of at most EXPERT_BLOCK of its tokens),
-        // largest first, each run start to finish on one thread (`par::serial`: its products are
-        // not split again, so every weight panel is packed once per block); outputs land in `ys`
-        // at their positions in `order`.
+        // One task per (expert, block of at most EXPERT_BLOCK of its tokens), the shared expert
+        // included, largest first, each run start to finish on one thread (`par::serial`: its
+        // products are not split again, so every weight panel is packed once per block).
+        // Routed outputs land in `ys` at their positions in `order`, the shared expert's in
+        // `ysh` by token.
         let mut ys = scratch.take(t * k * d);
+        let mut ysh = scratch.take(if self.shared.is_some() { t * d } else { 0 });
         let threads = rayon::current_num_threads().max(1);
         let bufs: Vec<Mutex<[Vec<f32>; 3]>> = (0..threads)
             .map(|_| Mutex::new([scratch.take(0), scratch.take(0), scratch.take(0)]))
             .collect();
-        let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
+        /// Whose tokens a task runs: a routed expert's (from a position in `order`) or the
+        /// shared expert's (from a token).
+        enum Rows {
+            Routed(usize, usize),
+            Shared(usize),
+        }
+        let mut tasks: Vec<(Rows, &mut [f32])> = Vec::new();
         let mut rest = &mut ys[..];
         for ex in 0..e {
             let mut p = start[ex];
             while p < start[ex + 1] {
                 let n = (start[ex + 1] - p).min(EXPERT_BLOCK);
                 let (head, tail) = rest.split_at_mut(n * d);
-                tasks.push((ex, p, head));
+                tasks.push((Rows::Routed(ex, p), head));
                 rest = tail;
                 p += n;
             }
         }
-        tasks.sort_by_key(|task| std::cmp::Reverse(task.2.len()));
-        tasks.par_iter_mut().for_each(|(ex, p0, y)| {
+        for (i, rows) in ysh.chunks_mut(EXPERT_BLOCK * d).enumerate() {
+            tasks.push((Rows::Shared(i * EXPERT_BLOCK), rows));
+        }
+        tasks.sort_by_key(|task| std::cmp::Reverse(task.1.len()));
+        tasks.par_iter_mut().for_each(|(rows, y)| {
             let n = y.len() / d;
             let i = rayon::current_thread_index().unwrap_or(0) % bufs.len();
             let mut guard = bufs[i].lock().unwrap_or_else(PoisonError::into_inner);
             let [xs, g, u] = &mut *guard;
-            xs.clear();
-            for &slot in &order[*p0..*p0 + n] {
-                let ti = slot / k;
-                xs.extend_from_slice(&x[ti * d..(ti + 1) * d]);
-            }
-            let m = &self.experts[*ex];
+            let (m, xr): (&SwiGlu, &[f32]) = match *rows {
+                Rows::Routed(ex, p0) => {
+                    xs.clear();
+                    for &slot in &order[p0..p0 + n] {
+                        let ti = slot / k;
+                        xs.extend_from_slice(&x[ti * d..(ti + 1) * d]);
+                    }
+                    (&self.experts[ex], xs)
+                }
+                Rows::Shared(t0) => (
+                    self.shared
+                        .as_ref()
+                        .expect("shared tasks exist only with a shared expert"),
+                    &x[t0 * d..(t0 + n) * d],
+                ),
+            };
             let hw = n * m.width();
             g.resize(hw, 0.0);
             u.resize(hw, 0.0);
-            kl_kernels::par::serial(|| m.forward_with(xs, n, &mut g[..hw], &mut u[..hw], y));
+            kl_kernels::par::serial(|| m.forward_with(xr, n, &mut g[..hw], &mut u[..hw], y));
         });
         drop(tasks);
         for b in bufs {
@@ -328,15 +349,13 @@ impl Moe {
             });
         scratch.give_idx(pos);
         probe.record("moe.routed_out", &[t, d], out);
-        if let Some(shared) = &self.shared {
-            ys.clear();
-            ys.resize(t * d, 0.0);
-            shared.forward(x, t, scratch, &mut ys);
-            probe.record("moe.shared_out", &[t, d], &ys);
-            for (o, v) in out.iter_mut().zip(&ys) {
+        if self.shared.is_some() {
+            probe.record("moe.shared_out", &[t, d], &ysh);
+            for (o, v) in out.iter_mut().zip(&ysh) {
                 *o += v;
             }
         }
+        scratch.give(ysh);
         scratch.give(ys);
         scratch.give_idx(order);
         scratch.give_idx(fill);

@@ -106,8 +106,12 @@ pub fn workspace_bytes(cfg: &ModelConfig, chunk: usize, all_logits: bool, thread
         0
     };
     let dense = 2 * c * cfg.intermediate;
+    // Router logits; routed outputs (one row per token and choice) and the shared expert's;
+    // routing indices; per thread, one expert block's gathered rows and hidden activations.
     let moe = cfg.moe.map_or(0, |e| {
-        c * (e.num_experts + 3 * d + 2 * e.expert_width * (1 + e.num_shared)) + c * e.top_k * 2
+        let block = c.min(kl_layers::moe::EXPERT_BLOCK);
+        let hidden = 2 * e.expert_width * e.num_shared.max(1);
+        c * (e.num_experts + e.top_k * d + d + 7 * e.top_k) + threads * block * (d + hidden)
     });
     let layer = kda.max(mla).max(dense).max(moe);
     let logits = if all_logits {
