@@ -605,6 +605,7 @@ fn aligned64(v: &[f32]) -> usize {
 ///   are prefetched into L2 while the current one is swept.
 #[cfg(target_arch = "x86_64")]
 fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: usize, n: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
     use x512::{MR, NP};
     /// W rows per tile.
     const G: usize = 2 * NP;
@@ -626,12 +627,26 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
     let kblocks = kchunks.div_ceil(cb);
     let yp = SendPtr(y.as_mut_ptr());
     let wd = w.data();
+    let serial = crate::par::is_serial();
     let body = |task: usize| {
         let (pi, ti) = (task / t_parts, task % t_parts);
         let (n0, n1) = (pi * nc, ((pi + 1) * nc).min(n));
         let (t0, t1) = (ti * t_step, ((ti + 1) * t_step).min(t));
         let rows = n1 - n0;
         let groups = rows.div_ceil(G);
+        // Run serially, this thread packs the next panel next: fetch its weight rows into L2
+        // during this task, a few lines per tile (they come from memory, and the hardware
+        // prefetcher stops at every 4 KiB page).
+        let next_w: &[R::E] = if serial && ti + 1 == t_parts && n1 < n {
+            &wd[n1 * k..(n1 + nc).min(n) * k]
+        } else {
+            &[]
+        };
+        let w_bytes = std::mem::size_of_val(next_w);
+        let w_quota = w_bytes
+            .div_ceil(64)
+            .div_ceil((t1 - t0).div_ceil(MR) * kblocks * groups);
+        let mut w_off = 0;
         SCRATCH.with(|cell| {
             let mut sc = cell.borrow_mut();
             let Scratch { panel, part, xpack } = &mut *sc;
@@ -689,6 +704,18 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
                     };
                     let quota = pf.left().div_ceil(groups);
                     for g in 0..groups {
+                        for _ in 0..w_quota {
+                            if w_off < w_bytes {
+                                // SAFETY: the address is inside `next_w`; a prefetch never
+                                // faults.
+                                unsafe {
+                                    _mm_prefetch::<_MM_HINT_T1>(
+                                        next_w.as_ptr().cast::<i8>().add(w_off),
+                                    );
+                                }
+                                w_off += 64;
+                            }
+                        }
                         // SAFETY: xpk rows hold `steps·8` floats; the (b, g) block of the panel
                         // holds `steps` chunks of NP·16 floats, 64-byte aligned; `part` holds
                         // this group's MR·NP·16 floats; the y elements (tb.., n0+g·G..) belong
