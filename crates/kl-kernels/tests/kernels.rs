@@ -443,3 +443,28 @@ fn kda_chunked_rows_are_causal_bitwise() {
         }
     }
 }
+
+/// Inside `par::serial` (one thread, tasks in order, next panel prefetched) a product gives the
+/// bits of the pool-parallel one, on shapes with several panels and a ragged last one.
+#[test]
+fn matmul_serial_equals_parallel_bitwise() {
+    let mut rng = Rng::new(21);
+    for (t, k, n) in [(9, 33, 7), (37, 130, 401), (70, 1000, 200)] {
+        let x = rng.vec(t * k, 1.0);
+        let w: Vec<bf16> = rng
+            .vec(n * k, 0.1)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        let (mut a, mut b) = (vec![0f32; t * n], vec![0f32; t * n]);
+        matmul(&x, &w, &mut a, t, k, n);
+        kl_kernels::par::serial(|| matmul(&x, &w, &mut b, t, k, n));
+        assert!(
+            a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "T={t} K={k} N={n}"
+        );
+        let mut r = vec![0f32; t * n];
+        matmul_reference(&x, &w, &mut r, t, k, n);
+        assert!(max_abs_diff(&a, &r) < 1e-3, "T={t} K={k} N={n}");
+    }
+}
