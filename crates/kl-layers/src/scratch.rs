@@ -30,9 +30,15 @@ impl Scratch {
         Self::default()
     }
 
-    /// A zero-filled buffer of `n` values.
+    /// A zero-filled buffer of `n` values: the smallest held buffer that fits, else the largest
+    /// one, grown. (Taking the top of the stack instead would let every buffer grow to the
+    /// largest size ever asked of its position, so that the held total could exceed the largest
+    /// set of buffers in use at once several times over.)
     pub fn take(&mut self, n: usize) -> Vec<f32> {
-        let mut v = self.f.pop().unwrap_or_default();
+        let mut v = match best_fit(&self.f, n) {
+            Some(i) => self.f.swap_remove(i),
+            None => Vec::new(),
+        };
         v.clear();
         v.resize(n, 0.0);
         v
@@ -62,6 +68,17 @@ impl Scratch {
     }
 }
 
+/// Index of the smallest buffer with capacity ≥ `n`, else of the largest (`None` if empty).
+fn best_fit<T>(bufs: &[Vec<T>], n: usize) -> Option<usize> {
+    let fits = bufs
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.capacity() >= n)
+        .min_by_key(|(_, v)| v.capacity());
+    fits.or_else(|| bufs.iter().enumerate().max_by_key(|(_, v)| v.capacity()))
+        .map(|(i, _)| i)
+}
+
 #[cfg(test)]
 mod tests {
     use super::Scratch;
@@ -78,5 +95,28 @@ mod tests {
         assert!(b.iter().all(|&x| x == 0.0) && b.len() == 8);
         s.give(b);
         assert!(s.bytes() >= 40);
+    }
+
+    #[test]
+    fn held_total_stays_at_the_live_peak() {
+        // A pass takes a large and a small buffer; the next pass asks in the other order. The
+        // scratch keeps one of each (a stack would grow both to the large size).
+        let mut s = Scratch::new();
+        for pass in 0..4 {
+            let (a, b) = if pass % 2 == 0 {
+                let a = s.take(100_000);
+                (a, s.take(10))
+            } else {
+                let b = s.take(10);
+                (s.take(100_000), b)
+            };
+            s.give(b);
+            s.give(a);
+            assert!(
+                s.bytes() <= 4 * (100_000 + 64),
+                "pass {pass}: {} bytes",
+                s.bytes()
+            );
+        }
     }
 }
