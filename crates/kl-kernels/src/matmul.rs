@@ -466,7 +466,12 @@ fn prefill<R: Rows + ?Sized>(
     let threads = crate::par::threads();
     // Panel: ~768 KiB of f32 (stays in L2 while x blocks stream past it), a multiple of NR rows.
     let nc = ((768 * 1024) / (4 * k)).clamp(NR, 192) / NR * NR;
-    let nc = nc.min(n.div_ceil(threads).next_multiple_of(NR));
+    let nc = balanced_panel(
+        n,
+        nc.min(n.div_ceil(threads).next_multiple_of(NR)),
+        threads,
+        NR,
+    );
     let panels = n.div_ceil(nc);
     // Split T as well when there are too few panels to keep every thread busy.
     let t_parts = (2 * threads)
@@ -588,6 +593,20 @@ fn prefill<R: Rows + ?Sized>(
 const KC_WIDE: usize = 768;
 
 /// Index (< 16) of the first element of `v` whose address is a multiple of 64 bytes.
+/// Panel height (a multiple of `g`, at most `nc`) for `n` rows such that the number of panels is
+/// a multiple of `threads` where rounding allows: 7 equal panels on 2 threads leave one thread
+/// idle for a seventh of the product, 8 slightly smaller ones do not.
+fn balanced_panel(n: usize, nc: usize, threads: usize, g: usize) -> usize {
+    let threads = threads.max(1);
+    let first = n.div_ceil(nc).next_multiple_of(threads);
+    // Rounding the height up to `g` can merge panels again (13 → 14 → 13): try a few more.
+    (first..=2 * first)
+        .step_by(threads)
+        .map(|p| n.div_ceil(p).next_multiple_of(g).clamp(g, nc.max(g)))
+        .find(|&h| n.div_ceil(h) % threads == 0)
+        .unwrap_or(nc)
+}
+
 #[cfg(target_arch = "x86_64")]
 fn aligned64(v: &[f32]) -> usize {
     (64 - v.as_ptr() as usize % 64) % 64 / 4
@@ -612,7 +631,12 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
     let threads = crate::par::threads();
     // Panel: ~768 KiB of f32 (stays in L2 while x blocks stream past it), whole tiles.
     let nc = ((768 * 1024) / (4 * k)).clamp(G, 192) / G * G;
-    let nc = nc.min(n.div_ceil(threads).next_multiple_of(G));
+    let nc = balanced_panel(
+        n,
+        nc.min(n.div_ceil(threads).next_multiple_of(G)),
+        threads,
+        G,
+    );
     let panels = n.div_ceil(nc);
     // Split T as well when there are too few panels to keep every thread busy.
     let t_parts = (2 * threads)
@@ -1319,6 +1343,30 @@ mod x512 {
             5 => by_np!(5),
             6 => by_np!(6),
             _ => unreachable!("{mr} x rows"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::balanced_panel;
+
+    #[test]
+    fn panels_share_out_evenly() {
+        // 512 rows in panels of at most 80: 7 panels would leave a thread idle; 8 of 64 do not.
+        assert_eq!(balanced_panel(512, 80, 2, 8), 64);
+        // 1024 rows: 13 → 14 panels rounds back to 13; 16 of 64 works.
+        assert_eq!(1024usize.div_ceil(balanced_panel(1024, 80, 2, 8)) % 2, 0);
+        for n in [1usize, 7, 100, 513, 4096, 163_840] {
+            for nc in [8usize, 24, 80, 192] {
+                for threads in [1usize, 2, 3, 16] {
+                    for g in [3usize, 8] {
+                        let nc = nc / g * g;
+                        let h = balanced_panel(n, nc, threads, g);
+                        assert!(h >= g && h <= nc.max(g) && h % g == 0, "{n} {nc} {threads}");
+                    }
+                }
+            }
         }
     }
 }
