@@ -603,7 +603,7 @@ fn balanced_panel(n: usize, nc: usize, threads: usize, g: usize) -> usize {
     (first..=2 * first)
         .step_by(threads)
         .map(|p| n.div_ceil(p).next_multiple_of(g).clamp(g, nc.max(g)))
-        .find(|&h| n.div_ceil(h) % threads == 0)
+        .find(|&h| n.div_ceil(h).is_multiple_of(threads))
         .unwrap_or(nc)
 }
 
@@ -1356,14 +1356,19 @@ mod tests {
         // 512 rows in panels of at most 80: 7 panels would leave a thread idle; 8 of 64 do not.
         assert_eq!(balanced_panel(512, 80, 2, 8), 64);
         // 1024 rows: 13 → 14 panels rounds back to 13; 16 of 64 works.
-        assert_eq!(1024usize.div_ceil(balanced_panel(1024, 80, 2, 8)) % 2, 0);
+        assert!(1024usize
+            .div_ceil(balanced_panel(1024, 80, 2, 8))
+            .is_multiple_of(2));
         for n in [1usize, 7, 100, 513, 4096, 163_840] {
             for nc in [8usize, 24, 80, 192] {
                 for threads in [1usize, 2, 3, 16] {
                     for g in [3usize, 8] {
                         let nc = nc / g * g;
                         let h = balanced_panel(n, nc, threads, g);
-                        assert!(h >= g && h <= nc.max(g) && h % g == 0, "{n} {nc} {threads}");
+                        assert!(
+                            h >= g && h <= nc.max(g) && h.is_multiple_of(g),
+                            "{n} {nc} {threads}"
+                        );
                     }
                 }
             }
