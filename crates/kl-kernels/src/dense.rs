@@ -294,18 +294,7 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn exp_inplace(x: &mut [f32]) {
-        let n = x.len();
-        let p = x.as_mut_ptr();
-        let mut i = 0;
-        while i + 8 <= n {
-            _mm256_storeu_ps(p.add(i), exp8(_mm256_loadu_ps(p.add(i))));
-            i += 8;
-        }
-        if i < n {
-            let mk = mask(n - i);
-            let v = exp8(_mm256_maskload_ps(p.add(i), mk));
-            _mm256_maskstore_ps(p.add(i), mk, v);
-        }
+        crate::activation::x86::map(x, |v| exp8(v));
     }
 
     #[target_feature(enable = "avx2,fma")]

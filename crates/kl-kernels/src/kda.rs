@@ -387,45 +387,33 @@ fn chunk_head(
     chunk_head_body(sc, st, hi, t0, c, s, q, k, v, g, beta, out)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn chunk_head_avx2(
-    sc: &mut ChunkScratch,
-    st: &mut [f32],
-    hi: usize,
-    t0: usize,
-    c: usize,
-    s: KdaShape,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    g: &[f32],
-    beta: &[f32],
-    out: SendPtr,
-) {
-    chunk_head_body(sc, st, hi, t0, c, s, q, k, v, g, beta, out)
+/// `chunk_head_body` compiled for one instruction set (the same safe code; its element-wise
+/// loops vectorise to that width).
+macro_rules! chunk_head_for {
+    ($name:ident, $features:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(
+            sc: &mut ChunkScratch,
+            st: &mut [f32],
+            hi: usize,
+            t0: usize,
+            c: usize,
+            s: KdaShape,
+            q: &[f32],
+            k: &[f32],
+            v: &[f32],
+            g: &[f32],
+            beta: &[f32],
+            out: SendPtr,
+        ) {
+            chunk_head_body(sc, st, hi, t0, c, s, q, k, v, g, beta, out)
+        }
+    };
 }
-
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn chunk_head_avx512(
-    sc: &mut ChunkScratch,
-    st: &mut [f32],
-    hi: usize,
-    t0: usize,
-    c: usize,
-    s: KdaShape,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    g: &[f32],
-    beta: &[f32],
-    out: SendPtr,
-) {
-    chunk_head_body(sc, st, hi, t0, c, s, q, k, v, g, beta, out)
-}
+chunk_head_for!(chunk_head_avx2, "avx2,fma");
+chunk_head_for!(chunk_head_avx512, "avx512f,avx2,fma");
 
 #[allow(
     clippy::too_many_arguments,

@@ -338,6 +338,17 @@ impl LatentCache {
     }
 }
 
+/// `f(block, first row in it, rows)` for the rows `r0..end` of a blocked cache, block by block.
+fn for_blocks(r0: usize, end: usize, mut f: impl FnMut(usize, usize, usize)) {
+    let mut r = r0;
+    while r < end {
+        let (b, o) = (r / BLOCK_ROWS, r % BLOCK_ROWS);
+        let m = (BLOCK_ROWS - o).min(end - r);
+        f(b, o, m);
+        r += m;
+    }
+}
+
 /// f32 or bf16 rows in the cache's own blocks.
 struct DenseRows<'a, C> {
     blocks: &'a [Box<[C]>],
@@ -357,14 +368,9 @@ impl<C: Elem> KeyRows for DenseRows<'_, C> {
         n
     }
     fn spans(&self, r0: usize, n: usize, pf: &mut Prefetch) {
-        let mut r = r0;
-        let end = (r0 + n).min(self.n_rows);
-        while r < end {
-            let (b, o) = (r / BLOCK_ROWS, r % BLOCK_ROWS);
-            let m = (BLOCK_ROWS - o).min(end - r);
+        for_blocks(r0, (r0 + n).min(self.n_rows), |b, o, m| {
             pf.push(&self.blocks[b][o * self.dk..(o + m) * self.dk]);
-            r += m;
-        }
+        });
     }
 }
 
@@ -398,15 +404,10 @@ impl KeyRows for Fp8Rows<'_> {
         n
     }
     fn spans(&self, r0: usize, n: usize, pf: &mut Prefetch) {
-        let mut r = r0;
-        let end = (r0 + n).min(self.n_rows);
-        while r < end {
-            let (b, o) = (r / BLOCK_ROWS, r % BLOCK_ROWS);
-            let m = (BLOCK_ROWS - o).min(end - r);
+        for_blocks(r0, (r0 + n).min(self.n_rows), |b, o, m| {
             let (codes, scales) = &self.blocks[b];
             pf.push(&codes[o * self.dk..(o + m) * self.dk]);
             pf.push(&scales[o * 2..(o + m) * 2]);
-            r += m;
-        }
+        });
     }
 }
