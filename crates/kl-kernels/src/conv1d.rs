@@ -5,17 +5,18 @@
 //! oldest first, so a call on consecutive pieces equals one call on the whole sequence.
 //!
 //! [`conv1d_causal_silu`] runs blocks of output rows in parallel (each row reads only the inputs
-//! before it) and, within a row, blocks of channels whose taps are gathered once into a small
-//! local array so that the sum over taps is a vectorised loop; every output element is the sum
-//! over taps in tap order, then SiLU ([`crate::activation::silu_inplace`]), as in
-//! [`conv1d_causal_silu_reference`].
+//! before it). A block first copies the taps into a `[W, C]` buffer (per thread, kept between
+//! calls), so that each output row is `W` vectorised multiply–add passes over contiguous
+//! channels; every output element is the sum over taps in tap order, then SiLU
+//! ([`crate::activation::silu_inplace`]), as in [`conv1d_causal_silu_reference`].
 
 use crate::activation::{silu, silu_inplace};
+use std::cell::RefCell;
 
-/// Channels per block of [`conv1d_causal_silu`].
-const CB: usize = 64;
-/// Widest kernel with gathered taps; wider ones take the plain loop.
-const MAX_W: usize = 8;
+thread_local! {
+    /// Each thread's `[W, C]` copy of the taps.
+    static TAPS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
 
 /// `x` `[T, C]` (raw, pre-conv), `weight` `[C, W]`, `state` `[W-1, C]` (oldest row first; zeros at
 /// the start of a sequence). Writes `out` `[T, C]` = SiLU(conv) and updates `state` to the last
@@ -29,30 +30,24 @@ pub fn conv1d_causal_silu(
     out: &mut [f32],
 ) {
     check(x, c, weight, w, state, out);
-    if w > MAX_W {
-        return conv1d_causal_silu_reference(x, c, weight, w, state, out);
-    }
     let st: &[f32] = state;
     crate::par::rows_mut(out, c, 32, |r0, rows| {
-        let mut taps = [0f32; MAX_W * CB];
-        for c0 in (0..c).step_by(CB) {
-            let cw = CB.min(c - c0);
-            for j in 0..w {
-                for i in 0..cw {
-                    taps[j * CB + i] = weight[(c0 + i) * w + j];
-                }
-            }
-            for (ri, o) in rows.chunks_exact_mut(c).enumerate() {
-                let o = &mut o[c0..c0 + cw];
-                o.fill(0.0);
+        TAPS.with(|cell| {
+            let mut taps = cell.borrow_mut();
+            taps.resize(w * c, 0.0);
+            for ch in 0..c {
                 for j in 0..w {
-                    let r = input_row(x, st, c, w, r0 + ri + j);
-                    for ((ov, tv), rv) in o.iter_mut().zip(&taps[j * CB..]).zip(&r[c0..c0 + cw]) {
-                        *ov += tv * rv;
-                    }
+                    taps[j * c + ch] = weight[ch * w + j];
                 }
             }
-        }
+            #[cfg(target_arch = "x86_64")]
+            if crate::cpu::features().avx2_fma {
+                // SAFETY: AVX2 checked; the body is safe code compiled 8 lanes wide.
+                unsafe { conv_rows_avx2(x, st, c, w, &taps, r0, rows) };
+                return;
+            }
+            conv_rows(x, st, c, w, &taps, r0, rows);
+        });
         silu_inplace(rows);
     });
     push_state(x, c, w, state);
@@ -91,6 +86,35 @@ fn check(x: &[f32], c: usize, weight: &[f32], w: usize, state: &[f32], out: &[f3
     assert_eq!(state.len(), (w - 1) * c, "conv1d: state is not [W-1, C]");
     assert_eq!(x.len(), out.len(), "conv1d: x and out lengths differ");
     assert_eq!(x.len() % c, 0, "conv1d: x is not [T, C]");
+}
+
+/// Output rows `r0..` (as many as `rows` holds) before SiLU, from `[W, C]` taps.
+#[inline(always)]
+fn conv_rows(x: &[f32], st: &[f32], c: usize, w: usize, taps: &[f32], r0: usize, rows: &mut [f32]) {
+    for (ri, o) in rows.chunks_exact_mut(c).enumerate() {
+        o.fill(0.0);
+        for j in 0..w {
+            let r = input_row(x, st, c, w, r0 + ri + j);
+            for ((ov, tv), rv) in o.iter_mut().zip(&taps[j * c..(j + 1) * c]).zip(r) {
+                *ov += tv * rv;
+            }
+        }
+    }
+}
+
+/// [`conv_rows`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn conv_rows_avx2(
+    x: &[f32],
+    st: &[f32],
+    c: usize,
+    w: usize,
+    taps: &[f32],
+    r0: usize,
+    rows: &mut [f32],
+) {
+    conv_rows(x, st, c, w, taps, r0, rows)
 }
 
 /// Row `i` of the extended sequence `[state rows; x rows]`.
