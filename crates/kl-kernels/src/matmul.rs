@@ -1283,6 +1283,22 @@ mod x512 {
             }
             return;
         }
+        if NP == 4 && MR % 2 == 0 && nrows == 8 {
+            // Whole tile: each group of 8 accumulators is two x rows × 8 W rows; one permute
+            // puts each row's 8 sums in W-row order for two 8-float stores.
+            let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+            for g in 0..MR / 2 {
+                let u: [__m512; 8] = std::array::from_fn(|q| acc[2 * g + q / 4][q % 4]);
+                let v = _mm512_permutexvar_ps(order, reduce8(&u));
+                let (r0, r1) = (yp.add(2 * g * ldy), yp.add((2 * g + 1) * ldy));
+                _mm256_storeu_ps(r0, _mm512_castps512_ps256(v));
+                _mm256_storeu_ps(
+                    r1,
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
+                );
+            }
+            return;
+        }
         // Reduce 8 accumulators at a time (zeros pad the last group), then scatter to y.
         let mut sums = [[0f32; 16]; 3];
         let flat = |i: usize| {
