@@ -1283,7 +1283,7 @@ mod x512 {
             }
             return;
         }
-        if NP == 4 && MR % 2 == 0 && nrows == 8 {
+        if NP == 4 && MR.is_multiple_of(2) && nrows == 8 {
             // Whole tile: each group of 8 accumulators is two x rows × 8 W rows; one permute
             // puts each row's 8 sums in W-row order for two 8-float stores.
             let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
