@@ -15,7 +15,6 @@
 //! long-context decode scales with threads; the result is bit-identical to the serial order, so
 //! a token's output does not depend on whether it was prefilled or decoded, or on the chunking.
 
-use crate::dense::exp_inplace;
 use crate::simd::dot_f32;
 use crate::Elem;
 use rayon::prelude::*;
@@ -374,23 +373,44 @@ fn attend_range<R: KeyRows + ?Sized>(
         tile_scores(qrow, h, dk, &tile[..n * dk], n, scale, scores, &mut pf);
         for hh in 0..h {
             let row = &mut scores[hh * n..(hh + 1) * n];
-            let mx = row.iter().fold(p.m[hh], |m, &x| m.max(x));
-            let corr = (p.m[hh] - mx).exp();
+            let corr = softmax_update(row, &mut p.m[hh], &mut p.l[hh]);
             if corr != 1.0 {
                 for a in p.acc[hh * dv..(hh + 1) * dv].iter_mut() {
                     *a *= corr;
                 }
             }
-            for sc in row.iter_mut() {
-                *sc -= mx;
-            }
-            exp_inplace(row);
-            p.l[hh] = row.iter().fold(p.l[hh] * corr, |l, &e| l + e);
-            p.m[hh] = mx;
         }
         tile_pv(scores, h, n, &tile[..n * dk], dk, dv, &mut p.acc);
         j += n;
     }
+}
+
+/// One head's online-softmax step over a tile's scores: with `m' = max(m, row)`,
+/// `row ← exp(row − m')` and `l ← l·e^{m − m'} + Σ row`, `m ← m'`; returns `e^{m − m'}` (the
+/// factor for the head's accumulated output). The sum runs in 8 lanes (`i mod 8`) reduced by a
+/// fixed tree, on every path, so a tile's result does not depend on where it came from.
+fn softmax_update(row: &mut [f32], m: &mut f32, l: &mut f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::features().avx2_fma {
+        // SAFETY: AVX2 and FMA checked.
+        return unsafe { x86::softmax_update(row, m, l) };
+    }
+    let mx = row.iter().fold(*m, |a, &x| a.max(x));
+    let corr = (*m - mx).exp();
+    let mut lanes = [0f32; 8];
+    for (i, x) in row.iter_mut().enumerate() {
+        *x = (*x - mx).exp();
+        lanes[i % 8] += *x;
+    }
+    let s = [
+        lanes[0] + lanes[4],
+        lanes[1] + lanes[5],
+        lanes[2] + lanes[6],
+        lanes[3] + lanes[7],
+    ];
+    *l = *l * corr + ((s[0] + s[2]) + (s[1] + s[3]));
+    *m = mx;
+    corr
 }
 
 /// The query `[H, Dk]` in head pairs: `qpair[((hp·(Dk/8) + c)·16 + l]` is `q[2hp][8c + l]` for
@@ -601,8 +621,59 @@ fn tile_pv(p: &[f32], h: usize, n: usize, tile: &[f32], dk: usize, dv: usize, ac
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use crate::activation::x86::{exp8, mask};
     use crate::simd::x86::hsum;
     use std::arch::x86_64::*;
+
+    /// [`super::softmax_update`] on 8 lanes (the `exp` of [`crate::activation`]).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn softmax_update(row: &mut [f32], m: &mut f32, l: &mut f32) -> f32 {
+        let n = row.len();
+        let p = row.as_mut_ptr();
+        let tail = n % 8;
+        let body = n - tail;
+        // Max: exact in any order.
+        let mut vm = _mm256_set1_ps(*m);
+        let mut i = 0;
+        while i < body {
+            vm = _mm256_max_ps(vm, _mm256_loadu_ps(p.add(i)));
+            i += 8;
+        }
+        let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+        if tail > 0 {
+            let mk = mask(tail);
+            let v = _mm256_blendv_ps(
+                ninf,
+                _mm256_maskload_ps(p.add(body), mk),
+                _mm256_castsi256_ps(mk),
+            );
+            vm = _mm256_max_ps(vm, v);
+        }
+        let hi = _mm256_extractf128_ps(vm, 1);
+        let q = _mm_max_ps(_mm256_castps256_ps128(vm), hi);
+        let q = _mm_max_ps(q, _mm_movehl_ps(q, q));
+        let q = _mm_max_ss(q, _mm_shuffle_ps(q, q, 1));
+        let mx = _mm_cvtss_f32(q);
+        let corr = (*m - mx).exp();
+        let vmx = _mm256_set1_ps(mx);
+        let mut acc = _mm256_setzero_ps();
+        i = 0;
+        while i < body {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vmx));
+            _mm256_storeu_ps(p.add(i), e);
+            acc = _mm256_add_ps(acc, e);
+            i += 8;
+        }
+        if tail > 0 {
+            let mk = mask(tail);
+            let e = exp8(_mm256_sub_ps(_mm256_maskload_ps(p.add(body), mk), vmx));
+            _mm256_maskstore_ps(p.add(body), mk, e);
+            acc = _mm256_add_ps(acc, _mm256_and_ps(e, _mm256_castsi256_ps(mk)));
+        }
+        *l = *l * corr + hsum(acc);
+        *m = mx;
+        corr
+    }
 
     /// One block of `HB` heads × `XB` keys: one 8-lane accumulator per (head, key), held in
     /// registers over the whole row (const sizes, so nothing spills).
