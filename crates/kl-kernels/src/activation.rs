@@ -3,7 +3,7 @@
 //!
 //! The scalar [`silu`], [`sigmoid`] and [`softplus`] transcribe PyTorch's definitions over the C
 //! library's `expf` / `log1pf`; they are the reference twins. The slice kernels ([`swiglu`],
-//! [`silu_inplace`], [`sigmoid_inplace`], [`softplus_scaled`]) evaluate the same formulas on 8
+//! [`silu_inplace`], [`sigmoid_inplace`], [`mul_sigmoid`], [`softplus_scaled`]) evaluate the same formulas on 8
 //! lanes with a polynomial `exp` and `log` (Cephes, within a few ulp of the C library) where the
 //! CPU has AVX2+FMA, and call the scalar functions elsewhere.
 //!
@@ -73,6 +73,22 @@ pub fn sigmoid_inplace(x: &mut [f32]) {
         return;
     }
     x.iter_mut().for_each(|v| *v = sigmoid(*v));
+}
+
+/// `x[i] = x[i] · sigmoid(gate[i])` in place (a sigmoid-gated output); vectorised.
+pub fn mul_sigmoid(x: &mut [f32], gate: &[f32]) {
+    assert_eq!(
+        x.len(),
+        gate.len(),
+        "mul_sigmoid: x and gate lengths differ"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::features().avx2_fma {
+        // SAFETY: AVX2+FMA checked; lengths equal.
+        unsafe { x86::mul_sigmoid(x, gate) };
+        return;
+    }
+    x.iter_mut().zip(gate).for_each(|(v, g)| *v *= sigmoid(*g));
 }
 
 /// `x[i] = a · softplus(x[i] + bias[i])` in place (KDA's forget gate); vectorised.
@@ -270,6 +286,11 @@ pub(crate) mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn sigmoid_inplace(x: &mut [f32]) {
         map(x, |v| sigmoid8(v));
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn mul_sigmoid(x: &mut [f32], gate: &[f32]) {
+        map2(x, gate, |v, g| _mm256_mul_ps(v, sigmoid8(g)));
     }
 
     #[target_feature(enable = "avx2,fma")]

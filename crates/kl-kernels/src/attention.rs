@@ -16,6 +16,7 @@
 //! a token's output does not depend on whether it was prefilled or decoded, or on the chunking.
 
 use crate::simd::dot_f32;
+pub use crate::simd::Prefetch;
 use crate::Elem;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -45,73 +46,22 @@ pub trait KeyRows: Sync {
     }
 }
 
-/// Cache lines of the next tile's key rows, prefetched (into L2) a few at a time by the score
-/// kernel, so that reading the cache from memory overlaps the arithmetic on the current tile.
-/// All at once would stall: the core tracks only a few misses in flight.
-pub struct Prefetch {
-    spans: [(*const u8, usize); 4],
-    len: usize,
-    span: usize,
-    off: usize,
-}
-
-impl Default for Prefetch {
-    fn default() -> Self {
-        Prefetch {
-            spans: [(std::ptr::null(), 0); 4],
-            len: 0,
-            span: 0,
-            off: 0,
-        }
+/// `f(block, first row in it, rows)` for the rows `r0..end` of a store of `block_rows`-row
+/// blocks, block by block.
+pub fn for_blocks(
+    block_rows: usize,
+    r0: usize,
+    end: usize,
+    mut f: impl FnMut(usize, usize, usize),
+) {
+    let mut r = r0;
+    while r < end {
+        let (b, o) = (r / block_rows, r % block_rows);
+        let m = (block_rows - o).min(end - r);
+        f(b, o, m);
+        r += m;
     }
 }
-
-impl Prefetch {
-    /// Add the bytes of `s` (at most four slices are kept; more are ignored).
-    pub fn push<T>(&mut self, s: &[T]) {
-        if self.len < self.spans.len() && !s.is_empty() {
-            self.spans[self.len] = (s.as_ptr().cast(), std::mem::size_of_val(s));
-            self.len += 1;
-        }
-    }
-
-    /// Lines not yet prefetched.
-    fn lines(&self) -> usize {
-        self.spans[self.span.min(self.len)..self.len]
-            .iter()
-            .map(|s| s.1.div_ceil(64))
-            .sum::<usize>()
-            .saturating_sub(self.off / 64)
-    }
-
-    /// Prefetch the next `k` lines (or fewer).
-    #[inline(always)]
-    fn step(&mut self, k: usize) {
-        for _ in 0..k {
-            if self.span >= self.len {
-                return;
-            }
-            let (p, bytes) = self.spans[self.span];
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: a prefetch reads nothing architecturally and never faults; the address
-            // is inside a live slice.
-            unsafe {
-                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(self.off).cast());
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = p;
-            self.off += 64;
-            if self.off >= bytes {
-                self.span += 1;
-                self.off = 0;
-            }
-        }
-    }
-}
-
-// SAFETY: the pointers are only ever used as prefetch hints (never dereferenced).
-unsafe impl Send for Prefetch {}
 
 /// Rows stored in fixed-size blocks of `block_rows` rows of width `dk`.
 pub struct BlockRows<'a, C: Elem> {
@@ -139,14 +89,9 @@ impl<C: Elem> KeyRows for BlockRows<'_, C> {
         n
     }
     fn spans(&self, r0: usize, n: usize, pf: &mut Prefetch) {
-        let mut r = r0;
-        let end = (r0 + n).min(self.n_rows);
-        while r < end {
-            let (b, o) = (r / self.block_rows, r % self.block_rows);
-            let m = (self.block_rows - o).min(end - r);
+        for_blocks(self.block_rows, r0, (r0 + n).min(self.n_rows), |b, o, m| {
             pf.push(&self.blocks[b][o * self.dk..(o + m) * self.dk]);
-            r += m;
-        }
+        });
     }
 }
 
@@ -402,13 +347,7 @@ fn softmax_update(row: &mut [f32], m: &mut f32, l: &mut f32) -> f32 {
         *x = (*x - mx).exp();
         lanes[i % 8] += *x;
     }
-    let s = [
-        lanes[0] + lanes[4],
-        lanes[1] + lanes[5],
-        lanes[2] + lanes[6],
-        lanes[3] + lanes[7],
-    ];
-    *l = *l * corr + ((s[0] + s[2]) + (s[1] + s[3]));
+    *l = *l * corr + crate::matmul::hsum8(&lanes);
     *m = mx;
     corr
 }

@@ -463,23 +463,7 @@ fn prefill<R: Rows + ?Sized>(
     k: usize,
     n: usize,
 ) {
-    let threads = crate::par::threads();
-    // Panel: ~768 KiB of f32 (stays in L2 while x blocks stream past it), a multiple of NR rows.
-    let nc = ((768 * 1024) / (4 * k)).clamp(NR, 192) / NR * NR;
-    let nc = balanced_panel(
-        n,
-        nc.min(n.div_ceil(threads).next_multiple_of(NR)),
-        threads,
-        NR,
-    );
-    let panels = n.div_ceil(nc);
-    // Split T as well when there are too few panels to keep every thread busy.
-    let t_parts = (2 * threads)
-        .div_ceil(panels)
-        .min(t.div_ceil(16 * MR))
-        .max(1);
-    let t_step = t.div_ceil(t_parts).next_multiple_of(MR);
-    let t_parts = t.div_ceil(t_step);
+    let (nc, panels, t_step, t_parts) = plan_tasks(n, t, k, NR, MR);
     // K blocks: equal widths, multiples of 8 (the last one takes the tail).
     let kblocks = if simd { k.div_ceil(KC) } else { 1 };
     let kb_w = k.div_ceil(kblocks).next_multiple_of(8);
@@ -592,7 +576,28 @@ fn prefill<R: Rows + ?Sized>(
 #[cfg(target_arch = "x86_64")]
 const KC_WIDE: usize = 768;
 
-/// Index (< 16) of the first element of `v` whose address is a multiple of 64 bytes.
+/// Tasks of a prefill product: panels of `W` rows (about 768 KiB of f32, so that a panel stays
+/// in L2 while `x` blocks stream past it; whole `g`-row groups; shared out evenly over the
+/// threads), times parts of `T` (a multiple of `mr` rows each) when there are too few panels to
+/// keep every thread busy. Returns `(panel rows, panels, T rows per part, T parts)`.
+fn plan_tasks(n: usize, t: usize, k: usize, g: usize, mr: usize) -> (usize, usize, usize, usize) {
+    let threads = crate::par::threads();
+    let nc = ((768 * 1024) / (4 * k)).clamp(g, 192) / g * g;
+    let nc = balanced_panel(
+        n,
+        nc.min(n.div_ceil(threads).next_multiple_of(g)),
+        threads,
+        g,
+    );
+    let panels = n.div_ceil(nc);
+    let t_parts = (2 * threads)
+        .div_ceil(panels)
+        .min(t.div_ceil(16 * mr))
+        .max(1);
+    let t_step = t.div_ceil(t_parts).next_multiple_of(mr);
+    (nc, panels, t_step, t.div_ceil(t_step))
+}
+
 /// Panel height (a multiple of `g`, at most `nc`) for `n` rows such that the number of panels is
 /// a multiple of `threads` where rounding allows: 7 equal panels on 2 threads leave one thread
 /// idle for a seventh of the product, 8 slightly smaller ones do not.
@@ -607,6 +612,7 @@ fn balanced_panel(n: usize, nc: usize, threads: usize, g: usize) -> usize {
         .unwrap_or(nc)
 }
 
+/// Index (< 16) of the first element of `v` whose address is a multiple of 64 bytes.
 #[cfg(target_arch = "x86_64")]
 fn aligned64(v: &[f32]) -> usize {
     (64 - v.as_ptr() as usize % 64) % 64 / 4
@@ -624,27 +630,10 @@ fn aligned64(v: &[f32]) -> usize {
 ///   are prefetched into L2 while the current one is swept.
 #[cfg(target_arch = "x86_64")]
 fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: usize, n: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
     use x512::{MR, NP};
     /// W rows per tile.
     const G: usize = 2 * NP;
-    let threads = crate::par::threads();
-    // Panel: ~768 KiB of f32 (stays in L2 while x blocks stream past it), whole tiles.
-    let nc = ((768 * 1024) / (4 * k)).clamp(G, 192) / G * G;
-    let nc = balanced_panel(
-        n,
-        nc.min(n.div_ceil(threads).next_multiple_of(G)),
-        threads,
-        G,
-    );
-    let panels = n.div_ceil(nc);
-    // Split T as well when there are too few panels to keep every thread busy.
-    let t_parts = (2 * threads)
-        .div_ceil(panels)
-        .min(t.div_ceil(16 * MR))
-        .max(1);
-    let t_step = t.div_ceil(t_parts).next_multiple_of(MR);
-    let t_parts = t.div_ceil(t_step);
+    let (nc, panels, t_step, t_parts) = plan_tasks(n, t, k, G, MR);
     // K blocks of `cb` 8-column chunks, equal but for the last.
     let kchunks = k.div_ceil(8);
     let cb = kchunks.div_ceil(k.div_ceil(KC_WIDE));
@@ -661,16 +650,13 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
         // Run serially, this thread packs the next panel next: fetch its weight rows into L2
         // during this task, a few lines per tile (they come from memory, and the hardware
         // prefetcher stops at every 4 KiB page).
-        let next_w: &[R::E] = if serial && ti + 1 == t_parts && n1 < n {
-            &wd[n1 * k..(n1 + nc).min(n) * k]
-        } else {
-            &[]
-        };
-        let w_bytes = std::mem::size_of_val(next_w);
-        let w_quota = w_bytes
-            .div_ceil(64)
+        let mut next_w = crate::simd::Prefetch::default();
+        if serial && ti + 1 == t_parts && n1 < n {
+            next_w.push(&wd[n1 * k..(n1 + nc).min(n) * k]);
+        }
+        let w_quota = next_w
+            .lines()
             .div_ceil((t1 - t0).div_ceil(MR) * kblocks * groups);
-        let mut w_off = 0;
         SCRATCH.with(|cell| {
             let mut sc = cell.borrow_mut();
             let Scratch { panel, part, xpack } = &mut *sc;
@@ -728,18 +714,7 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
                     };
                     let quota = pf.left().div_ceil(groups);
                     for g in 0..groups {
-                        for _ in 0..w_quota {
-                            if w_off < w_bytes {
-                                // SAFETY: the address is inside `next_w`; a prefetch never
-                                // faults.
-                                unsafe {
-                                    _mm_prefetch::<_MM_HINT_T1>(
-                                        next_w.as_ptr().cast::<i8>().add(w_off),
-                                    );
-                                }
-                                w_off += 64;
-                            }
-                        }
+                        next_w.step(w_quota);
                         // SAFETY: xpk rows hold `steps·8` floats; the (b, g) block of the panel
                         // holds `steps` chunks of NP·16 floats, 64-byte aligned; `part` holds
                         // this group's MR·NP·16 floats; the y elements (tb.., n0+g·G..) belong
@@ -771,6 +746,9 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
     };
     crate::par::for_each(panels * t_parts, body);
 }
+
+/// The canonical lane-sum tree on 8 scalar lanes (also used by attention's softmax sum).
+pub(crate) use portable::hsum as hsum8;
 
 /// Portable tile kernel: the canonical order with 8 scalar lanes (multiply, then add).
 mod portable {

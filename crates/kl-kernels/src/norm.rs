@@ -1,6 +1,6 @@
 //! RMSNorm variants: plain, gated (KDA output norm) and per-head L2 normalisation.
 
-use crate::activation::{sigmoid, sigmoid_inplace};
+use crate::activation::{mul_sigmoid, sigmoid};
 use crate::Elem;
 
 /// Row-wise RMSNorm: `out[r] = w ⊙ x[r] / sqrt(mean(x[r]²) + eps)` for rows of width `w.len()`.
@@ -18,8 +18,8 @@ pub fn rms_norm<W: Elem>(x: &[f32], w: &[W], eps: f32, out: &mut [f32]) {
 }
 
 /// Gated RMSNorm of the KDA output (fla `FusedRMSNormGated`, sigmoid activation): for each row
-/// of width `w.len()`, `out = w ⊙ x / sqrt(mean(x²) + eps) ⊙ sigmoid(gate)`. The sigmoid is
-/// vectorised ([`sigmoid_inplace`] on a copy of the gate row); many rows run in parallel.
+/// of width `w.len()`, `out = w ⊙ x / sqrt(mean(x²) + eps) ⊙ sigmoid(gate)`. The gate is
+/// vectorised ([`mul_sigmoid`]); many rows run in parallel.
 pub fn rms_norm_gated<W: Elem>(x: &[f32], gate: &[f32], w: &[W], eps: f32, out: &mut [f32]) {
     let d = w.len();
     assert_eq!(x.len(), gate.len());
@@ -30,13 +30,7 @@ pub fn rms_norm_gated<W: Elem>(x: &[f32], gate: &[f32], w: &[W], eps: f32, out: 
             &gate[r0 * d..r0 * d + rows.len()],
         );
         rms_norm(x, w, eps, rows);
-        for (o, g) in rows.chunks_mut(64).zip(gate.chunks(64)) {
-            let mut s = [0f32; 64];
-            let s = &mut s[..g.len()];
-            s.copy_from_slice(g);
-            sigmoid_inplace(s);
-            o.iter_mut().zip(s.iter()).for_each(|(o, s)| *o *= s);
-        }
+        mul_sigmoid(rows, gate);
     });
 }
 

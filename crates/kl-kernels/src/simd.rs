@@ -8,6 +8,75 @@
 use crate::cpu::features;
 use half::bf16;
 
+/// Memory to be read soon (up to four byte spans), prefetched into L2 a few cache lines at a time
+/// by a kernel's loop, so that the reads overlap its arithmetic: the next tile's key rows in
+/// latent attention, the next weight panel in a serial prefill product. All at once would
+/// stall: the core tracks only a few misses in flight.
+pub struct Prefetch {
+    spans: [(*const u8, usize); 4],
+    len: usize,
+    span: usize,
+    off: usize,
+}
+
+impl Default for Prefetch {
+    fn default() -> Self {
+        Prefetch {
+            spans: [(std::ptr::null(), 0); 4],
+            len: 0,
+            span: 0,
+            off: 0,
+        }
+    }
+}
+
+impl Prefetch {
+    /// Add the bytes of `s` (at most four slices are kept; more are ignored).
+    pub fn push<T>(&mut self, s: &[T]) {
+        if self.len < self.spans.len() && !s.is_empty() {
+            self.spans[self.len] = (s.as_ptr().cast(), std::mem::size_of_val(s));
+            self.len += 1;
+        }
+    }
+
+    /// Lines not yet prefetched.
+    pub fn lines(&self) -> usize {
+        self.spans[self.span.min(self.len)..self.len]
+            .iter()
+            .map(|s| s.1.div_ceil(64))
+            .sum::<usize>()
+            .saturating_sub(self.off / 64)
+    }
+
+    /// Prefetch the next `k` lines (or fewer).
+    #[inline(always)]
+    pub fn step(&mut self, k: usize) {
+        for _ in 0..k {
+            if self.span >= self.len {
+                return;
+            }
+            let (p, bytes) = self.spans[self.span];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a prefetch reads nothing architecturally and never faults; the address
+            // is inside a live slice.
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(self.off).cast());
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = p;
+            self.off += 64;
+            if self.off >= bytes {
+                self.span += 1;
+                self.off = 0;
+            }
+        }
+    }
+}
+
+// SAFETY: the pointers are only ever used as prefetch hints (never dereferenced).
+unsafe impl Send for Prefetch {}
+
 /// `Σ a[i]·b[i]`.
 #[inline]
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {

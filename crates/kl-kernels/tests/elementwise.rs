@@ -5,7 +5,7 @@
 mod common;
 use common::Rng;
 use kl_kernels::activation::{
-    sigmoid, sigmoid_inplace, silu, silu_inplace, softplus, softplus_scaled,
+    mul_sigmoid, sigmoid, sigmoid_inplace, silu, silu_inplace, softplus, softplus_scaled,
     softplus_scaled_reference, swiglu, swiglu_reference,
 };
 use kl_kernels::conv1d::{conv1d_causal_silu, conv1d_causal_silu_reference};
@@ -57,6 +57,10 @@ fn activations_match_scalar_formulas() {
         let want: Vec<f32> = x.iter().map(|&v| sigmoid(v)).collect();
         assert_near("sigmoid", &s, &want, 4e-7, 1e-30, &x);
         let up = rng.vec(n, 2.0);
+        let mut a = up.clone();
+        mul_sigmoid(&mut a, &x);
+        let want: Vec<f32> = up.iter().zip(&x).map(|(u, &g)| u * sigmoid(g)).collect();
+        assert_near("mul_sigmoid", &a, &want, 5e-7, 1e-30, &x);
         let (mut a, mut b) = (x.clone(), x.clone());
         swiglu(&mut a, &up);
         swiglu_reference(&mut b, &up);
@@ -83,7 +87,8 @@ fn elementwise_bits_do_not_depend_on_position() {
     let bias = rng.vec(53, 1.0);
     let up = rng.vec(53, 1.0);
     type Op = fn(&mut [f32], &[f32], &[f32]);
-    let ops: [(&str, Op); 4] = [
+    let ops: [(&str, Op); 5] = [
+        ("mul_sigmoid", |x, _, u| mul_sigmoid(x, u)),
         ("silu", |x, _, _| silu_inplace(x)),
         ("sigmoid", |x, _, _| sigmoid_inplace(x)),
         ("swiglu", |x, _, u| swiglu(x, u)),

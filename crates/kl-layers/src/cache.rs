@@ -16,7 +16,9 @@
 //! Rows are rounded on write and widened on read by the attention kernel.
 
 use half::bf16;
-use kl_kernels::attention::{latent_attention_rows, KeyRows, LatentAttnShape, Prefetch};
+use kl_kernels::attention::{
+    for_blocks, latent_attention_rows, KeyRows, LatentAttnShape, Prefetch,
+};
 use kl_kernels::fp8;
 use kl_kernels::Elem;
 
@@ -338,17 +340,6 @@ impl LatentCache {
     }
 }
 
-/// `f(block, first row in it, rows)` for the rows `r0..end` of a blocked cache, block by block.
-fn for_blocks(r0: usize, end: usize, mut f: impl FnMut(usize, usize, usize)) {
-    let mut r = r0;
-    while r < end {
-        let (b, o) = (r / BLOCK_ROWS, r % BLOCK_ROWS);
-        let m = (BLOCK_ROWS - o).min(end - r);
-        f(b, o, m);
-        r += m;
-    }
-}
-
 /// f32 or bf16 rows in the cache's own blocks.
 struct DenseRows<'a, C> {
     blocks: &'a [Box<[C]>],
@@ -368,7 +359,7 @@ impl<C: Elem> KeyRows for DenseRows<'_, C> {
         n
     }
     fn spans(&self, r0: usize, n: usize, pf: &mut Prefetch) {
-        for_blocks(r0, (r0 + n).min(self.n_rows), |b, o, m| {
+        for_blocks(BLOCK_ROWS, r0, (r0 + n).min(self.n_rows), |b, o, m| {
             pf.push(&self.blocks[b][o * self.dk..(o + m) * self.dk]);
         });
     }
@@ -404,7 +395,7 @@ impl KeyRows for Fp8Rows<'_> {
         n
     }
     fn spans(&self, r0: usize, n: usize, pf: &mut Prefetch) {
-        for_blocks(r0, (r0 + n).min(self.n_rows), |b, o, m| {
+        for_blocks(BLOCK_ROWS, r0, (r0 + n).min(self.n_rows), |b, o, m| {
             let (codes, scales) = &self.blocks[b];
             pf.push(&codes[o * self.dk..(o + m) * self.dk]);
             pf.push(&scales[o * 2..(o + m) * 2]);

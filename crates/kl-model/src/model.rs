@@ -271,7 +271,8 @@ impl KimiLinear {
     pub fn token_cost(&self, context: usize) -> TokenCost {
         let cfg = &self.cfg;
         let mut weights = self.lm_head.bytes() + self.embed.bytes() / self.cfg.vocab_size;
-        let mut matmul_params = self.lm_head.rows() * self.lm_head.cols();
+        let head_params = self.lm_head.rows() * self.lm_head.cols();
+        let mut matmul_params = head_params;
         for l in &self.layers {
             let (wb, el) = match &l.mixer {
                 TokenMixer::Kda(k) => (k.bytes(), self.lm_head.dtype().size()),
@@ -299,7 +300,7 @@ impl KimiLinear {
             state_bytes: state_rw as u64,
             cache_bytes: (n_mla * row * context) as u64,
             matmul_flops: 2 * matmul_params as u64,
-            head_flops: 2 * (self.lm_head.rows() * self.lm_head.cols()) as u64,
+            head_flops: 2 * head_params as u64,
             kda_flops: kda_flops as u64,
             attn_flops_per_key: attn_flops_per_key as u64,
         }
