@@ -156,6 +156,32 @@ pub(crate) mod x86 {
         _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)))
     }
 
+    /// [`exp8`] on 16 lanes (AVX-512F): the same operations lane by lane, so the same bits.
+    #[inline(always)]
+    pub unsafe fn exp16(x: __m512) -> __m512 {
+        let lo = _mm512_set1_ps(-87.336_55);
+        let under = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, lo);
+        let x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.398_199_9e-3));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.333_452e-3));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666_666_5e-1));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
+        let r2 = _mm512_mul_ps(r, r);
+        let y = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
+        let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvtps_epi32(n),
+            _mm512_set1_epi32(127),
+        ));
+        _mm512_maskz_mul_ps(!under, y, _mm512_castsi512_ps(e))
+    }
+
     /// Natural log on 8 lanes of positive, finite, normal inputs (Cephes `logf` polynomial).
     #[inline(always)]
     pub unsafe fn log8(x: __m256) -> __m256 {

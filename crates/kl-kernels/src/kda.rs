@@ -13,22 +13,33 @@
 //!   `Γ = cumsum g`, `A_kk[i,j] = β_i Σ_d k_i k_j e^{Γ_i−Γ_j}` (j<i), `W = (I+A_kk)⁻¹ Diag(β)(e^Γ⊙K)`,
 //!   `U = (I+A_kk)⁻¹ Diag(β) V`, `V' = U − W S`, `O = (e^Γ⊙Q) S + A_qk V'` with
 //!   `A_qk[i,j] = Σ_d q_i k_j e^{Γ_i−Γ_j}` (j≤i), `S ← Diag(e^{Γ_C}) S + (e^{Γ_C−Γ}⊙K)ᵀ V'`.
-//!   It is evaluated as small dense products (register-blocked, AVX2 when available): per
-//!   16-row sub-chunk, `A_kk`/`A_qk` come from one product against keys rescaled to the
-//!   sub-chunk's first row `n` (factors `e^{Γ_i−Γ_n}`, `e^{Γ_n−Γ_j}`; never `e^{−Γ_j}` over a
-//!   whole chunk, which overflows for strong decays), `W`/`U` from a forward substitution, and
-//!   `W·S`, `A_qk·V'`, `Kᵀ·V'` are plain products; about `C·K` exponentials per chunk and head
-//!   instead of `C²·K`. Rows with very strong decay fall back to pairwise exponents (see
-//!   `chunk_head`), and every row of a chunk depends bit for bit only on the rows before it.
+//!   It is evaluated as small dense products (register-blocked, AVX-512 or AVX2 when
+//!   available): per 16-row sub-chunk, `A_kk`/`A_qk` come from one product against keys
+//!   rescaled to the sub-chunk's first row `n` (factors `e^{Γ_i−Γ_n}`, `e^{Γ_n−Γ_j}`; never
+//!   `e^{−Γ_j}` over a whole chunk, which overflows for strong decays), `W`/`U` from a forward
+//!   substitution blocked into products, and `W·S`, `A_qk·V'`, `Kᵀ·V'` are plain products; about
+//!   `C·K` exponentials per chunk and head instead of `C²·K`. Rows with very strong decay fall
+//!   back to pairwise exponents (see `chunk_head`), and every row of a chunk depends bit for bit
+//!   only on the rows before it.
+//!
+//!   What makes it fast, beyond the algebra (docs/performance.md has the measurements):
+//!   - *Denormals flushed* ([`crate::cpu::FlushDenormals`]) while a head runs: with strong
+//!     decays, `e^Γ` reaches `1e-35` within a chunk and many products land below `1.2e-38`,
+//!     each costing a microcode assist; this alone was worth ×1.8 on such inputs.
+//!   - *Operand rows padded* to `K + 16` floats, the head's state included (copied in and out
+//!     once per call): rows of exactly 512 bytes put a product's column strip into a quarter of
+//!     the L1 sets.
+//!   - *Inputs read in place* (no gather of the head's rows) and the next chunk's rows
+//!     prefetched into L2 a few lines per register tile of this chunk's products.
 //!
 //! Layouts (PyTorch order): `q, k, g` `[T, H, K]`, `v` `[T, H, V]`, `beta` `[T, H]`,
 //! `state` `[H, K, V]`, `out` `[T, H, V]`. Heads run in parallel.
 
 use crate::activation::{softplus_scaled, softplus_scaled_reference};
 use crate::dense::{
-    exp_inplace, forward_subst, gemm, min_max, mul_exp_diff, transpose, MatA, Mode,
+    exp_inplace, forward_subst_blocked, gemm, gemm_ptr, mul_exp_diff, transpose, MatA, Mode,
 };
-use crate::simd::axpy;
+use crate::simd::{axpy, Prefetch};
 use rayon::prelude::*;
 
 /// Chunk length of the parallel form.
@@ -228,13 +239,22 @@ const SUB: usize = 16;
 /// the O(1) results; rows with stronger decay take explicit (pairwise) exponents instead.
 const SPAN_MAX: f32 = 60.0;
 
-/// Per-head scratch of the chunked form.
+/// Padding of the rows of the product operands, in floats. A row of 128 floats is 512 bytes, so
+/// the two cache lines that a 32-column register tile reads from each of its rows fall into
+/// the same 16 of the 64 L1 sets for every row, and a 128-row strip (256 lines) thrashes a
+/// 12-way L1: the products ran at half speed. Rows of `K + 16` floats (9 lines) spread over
+/// every set.
+const PAD: usize = 16;
+
+/// Per-head scratch of the chunked form. `q`, `k`, `g` and `v` are read in place; the operands
+/// of the products have rows of `ldk = K + PAD` or `ldv = V + PAD` floats.
 struct ChunkScratch {
     dims: (usize, usize), // (K, V) it was made for
+    ldk: usize,           // K + PAD
+    ldv: usize,           // V + PAD
+    s: Vec<f32>,          // [K, ldv] the head's state while its chunks run
     gam: Vec<f32>,        // [C, K] cumulative log-decay Γ
-    qc: Vec<f32>,         // [C, K]
-    kc: Vec<f32>,         // [C, K]
-    bc: Vec<f32>,         // [C]
+    bc: Vec<f32>,         // [C] β
     qf: Vec<f32>,         // [C, K] e^{Γ_i − Γ_n(i)} (n(i) = first row of i's sub-chunk)
     kinv: Vec<f32>,       // [C, K] k_i / qf_i (factorisable rows; 0 for the others)
     kinvt: Vec<f32>,      // [K, C] kinv transposed
@@ -243,27 +263,28 @@ struct ChunkScratch {
     ok: Vec<bool>,        // [C] row factorisable (causal, within its sub-chunk; see SPAN_MAX)
     rf: Vec<f32>,         // [K] running product of rho
     kf: Vec<f32>,         // [K, C] key side k_j·e^{Γ_n − Γ_j}, transposed
-    qk: Vec<f32>,         // [2·SUB, K] query side k_i·qf_i then q_i·qf_i
+    kq: Vec<f32>,         // [2·SUB, ldk] this sub-chunk's k_i·qf_i rows, then its q_i·qf_i rows
     erow: Vec<f32>,       // [K]
+    elast: Vec<f32>,      // [K] e^{Γ_last}
     prod: Vec<f32>,       // [2·SUB, C]
     akk: Vec<f32>,        // [C, C] β_i-scaled, strictly lower
     aqk: Vec<f32>,        // [C, C] inclusive lower
-    eg: Vec<f32>,         // [C, K] e^Γ
-    w: Vec<f32>,          // [C, K]
-    u: Vec<f32>,          // [C, V] (becomes V')
-    eq: Vec<f32>,         // [C, K] e^Γ⊙Q, then e^{Γ_C−Γ}⊙K
-    o: Vec<f32>,          // [C, V]
+    w: Vec<f32>,          // [C, ldk] β_i e^{Γ_i} k_i, then W
+    u: Vec<f32>,          // [C, ldv] β_i v_i, then U, then V'
+    eq: Vec<f32>,         // [C, ldk] e^{Γ_i} q_i, then e^{Γ_last − Γ_i} k_i
 }
 
 impl ChunkScratch {
     fn new(kd: usize, vd: usize) -> Self {
         let c = CHUNK;
         let nsub = CHUNK / SUB;
+        let (ldk, ldv) = (kd + PAD, vd + PAD);
         ChunkScratch {
             dims: (kd, vd),
+            ldk,
+            ldv,
+            s: vec![0.0; kd * ldv],
             gam: vec![0.0; c * kd],
-            qc: vec![0.0; c * kd],
-            kc: vec![0.0; c * kd],
             bc: vec![0.0; c],
             qf: vec![0.0; c * kd],
             kinv: vec![0.0; c * kd],
@@ -273,16 +294,15 @@ impl ChunkScratch {
             ok: vec![false; c],
             rf: vec![0.0; kd],
             kf: vec![0.0; kd * c],
-            qk: vec![0.0; 2 * SUB * kd],
+            kq: vec![0.0; 2 * SUB * ldk],
             erow: vec![0.0; kd],
+            elast: vec![0.0; kd],
             prod: vec![0.0; 2 * SUB * c],
             akk: vec![0.0; c * c],
             aqk: vec![0.0; c * c],
-            eg: vec![0.0; c * kd],
-            w: vec![0.0; c * kd],
-            u: vec![0.0; c * vd],
-            eq: vec![0.0; c * kd],
-            o: vec![0.0; c * vd],
+            w: vec![0.0; c * ldk],
+            u: vec![0.0; c * ldv],
+            eq: vec![0.0; c * ldk],
         }
     }
 }
@@ -309,18 +329,27 @@ pub fn kda_chunked(
         .par_chunks_exact_mut(kd * vd)
         .enumerate()
         .for_each(|(hi, st)| {
+            // Strongly decaying channels make many products denormal (see FlushDenormals).
+            let _flush = crate::cpu::FlushDenormals::new();
             CHUNK_SCRATCH.with(|cell| {
                 let mut slot = cell.borrow_mut();
                 if slot.as_ref().is_none_or(|sc| sc.dims != (kd, vd)) {
                     *slot = Some(ChunkScratch::new(kd, vd));
                 }
                 let sc = slot.as_mut().expect("scratch was just made");
+                let ldv = sc.ldv;
+                for (dst, src) in sc.s.chunks_exact_mut(ldv).zip(st.chunks_exact(vd)) {
+                    dst[..vd].copy_from_slice(src);
+                }
                 let mut t0 = 0;
                 while t0 < t {
                     let c = CHUNK.min(t - t0);
                     // Rows t0..t0+c of head hi of `out` are written only here.
-                    chunk_head(sc, st, hi, t0, c, s, q, k, v, g, beta, op);
+                    chunk_head(sc, hi, t0, c, s, q, k, v, g, beta, op);
                     t0 += c;
+                }
+                for (dst, src) in st.chunks_exact_mut(vd).zip(sc.s.chunks_exact(ldv)) {
+                    dst.copy_from_slice(&src[..vd]);
                 }
             })
         });
@@ -348,15 +377,19 @@ thread_local! {
 /// chunk recomputed from its start with more rows reproduces the earlier rows exactly (the
 /// layers crate relies on this for split prefill).
 ///
-/// 1. `A_kk`, `A_qk` per query sub-chunk `s`: one product `[K̃_s; Q̃_s] · K̂ᵀ` with
-///    `K̃_s[i] = k_i qf_i`, `Q̃_s[i] = q_i qf_i`, `K̂[j] = k_j e^{Γ_{n_s}−Γ_j}` (all earlier rows,
-///    and the diagonal block's factorisable ones).
-/// 2. `W`, `U` by forward substitution with `I + A_kk` (row-wise, register-blocked).
-/// 3. `V' = U − W·S`, `O = (e^Γ⊙Q)·S + A_qk·V'`, `S ← Diag(e^{Γ_C}) S + (e^{Γ_C−Γ}⊙K)ᵀ·V'`.
+/// 1. Per query sub-chunk `s`, one pass over its input rows for every row-wise operand, then
+///    `A_kk`, `A_qk` from one product `[K̃_s; Q̃_s] · K̂ᵀ` with `K̃_s[i] = k_i qf_i`,
+///    `Q̃_s[i] = q_i qf_i`, `K̂[j] = k_j e^{Γ_{n_s}−Γ_j}` (all earlier rows, and the diagonal
+///    block's factorisable ones).
+/// 2. `W`, `U` by forward substitution with `I + A_kk`, 16-row blocks: the rows above a block
+///    leave as one product, the block itself row by row.
+/// 3. `V' = U − W·S`, `O = (e^Γ⊙Q)·S + A_qk·V'` (written straight into the output rows),
+///    `S ← Diag(e^{Γ_C}) S + (e^{Γ_C−Γ}⊙K)ᵀ·V'`.
+///
+/// `sc.s` holds the head's state (rows padded to `ldv`) for the duration of the call.
 #[allow(clippy::too_many_arguments)]
 fn chunk_head(
     sc: &mut ChunkScratch,
-    st: &mut [f32],
     hi: usize,
     t0: usize,
     c: usize,
@@ -376,15 +409,58 @@ fn chunk_head(
         // or contract floating-point arithmetic), and the products it calls pick their kernels
         // by the same rule as elsewhere.
         crate::cpu::Isa::Avx512 => unsafe {
-            return chunk_head_avx512(sc, st, hi, t0, c, s, q, k, v, g, beta, out);
+            return chunk_head_avx512(sc, hi, t0, c, s, q, k, v, g, beta, out);
         },
         // SAFETY: AVX2+FMA checked; the body compiled for AVX2 (8-wide loops).
         crate::cpu::Isa::Avx2 => unsafe {
-            return chunk_head_avx2(sc, st, hi, t0, c, s, q, k, v, g, beta, out);
+            return chunk_head_avx2(sc, hi, t0, c, s, q, k, v, g, beta, out);
         },
         crate::cpu::Isa::Portable => {}
     }
-    chunk_head_body(sc, st, hi, t0, c, s, q, k, v, g, beta, out)
+    chunk_head_body(sc, hi, t0, c, s, q, k, v, g, beta, out)
+}
+
+/// `e = a − b`, and whether any `|e|` exceeds [`SPAN_MAX`] or is NaN, in one pass of 16-lane
+/// blocks.
+#[inline(always)]
+fn diff_out_of_span(e: &mut [f32], a: &[f32], b: &[f32]) -> bool {
+    let mut out = [false; 16];
+    let (ec, ac, bc) = (
+        e.chunks_exact_mut(16),
+        a.chunks_exact(16),
+        b.chunks_exact(16),
+    );
+    for ((e, a), b) in ec.zip(ac).zip(bc) {
+        for l in 0..16 {
+            let d = a[l] - b[l];
+            e[l] = d;
+            out[l] |= !(-SPAN_MAX..=SPAN_MAX).contains(&d);
+        }
+    }
+    let done = e.len() / 16 * 16;
+    let mut any = out.iter().any(|&o| o);
+    for ((e, a), b) in e[done..].iter_mut().zip(&a[done..]).zip(&b[done..]) {
+        *e = a - b;
+        any |= !(-SPAN_MAX..=SPAN_MAX).contains(e);
+    }
+    any
+}
+
+/// `dst = f·src` (equal lengths); a sub-chunk's 16 columns in one fixed-size step.
+#[inline(always)]
+fn scale_block(dst: &mut [f32], src: &[f32], f: f32) {
+    if let (Ok(d), Ok(s)) = (
+        <&mut [f32; SUB]>::try_from(&mut *dst),
+        <&[f32; SUB]>::try_from(src),
+    ) {
+        // By value, so that the block is one vector load, multiply and store.
+        let v: [f32; SUB] = *s;
+        *d = v.map(|y| y * f);
+    } else {
+        for (x, y) in dst.iter_mut().zip(src) {
+            *x = y * f;
+        }
+    }
 }
 
 /// `chunk_head_body` compiled for one instruction set (the same safe code; its element-wise
@@ -396,7 +472,6 @@ macro_rules! chunk_head_for {
         #[target_feature(enable = $features)]
         unsafe fn $name(
             sc: &mut ChunkScratch,
-            st: &mut [f32],
             hi: usize,
             t0: usize,
             c: usize,
@@ -408,22 +483,17 @@ macro_rules! chunk_head_for {
             beta: &[f32],
             out: SendPtr,
         ) {
-            chunk_head_body(sc, st, hi, t0, c, s, q, k, v, g, beta, out)
+            chunk_head_body(sc, hi, t0, c, s, q, k, v, g, beta, out)
         }
     };
 }
 chunk_head_for!(chunk_head_avx2, "avx2,fma");
 chunk_head_for!(chunk_head_avx512, "avx512f,avx2,fma");
 
-#[allow(
-    clippy::too_many_arguments,
-    clippy::needless_range_loop,
-    clippy::manual_memcpy
-)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 #[inline(always)]
 fn chunk_head_body(
     sc: &mut ChunkScratch,
-    st: &mut [f32],
     hi: usize,
     t0: usize,
     c: usize,
@@ -436,114 +506,107 @@ fn chunk_head_body(
     out: SendPtr,
 ) {
     let KdaShape {
-        h, k: kd, v: vd, ..
+        t, h, k: kd, v: vd, ..
     } = s;
     const C: usize = CHUNK;
-    // Gather the chunk of this head; Γ = cumsum g. One fused loop per row (no memcpy calls:
-    // hence the `manual_memcpy` allowance) so that the loads of q, k, g and v rows are all in
-    // flight together.
-    for r in 0..c {
-        let ti = t0 + r;
-        let base = (ti * h + hi) * kd;
-        let vb = (ti * h + hi) * vd;
-        let (qr, kr, gr) = (
-            &q[base..base + kd],
-            &k[base..base + kd],
-            &g[base..base + kd],
-        );
-        let (gprev, gcur) = sc.gam.split_at_mut(r * kd);
-        let gcur = &mut gcur[..kd];
-        let qd = &mut sc.qc[r * kd..(r + 1) * kd];
-        let kdst = &mut sc.kc[r * kd..(r + 1) * kd];
-        if r == 0 {
-            for d in 0..kd {
-                qd[d] = qr[d];
-                kdst[d] = kr[d];
-                gcur[d] = gr[d];
-            }
-        } else {
-            let gprev = &gprev[(r - 1) * kd..r * kd];
-            for d in 0..kd {
-                qd[d] = qr[d];
-                kdst[d] = kr[d];
-                gcur[d] = gprev[d] + gr[d];
-            }
-        }
-        for (x, y) in sc.u[r * vd..(r + 1) * vd].iter_mut().zip(&v[vb..vb + vd]) {
-            *x = *y;
-        }
-        sc.bc[r] = beta[ti * h + hi];
-    }
-    // Per sub-chunk: qf, factorisability, e^{Γ_n}, ρ, kinv; then e^Γ.
+    let (ldk, ldv) = (sc.ldk, sc.ldv);
+    // Offset of row r of this chunk and head in a [T, H, w] tensor; rows of q and k in place.
+    let at = |r: usize, w: usize| ((t0 + r) * h + hi) * w;
+    let krow = |r: usize| &k[at(r, kd)..][..kd];
+    let qrow = |r: usize| &q[at(r, kd)..][..kd];
     let nsub = c.div_ceil(SUB);
-    for bi in 0..nsub {
-        let (r0, r1) = (bi * SUB, ((bi + 1) * SUB).min(c));
-        let gn = &sc.gam[r0 * kd..(r0 + 1) * kd];
+
+    // The next chunk's rows of this head (q, k, g: K floats each; v: V floats), 4 KiB apart or
+    // more, where the hardware prefetcher does not follow: bring them into L2 a few lines per
+    // register tile of this chunk's products, which run from L1 and leave the memory idle.
+    let mut pf = Prefetch::default();
+    let next = (t - t0 - c).min(C);
+    if next > 0 {
+        let (rk, rv) = (at(c, kd), at(c, vd));
+        pf.push_rows(&q[rk..], next, kd, h * kd);
+        pf.push_rows(&k[rk..], next, kd, h * kd);
+        pf.push_rows(&g[rk..], next, kd, h * kd);
+        pf.push_rows(&v[rv..], next, vd, h * vd);
+    }
+    // One tick per register tile (8 × 32) of the products below: W·S, (e^Γ⊙Q)·S and A_qk·V'
+    // have c rows each, the state update K rows, and the A_kk/A_qk product about 3c/8 tiles.
+    pf.pace((3 * c + kd).div_ceil(8) * vd.div_ceil(32) + 3 * c / 8);
+
+    // 1. Per sub-chunk s (rows r0..r1, first row n): Γ = cumsum g, qf = e^{Γ_i − Γ_n} and
+    //    factorisability, e^{Γ_n}, ρ; then the row-wise operands (one pass over each input row):
+    //    k̃_i = k_i qf_i and q̃_i = q_i qf_i (the query side of the product below),
+    //    w_i = β_i e^{Γ_n} k̃_i = β_i e^{Γ_i} k_i, e^{Γ_i} q_i = e^{Γ_n} q̃_i, β_i v_i and
+    //    k_i / qf_i; then A_kk (β_i-scaled, strictly lower) and A_qk (inclusive lower) rows of
+    //    the sub-chunk from one product.
+    for si in 0..nsub {
+        let (r0, r1) = (si * SUB, ((si + 1) * SUB).min(c));
+        let m = r1 - r0;
         for i in r0..r1 {
-            let gi = &sc.gam[i * kd..(i + 1) * kd];
-            let qf = &mut sc.qf[i * kd..(i + 1) * kd];
-            for ((e, a), b) in qf.iter_mut().zip(gi).zip(gn) {
-                *e = a - b;
+            let gr = &g[at(i, kd)..][..kd];
+            let (prev, cur) = sc.gam.split_at_mut(i * kd);
+            let cur = &mut cur[..kd];
+            if i == 0 {
+                cur.copy_from_slice(gr);
+            } else {
+                for ((x, p), y) in cur.iter_mut().zip(&prev[(i - 1) * kd..]).zip(gr) {
+                    *x = p + y;
+                }
             }
         }
+        let gn = &sc.gam[r0 * kd..(r0 + 1) * kd];
         // Row i is factorisable when it and every earlier row of its block stay within
         // SPAN_MAX of the reference (causal: later rows never change an earlier row's path).
         let mut ok = true;
         for i in r0..r1 {
-            let (lo, hi_) = min_max(&sc.qf[i * kd..(i + 1) * kd]);
-            ok = ok && lo >= -SPAN_MAX && hi_ <= SPAN_MAX;
+            let qf = &mut sc.qf[i * kd..(i + 1) * kd];
+            let out = diff_out_of_span(qf, &sc.gam[i * kd..(i + 1) * kd], gn);
+            ok = ok && !out;
             sc.ok[i] = ok;
         }
         exp_inplace(&mut sc.qf[r0 * kd..r1 * kd]);
-        let egn = &mut sc.egn[bi * kd..(bi + 1) * kd];
+        let egn = &mut sc.egn[si * kd..(si + 1) * kd];
         egn.copy_from_slice(gn);
         exp_inplace(egn);
-        if bi > 0 {
+        if si > 0 {
             let gp = &sc.gam[(r0 - SUB) * kd..(r0 - SUB + 1) * kd];
-            let rho = &mut sc.rho[bi * kd..(bi + 1) * kd];
+            let rho = &mut sc.rho[si * kd..(si + 1) * kd];
             for ((r, a), b) in rho.iter_mut().zip(gn).zip(gp) {
                 *r = a - b;
             }
             exp_inplace(rho);
         }
-        for i in r0..r1 {
-            let row = i * kd..(i + 1) * kd;
-            let egn = &sc.egn[bi * kd..(bi + 1) * kd];
-            for ((e, a), b) in sc.eg[row.clone()]
-                .iter_mut()
-                .zip(egn)
-                .zip(&sc.qf[row.clone()])
-            {
-                *e = a * b;
-            }
-            if sc.ok[i] {
-                for ((x, a), b) in sc.kinv[row.clone()]
-                    .iter_mut()
-                    .zip(&sc.kc[row.clone()])
-                    .zip(&sc.qf[row])
-                {
-                    *x = a / b;
-                }
-            } else {
-                sc.kinv[row].fill(0.0);
-            }
-        }
-    }
-    transpose(&sc.kinv, c, kd, kd, &mut sc.kinvt, C);
-
-    // 1. A_kk (β_i-scaled, strictly lower) and A_qk (inclusive lower), sub-chunk by sub-chunk.
-    for si in 0..nsub {
-        let (r0, r1) = (si * SUB, ((si + 1) * SUB).min(c));
-        let m = r1 - r0;
-        // Query side.
+        let egn = &sc.egn[si * kd..(si + 1) * kd];
+        let (kt, qt) = sc.kq.split_at_mut(m * ldk);
         for i in r0..r1 {
             let li = i - r0;
-            let qf = &sc.qf[i * kd..(i + 1) * kd];
+            let b = beta[(t0 + i) * h + hi];
+            sc.bc[i] = b;
+            let (kr, qr) = (krow(i), qrow(i));
+            let qf = &sc.qf[i * kd..][..kd];
+            let (kti, qti) = (&mut kt[li * ldk..][..kd], &mut qt[li * ldk..][..kd]);
+            let (wi, eqi) = (&mut sc.w[i * ldk..][..kd], &mut sc.eq[i * ldk..][..kd]);
             for d in 0..kd {
-                sc.qk[li * kd + d] = sc.kc[i * kd + d] * qf[d];
-                sc.qk[(m + li) * kd + d] = sc.qc[i * kd + d] * qf[d];
+                let (kq, qq) = (kr[d] * qf[d], qr[d] * qf[d]);
+                kti[d] = kq;
+                qti[d] = qq;
+                wi[d] = b * (egn[d] * kq);
+                eqi[d] = egn[d] * qq;
+            }
+            let ki = &mut sc.kinv[i * kd..][..kd];
+            if sc.ok[i] {
+                for d in 0..kd {
+                    ki[d] = kr[d] / qf[d];
+                }
+            } else {
+                ki.fill(0.0);
+            }
+            let (ui, vi) = (&mut sc.u[i * ldv..][..vd], &v[at(i, vd)..][..vd]);
+            for (x, y) in ui.iter_mut().zip(vi) {
+                *x = b * y;
             }
         }
+        transpose(&sc.kinv[r0 * kd..], m, kd, kd, &mut sc.kinvt[r0..], C);
+
         // Key side (transposed), block by block going back: rf = e^{Γ_{n_s} − Γ_{n_b}}.
         // Columns of non-factorisable rows are explicit exponents (earlier blocks) or zero
         // (this block: those rows take pairwise exponents below).
@@ -556,19 +619,15 @@ fn chunk_head_body(
                 }
             }
             let (b0, b1) = (bi * SUB, ((bi + 1) * SUB).min(c));
-            for d in 0..kd {
-                let f = sc.rf[d];
-                let (dst, src) = (&mut sc.kf[d * C + b0..d * C + b1], &sc.kinvt[d * C + b0..]);
-                for (x, y) in dst.iter_mut().zip(src) {
-                    *x = y * f;
-                }
+            let rows = sc.kf.chunks_exact_mut(C).zip(sc.kinvt.chunks_exact(C));
+            for ((dst, src), &f) in rows.zip(&sc.rf) {
+                scale_block(&mut dst[b0..b1], &src[b0..b1], f);
             }
             if bi < si {
                 // Rows with strong decay: explicit e^{Γ_{n_s} − Γ_j} ≤ 1, scattered.
                 let gn = &sc.gam[r0 * kd..(r0 + 1) * kd];
                 for j in (b0..b1).filter(|&j| !sc.ok[j]) {
-                    let row = j * kd..(j + 1) * kd;
-                    mul_exp_diff(&mut sc.erow, &sc.kc[row.clone()], gn, &sc.gam[row]);
+                    mul_exp_diff(&mut sc.erow, krow(j), gn, &sc.gam[j * kd..(j + 1) * kd]);
                     for d in 0..kd {
                         sc.kf[d * C + j] = sc.erow[d];
                     }
@@ -576,11 +635,22 @@ fn chunk_head_body(
             }
         }
         let a = MatA {
-            data: &sc.qk[..2 * m * kd],
-            rs: kd,
+            data: &sc.kq[..2 * m * ldk],
+            rs: ldk,
             cs: 1,
         };
-        gemm(2 * m, r1, kd, a, &sc.kf, C, &mut sc.prod, C, Mode::Set);
+        gemm(
+            2 * m,
+            r1,
+            kd,
+            a,
+            &sc.kf,
+            C,
+            &mut sc.prod,
+            C,
+            Mode::Set,
+            &mut pf,
+        );
         for i in r0..r1 {
             let li = i - r0;
             let b = sc.bc[i];
@@ -596,10 +666,10 @@ fn chunk_head_body(
             if !sc.ok[i] {
                 // Pairwise exponents on the diagonal block: e^{Γ_i − Γ_j} ≤ 1 for j ≤ i.
                 let gi = &sc.gam[i * kd..(i + 1) * kd];
+                let (ki, qi) = (krow(i), qrow(i));
                 for j in r0..=i {
                     let gj = &sc.gam[j * kd..(j + 1) * kd];
-                    mul_exp_diff(&mut sc.erow, &sc.kc[j * kd..(j + 1) * kd], gi, gj);
-                    let (ki, qi) = (&sc.kc[i * kd..(i + 1) * kd], &sc.qc[i * kd..(i + 1) * kd]);
+                    mul_exp_diff(&mut sc.erow, krow(j), gi, gj);
                     let (mut skk, mut sqk) = (0f32, 0f32);
                     for d in 0..kd {
                         skk += ki[d] * sc.erow[d];
@@ -615,70 +685,59 @@ fn chunk_head_body(
     }
 
     // 2. W = (I + A_kk)⁻¹ Diag(β)(e^Γ⊙K), U = (I + A_kk)⁻¹ Diag(β) V.
-    for i in 0..c {
-        let b = sc.bc[i];
-        for d in 0..kd {
-            sc.w[i * kd + d] = b * sc.eg[i * kd + d] * sc.kc[i * kd + d];
-        }
-        for x in &mut sc.u[i * vd..(i + 1) * vd] {
-            *x *= b;
-        }
-    }
-    forward_subst(c, &sc.akk, C, &mut sc.w, kd, kd);
-    forward_subst(c, &sc.akk, C, &mut sc.u, vd, vd);
+    forward_subst_blocked(c, &sc.akk, C, &mut sc.w, ldk, kd, SUB);
+    forward_subst_blocked(c, &sc.akk, C, &mut sc.u, ldv, vd, SUB);
 
     // 3. V' = U − W·S.
     let wa = MatA {
-        data: &sc.w[..c * kd],
-        rs: kd,
+        data: &sc.w[..c * ldk],
+        rs: ldk,
         cs: 1,
     };
-    gemm(c, vd, kd, wa, st, vd, &mut sc.u, vd, Mode::Sub);
-    // O = (e^Γ⊙Q)·S + A_qk·V' (A_qk is zero above the diagonal: stop each block at its end).
-    for (e, (a, b)) in sc.eq[..c * kd].iter_mut().zip(sc.eg.iter().zip(&sc.qc)) {
-        *e = a * b;
-    }
+    gemm(
+        c,
+        vd,
+        kd,
+        wa,
+        &sc.s,
+        ldv,
+        &mut sc.u,
+        ldv,
+        Mode::Sub,
+        &mut pf,
+    );
+    // O = (e^Γ⊙Q)·S + A_qk·V' (A_qk is zero above the diagonal: stop each block at its end),
+    // straight into this head's output rows (`h·V` apart).
+    // SAFETY: rows (t0 + i, hi), i < c, of `out` are `vd` floats each inside `out` (its length
+    // was checked), and only the task that owns head hi touches them.
+    let o = unsafe { out.get().add(at(0, vd)) };
     let qa = MatA {
-        data: &sc.eq[..c * kd],
-        rs: kd,
+        data: &sc.eq[..c * ldk],
+        rs: ldk,
         cs: 1,
     };
-    gemm(c, vd, kd, qa, st, vd, &mut sc.o, vd, Mode::Set);
-    let mut r0 = 0;
-    while r0 < c {
-        let r1 = (r0 + SUB).min(c);
+    let ldo = h * vd;
+    // SAFETY: as above.
+    unsafe { gemm_ptr(c, vd, kd, qa, &sc.s, ldv, o, ldo, Mode::Set, &mut pf) };
+    for si in 0..nsub {
+        let (r0, r1) = (si * SUB, ((si + 1) * SUB).min(c));
         let a = MatA {
             data: &sc.aqk[r0 * C..],
             rs: C,
             cs: 1,
         };
-        gemm(
-            r1 - r0,
-            vd,
-            r1,
-            a,
-            &sc.u,
-            vd,
-            &mut sc.o[r0 * vd..],
-            vd,
-            Mode::Add,
-        );
-        r0 = r1;
-    }
-    for i in 0..c {
-        // SAFETY: output row (t0 + i, hi) is `vd` floats inside `out`, written only by the task
-        // that owns head hi.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                sc.o[i * vd..].as_ptr(),
-                out.get().add(((t0 + i) * h + hi) * vd),
-                vd,
-            );
-        }
+        // SAFETY: as above (rows r0..r1).
+        let o = unsafe { o.add(r0 * ldo) };
+        // SAFETY: as above (rows r0..r1).
+        unsafe { gemm_ptr(r1 - r0, vd, r1, a, &sc.u, ldv, o, ldo, Mode::Add, &mut pf) };
     }
     // S ← Diag(e^{Γ_last}) S + (e^{Γ_last − Γ}⊙K)ᵀ V'; e^{Γ_last − Γ_i} k_i = kinv_i·qf_last·Πρ.
     let last = (c - 1) * kd;
     sc.rf.copy_from_slice(&sc.qf[last..last + kd]);
+    let egn_last = &sc.egn[(nsub - 1) * kd..nsub * kd];
+    for ((e, a), b) in sc.elast.iter_mut().zip(egn_last).zip(&sc.rf) {
+        *e = a * b;
+    }
     for bi in (0..nsub).rev() {
         if bi + 1 < nsub {
             let rho = &sc.rho[(bi + 1) * kd..(bi + 2) * kd];
@@ -688,25 +747,32 @@ fn chunk_head_body(
         }
         for i in bi * SUB..((bi + 1) * SUB).min(c) {
             let row = i * kd..(i + 1) * kd;
+            let eqi = &mut sc.eq[i * ldk..][..kd];
             if sc.ok[i] {
-                for ((x, a), f) in sc.eq[row.clone()].iter_mut().zip(&sc.kinv[row]).zip(&sc.rf) {
+                for ((x, a), f) in eqi.iter_mut().zip(&sc.kinv[row]).zip(&sc.rf) {
                     *x = a * f;
                 }
             } else {
-                mul_exp_diff(
-                    &mut sc.eq[row.clone()],
-                    &sc.kc[row.clone()],
-                    &sc.gam[last..last + kd],
-                    &sc.gam[row],
-                );
+                mul_exp_diff(eqi, krow(i), &sc.gam[last..last + kd], &sc.gam[row]);
             }
         }
     }
     let ka = MatA {
-        data: &sc.eq[..c * kd],
+        data: &sc.eq[..c * ldk],
         rs: 1,
-        cs: kd,
+        cs: ldk,
     };
-    let decay = Mode::ScaleAdd(&sc.eg[last..last + kd]);
-    gemm(kd, vd, c, ka, &sc.u, vd, st, vd, decay);
+    gemm(
+        kd,
+        vd,
+        c,
+        ka,
+        &sc.u,
+        ldv,
+        &mut sc.s,
+        ldv,
+        Mode::ScaleAdd(&sc.elast),
+        &mut pf,
+    );
+    pf.step(pf.lines());
 }

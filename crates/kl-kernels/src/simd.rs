@@ -8,44 +8,98 @@
 use crate::cpu::features;
 use half::bf16;
 
-/// Memory to be read soon (up to four byte spans), prefetched into L2 a few cache lines at a time
-/// by a kernel's loop, so that the reads overlap its arithmetic: the next tile's key rows in
-/// latent attention, the next weight panel in a serial prefill product. All at once would
-/// stall: the core tracks only a few misses in flight.
+/// Memory to be read soon (up to six spans, each one or more equally spaced rows of bytes),
+/// prefetched into L2 a few cache lines at a time by a kernel's loop, so that the reads overlap
+/// its arithmetic: the next tile's key rows in latent attention, the next weight panel in a
+/// serial prefill product, the next chunk of a KDA head's rows. All at once would stall: the
+/// core tracks only a few misses in flight.
 pub struct Prefetch {
-    spans: [(*const u8, usize); 4],
+    spans: [Span; 6],
     len: usize,
     span: usize,
+    row: usize,
     off: usize,
+    per_tick: usize,
+}
+
+/// `rows` rows of `bytes` bytes at `ptr`, `stride` bytes apart.
+#[derive(Clone, Copy)]
+struct Span {
+    ptr: *const u8,
+    bytes: usize,
+    stride: usize,
+    rows: usize,
 }
 
 impl Default for Prefetch {
     fn default() -> Self {
         Prefetch {
-            spans: [(std::ptr::null(), 0); 4],
+            spans: [Span {
+                ptr: std::ptr::null(),
+                bytes: 0,
+                stride: 0,
+                rows: 0,
+            }; 6],
             len: 0,
             span: 0,
+            row: 0,
             off: 0,
+            per_tick: 0,
         }
     }
 }
 
 impl Prefetch {
-    /// Add the bytes of `s` (at most four slices are kept; more are ignored).
+    /// Add the bytes of `s` (at most six spans are kept; more are ignored).
     pub fn push<T>(&mut self, s: &[T]) {
-        if self.len < self.spans.len() && !s.is_empty() {
-            self.spans[self.len] = (s.as_ptr().cast(), std::mem::size_of_val(s));
+        self.push_rows(s, 1, s.len(), 0);
+    }
+
+    /// Add `rows` rows of `len` elements of `s`, `ld` elements apart (row `r` is
+    /// `s[r·ld .. r·ld + len]`); rows past the end of `s` are dropped.
+    pub fn push_rows<T>(&mut self, s: &[T], rows: usize, len: usize, ld: usize) {
+        let rows = if len == 0 || s.len() < len {
+            0
+        } else {
+            // Rows that fit in `s` (one when `ld` is 0).
+            rows.min((s.len() - len).checked_div(ld).map_or(1, |r| r + 1))
+        };
+        if self.len < self.spans.len() && rows > 0 {
+            let size = std::mem::size_of::<T>();
+            self.spans[self.len] = Span {
+                ptr: s.as_ptr().cast(),
+                bytes: len * size,
+                stride: ld * size,
+                rows,
+            };
             self.len += 1;
         }
     }
 
     /// Lines not yet prefetched.
     pub fn lines(&self) -> usize {
-        self.spans[self.span.min(self.len)..self.len]
+        let per_row = |s: &Span| s.bytes.div_ceil(64);
+        let rest: usize = self.spans[self.span.min(self.len)..self.len]
             .iter()
-            .map(|s| s.1.div_ceil(64))
-            .sum::<usize>()
-            .saturating_sub(self.off / 64)
+            .map(|s| per_row(s) * s.rows)
+            .sum();
+        let done = if self.span < self.len {
+            per_row(&self.spans[self.span]) * self.row + self.off / 64
+        } else {
+            0
+        };
+        rest - done
+    }
+
+    /// Spread what is left over `ticks` calls of [`tick`](Self::tick).
+    pub fn pace(&mut self, ticks: usize) {
+        self.per_tick = self.lines().div_ceil(ticks.max(1));
+    }
+
+    /// Prefetch the share of lines set by [`pace`](Self::pace) (none before it is called).
+    #[inline(always)]
+    pub fn tick(&mut self) {
+        self.step(self.per_tick);
     }
 
     /// Prefetch the next `k` lines (or fewer).
@@ -55,20 +109,25 @@ impl Prefetch {
             if self.span >= self.len {
                 return;
             }
-            let (p, bytes) = self.spans[self.span];
+            let s = self.spans[self.span];
+            let p = s.ptr.wrapping_add(self.row * s.stride + self.off);
             #[cfg(target_arch = "x86_64")]
             // SAFETY: a prefetch reads nothing architecturally and never faults; the address
             // is inside a live slice.
             unsafe {
                 use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(self.off).cast());
+                _mm_prefetch::<_MM_HINT_T1>(p.cast());
             }
             #[cfg(not(target_arch = "x86_64"))]
             let _ = p;
             self.off += 64;
-            if self.off >= bytes {
-                self.span += 1;
+            if self.off >= s.bytes {
                 self.off = 0;
+                self.row += 1;
+                if self.row >= s.rows {
+                    self.row = 0;
+                    self.span += 1;
+                }
             }
         }
     }
@@ -276,5 +335,37 @@ pub(crate) mod x86 {
             y[i] += a * x[i];
             i += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Prefetch;
+
+    /// Lines are counted per row (rows past the slice dropped) and handed out exactly once,
+    /// evenly over the ticks set by `pace`.
+    #[test]
+    fn prefetch_counts_rows_and_paces() {
+        let a = vec![0f32; 1000];
+        let b = vec![0u8; 200];
+        let mut pf = Prefetch::default();
+        pf.push_rows(&a, 3, 100, 300); // 3 rows of 400 bytes: 7 lines each
+        pf.push_rows(&a[900..], 5, 50, 60); // only 1 row fits (50 of 100 left)
+        pf.push(&b); // 200 bytes: 4 lines
+        assert_eq!(pf.lines(), 21 + 4 + 4);
+        pf.step(8); // the first row and one line of the second
+        assert_eq!(pf.lines(), 21);
+        pf.pace(7);
+        pf.tick();
+        assert_eq!(pf.lines(), 18);
+        for _ in 0..10 {
+            pf.tick();
+        }
+        assert_eq!(pf.lines(), 0);
+        let mut none = Prefetch::default();
+        none.tick();
+        none.push_rows(&a, 0, 10, 10);
+        none.push_rows(&a[..5], 2, 10, 10);
+        assert_eq!(none.lines(), 0);
     }
 }

@@ -344,7 +344,7 @@ fn matmul_is_batch_invariant() {
 fn kda_chunked_extreme_decays_match_recurrent() {
     let mut rng = Rng::new(7);
     type Gen = fn(&mut Rng, usize) -> f32;
-    let regimes: [(&str, Gen); 8] = [
+    let regimes: [(&str, Gen); 9] = [
         ("zero", |_, _| 0.0),
         ("mild", |r, _| -(r.uniform() + 1.0) * 0.025),
         ("uniform to -100", |r, _| -(r.uniform() + 1.0) * 50.0),
@@ -369,6 +369,16 @@ fn kda_chunked_extreme_decays_match_recurrent() {
                 -(r.uniform() + 1.0) * 0.5
             }
         }),
+        (
+            "mild with rare huge (rows switch path mid-chunk, earlier blocks matter)",
+            |r, _| {
+                if r.uniform() > 0.998 {
+                    -100.0
+                } else {
+                    -(r.uniform() + 1.0) * 0.005
+                }
+            },
+        ),
     ];
     for &(t, h, k, v) in &[(200usize, 2usize, 128usize, 128usize), (130, 3, 33, 17)] {
         let s = KdaShape { t, h, k, v };
