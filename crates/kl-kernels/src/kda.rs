@@ -307,6 +307,68 @@ impl ChunkScratch {
     }
 }
 
+/// Floats of the scratch that [`kda_chunked`] keeps on each worker thread between calls, for
+/// key width `k` and value width `v` (for memory planning; about 0.45 MiB at 128 × 128).
+pub fn chunk_scratch_floats(k: usize, v: usize) -> usize {
+    let (c, nsub, ldk, ldv) = (CHUNK, CHUNK / SUB, k + PAD, v + PAD);
+    // gam, qf, kinv, kinvt, kf; w, eq; u; s; kq; prod; akk, aqk; rho, egn; rf, erow, elast; bc;
+    // the `ok` flags (a byte each).
+    5 * c * k
+        + 2 * c * ldk
+        + c * ldv
+        + k * ldv
+        + 2 * SUB * ldk
+        + 2 * SUB * c
+        + 2 * c * c
+        + 2 * nsub * k
+        + 3 * k
+        + c
+        + c / 4
+}
+
+impl ChunkScratch {
+    /// Floats held (what [`chunk_scratch_floats`] promises).
+    #[cfg(test)]
+    fn floats(&self) -> usize {
+        let v = [
+            &self.s,
+            &self.gam,
+            &self.bc,
+            &self.qf,
+            &self.kinv,
+            &self.kinvt,
+            &self.rho,
+            &self.egn,
+            &self.rf,
+            &self.kf,
+            &self.kq,
+            &self.erow,
+            &self.elast,
+            &self.prod,
+            &self.akk,
+            &self.aqk,
+            &self.w,
+            &self.u,
+            &self.eq,
+        ];
+        v.iter().map(|x| x.len()).sum::<usize>() + self.ok.len() / 4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The planner's figure is the scratch's real size.
+    #[test]
+    fn chunk_scratch_floats_is_exact() {
+        for (k, v) in [(128, 128), (17, 47), (64, 32)] {
+            let sc = ChunkScratch::new(k, v);
+            assert_eq!(chunk_scratch_floats(k, v), sc.floats(), "{k}x{v}");
+        }
+    }
+}
+
 /// Chunkwise-parallel form (prefill). Same contract and result as [`kda_recurrent`] up to f32
 /// reassociation; any `T` (the last chunk may be partial).
 #[allow(clippy::too_many_arguments)]

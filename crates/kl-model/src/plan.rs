@@ -120,9 +120,9 @@ pub fn workspace_bytes(cfg: &ModelConfig, chunk: usize, all_logits: bool, thread
     } else {
         cfg.vocab_size
     };
-    // Per-thread scratch: a KDA chunk (64 rows of q,k,v,Γ,W,U + two 64×64 matrices) and an
-    // attention tile (64 rows) with its partial softmax state.
-    let kda_scratch = 64 * (5 * k + 2 * k) + 2 * 64 * 64 + k;
+    // Per-thread scratch: the KDA chunk kernel's (its exact size) and an attention tile
+    // (64 rows) with its partial softmax state.
+    let kda_scratch = kl_kernels::kda::chunk_scratch_floats(k, k);
     let attn_scratch = 64 * m.latent_width() + m.num_heads * (m.kv_lora_rank + 2) + 64;
     let scratch = threads * (kda_scratch + attn_scratch);
     (4 * (3 * c * d + layer + logits + scratch)) as u64 + RUNTIME_BYTES
