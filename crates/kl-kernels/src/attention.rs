@@ -330,16 +330,24 @@ fn attend_range<R: KeyRows + ?Sized>(
     }
 }
 
-/// One head's online-softmax step over a tile's scores: with `m' = max(m, row)`,
-/// `row ← exp(row − m')` and `l ← l·e^{m − m'} + Σ row`, `m ← m'`; returns `e^{m − m'}` (the
-/// factor for the head's accumulated output). The sum runs in 8 lanes (`i mod 8`) reduced by a
-/// fixed tree, on every path, so a tile's result does not depend on where it came from.
-fn softmax_update(row: &mut [f32], m: &mut f32, l: &mut f32) -> f32 {
+/// One online-softmax step over a block of scores (one head's tile here; one query's block of
+/// keys in the layers' expanded attention): with `m' = max(m, row)`, `row ← exp(row − m')` and
+/// `l ← l·e^{m − m'} + Σ row`, `m ← m'`; returns `e^{m − m'}` (the factor for the accumulated
+/// output). The sum runs in 8 lanes (`i mod 8`) reduced by a fixed tree, on every path, so a
+/// block's result does not depend on where it came from. With AVX2 the `exp` is the
+/// polynomial one of [`crate::activation`] (results below `e^{-87.3}` flush to 0); the portable
+/// path and the twin use libm's.
+pub fn softmax_update(row: &mut [f32], m: &mut f32, l: &mut f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::features().avx2_fma {
         // SAFETY: AVX2 and FMA checked.
         return unsafe { x86::softmax_update(row, m, l) };
     }
+    softmax_update_reference(row, m, l)
+}
+
+/// Reference twin of [`softmax_update`]: the same 8-lane sum, scalar `exp`.
+pub fn softmax_update_reference(row: &mut [f32], m: &mut f32, l: &mut f32) -> f32 {
     let mx = row.iter().fold(*m, |a, &x| a.max(x));
     let corr = (*m - mx).exp();
     let mut lanes = [0f32; 8];

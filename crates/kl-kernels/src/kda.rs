@@ -36,10 +36,9 @@
 //! `state` `[H, K, V]`, `out` `[T, H, V]`. Heads run in parallel.
 
 use crate::activation::{softplus_scaled, softplus_scaled_reference};
-use crate::dense::{
-    exp_inplace, forward_subst_blocked, gemm, gemm_ptr, mul_exp_diff, transpose, MatA, Mode,
-};
+use crate::dense::{exp_inplace, forward_subst_blocked, gemm, gemm_ptr, mul_exp_diff, MatA, Mode};
 use crate::simd::{axpy, Prefetch};
+use crate::transpose::transpose;
 use rayon::prelude::*;
 
 /// Chunk length of the parallel form.

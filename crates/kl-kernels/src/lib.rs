@@ -48,5 +48,6 @@ pub mod norm;
 pub mod par;
 pub mod roofline;
 pub mod simd;
+pub mod transpose;
 
 pub use elem::Elem;

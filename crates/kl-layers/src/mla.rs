@@ -19,7 +19,9 @@ use crate::cache::LatentCache;
 use crate::linear::Linear;
 use crate::{vector, Probe, Scratch};
 use kl_config::MlaDims;
+use kl_kernels::attention::softmax_update;
 use kl_kernels::norm::rms_norm;
+use kl_kernels::transpose::transpose;
 use kl_weights::{Checkpoint, WeightsError};
 use rayon::prelude::*;
 
@@ -467,10 +469,9 @@ impl Mla {
                             k[x * qk..x * qk + dn].copy_from_slice(&src[..dn]);
                             k[x * qk + dn..(x + 1) * qk]
                                 .copy_from_slice(&rows[x * w + r..(x + 1) * w]);
-                            for c in 0..dv {
-                                vt[c * nb + x] = src[dn + c];
-                            }
                         }
+                        // This head's values, key-major → column-major for the P·V product.
+                        transpose(&kv[hh * e + dn..], nb, dv, nh * e, vt, nb);
                         let qrows = &qh[hh * t * qk..(hh + 1) * t * qk];
                         kl_kernels::matmul::matmul(qrows, &k[..], s, t, qk, nb);
                         for i in 0..t {
@@ -481,19 +482,11 @@ impl Mla {
                                 row.fill(0.0);
                                 continue;
                             }
-                            let mut mx = m[i];
                             for v in &mut row[..visible] {
                                 *v *= scale;
-                                mx = mx.max(*v);
                             }
-                            let corr = (m[i] - mx).exp();
-                            for v in &mut row[..visible] {
-                                *v -= mx;
-                            }
-                            row[visible..].fill(f32::NEG_INFINITY);
-                            kl_kernels::activation::exp_inplace(row);
-                            l[i] = row[..visible].iter().fold(l[i] * corr, |a, &p| a + p);
-                            m[i] = mx;
+                            let corr = softmax_update(&mut row[..visible], &mut m[i], &mut l[i]);
+                            row[visible..].fill(0.0);
                             for a in &mut acc[i * dv..(i + 1) * dv] {
                                 *a *= corr;
                             }
