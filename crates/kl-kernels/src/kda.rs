@@ -307,7 +307,7 @@ impl ChunkScratch {
 }
 
 /// Floats of the scratch that [`kda_chunked`] keeps on each worker thread between calls, for
-/// key width `k` and value width `v` (for memory planning; about 0.45 MiB at 128 × 128).
+/// key width `k` and value width `v` (for memory planning; about 0.4 MiB at 128 × 128).
 pub fn chunk_scratch_floats(k: usize, v: usize) -> usize {
     let (c, nsub, ldk, ldv) = (CHUNK, CHUNK / SUB, k + PAD, v + PAD);
     // gam, qf, kinv, kinvt, kf; w, eq; u; s; kq; prod; akk, aqk; rho, egn; rf, erow, elast; bc;
@@ -417,8 +417,8 @@ pub fn kda_chunked(
 }
 
 thread_local! {
-    /// Each thread's [`ChunkScratch`], kept between calls (about 0.6 MiB at K = V = 128); every
-    /// element a chunk reads is written earlier in the same chunk.
+    /// Each thread's [`ChunkScratch`], kept between calls ([`chunk_scratch_floats`]: about
+    /// 0.4 MiB at K = V = 128); every element a call reads is written earlier in the same call.
     static CHUNK_SCRATCH: std::cell::RefCell<Option<ChunkScratch>> =
         const { std::cell::RefCell::new(None) };
 }
