@@ -17,7 +17,7 @@ pub fn read_ids(path: &Path, vocab: usize) -> Result<Vec<u32>> {
         bail!(
             "ids file {}: expected a JSON array of token ids, found {}",
             path.display(),
-            kind(&value)
+            kl_tokenizer::json_kind(&value)
         );
     };
     if arr.is_empty() {
@@ -38,15 +38,4 @@ pub fn read_ids(path: &Path, vocab: usize) -> Result<Vec<u32>> {
             Ok(id as u32)
         })
         .collect()
-}
-
-fn kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
-    }
 }

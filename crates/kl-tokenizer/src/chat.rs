@@ -54,7 +54,7 @@ pub(crate) fn render(
                 arg: "messages",
                 reason: format!(
                     "expected an array of message objects, got {}",
-                    json_type(other)
+                    json_kind(other)
                 ),
             })
         }
@@ -67,7 +67,7 @@ pub(crate) fn render(
                 arg: "tools",
                 reason: format!(
                     "expected an array of tool objects, got {}",
-                    json_type(other)
+                    json_kind(other)
                 ),
             })
         }
@@ -136,7 +136,9 @@ fn describe(e: &Error) -> String {
     msg
 }
 
-fn json_type(v: &serde_json::Value) -> &'static str {
+/// A JSON value's kind as an error message names it: "null", "a boolean", "a number",
+/// "a string", "an array" or "an object".
+pub fn json_kind(v: &serde_json::Value) -> &'static str {
     match v {
         serde_json::Value::Null => "null",
         serde_json::Value::Bool(_) => "a boolean",

@@ -75,6 +75,7 @@ use std::path::Path;
 
 use serde_json::Value as Json;
 
+pub use chat::json_kind;
 pub use error::TokenizerError;
 pub use hf_cache::{resolve_model, resolve_model_in, ResolveError};
 pub use special::{NUM_RESERVED_SPECIAL_TOKENS, NUM_SPECIAL_IDS};
