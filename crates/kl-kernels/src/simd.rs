@@ -102,25 +102,28 @@ impl Prefetch {
         self.step(self.per_tick);
     }
 
-    /// Prefetch the next `k` lines (or fewer).
+    /// Prefetch the next `k` lines (or fewer). The span bookkeeping runs once per row piece;
+    /// the inner loop is one prefetch and one add per line.
     #[inline(always)]
-    pub fn step(&mut self, k: usize) {
-        for _ in 0..k {
-            if self.span >= self.len {
-                return;
-            }
+    pub fn step(&mut self, mut k: usize) {
+        while k > 0 && self.span < self.len {
             let s = self.spans[self.span];
-            let p = s.ptr.wrapping_add(self.row * s.stride + self.off);
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: a prefetch reads nothing architecturally and never faults; the address
-            // is inside a live slice.
-            unsafe {
-                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-                _mm_prefetch::<_MM_HINT_T1>(p.cast());
+            let row = s.ptr.wrapping_add(self.row * s.stride);
+            let n = k.min((s.bytes - self.off).div_ceil(64));
+            for i in 0..n {
+                let p = row.wrapping_add(self.off + 64 * i);
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: a prefetch reads nothing architecturally and never faults; the
+                // address is inside a live slice.
+                unsafe {
+                    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+                    _mm_prefetch::<_MM_HINT_T1>(p.cast());
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = p;
             }
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = p;
-            self.off += 64;
+            k -= n;
+            self.off += 64 * n;
             if self.off >= s.bytes {
                 self.off = 0;
                 self.row += 1;
