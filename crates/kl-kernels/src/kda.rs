@@ -37,7 +37,7 @@
 
 use crate::activation::{softplus_scaled, softplus_scaled_reference};
 use crate::dense::{exp_inplace, forward_subst_blocked, gemm, gemm_ptr, mul_exp_diff, MatA, Mode};
-use crate::simd::{axpy, Prefetch};
+use crate::simd::{axpy, prefetch_l1, Prefetch};
 use crate::transpose::transpose;
 use rayon::prelude::*;
 
@@ -639,6 +639,12 @@ fn chunk_head_body(
         let egn = &sc.egn[si * kd..(si + 1) * kd];
         let (kt, qt) = sc.kq.split_at_mut(m * ldk);
         for i in r0..r1 {
+            // The next row's inputs into L1 while this one is computed (they sit in L2).
+            if i + 1 < c {
+                prefetch_l1(krow(i + 1));
+                prefetch_l1(qrow(i + 1));
+                prefetch_l1(&v[at(i + 1, vd)..][..vd]);
+            }
             let li = i - r0;
             let b = beta[(t0 + i) * h + hi];
             sc.bc[i] = b;

@@ -136,6 +136,29 @@ impl Prefetch {
     }
 }
 
+/// Prefetch every cache line of `s` into L1, for a loop about to read it (a few lines; for
+/// more, use [`Prefetch`], which spreads them out).
+#[inline(always)]
+pub fn prefetch_l1<T>(s: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let p = s.as_ptr().cast::<u8>();
+        let mut off = 0;
+        while off < std::mem::size_of_val(s) {
+            // SAFETY: a prefetch reads nothing architecturally and never faults; the address
+            // is inside `s`.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    p.add(off).cast(),
+                )
+            };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = s;
+}
+
 // SAFETY: the pointers are only ever used as prefetch hints (never dereferenced).
 unsafe impl Send for Prefetch {}
 
