@@ -264,3 +264,39 @@ fn softmax_update_matches_reference() {
         }
     }
 }
+
+/// Widening bf16 is exact on every path: each element equals `to_f32`, bit for bit, at lengths
+/// around the 8- and 16-lane blocks, infinities, NaNs and subnormals included.
+#[test]
+fn widen_bf16_is_exact() {
+    use half::bf16;
+    use kl_kernels::simd::widen_bf16;
+    let mut rng = Rng::new(47);
+    let specials = [
+        bf16::INFINITY,
+        bf16::NEG_INFINITY,
+        bf16::NAN,
+        bf16::from_bits(0x0001),
+        bf16::from_bits(0x8001),
+        bf16::ZERO,
+        bf16::NEG_ZERO,
+        bf16::MAX,
+        bf16::MIN,
+    ];
+    for n in [0usize, 1, 7, 8, 9, 15, 16, 17, 31, 33, 100] {
+        let src: Vec<bf16> = (0..n)
+            .map(|i| {
+                if i % 5 == 0 {
+                    specials[(i / 5) % specials.len()]
+                } else {
+                    bf16::from_f32(rng.uniform() * 1e3)
+                }
+            })
+            .collect();
+        let mut dst = vec![0f32; n];
+        widen_bf16(&src, &mut dst);
+        for (d, s) in dst.iter().zip(&src) {
+            assert_eq!(d.to_bits(), s.to_f32().to_bits(), "n {n}: {s:?}");
+        }
+    }
+}
