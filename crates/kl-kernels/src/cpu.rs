@@ -118,7 +118,7 @@ pub fn describe() -> String {
 /// instruction whose result is denormal. The chunked KDA kernel multiplies keys and queries by
 /// decay factors `e^{Γ}` that reach `1e-35` and below within a chunk for strongly decaying
 /// channels, so many of its products land in the denormal range; with them flushed, the
-/// kernel runs about twice as fast on such inputs (docs/performance.md). Values below
+/// kernel runs 1.5–1.8 times as fast on such inputs (docs/performance.md). Values below
 /// `1.2·10⁻³⁸` are far under the f32 resolution of the O(1e-3..1) sums they are part of, and the
 /// flush is deterministic, so results stay reproducible bit for bit.
 ///

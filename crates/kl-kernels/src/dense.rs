@@ -207,7 +207,7 @@ pub(crate) fn forward_subst(m: usize, l: &[f32], ldl: usize, x: &mut [f32], ldx:
 
 /// [`forward_subst`] by blocks of `nb` rows: each block first subtracts every row above it as
 /// one product `X_b −= L_{b,<b}·X_{<b}` ([`gemm()`], register-tiled), then solves within the
-/// block row by row. The same solution up to reassociation, about four fifths of it at the
+/// block row by row. The same solution up to reassociation, about three quarters of it at the
 /// speed of a product for 64 rows; row `i` still depends only on rows `≤ i`, in a fixed order.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_subst_blocked(

@@ -25,7 +25,7 @@
 //!   What makes it fast, beyond the algebra (docs/performance.md has the measurements):
 //!   - *Denormals flushed* ([`crate::cpu::FlushDenormals`]) while a head runs: with strong
 //!     decays, `e^Γ` reaches `1e-35` within a chunk and many products land below `1.2e-38`,
-//!     each costing a microcode assist; this alone was worth ×1.8 on such inputs.
+//!     each costing a microcode assist; this alone was worth ×1.5–1.8 on such inputs.
 //!   - *Operand rows padded* to `K + 16` floats, the head's state included (copied in and out
 //!     once per call): rows of exactly 512 bytes put a product's column strip into a quarter of
 //!     the L1 sets.
