@@ -271,13 +271,30 @@ fn bench_json_reports_every_field() {
         "3",
         "--depth",
         "0,40",
+        "--repeat",
+        "3",
         "--no-roofline",
         "--json",
     ]);
     assert_eq!(v["threads"], 2);
+    assert_eq!(v["repeat"], 3);
+    // Every run is reported, sorted, and the headline figure is the median run.
+    let median_of = |runs: &serde_json::Value, key: &str| {
+        let r: Vec<f64> = runs[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key}: {v}"))
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(r.len(), 3, "{v}");
+        assert!(r.windows(2).all(|w| w[0] <= w[1]), "{v}");
+        r[1]
+    };
     for len in ["5", "17"] {
         let tps = v["prefill_tokens_per_s"][len].as_f64().expect(len);
         assert!(tps > 0.0 && tps.is_finite(), "{v}");
+        let m = median_of(&v["prefill_tokens_per_s_runs"], len);
+        assert!((tps - m).abs() <= 1e-9 * m, "{v}");
     }
     // The matrix-product tally: compute-bound products (more than 8 rows) ran for part of the
     // 17-token prefill and not at all in the 5-token one (those are matrix–vector products).
@@ -293,6 +310,7 @@ fn bench_json_reports_every_field() {
     for depth in ["0", "40"] {
         let tps = v["decode_tokens_per_s"][depth].as_f64().expect(depth);
         assert!(tps > 0.0 && tps.is_finite(), "{v}");
+        assert_eq!(tps, median_of(&v["decode_tokens_per_s_runs"], depth), "{v}");
         assert!(v["decode_bound"][depth].is_string(), "{v}");
     }
     // Without a roofline measurement the roofline figures are null, never made up.
@@ -309,5 +327,9 @@ fn bench_json_reports_every_field() {
     expect_error(
         &["bench", "--model", t, "--depth-fill", "sideways"],
         &["--depth-fill", "sideways"],
+    );
+    expect_error(
+        &["bench", "--model", t, "--repeat", "0"],
+        &["--repeat", "0"],
     );
 }

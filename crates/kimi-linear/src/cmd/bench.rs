@@ -46,6 +46,11 @@ pub struct Args {
     /// mla_prefill attention in prefill: auto (fewer FLOPs per chunk), absorbed, expanded.
     #[arg(long, default_value = "auto")]
     mla_prefill: String,
+    /// Runs of each measurement: every prefill length and every block of `--gen-tokens` decode
+    /// steps is timed this many times; the median run is reported, with the best and the range
+    /// (on a shared machine the spread is the neighbours', not the engine's).
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
     /// Skip the roofline measurement (its 256 MiB buffer would dominate peak RSS in memory
     /// measurements); fractions of the roofline are then not reported.
     #[arg(long)]
@@ -107,9 +112,44 @@ fn random_fill(model: &KimiLinear, state: &mut SequenceState, depth: usize) {
     state.pos = depth;
 }
 
-/// One measured prefill length.
+/// Tokens per second of each run, sorted, and their median.
+struct Runs(Vec<f64>);
+
+impl Runs {
+    /// Sorted ascending.
+    fn new(mut v: Vec<f64>) -> Runs {
+        v.sort_by(f64::total_cmp);
+        Runs(v)
+    }
+    /// The middle run (the lower middle of an even count: a measured value, not a mean).
+    fn median(&self) -> f64 {
+        self.0[(self.0.len() - 1) / 2]
+    }
+    fn best(&self) -> f64 {
+        self.0[self.0.len() - 1]
+    }
+    fn worst(&self) -> f64 {
+        self.0[0]
+    }
+    /// ` (best …, N runs: worst–best)` for text output; empty for one run.
+    fn spread(&self, digits: usize) -> String {
+        if self.0.len() < 2 {
+            return String::new();
+        }
+        format!(
+            " (best {:.digits$}; {} runs {:.digits$}–{:.digits$})",
+            self.best(),
+            self.0.len(),
+            self.worst(),
+            self.best()
+        )
+    }
+}
+
+/// One measured prefill length (its figures from the median run).
 struct PrefillRow {
     t: usize,
+    runs: Runs,
     tps: f64,
     gflops: f64,
     /// All prefill FLOPs per second over the FMA peak.
@@ -121,9 +161,10 @@ struct PrefillRow {
     matmul_share: f64,
 }
 
-/// One measured decode depth.
+/// One measured decode depth (its figures from the median run).
 struct DecodeRow {
     depth: usize,
+    runs: Runs,
     tps: f64,
     gbps: f64,
     gflops: f64,
@@ -143,6 +184,9 @@ pub fn run(a: Args) -> Result<()> {
         mla_prefill: parse_mla_prefill(&a.mla_prefill)?,
         ..Default::default()
     };
+    if a.repeat == 0 {
+        bail!("--repeat 0: expected at least one run of each measurement");
+    }
     if a.depth_fill != "prefill" && a.depth_fill != "random" {
         bail!(
             "unknown --depth-fill `{}`: expected prefill or random",
@@ -194,12 +238,20 @@ pub fn run(a: Args) -> Result<()> {
             continue;
         }
         let ids = random_ids(t, vocab, t as u64);
-        let mut st = model.new_state();
-        let start = Instant::now();
-        kl_kernels::matmul::tally_start();
-        model.prefill(&ids, &mut st, LogitsMode::Last, &mut Probe::off())?;
-        let mm = kl_kernels::matmul::tally_stop();
-        let secs = start.elapsed().as_secs_f64();
+        // Each run prefills a fresh sequence; keep (seconds, product tally) per run.
+        let mut timed = Vec::new();
+        for _ in 0..a.repeat {
+            let mut st = model.new_state();
+            let start = Instant::now();
+            kl_kernels::matmul::tally_start();
+            model.prefill(&ids, &mut st, LogitsMode::Last, &mut Probe::off())?;
+            let mm = kl_kernels::matmul::tally_stop();
+            timed.push((start.elapsed().as_secs_f64(), mm));
+        }
+        timed.sort_by(|x, y| x.0.total_cmp(&y.0));
+        let runs = Runs::new(timed.iter().map(|r| t as f64 / r.0).collect());
+        // The median run: the lower middle of the speeds is the upper middle of the times.
+        let (secs, mm) = timed[timed.len() / 2];
         let c = model.token_cost(0);
         // Attention FLOPs chunk by chunk, in the form (absorbed or expanded) each chunk used.
         let chunk = opts.prefill_chunk;
@@ -217,6 +269,7 @@ pub fn run(a: Args) -> Result<()> {
         prefill.insert(t.to_string(), serde_json::json!(tps));
         prefill_rows.push(PrefillRow {
             t,
+            runs,
             tps,
             gflops: flops / secs / 1e9,
             of_peak: flops / secs / 1e9 / fma,
@@ -247,15 +300,20 @@ pub fn run(a: Args) -> Result<()> {
         let mut logits = vec![0f32; vocab];
         model.decode_into(next, &mut st, &mut Probe::off(), &mut logits)?;
         next = argmax(&logits);
+        // Runs are consecutive blocks of `n` steps on the same sequence.
         let n = a.gen_tokens.max(1);
-        let start = Instant::now();
-        for _ in 0..n {
-            model.decode_into(next, &mut st, &mut Probe::off(), &mut logits)?;
-            next = argmax(&logits);
+        let mut times = Vec::new();
+        for _ in 0..a.repeat {
+            let start = Instant::now();
+            for _ in 0..n {
+                model.decode_into(next, &mut st, &mut Probe::off(), &mut logits)?;
+                next = argmax(&logits);
+            }
+            times.push(start.elapsed().as_secs_f64());
         }
-        let secs = start.elapsed().as_secs_f64();
-        let tps = n as f64 / secs;
-        let ctx = depth + n / 2;
+        let runs = Runs::new(times.iter().map(|s| n as f64 / s).collect());
+        let tps = runs.median();
+        let ctx = depth + n * a.repeat as usize / 2;
         let c = model.token_cost(ctx);
         let bytes = (c.weight_bytes + c.state_bytes + c.cache_bytes) as f64;
         let flops = (c.matmul_flops + c.attn_flops_per_key * ctx as u64) as f64;
@@ -266,6 +324,7 @@ pub fn run(a: Args) -> Result<()> {
         decode.insert(depth.to_string(), serde_json::json!(tps));
         decode_rows.push(DecodeRow {
             depth,
+            runs,
             tps,
             gbps,
             gflops: flops * tps / 1e9,
@@ -279,7 +338,7 @@ pub fn run(a: Args) -> Result<()> {
     let max_ctx = a.prompt_tokens.iter().copied().max().unwrap_or(0).max(
         a.depth
             .iter()
-            .map(|d| d + a.gen_tokens.max(1) + 1)
+            .map(|d| d + a.gen_tokens.max(1) * a.repeat as usize + 1)
             .max()
             .unwrap_or(0),
     );
@@ -301,8 +360,11 @@ pub fn run(a: Args) -> Result<()> {
             "fma_gflops": fma,
             "fma_isa": fma_isa,
             "stream_gbps": stream,
+            "repeat": a.repeat,
             "prefill_tokens_per_s": prefill,
             "decode_tokens_per_s": decode,
+            "prefill_tokens_per_s_runs": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(r.runs.0))).collect::<serde_json::Map<_, _>>(),
+            "decode_tokens_per_s_runs": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(r.runs.0))).collect::<serde_json::Map<_, _>>(),
             "prefill_fraction_of_fma_peak": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(r.of_peak))).collect::<serde_json::Map<_, _>>(),
             "prefill_matmul_fraction_of_fma_peak": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(r.matmul_of_peak))).collect::<serde_json::Map<_, _>>(),
             "prefill_matmul_time_share": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(r.matmul_share))).collect::<serde_json::Map<_, _>>(),
@@ -341,8 +403,11 @@ pub fn run(a: Args) -> Result<()> {
             String::new()
         };
         println!(
-            "prefill {:>7} tokens: {:>9.1} tok/s  {:>7.1} GFLOP/s{of}",
-            r.t, r.tps, r.gflops
+            "prefill {:>7} tokens: {:>9.1} tok/s  {:>7.1} GFLOP/s{of}{}",
+            r.t,
+            r.tps,
+            r.gflops,
+            r.runs.spread(1)
         );
     }
     for r in &decode_rows {
@@ -357,8 +422,12 @@ pub fn run(a: Args) -> Result<()> {
             String::new()
         };
         println!(
-            "decode at depth {:>7}: {:>9.2} tok/s  {:>7.2} GB/s  {:>6.1} GFLOP/s{of}",
-            r.depth, r.tps, r.gbps, r.gflops
+            "decode at depth {:>7}: {:>9.2} tok/s  {:>7.2} GB/s  {:>6.1} GFLOP/s{of}{}",
+            r.depth,
+            r.tps,
+            r.gbps,
+            r.gflops,
+            r.runs.spread(2)
         );
     }
     println!(
