@@ -70,6 +70,13 @@ thread_local! {
     static HEAD_BUFS: std::cell::RefCell<HeadBufs> = std::cell::RefCell::new(HeadBufs::default());
 }
 
+/// Floats of the [`HeadBufs`] that the expanded form keeps on each worker thread, for prefill
+/// chunks of `t` tokens, per-head query/key width `qk` and value width `dv` (for memory
+/// planning: they outlive the call, like the kernels' per-thread scratch).
+pub fn expanded_scratch_floats(t: usize, qk: usize, dv: usize) -> usize {
+    EXPAND_BLOCK * qk + dv * EXPAND_BLOCK + t * EXPAND_BLOCK + t * dv
+}
+
 #[derive(Clone)]
 enum QProj {
     Direct(Linear),

@@ -120,11 +120,17 @@ pub fn workspace_bytes(cfg: &ModelConfig, chunk: usize, all_logits: bool, thread
     } else {
         cfg.vocab_size
     };
-    // Per-thread scratch: the KDA chunk kernel's (its exact size) and an attention tile
-    // (64 rows) with its partial softmax state.
+    // Per-thread scratch: the KDA chunk kernel's (its exact size), an attention tile (64 rows)
+    // with its partial softmax state, and the expanded attention's head buffers.
     let kda_scratch = kl_kernels::kda::chunk_scratch_floats(k, k);
+    // The expanded latent attention's per-thread head buffers (prefill with MLA layers).
+    let mla_scratch = if cfg.num_mla_layers() > 0 {
+        kl_layers::mla::expanded_scratch_floats(c, m.qk_head(), m.v_head)
+    } else {
+        0
+    };
     let attn_scratch = 64 * m.latent_width() + m.num_heads * (m.kv_lora_rank + 2) + 64;
-    let scratch = threads * (kda_scratch + attn_scratch);
+    let scratch = threads * (kda_scratch + attn_scratch + mla_scratch);
     (4 * (3 * c * d + layer + logits + scratch)) as u64 + RUNTIME_BYTES
 }
 
