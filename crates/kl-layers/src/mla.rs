@@ -70,11 +70,37 @@ thread_local! {
     static HEAD_BUFS: std::cell::RefCell<HeadBufs> = std::cell::RefCell::new(HeadBufs::default());
 }
 
+impl HeadBufs {
+    /// Size the buffers for a block of `nb ≤ EXPAND_BLOCK` keys and `t` queries.
+    fn fit(&mut self, nb: usize, t: usize, qk: usize, dv: usize) {
+        self.k.resize(nb * qk, 0.0);
+        self.vt.resize(dv * nb, 0.0);
+        self.s.resize(t * nb, 0.0);
+        self.pv.resize(t * dv, 0.0);
+    }
+}
+
 /// Floats of the [`HeadBufs`] that the expanded form keeps on each worker thread, for prefill
 /// chunks of `t` tokens, per-head query/key width `qk` and value width `dv` (for memory
 /// planning: they outlive the call, like the kernels' per-thread scratch).
 pub fn expanded_scratch_floats(t: usize, qk: usize, dv: usize) -> usize {
     EXPAND_BLOCK * qk + dv * EXPAND_BLOCK + t * EXPAND_BLOCK + t * dv
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The planner's figure is what a full key block sizes the buffers to.
+    #[test]
+    fn expanded_scratch_floats_is_a_full_block() {
+        for (t, qk, dv) in [(512, 192, 128), (7, 96, 64), (1, 3, 5)] {
+            let mut b = HeadBufs::default();
+            b.fit(EXPAND_BLOCK, t, qk, dv);
+            let held = b.k.len() + b.vt.len() + b.s.len() + b.pv.len();
+            assert_eq!(held, expanded_scratch_floats(t, qk, dv));
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -466,11 +492,8 @@ impl Mla {
                 .for_each(|(hh, (acc, (m, l)))| {
                     HEAD_BUFS.with(|cell| {
                         let mut bufs = cell.borrow_mut();
+                        bufs.fit(nb, t, qk, dv);
                         let HeadBufs { k, vt, s, pv } = &mut *bufs;
-                        k.resize(nb * qk, 0.0);
-                        vt.resize(dv * nb, 0.0);
-                        s.resize(t * nb, 0.0);
-                        pv.resize(t * dv, 0.0);
                         for x in 0..nb {
                             let src = &kv[(x * nh + hh) * e..(x * nh + hh + 1) * e];
                             k[x * qk..x * qk + dn].copy_from_slice(&src[..dn]);
