@@ -129,24 +129,37 @@ pub fn exp_inplace(x: &mut [f32]) {
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
+    /// Constants of [`exp8`] and [`exp16`] (one table, so the two stay the same function):
+    /// the clamps, `ln 2` in two parts (Cody–Waite), and the Cephes polynomial from its highest
+    /// coefficient down.
+    const EXP_LO: f32 = -87.336_55;
+    const EXP_HI: f32 = 88.0;
+    const EXP_LN2: [f32; 2] = [0.693_359_4, -2.121_944_4e-4];
+    const EXP_POLY: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ];
+
     /// `exp` on 8 lanes (Cephes polynomial; inputs clamped to [−87.34, 88]; below → +0).
     #[inline(always)]
     pub unsafe fn exp8(x: __m256) -> __m256 {
-        let lo = _mm256_set1_ps(-87.336_55);
+        let lo = _mm256_set1_ps(EXP_LO);
         let under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-        let x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0));
+        let x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(EXP_HI));
         let n = _mm256_round_ps(
             _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
         );
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.398_199_9e-3));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2[0]), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2[1]), r);
+        let mut p = _mm256_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+        }
         let r2 = _mm256_mul_ps(r, r);
         let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
         let e = _mm256_slli_epi32(
@@ -159,20 +172,18 @@ pub(crate) mod x86 {
     /// [`exp8`] on 16 lanes (AVX-512F): the same operations lane by lane, so the same bits.
     #[inline(always)]
     pub unsafe fn exp16(x: __m512) -> __m512 {
-        let lo = _mm512_set1_ps(-87.336_55);
+        let lo = _mm512_set1_ps(EXP_LO);
         let under = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, lo);
-        let x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.0));
+        let x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(EXP_HI));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
         );
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm512_set1_ps(1.987_569_1e-4);
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.398_199_9e-3));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.333_452e-3));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666_666_5e-1));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2[0]), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2[1]), r);
+        let mut p = _mm512_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
+        }
         let r2 = _mm512_mul_ps(r, r);
         let y = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
         let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
@@ -275,6 +286,22 @@ pub(crate) mod x86 {
         if i < n {
             let mk = mask(n - i);
             _mm256_maskstore_ps(p.add(i), mk, f(_mm256_maskload_ps(p.add(i), mk)));
+        }
+    }
+
+    /// [`map`] 16 lanes at a time (AVX-512F).
+    #[inline(always)]
+    pub unsafe fn map16(x: &mut [f32], f: impl Fn(__m512) -> __m512) {
+        let n = x.len();
+        let p = x.as_mut_ptr();
+        let mut i = 0;
+        while i + 16 <= n {
+            _mm512_storeu_ps(p.add(i), f(_mm512_loadu_ps(p.add(i))));
+            i += 16;
+        }
+        if i < n {
+            let mk = ((1u32 << (n - i)) - 1) as __mmask16;
+            _mm512_mask_storeu_ps(p.add(i), mk, f(_mm512_maskz_loadu_ps(mk, p.add(i))));
         }
     }
 

@@ -264,18 +264,7 @@ mod x86 {
     /// same bits as the AVX2 path).
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub unsafe fn exp_inplace512(x: &mut [f32]) {
-        use crate::activation::x86::exp16;
-        let n = x.len();
-        let p = x.as_mut_ptr();
-        let mut i = 0;
-        while i + 16 <= n {
-            _mm512_storeu_ps(p.add(i), exp16(_mm512_loadu_ps(p.add(i))));
-            i += 16;
-        }
-        if i < n {
-            let mk = mask16(n - i);
-            _mm512_mask_storeu_ps(p.add(i), mk, exp16(_mm512_maskz_loadu_ps(mk, p.add(i))));
-        }
+        crate::activation::x86::map16(x, |v| crate::activation::x86::exp16(v));
     }
 
     #[target_feature(enable = "avx2,fma")]
