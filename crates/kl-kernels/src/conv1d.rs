@@ -35,11 +35,8 @@ pub fn conv1d_causal_silu(
         TAPS.with(|cell| {
             let mut taps = cell.borrow_mut();
             taps.resize(w * c, 0.0);
-            for ch in 0..c {
-                for j in 0..w {
-                    taps[j * c + ch] = weight[ch * w + j];
-                }
-            }
+            // [C, W] → [W, C].
+            crate::transpose::transpose(weight, c, w, w, &mut taps, c);
             #[cfg(target_arch = "x86_64")]
             if crate::cpu::features().avx2_fma {
                 // SAFETY: AVX2 checked; the body is safe code compiled 8 lanes wide.
