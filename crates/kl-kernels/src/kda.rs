@@ -385,7 +385,15 @@ pub fn kda_chunked(
     let KdaShape {
         t, k: kd, v: vd, ..
     } = s;
-    let op = SendPtr(out.as_mut_ptr());
+    let inputs = Inputs {
+        s,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        out: SendPtr(out.as_mut_ptr()),
+    };
     state
         .par_chunks_exact_mut(kd * vd)
         .enumerate()
@@ -406,7 +414,7 @@ pub fn kda_chunked(
                 while t0 < t {
                     let c = CHUNK.min(t - t0);
                     // Rows t0..t0+c of head hi of `out` are written only here.
-                    chunk_head(sc, hi, t0, c, s, q, k, v, g, beta, op);
+                    chunk_head(sc, &inputs, hi, t0, c);
                     t0 += c;
                 }
                 for (dst, src) in st.chunks_exact_mut(vd).zip(sc.s.chunks_exact(ldv)) {
@@ -421,6 +429,19 @@ thread_local! {
     /// 0.4 MiB at K = V = 128); every element a call reads is written earlier in the same call.
     static CHUNK_SCRATCH: std::cell::RefCell<Option<ChunkScratch>> =
         const { std::cell::RefCell::new(None) };
+}
+
+/// One [`kda_chunked`] call's shape, inputs and output, shared by its head tasks.
+#[derive(Clone, Copy)]
+struct Inputs<'a> {
+    s: KdaShape,
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    g: &'a [f32],
+    beta: &'a [f32],
+    /// `out`, written row by row: each head task writes only its own rows.
+    out: SendPtr,
 }
 
 /// One chunk of one head: the §5.3 equations as small dense products.
@@ -448,20 +469,7 @@ thread_local! {
 ///    `S ← Diag(e^{Γ_C}) S + (e^{Γ_C−Γ}⊙K)ᵀ·V'`.
 ///
 /// `sc.s` holds the head's state (rows padded to `ldv`) for the duration of the call.
-#[allow(clippy::too_many_arguments)]
-fn chunk_head(
-    sc: &mut ChunkScratch,
-    hi: usize,
-    t0: usize,
-    c: usize,
-    s: KdaShape,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    g: &[f32],
-    beta: &[f32],
-    out: SendPtr,
-) {
+fn chunk_head(sc: &mut ChunkScratch, x: &Inputs, hi: usize, t0: usize, c: usize) {
     #[cfg(target_arch = "x86_64")]
     match crate::cpu::features().isa() {
         // SAFETY: AVX-512F (and AVX2+FMA) checked; the body is the same safe code compiled for
@@ -470,15 +478,15 @@ fn chunk_head(
         // or contract floating-point arithmetic), and the products it calls pick their kernels
         // by the same rule as elsewhere.
         crate::cpu::Isa::Avx512 => unsafe {
-            return chunk_head_avx512(sc, hi, t0, c, s, q, k, v, g, beta, out);
+            return chunk_head_avx512(sc, x, hi, t0, c);
         },
         // SAFETY: AVX2+FMA checked; the body compiled for AVX2 (8-wide loops).
         crate::cpu::Isa::Avx2 => unsafe {
-            return chunk_head_avx2(sc, hi, t0, c, s, q, k, v, g, beta, out);
+            return chunk_head_avx2(sc, x, hi, t0, c);
         },
         crate::cpu::Isa::Portable => {}
     }
-    chunk_head_body(sc, hi, t0, c, s, q, k, v, g, beta, out)
+    chunk_head_body(sc, x, hi, t0, c)
 }
 
 /// `e = a − b`, and whether any `|e|` exceeds [`SPAN_MAX`] or is NaN, in one pass of 16-lane
@@ -529,43 +537,27 @@ fn scale_block(dst: &mut [f32], src: &[f32], f: f32) {
 macro_rules! chunk_head_for {
     ($name:ident, $features:literal) => {
         #[cfg(target_arch = "x86_64")]
-        #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = $features)]
-        unsafe fn $name(
-            sc: &mut ChunkScratch,
-            hi: usize,
-            t0: usize,
-            c: usize,
-            s: KdaShape,
-            q: &[f32],
-            k: &[f32],
-            v: &[f32],
-            g: &[f32],
-            beta: &[f32],
-            out: SendPtr,
-        ) {
-            chunk_head_body(sc, hi, t0, c, s, q, k, v, g, beta, out)
+        unsafe fn $name(sc: &mut ChunkScratch, x: &Inputs, hi: usize, t0: usize, c: usize) {
+            chunk_head_body(sc, x, hi, t0, c)
         }
     };
 }
 chunk_head_for!(chunk_head_avx2, "avx2,fma");
 chunk_head_for!(chunk_head_avx512, "avx512f,avx2,fma");
 
-#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
-fn chunk_head_body(
-    sc: &mut ChunkScratch,
-    hi: usize,
-    t0: usize,
-    c: usize,
-    s: KdaShape,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    g: &[f32],
-    beta: &[f32],
-    out: SendPtr,
-) {
+fn chunk_head_body(sc: &mut ChunkScratch, x: &Inputs, hi: usize, t0: usize, c: usize) {
+    let Inputs {
+        s,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        out,
+    } = *x;
     let KdaShape {
         t, h, k: kd, v: vd, ..
     } = s;
