@@ -249,12 +249,18 @@ fn bench_kda(roof: &Roof, rng: &mut Rng) {
 }
 
 fn bench_attention(roof: &Roof, rng: &mut Rng) {
-    let s = LatentAttnShape {
-        h: 32,
-        dk: 576,
-        dv: 512,
-    };
-    for &n_keys in &[4096usize, 32768] {
+    // The released model's heads and latent width, and `mini`'s (16 heads, rank 256, rope 32).
+    for (s, n_keys) in [(576, 4096usize), (576, 32768), (288, 32768)].map(|(dk, n)| {
+        let h = if dk == 576 { 32 } else { 16 };
+        (
+            LatentAttnShape {
+                h,
+                dk,
+                dv: dk / 9 * 8,
+            },
+            n,
+        )
+    }) {
         let block_rows = 256;
         let nblocks = n_keys.div_ceil(block_rows);
         let store: Vec<bf16> = rng
@@ -268,7 +274,10 @@ fn bench_attention(roof: &Roof, rng: &mut Rng) {
         let secs = time(|| latent_attention(s, &q, &blocks, block_rows, n_keys, 0.07, &mut o));
         let flops = 2.0 * (s.h * n_keys * (s.dk + s.dv)) as f64;
         report_flops(
-            &format!("latent_attention decode H=32 keys={n_keys}"),
+            &format!(
+                "latent_attention decode H={} Dk={} keys={n_keys}",
+                s.h, s.dk
+            ),
             secs,
             flops,
             roof,

@@ -806,6 +806,36 @@ mod x86 {
         _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
     }
 
+    /// The 8-lane sums of both halves of four head-pair accumulators `a[x]` (key `x`; each half
+    /// one head), every one by [`hsum`]'s tree `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`: lanes
+    /// `0..4` hold the first head's sums for keys `0..4`, lanes `4..8` the second head's. Three
+    /// levels of transposing adds instead of eight horizontal sums.
+    #[inline(always)]
+    unsafe fn hsum_pair4(a: [__m512; 4]) -> __m512 {
+        // Level 1, `l_j + l_{j+4}`: 128-bit blocks [a0 h0, a0 h1, a1 h0, a1 h1] (and a2, a3).
+        let s01 = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(a[0], a[1]),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(a[0], a[1]),
+        );
+        let s23 = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(a[2], a[3]),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(a[2], a[3]),
+        );
+        // Level 2, `m0 + m2` and `m1 + m3`: block j = [s01_j's two, s23_j's two].
+        let u = _mm512_add_ps(
+            _mm512_shuffle_ps::<0b01_00_01_00>(s01, s23),
+            _mm512_shuffle_ps::<0b11_10_11_10>(s01, s23),
+        );
+        // Level 3: block j = [s01_j's sum, s23_j's sum, (the same again)].
+        let v = _mm512_add_ps(
+            _mm512_shuffle_ps::<0b10_00_10_00>(u, u),
+            _mm512_shuffle_ps::<0b11_01_11_01>(u, u),
+        );
+        // Blocks 0 and 2 are the first head (keys 0, 2 and 1, 3), blocks 1 and 3 the second.
+        let idx = _mm512_setr_epi32(0, 8, 1, 9, 4, 12, 5, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+        _mm512_permutexvar_ps(idx, v)
+    }
+
     /// `HP` head pairs × `XB` keys: a 16-lane accumulator holds the 8-lane accumulators of both
     /// heads of a pair for one key, so each lane runs exactly the AVX2 kernel's FMA sequence.
     #[inline(always)]
@@ -835,6 +865,23 @@ mod x86 {
                     a[xi] = _mm512_fmadd_ps(qv, kb[xi], a[xi]);
                 }
             }
+        }
+        if nc * 8 == dk {
+            // No column tail: all the block's sums at once, by transposes.
+            let vs = _mm512_set1_ps(scale);
+            let m: __mmask16 = (1 << XB) - 1;
+            for (pi, a) in acc.iter().enumerate() {
+                let mut four = [_mm512_setzero_ps(); 4];
+                four[..XB].copy_from_slice(a);
+                let r = _mm512_mul_ps(vs, hsum_pair4(four));
+                let hh = 2 * (hp0 + pi);
+                _mm512_mask_storeu_ps(sp.add(hh * n + x0), m, r);
+                if hh + 1 < h {
+                    let r1 = _mm512_shuffle_f32x4::<0b00_00_00_01>(r, r);
+                    _mm512_mask_storeu_ps(sp.add((hh + 1) * n + x0), m, r1);
+                }
+            }
+            return;
         }
         for (pi, a) in acc.iter().enumerate() {
             for (xi, v) in a.iter().enumerate() {
