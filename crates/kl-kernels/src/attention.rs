@@ -335,13 +335,20 @@ fn attend_range<R: KeyRows + ?Sized>(
 /// `l ← l·e^{m − m'} + Σ row`, `m ← m'`; returns `e^{m − m'}` (the factor for the accumulated
 /// output). The sum runs in 8 lanes (`i mod 8`) reduced by a fixed tree, on every path, so a
 /// block's result does not depend on where it came from. With AVX2 the `exp` is the
-/// polynomial one of [`crate::activation`] (results below `e^{-87.3}` flush to 0); the portable
-/// path and the twin use libm's.
+/// polynomial one of [`crate::activation`] (results below `e^{-87.3}` flush to 0); with AVX-512
+/// the same polynomial runs 16 lanes at a time, with the same bits; the portable path and the
+/// twin use libm's.
 pub fn softmax_update(row: &mut [f32], m: &mut f32, l: &mut f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::features().avx2_fma {
-        // SAFETY: AVX2 and FMA checked.
-        return unsafe { x86::softmax_update(row, m, l) };
+        // SAFETY: AVX2 and FMA checked (and AVX-512F for the wide path).
+        return unsafe {
+            if wide() {
+                x86::softmax_update512(row, m, l)
+            } else {
+                x86::softmax_update(row, m, l)
+            }
+        };
     }
     softmax_update_reference(row, m, l)
 }
@@ -568,7 +575,7 @@ fn tile_pv(p: &[f32], h: usize, n: usize, tile: &[f32], dk: usize, dv: usize, ac
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use crate::activation::x86::{exp8, mask};
+    use crate::activation::x86::{exp16, exp8, mask};
     use crate::simd::x86::hsum;
     use std::arch::x86_64::*;
 
@@ -615,6 +622,53 @@ mod x86 {
             let mk = mask(tail);
             let e = exp8(_mm256_sub_ps(_mm256_maskload_ps(p.add(body), mk), vmx));
             _mm256_maskstore_ps(p.add(body), mk, e);
+            acc = _mm256_add_ps(acc, _mm256_and_ps(e, _mm256_castsi256_ps(mk)));
+        }
+        *l = *l * corr + hsum(acc);
+        *m = mx;
+        corr
+    }
+
+    /// [`softmax_update`] on 16 lanes where they fit (same bits: the max is exact in any order,
+    /// `exp16` is `exp8` lane by lane, and the 8-lane sum adds each 16-lane chunk's low half
+    /// then its high half, which is the 8-lane kernel's order); the rest by 8 lanes.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn softmax_update512(row: &mut [f32], m: &mut f32, l: &mut f32) -> f32 {
+        let n = row.len();
+        let p = row.as_mut_ptr();
+        let b16 = n / 16 * 16;
+        let mut vm = _mm512_set1_ps(*m);
+        let mut i = 0;
+        while i < b16 {
+            vm = _mm512_max_ps(vm, _mm512_loadu_ps(p.add(i)));
+            i += 16;
+        }
+        let mut mx = _mm512_reduce_max_ps(vm);
+        for &x in &row[b16..] {
+            mx = mx.max(x);
+        }
+        let corr = (*m - mx).exp();
+        let vmx = _mm512_set1_ps(mx);
+        let mut acc = _mm256_setzero_ps();
+        i = 0;
+        while i < b16 {
+            let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), vmx));
+            _mm512_storeu_ps(p.add(i), e);
+            acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
+            acc = _mm256_add_ps(acc, high8(e));
+            i += 16;
+        }
+        let vmx = _mm256_set1_ps(mx);
+        while i + 8 <= n {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vmx));
+            _mm256_storeu_ps(p.add(i), e);
+            acc = _mm256_add_ps(acc, e);
+            i += 8;
+        }
+        if i < n {
+            let mk = mask(n - i);
+            let e = exp8(_mm256_sub_ps(_mm256_maskload_ps(p.add(i), mk), vmx));
+            _mm256_maskstore_ps(p.add(i), mk, e);
             acc = _mm256_add_ps(acc, _mm256_and_ps(e, _mm256_castsi256_ps(mk)));
         }
         *l = *l * corr + hsum(acc);

@@ -100,3 +100,21 @@ fn latent_attention_bits_do_not_depend_on_avx512() {
     assert!(all.iter().all(|x| x.is_finite()));
     compare_with_avx2("latent_attention_bits_do_not_depend_on_avx512", &all);
 }
+
+#[test]
+fn softmax_update_bits_do_not_depend_on_avx512() {
+    use kl_kernels::attention::softmax_update;
+    let mut rng = Rng::new(22);
+    let mut all = Vec::new();
+    // Around the 16- and 8-lane blocks: 16-lane chunks, then one 8-lane chunk, then a tail.
+    for n in [1usize, 7, 8, 15, 16, 17, 24, 29, 45, 64, 77] {
+        for (m0, l0) in [(f32::NEG_INFINITY, 0.0f32), (1.5, 3.0)] {
+            let mut row = rng.vec(n, 4.0);
+            let (mut m, mut l) = (m0, l0);
+            let corr = softmax_update(&mut row, &mut m, &mut l);
+            all.extend_from_slice(&row);
+            all.extend_from_slice(&[m, l, corr]);
+        }
+    }
+    compare_with_avx2("softmax_update_bits_do_not_depend_on_avx512", &all);
+}
