@@ -29,8 +29,9 @@
 //!   - *Operand rows padded* to `K + 16` floats, the head's state included (copied in and out
 //!     once per call): rows of exactly 512 bytes put a product's column strip into a quarter of
 //!     the L1 sets.
-//!   - *Inputs read in place* (no gather of the head's rows) and the next chunk's rows
-//!     prefetched into L2 a few lines per register tile of this chunk's products.
+//!   - *Inputs read in place* (no gather of the head's rows) and the next chunk's rows, its
+//!     output rows included, prefetched into L2 a few lines per register tile of this chunk's
+//!     products.
 //!
 //! Layouts (PyTorch order): `q, k, g` `[T, H, K]`, `v` `[T, H, V]`, `beta` `[T, H]`,
 //! `state` `[H, K, V]`, `out` `[T, H, V]`. Heads run in parallel.
@@ -580,6 +581,10 @@ fn chunk_head_body(sc: &mut ChunkScratch, x: &Inputs, hi: usize, t0: usize, c: u
         pf.push_rows(&k[rk..], next, kd, h * kd);
         pf.push_rows(&g[rk..], next, kd, h * kd);
         pf.push_rows(&v[rv..], next, vd, h * vd);
+        // And the next chunk's output rows, which the products below write first (no slice:
+        // other heads' tasks write the rows in between).
+        let o = out.get().wrapping_add(rv).cast::<u8>();
+        pf.push_raw_rows(o, next, vd * 4, h * vd * 4);
     }
     // One tick per register tile (8 × 32) of the products below: W·S, (e^Γ⊙Q)·S and A_qk·V'
     // have c rows each, the state update K rows, and the A_kk/A_qk product about 3c/8 tiles.

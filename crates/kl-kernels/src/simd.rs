@@ -64,12 +64,19 @@ impl Prefetch {
             // Rows that fit in `s` (one when `ld` is 0).
             rows.min((s.len() - len).checked_div(ld).map_or(1, |r| r + 1))
         };
-        if self.len < self.spans.len() && rows > 0 {
-            let size = std::mem::size_of::<T>();
+        let size = std::mem::size_of::<T>();
+        self.push_raw_rows(s.as_ptr().cast(), rows, len * size, ld * size);
+    }
+
+    /// Add `rows` rows of `bytes` bytes at `ptr`, `stride` bytes apart. Nothing is read
+    /// through `ptr` (a prefetch never faults), so any address will do; for memory that other
+    /// threads may be writing, where no slice may be formed.
+    pub fn push_raw_rows(&mut self, ptr: *const u8, rows: usize, bytes: usize, stride: usize) {
+        if self.len < self.spans.len() && rows > 0 && bytes > 0 {
             self.spans[self.len] = Span {
-                ptr: s.as_ptr().cast(),
-                bytes: len * size,
-                stride: ld * size,
+                ptr,
+                bytes,
+                stride,
                 rows,
             };
             self.len += 1;
@@ -378,7 +385,21 @@ mod tests {
         pf.push_rows(&a, 3, 100, 300); // 3 rows of 400 bytes: 7 lines each
         pf.push_rows(&a[900..], 5, 50, 60); // only 1 row fits (50 of 100 left)
         pf.push(&b); // 200 bytes: 4 lines
-        assert_eq!(pf.lines(), 21 + 4 + 4);
+        pf.push_raw_rows(a.as_ptr().cast(), 2, 65, 1 << 20); // 2 rows of 2 lines (no bounds)
+        pf.push_raw_rows(a.as_ptr().cast(), 3, 0, 64); // empty rows: ignored
+        assert_eq!(pf.lines(), 21 + 4 + 4 + 4);
+        pf.push_raw_rows(b.as_ptr(), 3, 64, 64); // the fifth and sixth spans: 3 lines each
+        pf.push_raw_rows(b.as_ptr(), 3, 64, 64);
+        pf.push_raw_rows(b.as_ptr(), 3, 64, 64); // a seventh: ignored
+        assert_eq!(pf.lines(), 21 + 4 + 4 + 4 + 3 + 3);
+        pf.step(7);
+        assert_eq!(pf.lines(), 21 + 4 + 4 + 4 + 3 + 3 - 7);
+        pf.step(100);
+        assert_eq!(pf.lines(), 0);
+        let mut pf = Prefetch::default();
+        pf.push_rows(&a, 3, 100, 300);
+        pf.push_rows(&a[900..], 5, 50, 60);
+        pf.push(&b);
         pf.step(8); // the first row and one line of the second
         assert_eq!(pf.lines(), 21);
         pf.pace(7);
