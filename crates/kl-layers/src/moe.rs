@@ -29,6 +29,14 @@ use std::sync::{Mutex, PoisonError};
 /// Most tokens of one expert handled by one prefill task (bounds each thread's buffers).
 pub const EXPERT_BLOCK: usize = 256;
 
+/// `n` rows from `p0` in the fewest blocks of at most [`EXPERT_BLOCK`], of equal size but for
+/// one row: `(first row, rows)` each. 260 rows are two blocks of 130, not 256 and 4 (a block of
+/// a few rows is a matrix–vector product that streams the expert's whole weights for them).
+fn blocks(p0: usize, n: usize) -> impl Iterator<Item = (usize, usize)> {
+    let nb = n.div_ceil(EXPERT_BLOCK);
+    (0..nb).map(move |b| (p0 + n * b / nb, n * (b + 1) / nb - n * b / nb))
+}
+
 /// How the top-k combine weights are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RouterWeights {
@@ -267,7 +275,7 @@ impl Moe {
             scratch.give_idx(ids);
             return;
         }
-        // One task per (expert, block of at most EXPERT_BLOCK of its tokens), the shared expert
+        // One task per (expert, block of at most EXPERT_BLOCK of its tokens, see `blocks`), the shared expert
         // included, largest first, each run start to finish on one thread (`par::serial`: its
         // products are not split again, so every weight panel is packed once per block).
         // Routed outputs land in `ys` at their positions in `order`, the shared expert's in
@@ -287,17 +295,17 @@ impl Moe {
         let mut tasks: Vec<(Rows, &mut [f32])> = Vec::new();
         let mut rest = &mut ys[..];
         for ex in 0..e {
-            let mut p = start[ex];
-            while p < start[ex + 1] {
-                let n = (start[ex + 1] - p).min(EXPERT_BLOCK);
+            for (p, n) in blocks(start[ex], start[ex + 1] - start[ex]) {
                 let (head, tail) = rest.split_at_mut(n * d);
                 tasks.push((Rows::Routed(ex, p), head));
                 rest = tail;
-                p += n;
             }
         }
-        for (i, rows) in ysh.chunks_mut(EXPERT_BLOCK * d).enumerate() {
-            tasks.push((Rows::Shared(i * EXPERT_BLOCK), rows));
+        let mut rest = &mut ysh[..];
+        for (t0, n) in blocks(0, if self.shared.is_some() { t } else { 0 }) {
+            let (head, tail) = rest.split_at_mut(n * d);
+            tasks.push((Rows::Shared(t0), head));
+            rest = tail;
         }
         tasks.sort_by_key(|task| std::cmp::Reverse(task.1.len()));
         tasks.par_iter_mut().for_each(|(rows, y)| {
@@ -414,5 +422,30 @@ impl Moe {
         }
         scratch.give(hid);
         scratch.give(ys);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{blocks, EXPERT_BLOCK};
+
+    /// Blocks cover the rows once, in order, in the fewest pieces of at most `EXPERT_BLOCK`,
+    /// and differ in size by at most one row (no few-row tail).
+    #[test]
+    fn expert_blocks_are_few_and_even() {
+        for n in [0usize, 1, 7, 255, 256, 257, 260, 511, 512, 513, 1000] {
+            let b: Vec<_> = blocks(10, n).collect();
+            assert_eq!(b.len(), n.div_ceil(EXPERT_BLOCK), "n {n}");
+            let mut next = 10;
+            for &(p, m) in &b {
+                assert_eq!(p, next, "n {n}: contiguous");
+                assert!(m >= 1 && m <= EXPERT_BLOCK, "n {n}: size {m}");
+                next += m;
+            }
+            assert_eq!(next, 10 + n, "n {n}: covered");
+            let (lo, hi) = (b.iter().map(|x| x.1).min(), b.iter().map(|x| x.1).max());
+            assert!(hi.unwrap_or(0) - lo.unwrap_or(0) <= 1, "n {n}: even");
+        }
+        assert_eq!(blocks(0, 260).collect::<Vec<_>>(), [(0, 130), (130, 130)]);
     }
 }
