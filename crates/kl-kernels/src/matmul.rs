@@ -20,8 +20,8 @@
 //!     W[j+1])]`; the panel is packed with rows `j` and `j+1` interleaved in 8-column chunks, so
 //!     that one 64-byte load gives `[W[j][k..k+8] | W[j+1][k..k+8]]`, and the 8 `x` columns are
 //!     broadcast to both halves. The `x` rows are read in place when `K` is a multiple of 8
-//!     (packed, with a zeroed tail, otherwise); the next `x` block is prefetched while the
-//!     current one is swept.
+//!     and a row is not a multiple of 4 KiB (packed, with a zeroed tail, otherwise); the next
+//!     `x` block is prefetched while the current one is swept.
 //!
 //! **Batch invariance.** Every output element is accumulated in one canonical order that depends
 //! only on `K`: one 8-lane accumulator, lane `l` summing `x[k]·w[k]` for `k ≡ l (mod 8)` in
@@ -676,12 +676,13 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
                 part.resize(groups * MR * NP * 16, 0.0);
             }
             // x is read in place when its rows are whole 8-column chunks (`K` a multiple of 8,
-            // as in every real model); else each block is packed with its tail zeroed: 64-byte
-            // aligned, 16 floats of padding against L1 set conflicts. In place was measured
-            // faster (an expert's 150 × 2304 × 1024 product on one thread: 3–5%; 512 × 2304 ×
-            // 4096 on two: 3%; never slower, `K` = 1024 included, whose rows are 4 KiB apart):
-            // a packed block was copied again for every weight panel.
-            let in_place = k % 8 == 0;
+            // as in every real model) and are not a multiple of 4 KiB apart; else each block is
+            // packed (tail zeroed; 64-byte aligned, 16 floats of padding against L1 set
+            // conflicts). A packed block is copied again for every weight panel, so in place
+            // is faster: in-process A/B, K = 2304, 2816, 512: 0–7% (an expert's 150 × 2304 ×
+            // 1024 product on one thread 3–5%); but K = 1024, whose six rows then share L1
+            // sets, was 1–8% slower on two threads.
+            let in_place = k % 8 == 0 && (k * 4) % 4096 != 0;
             let ldxp = cb * 8 + 16;
             if xpack.len() < MR * ldxp + 16 {
                 xpack.resize(MR * ldxp + 16, 0.0);

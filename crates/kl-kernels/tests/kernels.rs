@@ -104,9 +104,11 @@ fn matmul_isa_paths_agree_bitwise() {
         (37, 2003, 31),
         (12, 1536, 6),
         (40, 4099, 3),
-        // K a multiple of 8 (x read in place by the AVX-512 path) over uneven K blocks.
+        // K a multiple of 8 (x read in place by the AVX-512 path) over uneven K blocks, and
+        // one whose rows are 4 KiB apart (packed).
         (23, 2000, 9),
         (13, 2304, 16),
+        (11, 1024, 10),
     ] {
         let mut x = rng.vec(t * k, 1.0);
         // Signed zeros: a row of −0 and a row a third of −0 (sums of zeros, zero-padded tails).
