@@ -682,7 +682,7 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
             // is faster: in-process A/B, K = 2304, 2816, 512: 0–7% (an expert's 150 × 2304 ×
             // 1024 product on one thread 3–5%); but K = 1024, whose six rows then share L1
             // sets, was 1–8% slower on two threads.
-            let in_place = k % 8 == 0 && (k * 4) % 4096 != 0;
+            let in_place = k.is_multiple_of(8) && !(k * 4).is_multiple_of(4096);
             let ldxp = cb * 8 + 16;
             if xpack.len() < MR * ldxp + 16 {
                 xpack.resize(MR * ldxp + 16, 0.0);

@@ -439,7 +439,7 @@ mod tests {
             let mut next = 10;
             for &(p, m) in &b {
                 assert_eq!(p, next, "n {n}: contiguous");
-                assert!(m >= 1 && m <= EXPERT_BLOCK, "n {n}: size {m}");
+                assert!((1..=EXPERT_BLOCK).contains(&m), "n {n}: size {m}");
                 next += m;
             }
             assert_eq!(next, 10 + n, "n {n}: covered");
