@@ -608,20 +608,36 @@ mod x86 {
         let q = _mm_max_ps(q, _mm_movehl_ps(q, q));
         let q = _mm_max_ss(q, _mm_shuffle_ps(q, q, 1));
         let mx = _mm_cvtss_f32(q);
+        exp_sum8(row, 0, mx, _mm256_setzero_ps(), m, l)
+    }
+
+    /// The end of a softmax step once the block's max `mx` is known: `row[i] ← exp(row[i] −
+    /// mx)` for `i ≥ from`, 8 lanes at a time (the tail masked), each block added in order into
+    /// the 8-lane sum `acc` (which holds the blocks before `from`); then `l ← l·e^{m − mx} +
+    /// Σ`, `m ← mx`, and `e^{m − mx}` is returned.
+    #[inline(always)]
+    unsafe fn exp_sum8(
+        row: &mut [f32],
+        from: usize,
+        mx: f32,
+        mut acc: __m256,
+        m: &mut f32,
+        l: &mut f32,
+    ) -> f32 {
+        let (n, p) = (row.len(), row.as_mut_ptr());
         let corr = (*m - mx).exp();
         let vmx = _mm256_set1_ps(mx);
-        let mut acc = _mm256_setzero_ps();
-        i = 0;
-        while i < body {
+        let mut i = from;
+        while i + 8 <= n {
             let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vmx));
             _mm256_storeu_ps(p.add(i), e);
             acc = _mm256_add_ps(acc, e);
             i += 8;
         }
-        if tail > 0 {
-            let mk = mask(tail);
-            let e = exp8(_mm256_sub_ps(_mm256_maskload_ps(p.add(body), mk), vmx));
-            _mm256_maskstore_ps(p.add(body), mk, e);
+        if i < n {
+            let mk = mask(n - i);
+            let e = exp8(_mm256_sub_ps(_mm256_maskload_ps(p.add(i), mk), vmx));
+            _mm256_maskstore_ps(p.add(i), mk, e);
             acc = _mm256_add_ps(acc, _mm256_and_ps(e, _mm256_castsi256_ps(mk)));
         }
         *l = *l * corr + hsum(acc);
@@ -647,7 +663,6 @@ mod x86 {
         for &x in &row[b16..] {
             mx = mx.max(x);
         }
-        let corr = (*m - mx).exp();
         let vmx = _mm512_set1_ps(mx);
         let mut acc = _mm256_setzero_ps();
         i = 0;
@@ -658,22 +673,7 @@ mod x86 {
             acc = _mm256_add_ps(acc, high8(e));
             i += 16;
         }
-        let vmx = _mm256_set1_ps(mx);
-        while i + 8 <= n {
-            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vmx));
-            _mm256_storeu_ps(p.add(i), e);
-            acc = _mm256_add_ps(acc, e);
-            i += 8;
-        }
-        if i < n {
-            let mk = mask(n - i);
-            let e = exp8(_mm256_sub_ps(_mm256_maskload_ps(p.add(i), mk), vmx));
-            _mm256_maskstore_ps(p.add(i), mk, e);
-            acc = _mm256_add_ps(acc, _mm256_and_ps(e, _mm256_castsi256_ps(mk)));
-        }
-        *l = *l * corr + hsum(acc);
-        *m = mx;
-        corr
+        exp_sum8(row, b16, mx, acc, m, l)
     }
 
     /// One block of `HB` heads × `XB` keys: one 8-lane accumulator per (head, key), held in
