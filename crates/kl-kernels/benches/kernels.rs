@@ -249,18 +249,14 @@ fn bench_kda(roof: &Roof, rng: &mut Rng) {
 }
 
 fn bench_attention(roof: &Roof, rng: &mut Rng) {
-    // The released model's heads and latent width, and `mini`'s (16 heads, rank 256, rope 32).
-    for (s, n_keys) in [(576, 4096usize), (576, 32768), (288, 32768)].map(|(dk, n)| {
-        let h = if dk == 576 { 32 } else { 16 };
-        (
-            LatentAttnShape {
-                h,
-                dk,
-                dv: dk / 9 * 8,
-            },
-            n,
-        )
-    }) {
+    // The released model's heads and latent row (32 heads, rank 512 + rope 64), at 4K and 32K
+    // keys, and `mini`'s (16 heads, rank 256 + rope 32) at 32K.
+    for (h, dk, dv, n_keys) in [
+        (32, 576, 512, 4096usize),
+        (32, 576, 512, 32768),
+        (16, 288, 256, 32768),
+    ] {
+        let s = LatentAttnShape { h, dk, dv };
         let block_rows = 256;
         let nblocks = n_keys.div_ceil(block_rows);
         let store: Vec<bf16> = rng

@@ -120,8 +120,8 @@ impl Prefetch {
             for i in 0..n {
                 let p = row.wrapping_add(self.off + 64 * i);
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: a prefetch reads nothing architecturally and never faults; the
-                // address is inside a live slice.
+                // SAFETY: a prefetch reads nothing architecturally and never faults, whatever
+                // the address (spans from `push_raw_rows` need not be inside a slice).
                 unsafe {
                     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
                     _mm_prefetch::<_MM_HINT_T1>(p.cast());
