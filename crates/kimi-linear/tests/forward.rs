@@ -67,3 +67,35 @@ fn forward_reproduces_golden_logits_and_greedy_ids() {
     );
     assert!(!r2.contains_key("greedy.generated_ids"));
 }
+
+/// `--amx`: where the CPU and OS have AMX tiles, the prefill products run on them and the logits
+/// still match the golden ones at the same tolerance; elsewhere the flag is refused with a clear
+/// message (never silently ignored).
+#[test]
+fn forward_with_amx_matches_golden_or_is_refused() {
+    let g = golden();
+    let dir = temp_dir("fwd-amx");
+    let ids: Vec<i64> = g["input_ids"].2.iter().map(|&x| x as i64).collect();
+    let ids_path = write_ids(&dir, &serde_json::to_string(&ids).unwrap());
+    let out = dir.join("out.safetensors");
+    let tiny = tiny_dir();
+    let o = run(&[
+        "--amx",
+        "forward",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--input-ids",
+        &ids_path,
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    if !kl_kernels::amx::available() {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains("--amx") && err.contains("AMX-BF16"), "{err}");
+        return;
+    }
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = read_output(&out);
+    assert!(max_diff(&r["logits"].2, &g["logits"].2) < 1e-4);
+}

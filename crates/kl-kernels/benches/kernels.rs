@@ -15,7 +15,8 @@
 //! The FMA peak is measured with the widest vector width the kernels use (AVX-512 when the
 //! matmul prefill kernel uses it; `KL_NO_AVX512=1` forces AVX2 everywhere). With AVX-512 active,
 //! every matmul case also runs on the AVX2 kernels (same bits) and is quoted against the AVX2
-//! peak, an A/B comparison within one run.
+//! peak, an A/B comparison within one run. Where the CPU has AMX tiles, each bf16 case also runs
+//! on the opt-in AMX kernel (`[amx]`, `kl_kernels::amx`), quoted against the same FMA peak.
 
 use half::bf16;
 use kl_kernels::attention::{latent_attention, LatentAttnShape};
@@ -134,6 +135,15 @@ fn bench_matmul(roof: &Roof, rng: &mut Rng) {
             &mut |isa| matmul_isa(isa, black_box(&x), &w, &mut y, t, k, n),
             2.0 * (t * k * n) as f64,
         );
+        // The opt-in AMX kernel (`--amx`), against the same FMA peak.
+        if kl_kernels::amx::available() {
+            report_flops(
+                &format!("matmul bf16 T={t} K={k} N={n} [amx]"),
+                time(|| kl_kernels::amx::matmul_bf16(black_box(&x), &w, &mut y, t, k, n)),
+                2.0 * (t * k * n) as f64,
+                roof,
+            );
+        }
     }
     let (k, n) = (2304, 2304);
     let x = rng.vec(t * k, 1.0);

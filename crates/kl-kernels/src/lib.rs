@@ -17,7 +17,8 @@
 //! **Batch invariance.** [`matmul`] accumulates every output element in one canonical order
 //! (8 lanes over `K`, fixed tail and lane-sum order) in both its decode and prefill paths, so
 //! `y[t, n]` is bit-identical whatever the number of rows, the tiling or the thread count: a
-//! prompt prefilled in pieces gives the same bits as one prefill. [`kda::kda_chunked`] makes
+//! prompt prefilled in pieces gives the same bits as one prefill (unless the opt-in [`amx`]
+//! kernel is switched on: same precision, another summation order). [`kda::kda_chunked`] makes
 //! every output row of a chunk depend only on the rows before it (bitwise), so a partial chunk
 //! recomputed with more rows reproduces its earlier rows.
 //!
@@ -36,6 +37,7 @@
 #![deny(missing_docs)]
 
 pub mod activation;
+pub mod amx;
 pub mod attention;
 pub mod conv1d;
 pub mod cpu;

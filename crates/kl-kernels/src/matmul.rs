@@ -154,7 +154,7 @@ pub fn matmul_isa<W: Elem>(
 /// Weight storage the tile kernels can read: a row-major `[N, K]` matrix of some element type.
 trait Rows: Sync {
     /// Element type (for the AVX2 loads).
-    type E: Copy + Sync;
+    type E: Copy + Sync + 'static;
     /// The whole matrix.
     fn data(&self) -> &[Self::E];
     /// Widen `src` into `dst` (same length).
@@ -321,6 +321,18 @@ fn run_path<R: Rows + ?Sized>(
     } else {
         #[cfg(target_arch = "x86_64")]
         if simd && isa == Isa::Avx512 {
+            // Opt-in AMX tiles for bf16 weights (not batch invariant: see `crate::amx`).
+            if TypeId::of::<R::E>() == TypeId::of::<bf16>()
+                && crate::amx::fits(k)
+                && crate::amx::enabled()
+            {
+                let wd = w.data();
+                // SAFETY: `R::E` is `bf16` (checked above), so the slice is reinterpreted as
+                // itself.
+                let wb =
+                    unsafe { std::slice::from_raw_parts(wd.as_ptr().cast::<bf16>(), wd.len()) };
+                return crate::amx::matmul_bf16(x, wb, y, t, k, n);
+            }
             return prefill_wide(x, w, y, t, k, n);
         }
         prefill(simd, x, w, y, t, k, n);

@@ -1,0 +1,531 @@
+//! Prefill products on Intel AMX tiles (`TDPBF16PS`), opt-in.
+//!
+//! Sapphire Rapids and later Xeons carry a matrix unit beside the vector units: eight tile
+//! registers of up to 16 rows × 64 bytes, and an instruction that multiplies a 16 × 32 tile of
+//! bf16 by a 32 × 16 one into a 16 × 16 tile of f32 sums. One core runs it at several times the
+//! AVX-512 FMA peak (1.1–1.2 TFLOP/s per core on the development VM against 140–180 GFLOP/s).
+//! Weights stored in bf16 feed it directly; activations, which the engine keeps in f32, do not.
+//!
+//! **Numerics: three bf16 terms per activation, exact.** Rounding the activations to bf16, as
+//! llama.cpp does for bf16 weights, keeps 8 significant bits and moves the logits of a random
+//! model visibly (docs/performance.md). Here each activation is split as `x = hi + mid + lo`
+//! with `hi = bf16(x)`, `mid = bf16(x − hi)`, `lo = bf16(x − hi − mid)`: the differences are
+//! exact in f32 and each term takes the next 8 significant bits, so the three add up to `x`
+//! exactly (short of the bf16 exponent range: terms below `1.2·10⁻³⁸` are flushed). Products of
+//! two bf16 values are exact in f32 and the unit accumulates in f32 (round to nearest even,
+//! denormals flushed), so the result differs from the FMA path's only in the order of the f32
+//! sums, like any other summation order: the golden tests pass at the same tolerances
+//! (`KL_AMX=1`). Two terms (16 bits of each activation) ran about 20% faster on the 48B shape
+//! but moved the golden logits by up to 1.9·10⁻⁴, past the tests' 10⁻⁴. Infinite activations
+//! give NaN (`x − hi` is `∞ − ∞`).
+//!
+//! **Not batch invariant.** The decode path (matrix–vector, `T ≤ 8`) still runs the FMA kernel
+//! in the canonical order of [`crate::matmul`], and the two orders differ in the last bits; a
+//! prompt prefilled in pieces no longer gives bit-identical results to one prefill (they agree to
+//! f32 rounding). That is why this path is off unless asked for: `KL_AMX=1`, or
+//! [`set_enabled`] (`--amx` on the command line). With it off, nothing here runs.
+//!
+//! **Layout.** `y = x·Wᵀ` is computed transposed, `yᵀ = W·xᵀ`: the `A` operand is then `W`
+//! itself (16 rows × 32 columns straight from the stored matrix, no packing), and the `B`
+//! operand, which the unit wants in pairs of rows ("VNNI": row `r` holds `(B[2r][j],
+//! B[2r+1][j])` for each column `j`), is built from `x` once per call: for 16 tokens and 32
+//! columns of `K`, a 1 KiB tile whose row `r` holds `(x[m][2r], x[m][2r+1])` for tokens
+//! `m = 0..16`, once per term. Four accumulator tiles hold a 32 × 32 block of `yᵀ` (two tiles
+//! of `W` rows by two of tokens); per 32 columns of `K` the block takes two `W` tiles, six `x`
+//! tiles and twelve tile products. The weight panel of a task is prefetched into L2 during its
+//! first token block (tile loads alone leave the memory idle between misses). Tasks are panels
+//! of `W` rows times ranges of tokens, as in the FMA path.
+//!
+//! Linux only (the process must ask the kernel for the tile state: `arch_prctl
+//! (ARCH_REQ_XCOMP_PERM)`), x86-64 with AMX-TILE and AMX-BF16, `K` a multiple of 32 and weights
+//! in bf16; anything else takes the FMA path.
+
+use half::bf16;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+
+/// Whether this machine and OS can run the tile kernels (detected once: CPUID, then the
+/// kernel's permission for the tile state).
+pub fn available() -> bool {
+    static A: OnceLock<bool> = OnceLock::new();
+    *A.get_or_init(detect)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    // Leaf 7 exists when leaf 0 reports it.
+    if std::arch::x86_64::__cpuid(0).eax < 7 {
+        return false;
+    }
+    let edx7 = std::arch::x86_64::__cpuid_count(7, 0).edx;
+    const AMX_BF16: u32 = 1 << 22;
+    const AMX_TILE: u32 = 1 << 24;
+    if edx7 & (AMX_BF16 | AMX_TILE) != (AMX_BF16 | AMX_TILE) {
+        return false;
+    }
+    // arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): 0 when the kernel supports and grants
+    // the tile state to this process (all its threads), a negative errno otherwise.
+    const SYS_ARCH_PRCTL: i64 = 158;
+    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+    const XFEATURE_XTILEDATA: i64 = 18;
+    let ret: i64;
+    // SAFETY: a plain system call with integer arguments; it reads and writes no user memory.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") SYS_ARCH_PRCTL => ret,
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack)
+        );
+    }
+    ret == 0
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// 0: not decided yet (read `KL_AMX` at the first query); 1: off; 2: on.
+static MODE: AtomicU8 = AtomicU8::new(0);
+
+/// Ask for (or stop) the tile kernels in prefill products. Returns whether they will be used:
+/// `false` when asked for on a machine without them ([`available`]).
+pub fn set_enabled(on: bool) -> bool {
+    let on = on && available();
+    MODE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+    on
+}
+
+/// Whether prefill products use the tile kernels: [`set_enabled`], or else `KL_AMX=1` in the
+/// environment, on a machine where they are [`available`].
+pub fn enabled() -> bool {
+    match MODE.load(Ordering::Relaxed) {
+        0 => {
+            let want = std::env::var("KL_AMX").map(|v| v == "1").unwrap_or(false);
+            // A concurrent `set_enabled` wins over the environment.
+            let on = want && available();
+            let _ = MODE.compare_exchange(
+                0,
+                if on { 2 } else { 1 },
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            MODE.load(Ordering::Relaxed) == 2
+        }
+        m => m == 2,
+    }
+}
+
+/// Whether [`matmul_bf16`] takes a product of this shape (`K` a multiple of 32).
+pub fn fits(k: usize) -> bool {
+    k > 0 && k.is_multiple_of(32)
+}
+
+/// `y = x·Wᵀ` on the tile unit (same contract as [`crate::matmul::matmul_reference`]; see the
+/// module docs for the numerics).
+///
+/// # Panics
+/// If [`available`] is false, `K` is not a multiple of 32 ([`fits`]), or a length is not the
+/// shape's.
+pub fn matmul_bf16(x: &[f32], w: &[bf16], y: &mut [f32], t: usize, k: usize, n: usize) {
+    assert!(available(), "amx: this machine or OS has no AMX-BF16 tiles");
+    assert!(fits(k), "amx: K = {k} is not a multiple of 32");
+    assert_eq!(
+        x.len(),
+        t * k,
+        "amx: x has {} elements, expected T·K = {t}·{k}",
+        x.len()
+    );
+    assert_eq!(
+        w.len(),
+        n * k,
+        "amx: w has {} elements, expected N·K = {n}·{k}",
+        w.len()
+    );
+    assert_eq!(
+        y.len(),
+        t * n,
+        "amx: y has {} elements, expected T·N = {t}·{n}",
+        y.len()
+    );
+    if t == 0 || n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    x86::matmul(x, w, y, t, k, n);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::bf16;
+    use crate::simd::Prefetch;
+    use std::arch::asm;
+    use std::cell::RefCell;
+
+    /// Tokens per `x` tile (its columns) and `W` rows per `W` tile (its rows).
+    const TILE: usize = 16;
+    /// `K` columns per tile step (32 bf16 = 64 bytes, one tile row).
+    const KSTEP: usize = 32;
+    /// u32 elements (bf16 pairs) of one tile (16 rows × 64 bytes).
+    const TILE_U32: usize = 256;
+    /// bf16 terms per activation: `hi`, `mid`, `lo` (see the module docs).
+    const TERMS: usize = 3;
+
+    /// The tile configuration: palette 1, tiles 0–7 all 16 rows × 64 bytes.
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    const CONFIG: Config = {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            c[16 + 2 * t] = 64;
+            c[48 + t] = 16;
+            t += 1;
+        }
+        Config(c)
+    };
+
+    /// The tile state of this thread, configured while alive and released on drop (so that the
+    /// OS need not save 8 KiB of tiles at every switch away from a thread that is done).
+    struct Tiles;
+
+    impl Tiles {
+        fn new() -> Self {
+            // SAFETY: `available()` was checked by the caller (the process holds the tile
+            // permission); the configuration is a valid palette-1 layout.
+            unsafe { asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack)) };
+            Tiles
+        }
+    }
+
+    impl Drop for Tiles {
+        fn drop(&mut self) {
+            // SAFETY: tiles are configured (by `new`).
+            unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    struct SendPtr<T>(*mut T);
+    // SAFETY: used only to write disjoint elements from different threads.
+    unsafe impl<T> Send for SendPtr<T> {}
+    unsafe impl<T> Sync for SendPtr<T> {}
+    impl<T> SendPtr<T> {
+        #[inline]
+        fn get(self) -> *mut T {
+            self.0
+        }
+    }
+
+    thread_local! {
+        /// The calling thread's packed `x` (reused between calls: no allocation once warm).
+        static XPACK: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// bf16 bits of `v` (in the low 16 bits), rounded to nearest even; a NaN stays a (quiet)
+    /// NaN. Branch-free, so that a row of them vectorises; the same bits as `half::bf16`.
+    #[inline(always)]
+    fn bits(v: f32) -> u32 {
+        let b = v.to_bits();
+        let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+        if v.is_nan() {
+            (b >> 16) | 0x40
+        } else {
+            rounded
+        }
+    }
+
+    /// Pack `x` rows `m0..m0+16` (zero past `t`), columns `kc·32..kc·32+32`, as the
+    /// [`TERMS`] VNNI tiles `hi`, `mid`, `lo` at `dst[0..256]`, `dst[256..512]`,
+    /// `dst[512..768]` (bf16 pairs: row `r`, column `m` is `(x[m][2r], x[m][2r+1])`).
+    #[inline(always)]
+    fn pack_block(x: &[f32], t: usize, k: usize, m0: usize, kc: usize, dst: &mut [u32]) {
+        for m in 0..TILE {
+            let row = m0 + m;
+            let mut p = [[0u32; KSTEP / 2]; TERMS];
+            if row < t {
+                let src: &[f32; KSTEP] = x[row * k + kc * KSTEP..][..KSTEP]
+                    .try_into()
+                    .expect("32 columns");
+                for r in 0..KSTEP / 2 {
+                    let (mut a, mut b) = (src[2 * r], src[2 * r + 1]);
+                    for term in p.iter_mut() {
+                        let (ha, hb) = (bits(a), bits(b));
+                        term[r] = ha | (hb << 16);
+                        a -= f32::from_bits(ha << 16);
+                        b -= f32::from_bits(hb << 16);
+                    }
+                }
+            }
+            for (term, tile) in p.iter().zip(dst.chunks_exact_mut(TILE_U32)) {
+                for r in 0..KSTEP / 2 {
+                    tile[r * TILE + m] = term[r];
+                }
+            }
+        }
+    }
+
+    /// [`pack_block`] over a token tile's `K` steps, compiled for AVX-512 (the conversion
+    /// vectorises 16-wide; every AMX CPU has AVX-512).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    unsafe fn pack_tile(x: &[f32], t: usize, k: usize, m0: usize, dst: &mut [u32]) {
+        for (s, d) in dst.chunks_exact_mut(TERMS * TILE_U32).enumerate() {
+            pack_block(x, t, k, m0, s, d);
+        }
+    }
+
+    /// One 32 × 32 block of `yᵀ`: `W` rows at `wp` (two tiles, rows `ldw` bytes apart), `x`
+    /// tiles at `xp0` / `xp1` (two token tiles; per `K` step the [`TERMS`] tiles), over
+    /// `steps` K steps, into `out` as four 16 × 16 f32 tiles `[W tile][x tile]`.
+    ///
+    /// Tile registers are not renamed, so a load waits for the products that read its register;
+    /// loads placed right after their register's last reader measured no faster than this plain
+    /// order (the core overlaps them).
+    ///
+    /// # Safety
+    /// Tiles configured; `wp` has 32 rows of `steps·32` bf16 `ldw` bytes apart; `xp0`, `xp1`
+    /// have `steps` steps of [`TERMS`] tiles each; `out` has 1024 writable floats. `pf` gets
+    /// `pf_quota` lines per step.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn block(
+        wp: *const u8,
+        ldw: usize,
+        xp0: *const u32,
+        xp1: *const u32,
+        steps: usize,
+        out: *mut f32,
+        pf: &mut Prefetch,
+        pf_quota: usize,
+    ) {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+        let w1 = wp.add(TILE * ldw);
+        for s in 0..steps {
+            pf.step(pf_quota);
+            let (a0, a1) = (wp.add(s * 64), w1.add(s * 64));
+            let (b0, b1) = (xp0.add(s * TERMS * TILE_U32), xp1.add(s * TERMS * TILE_U32));
+            asm!(
+                "tileloadd tmm4, [{a0} + {lw}*1]",
+                "tileloadd tmm5, [{a1} + {lw}*1]",
+                "tileloadd tmm6, [{b0} + {s64}*1]",
+                "tileloadd tmm7, [{b1} + {s64}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "tileloadd tmm6, [{b0m} + {s64}*1]",
+                "tileloadd tmm7, [{b1m} + {s64}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "tileloadd tmm6, [{b0l} + {s64}*1]",
+                "tileloadd tmm7, [{b1l} + {s64}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a0,
+                a1 = in(reg) a1,
+                b0 = in(reg) b0,
+                b1 = in(reg) b1,
+                b0m = in(reg) b0.add(TILE_U32),
+                b1m = in(reg) b1.add(TILE_U32),
+                b0l = in(reg) b0.add(2 * TILE_U32),
+                b1l = in(reg) b1.add(2 * TILE_U32),
+                lw = in(reg) ldw,
+                s64 = in(reg) 64usize,
+                options(nostack, readonly)
+            );
+        }
+        asm!(
+            "tilestored [{o} + {s64}*1], tmm0",
+            "tilestored [{o1} + {s64}*1], tmm1",
+            "tilestored [{o2} + {s64}*1], tmm2",
+            "tilestored [{o3} + {s64}*1], tmm3",
+            o = in(reg) out,
+            o1 = in(reg) out.add(256),
+            o2 = in(reg) out.add(512),
+            o3 = in(reg) out.add(768),
+            s64 = in(reg) 64usize,
+            options(nostack)
+        );
+    }
+
+    pub(super) fn matmul(x: &[f32], w: &[bf16], y: &mut [f32], t: usize, k: usize, n: usize) {
+        let kc = k / KSTEP;
+        // Token tiles, padded to pairs (a block covers 32 tokens).
+        let mtiles = t.div_ceil(2 * TILE) * 2;
+        let per_tile = kc * TERMS * TILE_U32;
+        // Taken out of the thread's slot for the call (a task that this thread runs while it
+        // waits below may be another product, which then finds the slot empty and allocates).
+        let mut xp = XPACK.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+        {
+            if xp.len() < mtiles * per_tile {
+                xp.resize(mtiles * per_tile, 0);
+            }
+            // Pack x: token tile `mt`, K step `s` at `(mt·kc + s)·2·TILE_U32`; in parallel
+            // over token tiles.
+            let xpp = SendPtr(xp.as_mut_ptr());
+            crate::par::for_each(mtiles, |mt| {
+                // SAFETY: tile `mt`'s `per_tile` elements are written by this task only.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(xpp.get().add(mt * per_tile), per_tile)
+                };
+                // SAFETY: AMX machines have AVX-512F (checked in `detect`).
+                unsafe { pack_tile(x, t, k, mt * TILE, dst) };
+            });
+            let xp: &[u32] = &xp[..mtiles * per_tile];
+            // Tasks: panels of W rows (whole 32-row groups) × token ranges (whole 32-token
+            // blocks), at least two per thread.
+            let threads = crate::par::threads();
+            let groups = n.div_ceil(2 * TILE);
+            let blocks = mtiles / 2;
+            let panel_groups = groups.div_ceil(2 * threads).clamp(1, 4);
+            let panels = groups.div_ceil(panel_groups);
+            let t_parts = (2 * threads).div_ceil(panels).min(blocks).max(1);
+            let t_step = blocks.div_ceil(t_parts);
+            let t_parts = blocks.div_ceil(t_step);
+            let yp = SendPtr(y.as_mut_ptr());
+            let ldw = k * 2;
+            crate::par::for_each(panels * t_parts, |task| {
+                let (pi, ti) = (task / t_parts, task % t_parts);
+                let (g0, g1) = (pi * panel_groups, ((pi + 1) * panel_groups).min(groups));
+                let (b0, b1) = (ti * t_step, ((ti + 1) * t_step).min(blocks));
+                let _tiles = Tiles::new();
+                // The panel's weight rows come from memory for the first token block (later
+                // blocks find them in L2); tile loads alone leave the memory idle between
+                // misses. Prefetch the first group at once and the rest a few lines per step,
+                // about a group ahead.
+                let (n0, n1) = (g0 * 2 * TILE, (g1 * 2 * TILE).min(n));
+                let mut pf = Prefetch::default();
+                pf.push(&w[n0 * k..n1 * k]);
+                pf.step((2 * TILE).min(n1 - n0) * ldw / 64);
+                let pf_quota = pf.lines().div_ceil((g1 - g0) * kc);
+                let mut out = [0f32; 4 * TILE * TILE];
+                let mut pad: Vec<bf16> = Vec::new();
+                for bi in b0..b1 {
+                    let x0 = xp[2 * bi * per_tile..].as_ptr();
+                    let x1 = xp[(2 * bi + 1) * per_tile..].as_ptr();
+                    for g in g0..g1 {
+                        let (n0, rows) = (g * 2 * TILE, (n - g * 2 * TILE).min(2 * TILE));
+                        let wp = if rows == 2 * TILE {
+                            w[n0 * k..].as_ptr().cast::<u8>()
+                        } else {
+                            // A last group of fewer than 32 rows reads a zero-padded copy.
+                            if pad.is_empty() {
+                                pad = vec![bf16::ZERO; 2 * TILE * k];
+                                pad[..rows * k].copy_from_slice(&w[n0 * k..]);
+                            }
+                            pad.as_ptr().cast::<u8>()
+                        };
+                        // SAFETY: tiles configured; `wp` has 32 rows of K bf16 (`ldw` bytes
+                        // apart), the x tiles `kc` steps each; `out` has 1024 floats.
+                        unsafe {
+                            let q = if bi == b0 { pf_quota } else { 0 };
+                            block(wp, ldw, x0, x1, kc, out.as_mut_ptr(), &mut pf, q)
+                        };
+                        // out[wt][xt][i][j] = yᵀ[n0 + 16·wt + i][32·bi + 16·xt + j].
+                        for (q, tile) in out.chunks_exact(TILE * TILE).enumerate() {
+                            let (wt, xt) = (q / 2, q % 2);
+                            for i in 0..TILE.min(rows.saturating_sub(wt * TILE)) {
+                                let col = n0 + wt * TILE + i;
+                                for j in 0..TILE {
+                                    let row = 2 * bi * TILE + xt * TILE + j;
+                                    if row < t {
+                                        // SAFETY: (row, col) is inside y and belongs to this
+                                        // task's token block and W group.
+                                        unsafe {
+                                            *yp.get().add(row * n + col) = tile[i * TILE + j]
+                                        };
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        XPACK.with(|cell| *cell.borrow_mut() = xp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in about [−1, 1] with full f32 mantissas.
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// Against an f64 sum of the same bf16 weights and f32 activations, every element is within
+    /// `2⁻²⁰·Σ|x·w|` (f32 summation; the three-term split is exact, where plain bf16 activations
+    /// would miss by up to `2⁻⁸·Σ|x·w|` and two terms by `2⁻¹⁶`), at sizes with partial token
+    /// blocks and partial 32-row groups. On machines without AMX there is nothing to run.
+    #[test]
+    fn amx_matches_f64_reference() {
+        if !available() {
+            eprintln!("amx_matches_f64_reference: no AMX-BF16 here; the FMA path serves instead");
+            return;
+        }
+        for (t, k, n) in [
+            (1, 32, 1),
+            (9, 64, 17),
+            (17, 96, 33),
+            (40, 2304, 48),
+            (100, 512, 70),
+            (33, 1024, 64),
+        ] {
+            let x = values(t * k, (t * 31 + k) as u64);
+            let w: Vec<bf16> = values(n * k, (n * 7 + k) as u64)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            let mut y = vec![f32::NAN; t * n];
+            matmul_bf16(&x, &w, &mut y, t, k, n);
+            let mut worst = 0f64;
+            for ti in 0..t {
+                for ni in 0..n {
+                    let (mut s, mut a) = (0f64, 0f64);
+                    for ki in 0..k {
+                        let p = x[ti * k + ki] as f64 * w[ni * k + ki].to_f64();
+                        s += p;
+                        a += p.abs();
+                    }
+                    let err = (y[ti * n + ni] as f64 - s).abs() / a.max(1e-30);
+                    assert!(
+                        err <= 2f64.powi(-20),
+                        "({t}, {k}, {n}) y[{ti}][{ni}] = {} vs {s}: {err:e} of Σ|xw|",
+                        y[ti * n + ni]
+                    );
+                    worst = worst.max(err);
+                }
+            }
+            eprintln!("({t}, {k}, {n}): worst error {worst:e} of Σ|xw|");
+        }
+    }
+}
