@@ -243,31 +243,38 @@ mod x86 {
 
     /// Pack `x` rows `m0..m0+16` (zero past `t`), columns `kc·32..kc·32+32`, as the
     /// [`TERMS`] VNNI tiles `hi`, `mid`, `lo` at `dst[0..256]`, `dst[256..512]`,
-    /// `dst[512..768]` (bf16 pairs: row `r`, column `m` is `(x[m][2r], x[m][2r+1])`).
+    /// `dst[512..768]` (bf16 pairs: row `r`, column `m` is `(x[m][2r], x[m][2r+1])`): the terms
+    /// token by token (a vector loop), then each term's 16 × 16 pairs transposed into its tile.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 (the transposition).
     #[inline(always)]
-    fn pack_block(x: &[f32], t: usize, k: usize, m0: usize, kc: usize, dst: &mut [u32]) {
-        for m in 0..TILE {
-            let row = m0 + m;
-            let mut p = [[0u32; KSTEP / 2]; TERMS];
-            if row < t {
-                let src: &[f32; KSTEP] = x[row * k + kc * KSTEP..][..KSTEP]
-                    .try_into()
-                    .expect("32 columns");
-                for r in 0..KSTEP / 2 {
-                    let (mut a, mut b) = (src[2 * r], src[2 * r + 1]);
-                    for term in p.iter_mut() {
-                        let (ha, hb) = (bits(a), bits(b));
-                        term[r] = ha | (hb << 16);
-                        a -= f32::from_bits(ha << 16);
-                        b -= f32::from_bits(hb << 16);
-                    }
+    unsafe fn pack_block(x: &[f32], t: usize, k: usize, m0: usize, kc: usize, dst: &mut [u32]) {
+        let mut p = [[[0u32; KSTEP / 2]; TILE]; TERMS];
+        for m in 0..TILE.min(t.saturating_sub(m0)) {
+            let src: &[f32; KSTEP] = x[(m0 + m) * k + kc * KSTEP..][..KSTEP]
+                .try_into()
+                .expect("32 columns");
+            for r in 0..KSTEP / 2 {
+                let (mut a, mut b) = (src[2 * r], src[2 * r + 1]);
+                for term in p.iter_mut() {
+                    let (ha, hb) = (bits(a), bits(b));
+                    term[m][r] = ha | (hb << 16);
+                    a -= f32::from_bits(ha << 16);
+                    b -= f32::from_bits(hb << 16);
                 }
             }
-            for (term, tile) in p.iter().zip(dst.chunks_exact_mut(TILE_U32)) {
-                for r in 0..KSTEP / 2 {
-                    tile[r * TILE + m] = term[r];
-                }
-            }
+        }
+        for (term, tile) in p.iter().zip(dst.chunks_exact_mut(TILE_U32)) {
+            // Pure data movement of 32-bit words (moved as f32 bit patterns, unchanged).
+            crate::transpose::x86::transpose(
+                term.as_ptr().cast::<f32>(),
+                TILE,
+                TILE,
+                TILE,
+                tile.as_mut_ptr().cast::<f32>(),
+                TILE,
+            );
         }
     }
 
@@ -279,7 +286,8 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
     unsafe fn pack_tile(x: &[f32], t: usize, k: usize, m0: usize, dst: &mut [u32]) {
         for (s, d) in dst.chunks_exact_mut(TERMS * TILE_U32).enumerate() {
-            pack_block(x, t, k, m0, s, d);
+            // SAFETY: AVX2 is part of the AVX-512 machines this runs on.
+            unsafe { pack_block(x, t, k, m0, s, d) };
         }
     }
 
@@ -440,21 +448,27 @@ mod x86 {
                             let q = if bi == b0 { pf_quota } else { 0 };
                             block(wp, ldw, x0, x1, kc, out.as_mut_ptr(), &mut pf, q)
                         };
-                        // out[wt][xt][i][j] = yᵀ[n0 + 16·wt + i][32·bi + 16·xt + j].
+                        // out[wt][xt][i][j] = yᵀ[n0 + 16·wt + i][32·bi + 16·xt + j]: each tile
+                        // transposed into its place in y, clipped at T and N.
                         for (q, tile) in out.chunks_exact(TILE * TILE).enumerate() {
                             let (wt, xt) = (q / 2, q % 2);
-                            for i in 0..TILE.min(rows.saturating_sub(wt * TILE)) {
-                                let col = n0 + wt * TILE + i;
-                                for j in 0..TILE {
-                                    let row = 2 * bi * TILE + xt * TILE + j;
-                                    if row < t {
-                                        // SAFETY: (row, col) is inside y and belongs to this
-                                        // task's token block and W group.
-                                        unsafe {
-                                            *yp.get().add(row * n + col) = tile[i * TILE + j]
-                                        };
-                                    }
-                                }
+                            let nr = TILE.min(rows.saturating_sub(wt * TILE));
+                            let row0 = 2 * bi * TILE + xt * TILE;
+                            let nt = TILE.min(t.saturating_sub(row0));
+                            if nr > 0 && nt > 0 {
+                                // SAFETY: rows row0..row0+nt, columns n0+16·wt..+nr of y lie
+                                // inside it and belong to this task's token block and W
+                                // group; AVX2 is present.
+                                unsafe {
+                                    crate::transpose::x86::transpose(
+                                        tile.as_ptr(),
+                                        nr,
+                                        nt,
+                                        TILE,
+                                        yp.get().add(row0 * n + n0 + wt * TILE),
+                                        n,
+                                    )
+                                };
                             }
                         }
                     }

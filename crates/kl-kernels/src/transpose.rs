@@ -45,7 +45,7 @@ pub fn transpose_reference(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     /// 8×8 blocks in registers, scalar edges.
