@@ -243,38 +243,39 @@ mod x86 {
 
     /// Pack `x` rows `m0..m0+16` (zero past `t`), columns `kc·32..kc·32+32`, as the
     /// [`TERMS`] VNNI tiles `hi`, `mid`, `lo` at `dst[0..256]`, `dst[256..512]`,
-    /// `dst[512..768]` (bf16 pairs: row `r`, column `m` is `(x[m][2r], x[m][2r+1])`): the terms
-    /// token by token (a vector loop), then each term's 16 × 16 pairs transposed into its tile.
+    /// `dst[512..768]` (bf16 pairs: row `r`, column `m` is `(x[m][2r], x[m][2r+1])`): the
+    /// 16 × 32 block of `x` transposed first (pure data movement), so that every term of a
+    /// tile row is a 16-lane vertical operation on columns `2r` and `2r + 1`.
     ///
     /// # Safety
     /// The CPU has AVX2 (the transposition).
     #[inline(always)]
     unsafe fn pack_block(x: &[f32], t: usize, k: usize, m0: usize, kc: usize, dst: &mut [u32]) {
-        let mut p = [[[0u32; KSTEP / 2]; TILE]; TERMS];
-        for m in 0..TILE.min(t.saturating_sub(m0)) {
-            let src: &[f32; KSTEP] = x[(m0 + m) * k + kc * KSTEP..][..KSTEP]
-                .try_into()
-                .expect("32 columns");
-            for r in 0..KSTEP / 2 {
-                let (mut a, mut b) = (src[2 * r], src[2 * r + 1]);
-                for term in p.iter_mut() {
+        let mut xt = [[0f32; TILE]; KSTEP];
+        let nt = TILE.min(t.saturating_sub(m0));
+        if nt > 0 {
+            let src = &x[m0 * k + kc * KSTEP..(m0 + nt - 1) * k + (kc + 1) * KSTEP];
+            crate::transpose::x86::transpose(
+                src.as_ptr(),
+                nt,
+                KSTEP,
+                k,
+                xt.as_mut_ptr().cast::<f32>(),
+                TILE,
+            );
+        }
+        let (hi, rest) = dst.split_at_mut(TILE_U32);
+        let (mid, lo) = rest.split_at_mut(TILE_U32);
+        for r in 0..KSTEP / 2 {
+            for m in 0..TILE {
+                let (mut a, mut b) = (xt[2 * r][m], xt[2 * r + 1][m]);
+                for tile in [&mut *hi, &mut *mid, &mut *lo] {
                     let (ha, hb) = (bits(a), bits(b));
-                    term[m][r] = ha | (hb << 16);
+                    tile[r * TILE + m] = ha | (hb << 16);
                     a -= f32::from_bits(ha << 16);
                     b -= f32::from_bits(hb << 16);
                 }
             }
-        }
-        for (term, tile) in p.iter().zip(dst.chunks_exact_mut(TILE_U32)) {
-            // Pure data movement of 32-bit words (moved as f32 bit patterns, unchanged).
-            crate::transpose::x86::transpose(
-                term.as_ptr().cast::<f32>(),
-                TILE,
-                TILE,
-                TILE,
-                tile.as_mut_ptr().cast::<f32>(),
-                TILE,
-            );
         }
     }
 
