@@ -19,11 +19,16 @@
 //! but moved the golden logits by up to 1.9·10⁻⁴, past the tests' 10⁻⁴. Infinite activations
 //! give NaN (`x − hi` is `∞ − ∞`).
 //!
-//! **Not batch invariant.** The decode path (matrix–vector, `T ≤ 8`) still runs the FMA kernel
-//! in the canonical order of [`crate::matmul`], and the two orders differ in the last bits; a
-//! prompt prefilled in pieces no longer gives bit-identical results to one prefill (they agree to
-//! f32 rounding). That is why this path is off unless asked for: `KL_AMX=1`, or
-//! [`set_enabled`] (`--amx` on the command line). With it off, nothing here runs.
+//! **Not batch invariant.** Among themselves the tile products are: an output element sees the
+//! same tile products in the same order whatever the number of rows (tested bit for bit). But
+//! decode (matrix–vector, `T ≤ 8`) stays on the FMA kernel in the canonical order of
+//! [`crate::matmul`], whose last bits differ, so a prompt prefilled in pieces no longer gives
+//! bit-identical results to one prefill (they agree to f32 rounding). Decode on the tiles was
+//! built and measured: 14–22 GB/s against the FMA kernel's 20–24 on cold bf16 weights (the
+//! tile loads read 32 weight rows 64 bytes at a time, which streams worse than whole rows), and
+//! 44–62 against 66–79 tokens/s on `mini`. That is why this path is off unless asked for:
+//! `KL_AMX=1`, or [`set_enabled`] (`--amx` on the command line). With it off, nothing here
+//! runs.
 //!
 //! **Layout.** `y = x·Wᵀ` is computed transposed, `yᵀ = W·xᵀ`: the `A` operand is then `W`
 //! itself (16 rows × 32 columns straight from the stored matrix, no packing), and the `B`
@@ -32,9 +37,10 @@
 //! columns of `K`, a 1 KiB tile whose row `r` holds `(x[m][2r], x[m][2r+1])` for tokens
 //! `m = 0..16`, once per term. Four accumulator tiles hold a 32 × 32 block of `yᵀ` (two tiles
 //! of `W` rows by two of tokens); per 32 columns of `K` the block takes two `W` tiles, six `x`
-//! tiles and twelve tile products. The weight panel of a task is prefetched into L2 during its
-//! first token block (tile loads alone leave the memory idle between misses). Tasks are panels
-//! of `W` rows times ranges of tokens, as in the FMA path.
+//! tiles and twelve tile products (up to 16 tokens: one token tile, six products). Tasks are
+//! panels of `W` rows (up to 128 while several token blocks pass, so that the panel stays in
+//! L2) times ranges of tokens, as in the FMA path. The `x` tiles and the output are transposed
+//! with the 8 × 8 register transpose of [`crate::transpose`].
 //!
 //! Linux only (the process must ask the kernel for the tile state: `arch_prctl
 //! (ARCH_REQ_XCOMP_PERM)`), x86-64 with AMX-TILE and AMX-BF16, `K` a multiple of 32 and weights
@@ -162,7 +168,6 @@ pub fn matmul_bf16(x: &[f32], w: &[bf16], y: &mut [f32], t: usize, k: usize, n: 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::bf16;
-    use crate::simd::Prefetch;
     use std::arch::asm;
     use std::cell::RefCell;
 
@@ -226,6 +231,8 @@ mod x86 {
     thread_local! {
         /// The calling thread's packed `x` (reused between calls: no allocation once warm).
         static XPACK: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+        /// A task's zero-padded last weight group (reused between calls).
+        static PAD: RefCell<Vec<bf16>> = const { RefCell::new(Vec::new()) };
     }
 
     /// bf16 bits of `v` (in the low 16 bits), rounded to nearest even; a NaN stays a (quiet)
@@ -294,7 +301,9 @@ mod x86 {
 
     /// One 32 × 32 block of `yᵀ`: `W` rows at `wp` (two tiles, rows `ldw` bytes apart), `x`
     /// tiles at `xp0` / `xp1` (two token tiles; per `K` step the [`TERMS`] tiles), over
-    /// `steps` K steps, into `out` as four 16 × 16 f32 tiles `[W tile][x tile]`.
+    /// `steps` K steps, into `out` as four 16 × 16 f32 tiles `[W tile][x tile]`. With `TWO`
+    /// false, only the first token tile (`xp0`; tiles `[·][1]` of `out` are then zero): every
+    /// output element still sees the same tile products in the same order.
     ///
     /// Tile registers are not renamed, so a load waits for the products that read its register;
     /// loads placed right after their register's last reader measured no faster than this plain
@@ -302,19 +311,15 @@ mod x86 {
     ///
     /// # Safety
     /// Tiles configured; `wp` has 32 rows of `steps·32` bf16 `ldw` bytes apart; `xp0`, `xp1`
-    /// have `steps` steps of [`TERMS`] tiles each; `out` has 1024 writable floats. `pf` gets
-    /// `pf_quota` lines per step.
-    #[allow(clippy::too_many_arguments)]
+    /// have `steps` steps of [`TERMS`] tiles each; `out` has 1024 writable floats.
     #[inline(always)]
-    unsafe fn block(
+    unsafe fn block<const TWO: bool>(
         wp: *const u8,
         ldw: usize,
         xp0: *const u32,
         xp1: *const u32,
         steps: usize,
         out: *mut f32,
-        pf: &mut Prefetch,
-        pf_quota: usize,
     ) {
         asm!(
             "tilezero tmm0",
@@ -325,9 +330,32 @@ mod x86 {
         );
         let w1 = wp.add(TILE * ldw);
         for s in 0..steps {
-            pf.step(pf_quota);
             let (a0, a1) = (wp.add(s * 64), w1.add(s * 64));
             let (b0, b1) = (xp0.add(s * TERMS * TILE_U32), xp1.add(s * TERMS * TILE_U32));
+            if !TWO {
+                asm!(
+                    "tileloadd tmm4, [{a0} + {lw}*1]",
+                    "tileloadd tmm5, [{a1} + {lw}*1]",
+                    "tileloadd tmm6, [{b0} + {s64}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tileloadd tmm7, [{b0m} + {s64}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm7",
+                    "tileloadd tmm6, [{b0l} + {s64}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    a0 = in(reg) a0,
+                    a1 = in(reg) a1,
+                    b0 = in(reg) b0,
+                    b0m = in(reg) b0.add(TILE_U32),
+                    b0l = in(reg) b0.add(2 * TILE_U32),
+                    lw = in(reg) ldw,
+                    s64 = in(reg) 64usize,
+                    options(nostack, readonly)
+                );
+                continue;
+            }
             asm!(
                 "tileloadd tmm4, [{a0} + {lw}*1]",
                 "tileloadd tmm5, [{a1} + {lw}*1]",
@@ -378,8 +406,11 @@ mod x86 {
 
     pub(super) fn matmul(x: &[f32], w: &[bf16], y: &mut [f32], t: usize, k: usize, n: usize) {
         let kc = k / KSTEP;
-        // Token tiles, padded to pairs (a block covers 32 tokens).
-        let mtiles = t.div_ceil(2 * TILE) * 2;
+        // Token tiles, padded to pairs (a block covers 32 tokens), or one alone for at most 16
+        // tokens (decode: the same sequence of tile products per output element, on one
+        // token tile).
+        let two = t > TILE;
+        let mtiles = if two { t.div_ceil(2 * TILE) * 2 } else { 1 };
         let per_tile = kc * TERMS * TILE_U32;
         // Taken out of the thread's slot for the call (a task that this thread runs while it
         // waits below may be another product, which then finds the slot empty and allocates).
@@ -391,21 +422,32 @@ mod x86 {
             // Pack x: token tile `mt`, K step `s` at `(mt·kc + s)·2·TILE_U32`; in parallel
             // over token tiles.
             let xpp = SendPtr(xp.as_mut_ptr());
-            crate::par::for_each(mtiles, |mt| {
+            let pack = |mt: usize| {
                 // SAFETY: tile `mt`'s `per_tile` elements are written by this task only.
                 let dst = unsafe {
                     std::slice::from_raw_parts_mut(xpp.get().add(mt * per_tile), per_tile)
                 };
                 // SAFETY: AMX machines have AVX-512F (checked in `detect`).
                 unsafe { pack_tile(x, t, k, mt * TILE, dst) };
-            });
+            };
+            // A parallel region costs more than packing one or two token tiles.
+            if mtiles <= 2 {
+                (0..mtiles).for_each(pack);
+            } else {
+                crate::par::for_each(mtiles, pack);
+            }
             let xp: &[u32] = &xp[..mtiles * per_tile];
             // Tasks: panels of W rows (whole 32-row groups) × token ranges (whole 32-token
             // blocks), at least two per thread.
             let threads = crate::par::threads();
             let groups = n.div_ceil(2 * TILE);
-            let blocks = mtiles / 2;
-            let panel_groups = groups.div_ceil(2 * threads).clamp(1, 4);
+            let blocks = mtiles.div_ceil(2);
+            // Up to 4 groups (128 rows) a panel, so that a panel stays in L2 while token blocks
+            // pass; with one token block (decode) nothing is reused, and larger panels mean
+            // fewer tasks, each with its tile setup and prefetch ramp.
+            let panel_groups = groups
+                .div_ceil(2 * threads)
+                .clamp(1, if blocks == 1 { groups } else { 4 });
             let panels = groups.div_ceil(panel_groups);
             let t_parts = (2 * threads).div_ceil(panels).min(blocks).max(1);
             let t_step = blocks.div_ceil(t_parts);
@@ -417,37 +459,37 @@ mod x86 {
                 let (g0, g1) = (pi * panel_groups, ((pi + 1) * panel_groups).min(groups));
                 let (b0, b1) = (ti * t_step, ((ti + 1) * t_step).min(blocks));
                 let _tiles = Tiles::new();
-                // The panel's weight rows come from memory for the first token block (later
-                // blocks find them in L2); tile loads alone leave the memory idle between
-                // misses. Prefetch the first group at once and the rest a few lines per step,
-                // about a group ahead.
-                let (n0, n1) = (g0 * 2 * TILE, (g1 * 2 * TILE).min(n));
-                let mut pf = Prefetch::default();
-                pf.push(&w[n0 * k..n1 * k]);
-                pf.step((2 * TILE).min(n1 - n0) * ldw / 64);
-                let pf_quota = pf.lines().div_ceil((g1 - g0) * kc);
                 let mut out = [0f32; 4 * TILE * TILE];
-                let mut pad: Vec<bf16> = Vec::new();
+                // The zero-padded copy of a last group of fewer than 32 rows, in a buffer kept
+                // by the thread (decode allocates nothing once warm).
+                let mut pad = PAD.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+                let mut padded = false;
                 for bi in b0..b1 {
                     let x0 = xp[2 * bi * per_tile..].as_ptr();
-                    let x1 = xp[(2 * bi + 1) * per_tile..].as_ptr();
+                    let x1 = xp[(2 * bi + usize::from(two)) * per_tile..].as_ptr();
                     for g in g0..g1 {
                         let (n0, rows) = (g * 2 * TILE, (n - g * 2 * TILE).min(2 * TILE));
                         let wp = if rows == 2 * TILE {
                             w[n0 * k..].as_ptr().cast::<u8>()
                         } else {
                             // A last group of fewer than 32 rows reads a zero-padded copy.
-                            if pad.is_empty() {
-                                pad = vec![bf16::ZERO; 2 * TILE * k];
-                                pad[..rows * k].copy_from_slice(&w[n0 * k..]);
+                            if !padded {
+                                pad.clear();
+                                pad.extend_from_slice(&w[n0 * k..]);
+                                pad.resize(2 * TILE * k, bf16::ZERO);
+                                padded = true;
                             }
                             pad.as_ptr().cast::<u8>()
                         };
                         // SAFETY: tiles configured; `wp` has 32 rows of K bf16 (`ldw` bytes
                         // apart), the x tiles `kc` steps each; `out` has 1024 floats.
                         unsafe {
-                            let q = if bi == b0 { pf_quota } else { 0 };
-                            block(wp, ldw, x0, x1, kc, out.as_mut_ptr(), &mut pf, q)
+                            let o = out.as_mut_ptr();
+                            if two {
+                                block::<true>(wp, ldw, x0, x1, kc, o)
+                            } else {
+                                block::<false>(wp, ldw, x0, x1, kc, o)
+                            }
                         };
                         // out[wt][xt][i][j] = yᵀ[n0 + 16·wt + i][32·bi + 16·xt + j]: each tile
                         // transposed into its place in y, clipped at T and N.
@@ -456,6 +498,9 @@ mod x86 {
                             let nr = TILE.min(rows.saturating_sub(wt * TILE));
                             let row0 = 2 * bi * TILE + xt * TILE;
                             let nt = TILE.min(t.saturating_sub(row0));
+                            if xt == 1 && !two {
+                                continue;
+                            }
                             if nr > 0 && nt > 0 {
                                 // SAFETY: rows row0..row0+nt, columns n0+16·wt..+nr of y lie
                                 // inside it and belong to this task's token block and W
@@ -474,6 +519,7 @@ mod x86 {
                         }
                     }
                 }
+                PAD.with(|cell| *cell.borrow_mut() = pad);
             });
         }
         XPACK.with(|cell| *cell.borrow_mut() = xp);
@@ -501,6 +547,28 @@ mod tests {
     /// `2⁻²⁰·Σ|x·w|` (f32 summation; the three-term split is exact, where plain bf16 activations
     /// would miss by up to `2⁻⁸·Σ|x·w|` and two terms by `2⁻¹⁶`), at sizes with partial token
     /// blocks and partial 32-row groups. On machines without AMX there is nothing to run.
+    /// Batch invariance on the tile unit: row `r` of `y` has the same bits whatever the number of
+    /// rows (one token tile for up to 16, pairs of tiles beyond) and the task split.
+    #[test]
+    fn amx_rows_do_not_depend_on_the_row_count() {
+        if !available() {
+            eprintln!("amx_rows_do_not_depend_on_the_row_count: no AMX-BF16 here");
+            return;
+        }
+        let (k, n, tmax) = (96, 70, 45);
+        let x = values(tmax * k, 5);
+        let w: Vec<bf16> = values(n * k, 6).into_iter().map(bf16::from_f32).collect();
+        let mut full = vec![0f32; tmax * n];
+        matmul_bf16(&x, &w, &mut full, tmax, k, n);
+        for t in [1, 2, 8, 9, 16, 17, 32, 33] {
+            let mut y = vec![0f32; t * n];
+            matmul_bf16(&x[..t * k], &w, &mut y, t, k, n);
+            for (i, (a, b)) in y.iter().zip(&full).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "T = {t}: y[{}][{}]", i / n, i % n);
+            }
+        }
+    }
+
     #[test]
     fn amx_matches_f64_reference() {
         if !available() {

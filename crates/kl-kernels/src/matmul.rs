@@ -316,23 +316,26 @@ fn run_path<R: Rows + ?Sized>(
     n: usize,
 ) {
     let simd = isa >= Isa::Avx2 && R::simd_ok();
+    // Opt-in AMX tiles for bf16 weights in prefill (decode stays on the bandwidth-bound FMA
+    // kernel, which AMX did not match; so batch invariance is lost: see `crate::amx`).
+    #[cfg(target_arch = "x86_64")]
+    if t > GEMV_MAX_ROWS
+        && simd
+        && isa == Isa::Avx512
+        && TypeId::of::<R::E>() == TypeId::of::<bf16>()
+        && crate::amx::fits(k)
+        && crate::amx::enabled()
+    {
+        let wd = w.data();
+        // SAFETY: `R::E` is `bf16` (checked above), so the slice is reinterpreted as itself.
+        let wb = unsafe { std::slice::from_raw_parts(wd.as_ptr().cast::<bf16>(), wd.len()) };
+        return crate::amx::matmul_bf16(x, wb, y, t, k, n);
+    }
     if t <= GEMV_MAX_ROWS {
         gemv(simd, x, w, y, t, k, n);
     } else {
         #[cfg(target_arch = "x86_64")]
         if simd && isa == Isa::Avx512 {
-            // Opt-in AMX tiles for bf16 weights (not batch invariant: see `crate::amx`).
-            if TypeId::of::<R::E>() == TypeId::of::<bf16>()
-                && crate::amx::fits(k)
-                && crate::amx::enabled()
-            {
-                let wd = w.data();
-                // SAFETY: `R::E` is `bf16` (checked above), so the slice is reinterpreted as
-                // itself.
-                let wb =
-                    unsafe { std::slice::from_raw_parts(wd.as_ptr().cast::<bf16>(), wd.len()) };
-                return crate::amx::matmul_bf16(x, wb, y, t, k, n);
-            }
             return prefill_wide(x, w, y, t, k, n);
         }
         prefill(simd, x, w, y, t, k, n);
