@@ -126,6 +126,15 @@ pub fn enabled() -> bool {
     }
 }
 
+/// Bytes that [`matmul_bf16`] keeps on a calling thread between calls after a product of `t` rows
+/// and `K = k` (the packed `x`: three bf16 terms per element, rows padded to whole token tiles;
+/// and the zero-padded copy of a last group of fewer than 32 weight rows), for memory planning.
+/// Each thread keeps its largest.
+pub fn scratch_bytes(t: usize, k: usize) -> usize {
+    let rows = if t <= 16 { 16 } else { t.div_ceil(32) * 32 };
+    rows * k * 3 * 2 + 32 * k * 2
+}
+
 /// Whether [`matmul_bf16`] takes a product of this shape (`K` a multiple of 32).
 pub fn fits(k: usize) -> bool {
     k > 0 && k.is_multiple_of(32)

@@ -131,7 +131,26 @@ pub fn workspace_bytes(cfg: &ModelConfig, chunk: usize, all_logits: bool, thread
     };
     let attn_scratch = 64 * m.latent_width() + m.num_heads * (m.kv_lora_rank + 2) + 64;
     let scratch = threads * (kda_scratch + attn_scratch + mla_scratch);
-    (4 * (3 * c * d + layer + logits + scratch)) as u64 + RUNTIME_BYTES
+    // With the opt-in AMX products, every thread keeps the packed input of the largest product
+    // it ran: at most a chunk's rows of the widest input of any product.
+    let amx = if kl_kernels::amx::enabled() {
+        let e = cfg.moe.map_or(0, |e| e.expert_width);
+        let widest = [
+            d,
+            cfg.intermediate,
+            e,
+            p,
+            m.num_heads * m.v_head,
+            m.kv_lora_rank,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(d);
+        threads * kl_kernels::amx::scratch_bytes(c, widest)
+    } else {
+        0
+    };
+    (4 * (3 * c * d + layer + logits + scratch) + amx) as u64 + RUNTIME_BYTES
 }
 
 /// Plan one sequence for a model whose resident weights take `weights_bytes`.
