@@ -94,7 +94,8 @@ pub fn features() -> Features {
     })
 }
 
-/// A one-line description, e.g. for `bench` output.
+/// A one-line description, e.g. for `bench` output (`amx` when the opt-in AMX products are
+/// on, [`crate::amx::enabled`]).
 pub fn describe() -> String {
     let f = features();
     let mut s = vec![std::env::consts::ARCH.to_string()];
@@ -103,6 +104,9 @@ pub fn describe() -> String {
     }
     if f.avx512f {
         s.push("avx512f".into());
+    }
+    if crate::amx::enabled() {
+        s.push("amx".into());
     }
     if s.len() == 1 {
         s.push("portable".into());

@@ -356,6 +356,7 @@ pub fn run(a: Args) -> Result<()> {
             "model": a.model.display().to_string(),
             "threads": threads,
             "cpu": kl_kernels::cpu::describe(),
+            "amx": kl_kernels::amx::enabled(),
             "cache_dtype": opts.cache_dtype.name(),
             "fma_gflops": fma,
             "fma_isa": fma_isa,
