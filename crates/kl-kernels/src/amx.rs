@@ -69,6 +69,15 @@ fn detect() -> bool {
     if edx7 & (AMX_BF16 | AMX_TILE) != (AMX_BF16 | AMX_TILE) {
         return false;
     }
+    // The packing and the transposes around the tiles use AVX-512 and AVX2 (every AMX CPU has
+    // them; a hypervisor could still hide them).
+    let vector = is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma");
+    if !vector {
+        return false;
+    }
     // arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): 0 when the kernel supports and grants
     // the tile state to this process (all its threads), a negative errno otherwise.
     const SYS_ARCH_PRCTL: i64 = 158;
@@ -303,7 +312,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
     unsafe fn pack_tile(x: &[f32], t: usize, k: usize, m0: usize, dst: &mut [u32]) {
         for (s, d) in dst.chunks_exact_mut(TERMS * TILE_U32).enumerate() {
-            // SAFETY: AVX2 is part of the AVX-512 machines this runs on.
+            // SAFETY: AVX2 is present (checked in `detect`, as every caller requires `available`).
             unsafe { pack_block(x, t, k, m0, s, d) };
         }
     }
@@ -416,8 +425,7 @@ mod x86 {
     pub(super) fn matmul(x: &[f32], w: &[bf16], y: &mut [f32], t: usize, k: usize, n: usize) {
         let kc = k / KSTEP;
         // Token tiles, padded to pairs (a block covers 32 tokens), or one alone for at most 16
-        // tokens (decode: the same sequence of tile products per output element, on one
-        // token tile).
+        // tokens (the same sequence of tile products per output element, on one token tile).
         let two = t > TILE;
         let mtiles = if two { t.div_ceil(2 * TILE) * 2 } else { 1 };
         let per_tile = kc * TERMS * TILE_U32;
@@ -428,7 +436,7 @@ mod x86 {
             if xp.len() < mtiles * per_tile {
                 xp.resize(mtiles * per_tile, 0);
             }
-            // Pack x: token tile `mt`, K step `s` at `(mt·kc + s)·2·TILE_U32`; in parallel
+            // Pack x: token tile `mt`, K step `s` at `(mt·kc + s)·TERMS·TILE_U32`; in parallel
             // over token tiles.
             let xpp = SendPtr(xp.as_mut_ptr());
             let pack = |mt: usize| {
@@ -436,7 +444,7 @@ mod x86 {
                 let dst = unsafe {
                     std::slice::from_raw_parts_mut(xpp.get().add(mt * per_tile), per_tile)
                 };
-                // SAFETY: AMX machines have AVX-512F (checked in `detect`).
+                // SAFETY: AVX-512F/BW and AVX2 are present (checked in `detect`).
                 unsafe { pack_tile(x, t, k, mt * TILE, dst) };
             };
             // A parallel region costs more than packing one or two token tiles.
@@ -452,8 +460,8 @@ mod x86 {
             let groups = n.div_ceil(2 * TILE);
             let blocks = mtiles.div_ceil(2);
             // Up to 4 groups (128 rows) a panel, so that a panel stays in L2 while token blocks
-            // pass; with one token block (decode) nothing is reused, and larger panels mean
-            // fewer tasks, each with its tile setup and prefetch ramp.
+            // pass; with one token block nothing is reused, and larger panels mean fewer tasks,
+            // each with its tile setup.
             let panel_groups = groups
                 .div_ceil(2 * threads)
                 .clamp(1, if blocks == 1 { groups } else { 4 });
@@ -470,7 +478,7 @@ mod x86 {
                 let _tiles = Tiles::new();
                 let mut out = [0f32; 4 * TILE * TILE];
                 // The zero-padded copy of a last group of fewer than 32 rows, in a buffer kept
-                // by the thread (decode allocates nothing once warm).
+                // by the thread (nothing is allocated once warm).
                 let mut pad = PAD.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
                 let mut padded = false;
                 for bi in b0..b1 {
