@@ -3,8 +3,20 @@
 mod common;
 use common::*;
 
-fn golden() -> std::collections::BTreeMap<String, (String, Vec<usize>, Vec<f64>)> {
+/// Tensors of an output file by name: (dtype, shape, values).
+type Tensors = std::collections::BTreeMap<String, (String, Vec<usize>, Vec<f64>)>;
+
+fn golden() -> Tensors {
     read_output(&shared().join("golden/golden_model.safetensors"))
+}
+
+/// The golden file, a fresh directory `name`, and the golden prompt's ids written into it.
+fn golden_inputs(name: &str) -> (Tensors, TestDir, String) {
+    let g = golden();
+    let dir = temp_dir(name);
+    let ids: Vec<i64> = g["input_ids"].2.iter().map(|&x| x as i64).collect();
+    let ids_path = write_ids(&dir, &serde_json::to_string(&ids).unwrap());
+    (g, dir, ids_path)
 }
 
 fn max_diff(a: &[f64], b: &[f64]) -> f64 {
@@ -17,10 +29,7 @@ fn max_diff(a: &[f64], b: &[f64]) -> f64 {
 
 #[test]
 fn forward_reproduces_golden_logits_and_greedy_ids() {
-    let g = golden();
-    let dir = temp_dir("fwd");
-    let ids: Vec<i64> = g["input_ids"].2.iter().map(|&x| x as i64).collect();
-    let ids_path = write_ids(&dir, &serde_json::to_string(&ids).unwrap());
+    let (g, dir, ids_path) = golden_inputs("fwd");
     let out = dir.join("out.safetensors");
     let tiny = tiny_dir();
     let o = run(&[
@@ -73,10 +82,7 @@ fn forward_reproduces_golden_logits_and_greedy_ids() {
 /// message (never silently ignored).
 #[test]
 fn forward_with_amx_matches_golden_or_is_refused() {
-    let g = golden();
-    let dir = temp_dir("fwd-amx");
-    let ids: Vec<i64> = g["input_ids"].2.iter().map(|&x| x as i64).collect();
-    let ids_path = write_ids(&dir, &serde_json::to_string(&ids).unwrap());
+    let (g, dir, ids_path) = golden_inputs("fwd-amx");
     let out = dir.join("out.safetensors");
     let tiny = tiny_dir();
     let o = run(&[

@@ -158,24 +158,7 @@ pub fn fits(k: usize) -> bool {
 pub fn matmul_bf16(x: &[f32], w: &[bf16], y: &mut [f32], t: usize, k: usize, n: usize) {
     assert!(available(), "amx: this machine or OS has no AMX-BF16 tiles");
     assert!(fits(k), "amx: K = {k} is not a multiple of 32");
-    assert_eq!(
-        x.len(),
-        t * k,
-        "amx: x has {} elements, expected T·K = {t}·{k}",
-        x.len()
-    );
-    assert_eq!(
-        w.len(),
-        n * k,
-        "amx: w has {} elements, expected N·K = {n}·{k}",
-        w.len()
-    );
-    assert_eq!(
-        y.len(),
-        t * n,
-        "amx: y has {} elements, expected T·N = {t}·{n}",
-        y.len()
-    );
+    crate::matmul::check_shape("amx", x.len(), w.len(), y.len(), t, k, n);
     if t == 0 || n == 0 {
         return;
     }
@@ -186,6 +169,7 @@ pub fn matmul_bf16(x: &[f32], w: &[bf16], y: &mut [f32], t: usize, k: usize, n: 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::bf16;
+    use crate::par::SendPtr;
     use std::arch::asm;
     use std::cell::RefCell;
 
@@ -231,18 +215,6 @@ mod x86 {
         fn drop(&mut self) {
             // SAFETY: tiles are configured (by `new`).
             unsafe { asm!("tilerelease", options(nostack, nomem)) };
-        }
-    }
-
-    #[derive(Clone, Copy)]
-    struct SendPtr<T>(*mut T);
-    // SAFETY: used only to write disjoint elements from different threads.
-    unsafe impl<T> Send for SendPtr<T> {}
-    unsafe impl<T> Sync for SendPtr<T> {}
-    impl<T> SendPtr<T> {
-        #[inline]
-        fn get(self) -> *mut T {
-            self.0
         }
     }
 
@@ -514,10 +486,8 @@ mod x86 {
                             let (wt, xt) = (q / 2, q % 2);
                             let nr = TILE.min(rows.saturating_sub(wt * TILE));
                             let row0 = 2 * bi * TILE + xt * TILE;
+                            // (With one token tile, the second's rows start at 16 ≥ T: none.)
                             let nt = TILE.min(t.saturating_sub(row0));
-                            if xt == 1 && !two {
-                                continue;
-                            }
                             if nr > 0 && nt > 0 {
                                 // SAFETY: rows row0..row0+nt, columns n0+16·wt..+nr of y lie
                                 // inside it and belong to this task's token block and W

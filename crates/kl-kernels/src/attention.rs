@@ -15,6 +15,7 @@
 //! long-context decode scales with threads; the result is bit-identical to the serial order, so
 //! a token's output does not depend on whether it was prefilled or decoded, or on the chunking.
 
+use crate::par::SendPtr;
 use crate::simd::dot_f32;
 pub use crate::simd::Prefetch;
 use crate::Elem;
@@ -381,20 +382,6 @@ fn pair_heads(q: &[f32], h: usize, dk: usize, qpair: &mut Vec<f32>) {
             let dst = &mut qpair[(hp * nc + c) * 16 + half * 8..][..8];
             dst.copy_from_slice(&q[hh * dk + 8 * c..hh * dk + 8 * c + 8]);
         }
-    }
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: each query writes a disjoint output row.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
-    #[inline]
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

@@ -38,6 +38,7 @@
 
 use crate::activation::{softplus_scaled, softplus_scaled_reference};
 use crate::dense::{exp_inplace, forward_subst_blocked, gemm, gemm_ptr, mul_exp_diff, MatA, Mode};
+use crate::par::SendPtr;
 use crate::simd::{axpy, prefetch_l1, Prefetch};
 use crate::transpose::transpose;
 use rayon::prelude::*;
@@ -103,20 +104,6 @@ fn check(
     assert_eq!(beta.len(), t * h, "kda: beta");
     assert_eq!(state.len(), h * kd * vd, "kda: state");
     assert_eq!(out.len(), t * h * vd, "kda: out");
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: each head writes a disjoint set of output elements.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
-    #[inline]
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// Token-by-token recurrence (decode path and reference).
@@ -442,7 +429,7 @@ struct Inputs<'a> {
     g: &'a [f32],
     beta: &'a [f32],
     /// `out`, written row by row: each head task writes only its own rows.
-    out: SendPtr,
+    out: SendPtr<f32>,
 }
 
 /// One chunk of one head: the §5.3 equations as small dense products.

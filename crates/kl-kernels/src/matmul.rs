@@ -43,6 +43,7 @@
 //! [`matmul_reference`] is the plain triple loop both are tested against.
 
 use crate::cpu::Isa;
+use crate::par::SendPtr;
 use crate::Elem;
 use half::{bf16, f16};
 use std::any::TypeId;
@@ -67,20 +68,6 @@ pub fn matmul_reference<W: Elem>(x: &[f32], w: &[W], y: &mut [f32], t: usize, k:
             }
             y[ti * n + ni] = s;
         }
-    }
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only to write disjoint output elements from different threads.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
-    #[inline]
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 
@@ -110,24 +97,7 @@ pub fn matmul_isa<W: Elem>(
     n: usize,
 ) {
     let isa = isa.min(crate::cpu::features().isa());
-    assert_eq!(
-        x.len(),
-        t * k,
-        "matmul: x has {} elements, expected T·K = {t}·{k}",
-        x.len()
-    );
-    assert_eq!(
-        w.len(),
-        n * k,
-        "matmul: W has {} elements, expected N·K = {n}·{k}",
-        w.len()
-    );
-    assert_eq!(
-        y.len(),
-        t * n,
-        "matmul: y has {} elements, expected T·N = {t}·{n}",
-        y.len()
-    );
+    check_shape("matmul", x.len(), w.len(), y.len(), t, k, n);
     if t == 0 || n == 0 {
         return;
     }
@@ -279,6 +249,14 @@ pub fn tally_stop() -> Tally {
         flops: st.flops,
         busy_secs: st.busy,
     }
+}
+
+/// Panics, naming `op` and the operand, unless `x`, `W` and `y` hold `T·K`, `N·K` and `T·N`
+/// elements.
+pub(crate) fn check_shape(op: &str, x: usize, w: usize, y: usize, t: usize, k: usize, n: usize) {
+    assert_eq!(x, t * k, "{op}: x has {x} elements, expected T·K = {t}·{k}");
+    assert_eq!(w, n * k, "{op}: W has {w} elements, expected N·K = {n}·{k}");
+    assert_eq!(y, t * n, "{op}: y has {y} elements, expected T·N = {t}·{n}");
 }
 
 /// Dispatch to the decode (gemv) or prefill path.

@@ -33,6 +33,24 @@ pub fn serial<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// A raw pointer that tasks on other threads may hold: the output of a kernel whose tasks each
+/// write their own disjoint set of elements through it (every use site says which, in its
+/// `SAFETY` comment), where no safe split of the slice fits the access pattern.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: the pointer is only dereferenced by tasks that write disjoint elements (see above);
+// it is never read through concurrently with a write to the same element.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
+    #[inline]
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 /// Whether the calling thread is inside [`serial`].
 pub fn is_serial() -> bool {
     SERIAL.with(Cell::get)
