@@ -24,9 +24,10 @@ struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
-    /// Run prefill matrix products on Intel AMX tiles (Sapphire Rapids or later, Linux; bf16
-    /// weights): faster prefill, results within f32 rounding of the default but no longer
-    /// bit-identical between a prompt prefilled whole and in pieces. Also `KL_AMX=1`.
+    /// Run prefill matrix products (bf16 weights) and latent attention over a bf16 cache on
+    /// Intel AMX tiles (Sapphire Rapids or later, Linux): faster prefill and long-context
+    /// decode, results within f32 rounding of the default but no longer bit-identical between a
+    /// prompt prefilled whole and in pieces. Also `KL_AMX=1`.
     #[arg(long, global = true)]
     amx: bool,
     #[command(subcommand)]

@@ -15,8 +15,9 @@
 //! The FMA peak is measured with the widest vector width the kernels use (AVX-512 when the
 //! matmul prefill kernel uses it; `KL_NO_AVX512=1` forces AVX2 everywhere). With AVX-512 active,
 //! every matmul case also runs on the AVX2 kernels (same bits) and is quoted against the AVX2
-//! peak, an A/B comparison within one run. Where the CPU has AMX tiles, each bf16 case also runs
-//! on the opt-in AMX kernel (`[amx]`, `kl_kernels::amx`), quoted against the same FMA peak.
+//! peak, an A/B comparison within one run. Where the CPU has AMX tiles, each bf16 matmul case and
+//! each latent attention case also runs on the opt-in AMX kernels (`[amx]`, `kl_kernels::amx`),
+//! quoted against the same FMA peak.
 
 use half::bf16;
 use kl_kernels::attention::{latent_attention, LatentAttnShape};
@@ -279,15 +280,17 @@ fn bench_attention(roof: &Roof, rng: &mut Rng) {
         let mut o = vec![0f32; s.h * s.dv];
         let secs = time(|| latent_attention(s, &q, &blocks, block_rows, n_keys, 0.07, &mut o));
         let flops = 2.0 * (s.h * n_keys * (s.dk + s.dv)) as f64;
-        report_flops(
-            &format!(
-                "latent_attention decode H={} Dk={} keys={n_keys}",
-                s.h, s.dk
-            ),
-            secs,
-            flops,
-            roof,
+        let name = format!(
+            "latent_attention decode H={} Dk={} keys={n_keys}",
+            s.h, s.dk
         );
+        report_flops(&name, secs, flops, roof);
+        // The opt-in AMX kernel (`--amx`; the cache is bf16 and the shape whole head tiles).
+        if kl_kernels::amx::set_enabled(true) {
+            let secs = time(|| latent_attention(s, &q, &blocks, block_rows, n_keys, 0.07, &mut o));
+            kl_kernels::amx::set_enabled(false);
+            report_flops(&format!("{name} [amx]"), secs, flops, roof);
+        }
     }
 }
 

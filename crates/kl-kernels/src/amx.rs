@@ -45,6 +45,9 @@
 //! Linux only (the process must ask the kernel for the tile state: `arch_prctl
 //! (ARCH_REQ_XCOMP_PERM)`), x86-64 with AMX-TILE and AMX-BF16, `K` a multiple of 32 and weights
 //! in bf16; anything else takes the FMA path.
+//!
+//! The same switch also sends latent attention over a bf16 cache to the tiles
+//! ([`crate::amx_attention`], which reuses this module's product block for its scores).
 
 use half::bf16;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -167,20 +170,21 @@ pub fn matmul_bf16(x: &[f32], w: &[bf16], y: &mut [f32], t: usize, k: usize, n: 
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::bf16;
     use crate::par::SendPtr;
+    use crate::simd::Prefetch;
     use std::arch::asm;
     use std::cell::RefCell;
 
     /// Tokens per `x` tile (its columns) and `W` rows per `W` tile (its rows).
-    const TILE: usize = 16;
+    pub(crate) const TILE: usize = 16;
     /// `K` columns per tile step (32 bf16 = 64 bytes, one tile row).
-    const KSTEP: usize = 32;
+    pub(crate) const KSTEP: usize = 32;
     /// u32 elements (bf16 pairs) of one tile (16 rows × 64 bytes).
-    const TILE_U32: usize = 256;
+    pub(crate) const TILE_U32: usize = 256;
     /// bf16 terms per activation: `hi`, `mid`, `lo` (see the module docs).
-    const TERMS: usize = 3;
+    pub(crate) const TERMS: usize = 3;
 
     /// The tile configuration: palette 1, tiles 0–7 all 16 rows × 64 bytes.
     #[repr(C, align(64))]
@@ -200,10 +204,10 @@ mod x86 {
 
     /// The tile state of this thread, configured while alive and released on drop (so that the
     /// OS need not save 8 KiB of tiles at every switch away from a thread that is done).
-    struct Tiles;
+    pub(crate) struct Tiles;
 
     impl Tiles {
-        fn new() -> Self {
+        pub(crate) fn new() -> Self {
             // SAFETY: `available()` was checked by the caller (the process holds the tile
             // permission); the configuration is a valid palette-1 layout.
             unsafe { asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack)) };
@@ -228,7 +232,7 @@ mod x86 {
     /// bf16 bits of `v` (in the low 16 bits), rounded to nearest even; a NaN stays a (quiet)
     /// NaN. Branch-free, so that a row of them vectorises; the same bits as `half::bf16`.
     #[inline(always)]
-    fn bits(v: f32) -> u32 {
+    pub(crate) fn bits(v: f32) -> u32 {
         let b = v.to_bits();
         let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
         if v.is_nan() {
@@ -282,7 +286,7 @@ mod x86 {
     /// # Safety
     /// The CPU has AVX-512F.
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-    unsafe fn pack_tile(x: &[f32], t: usize, k: usize, m0: usize, dst: &mut [u32]) {
+    pub(crate) unsafe fn pack_tile(x: &[f32], t: usize, k: usize, m0: usize, dst: &mut [u32]) {
         for (s, d) in dst.chunks_exact_mut(TERMS * TILE_U32).enumerate() {
             // SAFETY: AVX2 is present (checked in `detect`, as every caller requires `available`).
             unsafe { pack_block(x, t, k, m0, s, d) };
@@ -295,6 +299,9 @@ mod x86 {
     /// false, only the first token tile (`xp0`; tiles `[·][1]` of `out` are then zero): every
     /// output element still sees the same tile products in the same order.
     ///
+    /// `pf` advances one [`Prefetch::tick`] per `K` step (the next rows of a latent cache in
+    /// attention; nothing for products).
+    ///
     /// Tile registers are not renamed, so a load waits for the products that read its register;
     /// loads placed right after their register's last reader measured no faster than this plain
     /// order (the core overlaps them).
@@ -303,13 +310,14 @@ mod x86 {
     /// Tiles configured; `wp` has 32 rows of `steps·32` bf16 `ldw` bytes apart; `xp0`, `xp1`
     /// have `steps` steps of [`TERMS`] tiles each; `out` has 1024 writable floats.
     #[inline(always)]
-    unsafe fn block<const TWO: bool>(
+    pub(crate) unsafe fn block<const TWO: bool>(
         wp: *const u8,
         ldw: usize,
         xp0: *const u32,
         xp1: *const u32,
         steps: usize,
         out: *mut f32,
+        pf: &mut Prefetch,
     ) {
         asm!(
             "tilezero tmm0",
@@ -320,6 +328,7 @@ mod x86 {
         );
         let w1 = wp.add(TILE * ldw);
         for s in 0..steps {
+            pf.tick();
             let (a0, a1) = (wp.add(s * 64), w1.add(s * 64));
             let (b0, b1) = (xp0.add(s * TERMS * TILE_U32), xp1.add(s * TERMS * TILE_U32));
             if !TWO {
@@ -474,10 +483,11 @@ mod x86 {
                         // apart), the x tiles `kc` steps each; `out` has 1024 floats.
                         unsafe {
                             let o = out.as_mut_ptr();
+                            let pf = &mut Prefetch::default();
                             if two {
-                                block::<true>(wp, ldw, x0, x1, kc, o)
+                                block::<true>(wp, ldw, x0, x1, kc, o, pf)
                             } else {
-                                block::<false>(wp, ldw, x0, x1, kc, o)
+                                block::<false>(wp, ldw, x0, x1, kc, o, pf)
                             }
                         };
                         // out[wt][xt][i][j] = yᵀ[n0 + 16·wt + i][32·bi + 16·xt + j]: each tile

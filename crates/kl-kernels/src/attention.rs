@@ -45,6 +45,13 @@ pub trait KeyRows: Sync {
     fn spans(&self, r0: usize, n: usize, pf: &mut Prefetch) {
         let _ = (r0, n, pf);
     }
+    /// Up to `n` rows starting at row `r0` as stored, when the store holds bf16 (stopping early
+    /// at a storage boundary, as [`widen`](Self::widen)): `[m, dk]` with `m ≥ 1` when
+    /// `r0 < rows()`. `None` for any other storage (the default); the AMX kernel reads these.
+    fn bf16_rows(&self, r0: usize, n: usize) -> Option<&[half::bf16]> {
+        let _ = (r0, n);
+        None
+    }
 }
 
 /// `f(block, first row in it, rows)` for the rows `r0..end` of a store of `block_rows`-row
@@ -93,6 +100,13 @@ impl<C: Elem> KeyRows for BlockRows<'_, C> {
         for_blocks(self.block_rows, r0, (r0 + n).min(self.n_rows), |b, o, m| {
             pf.push(&self.blocks[b][o * self.dk..(o + m) * self.dk]);
         });
+    }
+    fn bf16_rows(&self, r0: usize, n: usize) -> Option<&[half::bf16]> {
+        let (b, r) = (r0 / self.block_rows, r0 % self.block_rows);
+        let n = n
+            .min(self.block_rows - r)
+            .min(self.n_rows.saturating_sub(r0));
+        C::as_bf16(&self.blocks[b][r * self.dk..(r + n) * self.dk])
     }
 }
 
@@ -222,6 +236,8 @@ struct TileBufs {
     scores: Vec<f32>,
     /// The query re-laid out in head pairs for the AVX-512 score kernel.
     qpair: Vec<f32>,
+    /// The AMX kernel's scratch (empty unless it runs).
+    amx: crate::amx_attention::Bufs,
 }
 
 impl TileBufs {
@@ -230,15 +246,21 @@ impl TileBufs {
             tile: Vec::new(),
             scores: Vec::new(),
             qpair: Vec::new(),
+            amx: crate::amx_attention::Bufs::new(),
         }
     }
 
-    /// Capacity for `h` heads of key width `dk`, so that [`attend_range`] never allocates.
-    fn reserve(&mut self, h: usize, dk: usize) {
+    /// Capacity for shape `s`, so that [`attend_range`] never allocates (with `amx`, for the
+    /// AMX kernel too).
+    fn reserve(&mut self, s: LatentAttnShape, amx: bool) {
+        let LatentAttnShape { h, dk, .. } = s;
         let grow = |v: &mut Vec<f32>, n: usize| v.reserve(n.saturating_sub(v.len()));
         grow(&mut self.tile, TILE * dk);
         grow(&mut self.scores, h * TILE);
         grow(&mut self.qpair, h.div_ceil(2) * (dk / 8) * 16);
+        if amx {
+            self.amx.reserve(s);
+        }
     }
 }
 
@@ -279,10 +301,20 @@ fn attend_range<R: KeyRows + ?Sized>(
     bufs: &mut TileBufs,
 ) {
     let LatentAttnShape { h, dk, dv } = s;
+    if crate::amx_attention::usable(s, rows, k0) {
+        // Both call sites hand over a fresh partial state, which the tile kernel overwrites.
+        debug_assert!(p.m.iter().all(|&m| m == f32::NEG_INFINITY));
+        let amx = &mut bufs.amx;
+        crate::amx_attention::segment(
+            s, qrow, scale, rows, k0, k1, &mut p.m, &mut p.l, &mut p.acc, amx,
+        );
+        return;
+    }
     let TileBufs {
         tile,
         scores,
         qpair,
+        ..
     } = bufs;
     let wide = wide();
     if wide {
@@ -427,10 +459,11 @@ pub fn latent_attention_rows<R: KeyRows + ?Sized>(
         "latent_attention: {n_keys} keys for {tq} queries"
     );
     assert_eq!(out.len(), tq * h * dv);
-    if tq == 1 && n_keys > SEGMENT {
+    if tq == 1 {
         // Flash-decoding: segments in parallel, merged in order (same bits as the serial path).
         // The partial states live in the calling thread's scratch and the tiles in each
-        // worker's, so a decode step allocates nothing once warmed up.
+        // worker's, so a decode step allocates nothing once warmed up (at any depth: one
+        // segment runs on the calling thread with the same buffers).
         let nseg = n_keys.div_ceil(SEGMENT);
         DECODE.with(|cell| {
             // A nested call on this thread (a second sequence decoding from inside this one's
@@ -456,22 +489,28 @@ pub fn latent_attention_rows<R: KeyRows + ?Sized>(
             while bufs.len() < threads {
                 bufs.push(std::sync::Mutex::new(TileBufs::new()));
             }
+            let amx = crate::amx_attention::usable(s, rows, 0);
             for b in bufs.iter_mut() {
                 b.get_mut()
                     .unwrap_or_else(|e| e.into_inner())
-                    .reserve(h, dk);
+                    .reserve(s, amx);
             }
             let bufs = &bufs[..];
-            parts[..nseg]
-                .par_iter_mut()
-                .enumerate()
-                .for_each(|(si, p)| {
-                    p.shape(h, dv);
-                    let (k0, k1) = (si * SEGMENT, ((si + 1) * SEGMENT).min(n_keys));
-                    let i = rayon::current_thread_index().unwrap_or(0) % bufs.len();
-                    let mut b = bufs[i].lock().unwrap_or_else(|e| e.into_inner());
-                    attend_range(s, q, rows, k0, k1, scale, p, &mut b);
-                });
+            let segment = |si: usize, p: &mut Partial| {
+                p.shape(h, dv);
+                let (k0, k1) = (si * SEGMENT, ((si + 1) * SEGMENT).min(n_keys));
+                let i = rayon::current_thread_index().unwrap_or(0) % bufs.len();
+                let mut b = bufs[i].lock().unwrap_or_else(|e| e.into_inner());
+                attend_range(s, q, rows, k0, k1, scale, p, &mut b);
+            };
+            if nseg == 1 {
+                segment(0, &mut parts[0]);
+            } else {
+                parts[..nseg]
+                    .par_iter_mut()
+                    .enumerate()
+                    .for_each(|(si, p)| segment(si, p));
+            }
             for p in &parts[..nseg] {
                 total.merge(p, dv);
             }

@@ -18,6 +18,11 @@ pub trait Elem: Copy + Send + Sync + 'static {
     fn dot(src: &[Self], x: &[f32]) -> f32 {
         src.iter().zip(x).map(|(a, b)| a.to_f32() * b).sum()
     }
+    /// `src` itself when `Self` is bf16 (what the tile kernels read directly), else `None`.
+    fn as_bf16(src: &[Self]) -> Option<&[bf16]> {
+        let _ = src;
+        None
+    }
 }
 
 impl Elem for f32 {
@@ -51,6 +56,9 @@ impl Elem for bf16 {
     }
     fn dot(src: &[Self], x: &[f32]) -> f32 {
         crate::simd::dot_bf16(src, x)
+    }
+    fn as_bf16(src: &[Self]) -> Option<&[bf16]> {
+        Some(src)
     }
 }
 

@@ -25,7 +25,8 @@
 //! **Speed.** The compute-bound kernels are register-blocked (prefill matmul: 6 × 4 tiles of
 //! row-pair 16-lane accumulators on AVX-512, 4 × 3 tiles of 8-lane ones on AVX2, over an
 //! L2-resident f32 panel, K-blocked for L1; KDA: 8 × 32 / 6 × 16 tiles of small dense products,
-//! see the private `dense` module; latent attention: head-pair × key blocks); decode matmul
+//! see the private `dense` module; latent attention: head-pair × key blocks, or on AMX tiles
+//! with the opt-in switch, [`amx_attention`]); decode matmul
 //! streams bf16 weights in register-width groups with software prefetch. [`roofline`] measures
 //! the machine's FMA peak (at the widest ISA in use) and read bandwidth so that
 //! `cargo bench -p kl-kernels` can quote each kernel as a fraction of it.
@@ -38,6 +39,7 @@
 
 pub mod activation;
 pub mod amx;
+pub mod amx_attention;
 pub mod attention;
 pub mod conv1d;
 pub mod cpu;

@@ -363,6 +363,11 @@ impl<C: Elem> KeyRows for DenseRows<'_, C> {
             pf.push(&self.blocks[b][o * self.dk..(o + m) * self.dk]);
         });
     }
+    fn bf16_rows(&self, r0: usize, n: usize) -> Option<&[bf16]> {
+        let (b, r) = (r0 / BLOCK_ROWS, r0 % BLOCK_ROWS);
+        let n = n.min(BLOCK_ROWS - r).min(self.n_rows.saturating_sub(r0));
+        C::as_bf16(&self.blocks[b][r * self.dk..(r + n) * self.dk])
+    }
 }
 
 /// fp8 rows with per-row, per-part scales.

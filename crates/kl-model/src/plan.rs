@@ -131,7 +131,7 @@ pub fn workspace_bytes(cfg: &ModelConfig, chunk: usize, all_logits: bool, thread
     };
     let attn_scratch = 64 * m.latent_width() + m.num_heads * (m.kv_lora_rank + 2) + 64;
     let scratch = threads * (kda_scratch + attn_scratch + mla_scratch);
-    // With the opt-in AMX products, every thread keeps the packed input of the largest product
+    // With the opt-in AMX kernels, every thread keeps the packed input of the largest product
     // it ran: at most a chunk's rows of the widest input of any product.
     let amx = if kl_kernels::amx::enabled() {
         let e = cfg.moe.map_or(0, |e| e.expert_width);
@@ -146,7 +146,17 @@ pub fn workspace_bytes(cfg: &ModelConfig, chunk: usize, all_logits: bool, thread
         .into_iter()
         .max()
         .unwrap_or(d);
-        threads * kl_kernels::amx::scratch_bytes(c, widest)
+        // And the tile kernel of latent attention its scratch (a segment's scores and tiles).
+        let attn = if cfg.num_mla_layers() > 0 {
+            kl_kernels::amx_attention::scratch_bytes(kl_kernels::attention::LatentAttnShape {
+                h: m.num_heads,
+                dk: m.latent_width(),
+                dv: m.kv_lora_rank,
+            })
+        } else {
+            0
+        };
+        threads * (kl_kernels::amx::scratch_bytes(c, widest) + attn)
     } else {
         0
     };

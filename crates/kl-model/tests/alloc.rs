@@ -42,14 +42,28 @@ fn decode_allocates_nothing_after_warm_up() {
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(2)
         .build_global();
-    let mut cfg = presets::tiny();
-    cfg.vocab_size = 512;
+    // The golden tiny model, and one whose attention has whole 16-head tiles and a latent row of
+    // 64 + 32 (what the opt-in AMX attention takes: CI runs this test with KL_AMX=1 too).
+    let tiny = presets::tiny();
+    let mut tiles = presets::tiny();
+    tiles.num_attention_heads = 16;
+    tiles.num_key_value_heads = Some(16);
+    tiles.head_dim = Some(tiles.hidden_size / 16);
+    tiles.kv_lora_rank = 64;
+    tiles.qk_rope_head_dim = 32;
+    for (name, mut cfg) in [("tiny", tiny), ("16 heads", tiles)] {
+        cfg.vocab_size = 512;
+        decode_allocates_nothing(name, &cfg);
+    }
+}
+
+fn decode_allocates_nothing(name: &str, cfg: &kl_config::RawConfig) {
     let tmp = tempfile::Builder::new()
         .prefix("kl-alloc-")
         .tempdir()
         .unwrap();
     let dir = tmp.path();
-    kl_weights::synth_checkpoint(&cfg, dir, 3, 1 << 30).expect("synth");
+    kl_weights::synth_checkpoint(cfg, dir, 3, 1 << 30).expect("synth");
     for dtype in [CacheDtype::Bf16, CacheDtype::Fp8, CacheDtype::F32] {
         let model = KimiLinear::load(
             dir,
@@ -59,41 +73,43 @@ fn decode_allocates_nothing_after_warm_up() {
             },
         )
         .expect("loads");
-        let mut st = model.new_state();
-        // Past two attention segments, so decode runs the flash-decoding merge.
-        let prompt: Vec<u32> = (0..2100).map(|i| (i * 37 % 512) as u32).collect();
-        st.reserve(2200);
-        let mut logits = vec![0f32; 512];
-        let mut probe = Probe::off();
-        model
-            .prefill(&prompt, &mut st, LogitsMode::Last, &mut probe)
-            .expect("prefill");
-        let mut id = 1u32;
-        let mut step = |model: &KimiLinear, st: &mut kl_model::SequenceState, id: &mut u32| {
+        // Within one attention segment, and past two (the flash-decoding merge).
+        for len in [100, 2100] {
+            let mut st = model.new_state();
+            let prompt: Vec<u32> = (0..len).map(|i| (i * 37 % 512) as u32).collect();
+            st.reserve(len + 100);
+            let mut logits = vec![0f32; 512];
+            let mut probe = Probe::off();
             model
-                .decode_into(*id, st, &mut probe, &mut logits)
-                .expect("decode");
-            *id = (logits
-                .iter()
-                .enumerate()
-                .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
-                .0) as u32;
-        };
-        // Run on a pool worker, as the CLI does: a parallel region entered from outside the
-        // pool queues a job in rayon's injector, which allocates a block now and then.
-        let n = rayon::scope(|_| {
-            for _ in 0..4 {
-                step(&model, &mut st, &mut id);
-            }
-            let before = ALLOCS.load(Ordering::SeqCst);
-            for _ in 0..16 {
-                step(&model, &mut st, &mut id);
-            }
-            ALLOCS.load(Ordering::SeqCst) - before
-        });
-        assert_eq!(
-            n, 0,
-            "{dtype:?} cache: {n} allocations in 16 decoded tokens"
-        );
+                .prefill(&prompt, &mut st, LogitsMode::Last, &mut probe)
+                .expect("prefill");
+            let mut id = 1u32;
+            let mut step = |model: &KimiLinear, st: &mut kl_model::SequenceState, id: &mut u32| {
+                model
+                    .decode_into(*id, st, &mut probe, &mut logits)
+                    .expect("decode");
+                *id = (logits
+                    .iter()
+                    .enumerate()
+                    .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+                    .0) as u32;
+            };
+            // Run on a pool worker, as the CLI does: a parallel region entered from outside the
+            // pool queues a job in rayon's injector, which allocates a block now and then.
+            let n = rayon::scope(|_| {
+                for _ in 0..4 {
+                    step(&model, &mut st, &mut id);
+                }
+                let before = ALLOCS.load(Ordering::SeqCst);
+                for _ in 0..16 {
+                    step(&model, &mut st, &mut id);
+                }
+                ALLOCS.load(Ordering::SeqCst) - before
+            });
+            assert_eq!(
+                n, 0,
+                "{name}, {dtype:?} cache, {len}-token prompt: {n} allocations in 16 decoded tokens"
+            );
+        }
     }
 }
