@@ -18,7 +18,9 @@
 //! Every filter keeps at least one token. Candidates are sorted by logit, ties by ascending id, so a
 //! draw depends only on the logits, the history and the seed: the same seed gives the same ids.
 //! The candidate and history buffers live in the [`Sampler`] and are reused, so sampling does not
-//! allocate once they have grown to the vocabulary size.
+//! allocate once they have grown to the vocabulary size. With min-p on, the candidates it is
+//! sure to drop are dropped before the sort (min-p's survivors are a prefix of the sorted order,
+//! so the draw is the same), which matters with top-k off: the whole vocabulary is not sorted.
 
 use crate::EngineError;
 use rand::{Rng, SeedableRng};
@@ -179,6 +181,13 @@ impl Sampler {
     /// Choose the next token. `logits` is modified (bias, penalty); `history` is the sequence so
     /// far (for the repetition penalty). An empty `logits` gives id 0.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        self.draw(logits, history, true)
+    }
+
+    /// [`sample`](Self::sample); with `prefilter`, the candidates that min-p is sure to drop are
+    /// dropped before the sort. The same ids either way: the survivors of min-p are a prefix of
+    /// the sorted order, and top-p and min-p only ever keep a prefix of what they are given.
+    fn draw(&mut self, logits: &mut [f32], history: &[u32], prefilter: bool) -> u32 {
         self.adjust(logits, history);
         if self.params.is_greedy() || logits.len() <= 1 {
             return argmax(logits);
@@ -196,21 +205,40 @@ impl Sampler {
             cand.select_nth_unstable_by(k - 1, by_logit);
             cand.truncate(k);
         }
-        cand.sort_unstable_by(by_logit);
-        let max = cand[0].1;
+        // The first candidate of the sorted order (largest logit, lowest id).
+        let first = *cand
+            .iter()
+            .min_by(|a, b| by_logit(a, b))
+            .expect("at least one candidate");
+        let max = first.1;
         if !max.is_finite() {
             // +inf dominates everything; all -inf leaves nothing to weigh.
-            return cand[0].0;
+            return first.0;
         }
         let inv_t = 1.0 / self.params.temperature;
+        let weight = |l: f32| ((l - max) * inv_t).exp();
+        // The softmax's normaliser over every candidate, summed in the order they are held.
         let mut sum = 0f64;
-        for c in cand.iter_mut() {
-            let e = ((c.1 - max) * inv_t).exp();
-            c.1 = e;
-            sum += e as f64;
+        if prefilter && self.params.min_p > 0.0 {
+            // min-p keeps a token only if its weight (the best token's is 1) reaches about
+            // `min_p`; the margin covers the rounding of the probabilities compared below. Only
+            // these are then sorted: sorting the whole vocabulary (top-k 0; 160K ids on the
+            // released model) took 10 ms a token on the development VM, against 2.4 ms for this
+            // on uniformly spread logits (a fifth survive) and less on a peaked distribution.
+            let cut = self.params.min_p * 0.999;
+            cand.retain(|c| {
+                let w = weight(c.1);
+                sum += w as f64;
+                w >= cut
+            });
+        } else {
+            for c in cand.iter() {
+                sum += weight(c.1) as f64;
+            }
         }
+        cand.sort_unstable_by(by_logit);
         for c in cand.iter_mut() {
-            c.1 = (c.1 as f64 / sum) as f32;
+            c.1 = (weight(c.1) as f64 / sum) as f32;
         }
         let top_p = self.params.top_p as f64;
         if top_p < 1.0 {
@@ -378,6 +406,45 @@ mod tests {
             }),
             [1]
         );
+    }
+
+    /// Dropping what min-p will drop before sorting draws the same ids as sorting everything,
+    /// over random vocabularies with wide and narrow distributions, with and without top-k and
+    /// top-p.
+    #[test]
+    fn min_p_prefilter_draws_the_same_ids() {
+        for (i, (top_k, top_p, min_p, temperature, spread)) in [
+            (0, 1.0, 0.05, 0.8, 4.0),
+            (0, 0.95, 0.05, 1.0, 4.0),
+            (0, 0.5, 0.01, 1.5, 1.0),
+            (40, 0.95, 0.05, 0.8, 4.0),
+            (0, 1.0, 0.3, 0.7, 0.3),
+            (0, 0.9, 0.0001, 1.0, 8.0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let params = SamplingParams {
+                top_k,
+                top_p,
+                min_p,
+                temperature,
+                seed: 7 + i as u64,
+                ..Default::default()
+            };
+            let (mut a, mut b) = (Sampler::new(params.clone()), Sampler::new(params));
+            for step in 0..200 {
+                let l: Vec<f32> = logits(5000, (i * 1000 + step) as u64)
+                    .iter()
+                    .map(|x| x * spread)
+                    .collect();
+                let (x, y) = (
+                    a.draw(&mut l.clone(), &[], true),
+                    b.draw(&mut l.clone(), &[], false),
+                );
+                assert_eq!(x, y, "case {i}, step {step}");
+            }
+        }
     }
 
     #[test]
