@@ -4,21 +4,23 @@
 //! Under weight absorption every head scores the whole cached row and sums the first `Dv`
 //! columns of it (spec §6.3): `H·(Dk + Dv)` multiply-adds per cached key, which makes decode at
 //! depth compute-bound on the FMA units. Both halves are products whose large operand is the
-//! cache itself, already bf16, so the tile unit takes them at several times the FMA peak:
+//! cache itself, already bf16, which the tile unit (several times the FMA peak) takes directly:
 //!
 //! - **Scores** `Sᵀ = K·Q'ᵀ` (keys × heads): the `A` operand is 16 cached rows × 32 columns
 //!   loaded straight from the cache (rows `Dk` apart), the `B` operand the scaled query `Q' =
 //!   scale·Q` split into three bf16 terms (`hi + mid + lo`, exact, as in [`crate::amx`]) and laid
-//!   out in column pairs, once per segment. This is [`crate::amx`]'s product block itself, with
-//!   the query in the place of the activations; it prefetches the next 32 keys per `K` step.
+//!   out in column pairs, once per segment. Two head tiles at a time run [`crate::amx`]'s
+//!   product block itself (32 keys, the query in the place of the activations); a last single
+//!   head tile (16 heads, as on `mini`) takes 64 keys in four accumulators, since two chains of
+//!   dependent products left the unit idle. The next 64 keys are prefetched meanwhile.
 //! - **Softmax** over the whole segment at once (at most [`SEGMENT`] keys, `[key][head]`
 //!   layout, one 16-lane vector per key and head block): the segment's maximum per head, then
 //!   `P = exp(S − m)` and its sum. No running rescale is needed inside a segment; segments merge
 //!   as on the FMA path.
 //! - **Values** `O = P·V` (heads × `Dv`): `A` is `P` (16 heads × 32 keys per tile, transposed
 //!   from the scores and split into three bf16 terms), `B` the value columns of 32 cached rows
-//!   interleaved in key pairs (the layout the unit wants), built per 256 keys; four accumulator
-//!   tiles hold 16 heads × 64 columns and stay in the tile registers across those keys.
+//!   interleaved in key pairs (the layout the unit wants, two word permutes per 32 columns),
+//!   built per 64 keys; four accumulator tiles hold 16 heads × 64 columns across those keys.
 //!
 //! Numerics: the key and value operands are the cache's own bf16 values and the query and
 //! probability terms add up exactly to their f32 values, so every product is exact and only the
@@ -36,7 +38,8 @@ use half::bf16;
 const KBLK: usize = 32;
 /// Keys per score block: four 16-row tiles of cached rows.
 const SBLK: usize = 64;
-/// Score blocks per value pass: 256 keys' value tiles are built, then summed.
+/// Value blocks per pass: 64 keys' value tiles are built, then summed (passes of 256 keys ran
+/// slower: their tiles, 128 KiB on `mini`, no longer stay in L1).
 const VBLOCKS: usize = 2;
 
 /// Whether the kernel handles this shape: whole head tiles, key width in whole `K` steps, value
@@ -60,12 +63,12 @@ pub(crate) struct Bufs {
     qp: Vec<u32>,
     /// Scores, then probabilities, `[keys (whole blocks), H]`.
     s: Vec<f32>,
-    /// A zero-padded copy of a block of fewer than 32 rows (or one split between storage
-    /// blocks) `[32, Dk]`.
+    /// A zero-padded copy of a block of keys that ends the segment early or is split between
+    /// storage blocks, `[64, Dk]`.
     keys: Vec<bf16>,
-    /// `P` terms: per head block and score block, three 16 × 32 tiles.
+    /// `P` terms: per head block and value block of a pass, three 16 × 32 tiles.
     pt: Vec<u32>,
-    /// Value tiles: per score block, per 16 columns, one tile of key pairs.
+    /// Value tiles: per value block of a pass, per 16 columns, one tile of key pairs.
     vv: Vec<u32>,
 }
 
@@ -132,11 +135,15 @@ pub(crate) fn segment<R: KeyRows + ?Sized>(
     bufs: &mut Bufs,
 ) {
     let LatentAttnShape { h, dk, dv } = s;
+    assert!(
+        crate::amx::available() && takes(s),
+        "amx_attention: not usable here"
+    );
     assert!(k0 < k1 && k1 - k0 <= SEGMENT && k1 <= rows.rows());
     assert!(q.len() == h * dk && m.len() == h && l.len() == h && acc.len() == h * dv);
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `usable` implies `amx::enabled`, hence `amx::available`: AMX-TILE/BF16,
-    // AVX-512F/BW, AVX2 and FMA, and the tile permission.
+    // SAFETY: `amx::available` (asserted): AMX-TILE/BF16, AVX-512F/BW, AVX2 and FMA, and the
+    // tile permission; the shape is one the kernel takes (asserted).
     unsafe {
         x86::segment(s, q, scale, rows, k0, k1, m, l, acc, bufs)
     };
