@@ -256,6 +256,42 @@ fn run_honours_memory_flags() {
 }
 
 #[test]
+fn bench_quotes_the_higher_of_two_roofline_measurements() {
+    let tiny = tiny_dir();
+    let v = json(&[
+        "--threads",
+        "2",
+        "bench",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--prompt-tokens",
+        "17",
+        "--gen-tokens",
+        "2",
+        "--json",
+    ]);
+    for (key, pair) in [("fma_gflops", "fma_gflops"), ("stream_gbps", "stream_gbps")] {
+        let m: Vec<f64> = v["roofline_measured"][pair]
+            .as_array()
+            .unwrap_or_else(|| panic!("roofline_measured.{pair}: {v}"))
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(m.len(), 2, "{v}");
+        assert!(m.iter().all(|x| *x > 0.0 && x.is_finite()), "{v}");
+        assert_eq!(v[key].as_f64(), Some(m[0].max(m[1])), "{v}");
+    }
+    let f = v["prefill_fraction_of_fma_peak"]["17"]
+        .as_f64()
+        .expect("fraction");
+    assert!(f > 0.0 && f.is_finite(), "{v}");
+    let d = v["decode_fraction_of_roofline"]["0"]
+        .as_f64()
+        .expect("fraction");
+    assert!(d > 0.0 && d.is_finite(), "{v}");
+}
+
+#[test]
 fn bench_json_reports_every_field() {
     let tiny = tiny_dir();
     let t = tiny.to_str().unwrap();
@@ -318,6 +354,7 @@ fn bench_json_reports_every_field() {
         v["fma_gflops"].is_null() && v["stream_gbps"].is_null(),
         "{v}"
     );
+    assert!(v["roofline_measured"].is_null(), "{v}");
     assert!(
         v["prefill_matmul_fraction_of_fma_peak"]["17"].is_null(),
         "{v}"

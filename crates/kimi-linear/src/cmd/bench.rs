@@ -11,6 +11,9 @@
 //!   decoded token and is much faster to set up), then `--gen-tokens` greedy steps are timed.
 //!   Fraction of the bandwidth roofline = (active weight bytes + KDA state read/write + latent
 //!   cache read) per token × tokens/s / stream bandwidth.
+//! - The roofline is measured before the runs and again after them; fractions use the higher
+//!   of each pair (`roofline_measured` in `--json` has both), so that a measurement that lands
+//!   in a slow minute of a shared machine cannot inflate them.
 
 use crate::memory::{human, parse_cache_dtype, parse_mla_prefill, peak_rss_bytes};
 use anyhow::{bail, Context, Result};
@@ -155,7 +158,9 @@ struct PrefillRow {
     /// All prefill FLOPs per second over the FMA peak.
     of_peak: f64,
     /// The compute-bound matrix products alone (`kl_kernels::matmul::Tally`): their FLOPs over
-    /// the wall time during which any of them ran, against the FMA peak.
+    /// the wall time during which any of them ran.
+    matmul_gflops: f64,
+    /// That rate against the FMA peak.
     matmul_of_peak: f64,
     /// That time's share of the prefill.
     matmul_share: f64,
@@ -168,6 +173,9 @@ struct DecodeRow {
     tps: f64,
     gbps: f64,
     gflops: f64,
+    /// Bytes and FLOPs of one token (for the roofline).
+    bytes: f64,
+    flops: f64,
     /// Bytes per second over the stream bandwidth.
     of_bandwidth: f64,
     /// Roofline time over measured time, the roofline being the slower of bytes at stream
@@ -203,14 +211,16 @@ pub fn run(a: Args) -> Result<()> {
             kl_kernels::cpu::describe()
         );
     }
-    let (fma, fma_isa, stream) = if a.no_roofline {
-        (f64::NAN, None, f64::NAN)
+    // The roofline is measured before the runs and again after them, and the higher of each
+    // pair is what the runs are quoted against: on a shared machine one measurement can land in
+    // a slow minute, which would make every fraction look better than it is.
+    let (before, fma_isa) = if a.no_roofline {
+        ((f64::NAN, f64::NAN), None)
     } else {
         let peak = measure_fma(threads);
         (
-            peak.gflops,
+            (peak.gflops, measure_stream_gbps(threads)),
             Some(peak.isa.name()),
-            measure_stream_gbps(threads),
         )
     };
 
@@ -272,8 +282,9 @@ pub fn run(a: Args) -> Result<()> {
             runs,
             tps,
             gflops: flops / secs / 1e9,
-            of_peak: flops / secs / 1e9 / fma,
-            matmul_of_peak: mm.flops as f64 / mm.busy_secs / 1e9 / fma,
+            of_peak: f64::NAN,
+            matmul_gflops: mm.flops as f64 / mm.busy_secs / 1e9,
+            matmul_of_peak: f64::NAN,
             matmul_share: mm.busy_secs / secs,
         });
     }
@@ -318,9 +329,6 @@ pub fn run(a: Args) -> Result<()> {
         let bytes = (c.weight_bytes + c.state_bytes + c.cache_bytes) as f64;
         let flops = (c.matmul_flops + c.attn_flops_per_key * ctx as u64) as f64;
         let gbps = bytes * tps / 1e9;
-        // Roofline time of one token: the slower of streaming its bytes and doing its FLOPs.
-        let (t_mem, t_fma) = (bytes / (stream * 1e9), flops / (fma * 1e9));
-        let bound = if t_fma > t_mem { "compute" } else { "memory" };
         decode.insert(depth.to_string(), serde_json::json!(tps));
         decode_rows.push(DecodeRow {
             depth,
@@ -328,12 +336,35 @@ pub fn run(a: Args) -> Result<()> {
             tps,
             gbps,
             gflops: flops * tps / 1e9,
-            of_bandwidth: gbps / stream,
-            of_roofline: t_mem.max(t_fma) * tps,
-            bound,
+            bytes,
+            flops,
+            of_bandwidth: f64::NAN,
+            of_roofline: f64::NAN,
+            bound: "memory",
         });
     }
+    // Before the second roofline measurement, whose buffer would count in it.
     let rss = peak_rss_bytes().unwrap_or(0);
+    let after = if a.no_roofline {
+        (f64::NAN, f64::NAN)
+    } else {
+        if !a.json {
+            eprintln!("measuring the roofline again…");
+        }
+        (measure_fma(threads).gflops, measure_stream_gbps(threads))
+    };
+    let (fma, stream) = (before.0.max(after.0), before.1.max(after.1));
+    for r in &mut prefill_rows {
+        r.of_peak = r.gflops / fma;
+        r.matmul_of_peak = r.matmul_gflops / fma;
+    }
+    for r in &mut decode_rows {
+        // Roofline time of one token: the slower of streaming its bytes and doing its FLOPs.
+        let (t_mem, t_fma) = (r.bytes / (stream * 1e9), r.flops / (fma * 1e9));
+        r.bound = if t_fma > t_mem { "compute" } else { "memory" };
+        r.of_bandwidth = r.gbps / stream;
+        r.of_roofline = t_mem.max(t_fma) * r.tps;
+    }
     // What the planner predicts for the largest sequence this run held.
     let max_ctx = a.prompt_tokens.iter().copied().max().unwrap_or(0).max(
         a.depth
@@ -361,6 +392,14 @@ pub fn run(a: Args) -> Result<()> {
             "fma_gflops": fma,
             "fma_isa": fma_isa,
             "stream_gbps": stream,
+            "roofline_measured": if a.no_roofline {
+                serde_json::Value::Null
+            } else {
+                serde_json::json!({
+                    "fma_gflops": [before.0, after.0],
+                    "stream_gbps": [before.1, after.1],
+                })
+            },
             "repeat": a.repeat,
             "prefill_tokens_per_s": prefill,
             "decode_tokens_per_s": decode,
@@ -388,8 +427,13 @@ pub fn run(a: Args) -> Result<()> {
     let roof = !a.no_roofline;
     if roof {
         println!(
-            "roofline: FMA {fma:.1} GFLOP/s ({}), stream {stream:.1} GB/s",
-            fma_isa.unwrap_or("-")
+            "roofline: FMA {fma:.1} GFLOP/s ({}), stream {stream:.1} GB/s (the higher of two \
+             measurements, before and after the runs: FMA {:.1} and {:.1}, stream {:.1} and {:.1})",
+            fma_isa.unwrap_or("-"),
+            before.0,
+            after.0,
+            before.1,
+            after.1
         );
     }
     for r in &prefill_rows {
