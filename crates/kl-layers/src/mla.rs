@@ -461,12 +461,16 @@ impl Mla {
         let n = cache.len();
         let p0 = n - t;
         let scale = self.dims.softmax_scale();
-        // Per-head queries [H, T, dn+dr] (a token's q is [H, dn+dr]).
+        // Per-head queries [H, T, dn+dr] (a token's q is [H, dn+dr]), with the softmax scale
+        // folded in (once per query instead of once per score).
         let mut qh = scratch.take(nh * t * qk);
         for hh in 0..nh {
             for i in 0..t {
-                qh[(hh * t + i) * qk..(hh * t + i + 1) * qk]
-                    .copy_from_slice(&q[(i * nh + hh) * qk..(i * nh + hh + 1) * qk]);
+                let src = &q[(i * nh + hh) * qk..(i * nh + hh + 1) * qk];
+                let dst = &mut qh[(hh * t + i) * qk..(hh * t + i + 1) * qk];
+                for (d, x) in dst.iter_mut().zip(src) {
+                    *d = x * scale;
+                }
             }
         }
         let mut m = scratch.take(nh * t);
@@ -511,9 +515,6 @@ impl Mla {
                             if visible == 0 {
                                 row.fill(0.0);
                                 continue;
-                            }
-                            for v in &mut row[..visible] {
-                                *v *= scale;
                             }
                             let corr = softmax_update(&mut row[..visible], &mut m[i], &mut l[i]);
                             row[visible..].fill(0.0);
