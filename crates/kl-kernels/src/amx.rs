@@ -232,7 +232,7 @@ pub(crate) mod x86 {
     /// bf16 bits of `v` (in the low 16 bits), rounded to nearest even; a NaN stays a (quiet)
     /// NaN. Branch-free, so that a row of them vectorises; the same bits as `half::bf16`.
     #[inline(always)]
-    pub(crate) fn bits(v: f32) -> u32 {
+    fn bits(v: f32) -> u32 {
         let b = v.to_bits();
         let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
         if v.is_nan() {
@@ -240,6 +240,20 @@ pub(crate) mod x86 {
         } else {
             rounded
         }
+    }
+
+    /// The [`TERMS`] bf16 terms `hi`, `mid`, `lo` of the pair `(a, b)` (see the module docs),
+    /// each as one u32 of a VNNI tile row: `a`'s term in the low half, `b`'s in the high.
+    #[inline(always)]
+    pub(crate) fn split3(mut a: f32, mut b: f32) -> [u32; TERMS] {
+        let mut terms = [0; TERMS];
+        for t in &mut terms {
+            let (ha, hb) = (bits(a), bits(b));
+            *t = ha | (hb << 16);
+            a -= f32::from_bits(ha << 16);
+            b -= f32::from_bits(hb << 16);
+        }
+        terms
     }
 
     /// Pack `x` rows `m0..m0+16` (zero past `t`), columns `kc·32..kc·32+32`, as the
@@ -268,14 +282,9 @@ pub(crate) mod x86 {
         let (hi, rest) = dst.split_at_mut(TILE_U32);
         let (mid, lo) = rest.split_at_mut(TILE_U32);
         for r in 0..KSTEP / 2 {
-            for m in 0..TILE {
-                let (mut a, mut b) = (xt[2 * r][m], xt[2 * r + 1][m]);
-                for tile in [&mut *hi, &mut *mid, &mut *lo] {
-                    let (ha, hb) = (bits(a), bits(b));
-                    tile[r * TILE + m] = ha | (hb << 16);
-                    a -= f32::from_bits(ha << 16);
-                    b -= f32::from_bits(hb << 16);
-                }
+            for (m, (&a, &b)) in xt[2 * r].iter().zip(&xt[2 * r + 1]).enumerate() {
+                let i = r * TILE + m;
+                [hi[i], mid[i], lo[i]] = split3(a, b);
             }
         }
     }

@@ -154,7 +154,7 @@ pub(crate) fn segment<R: KeyRows + ?Sized>(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Bufs, KBLK, SBLK, VBLOCKS};
-    use crate::amx::x86::{bits, block, pack_tile, Tiles, KSTEP, TERMS, TILE, TILE_U32};
+    use crate::amx::x86::{block, pack_tile, split3, Tiles, KSTEP, TERMS, TILE, TILE_U32};
     use crate::attention::{KeyRows, LatentAttnShape};
     use crate::simd::Prefetch;
     use half::bf16;
@@ -406,13 +406,8 @@ mod x86 {
         let (mid, lo) = rest.split_at_mut(TILE_U32);
         for (row, tr) in t.iter().enumerate() {
             for j in 0..KBLK / 2 {
-                let (mut a, mut b) = (tr[2 * j], tr[2 * j + 1]);
-                for tile in [&mut *hi, &mut *mid, &mut *lo] {
-                    let (ha, hb) = (bits(a), bits(b));
-                    tile[row * 16 + j] = ha | (hb << 16);
-                    a -= f32::from_bits(ha << 16);
-                    b -= f32::from_bits(hb << 16);
-                }
+                let i = row * 16 + j;
+                [hi[i], mid[i], lo[i]] = split3(tr[2 * j], tr[2 * j + 1]);
             }
         }
     }
