@@ -155,15 +155,18 @@ struct PrefillRow {
     runs: Runs,
     tps: f64,
     gflops: f64,
-    /// All prefill FLOPs per second over the FMA peak.
-    of_peak: f64,
     /// The compute-bound matrix products alone (`kl_kernels::matmul::Tally`): their FLOPs over
     /// the wall time during which any of them ran.
     matmul_gflops: f64,
-    /// That rate against the FMA peak.
-    matmul_of_peak: f64,
     /// That time's share of the prefill.
     matmul_share: f64,
+}
+
+impl PrefillRow {
+    /// All prefill FLOPs per second, and the matrix products' alone, over the FMA peak.
+    fn of_peak(&self, roof: Roof) -> (f64, f64) {
+        (self.gflops / roof.fma, self.matmul_gflops / roof.fma)
+    }
 }
 
 /// One measured decode depth (its figures from the median run).
@@ -176,12 +179,29 @@ struct DecodeRow {
     /// Bytes and FLOPs of one token (for the roofline).
     bytes: f64,
     flops: f64,
-    /// Bytes per second over the stream bandwidth.
-    of_bandwidth: f64,
-    /// Roofline time over measured time, the roofline being the slower of bytes at stream
-    /// bandwidth and FLOPs at the FMA peak.
-    of_roofline: f64,
-    bound: &'static str,
+}
+
+impl DecodeRow {
+    /// Bytes per second over the stream bandwidth; roofline time over measured time, the
+    /// roofline being the slower of the token's bytes at stream bandwidth and its FLOPs at the
+    /// FMA peak; and which of the two that is.
+    fn against(&self, roof: Roof) -> (f64, f64, &'static str) {
+        let (t_mem, t_fma) = (
+            self.bytes / (roof.stream * 1e9),
+            self.flops / (roof.fma * 1e9),
+        );
+        let bound = if t_fma > t_mem { "compute" } else { "memory" };
+        (self.gbps / roof.stream, t_mem.max(t_fma) * self.tps, bound)
+    }
+}
+
+/// The roofline the runs are quoted against (NaN when not measured).
+#[derive(Clone, Copy)]
+struct Roof {
+    /// FMA peak, GFLOP/s.
+    fma: f64,
+    /// Stream read bandwidth, GB/s.
+    stream: f64,
 }
 
 /// Run `bench`.
@@ -282,9 +302,7 @@ pub fn run(a: Args) -> Result<()> {
             runs,
             tps,
             gflops: flops / secs / 1e9,
-            of_peak: f64::NAN,
             matmul_gflops: mm.flops as f64 / mm.busy_secs / 1e9,
-            matmul_of_peak: f64::NAN,
             matmul_share: mm.busy_secs / secs,
         });
     }
@@ -338,9 +356,6 @@ pub fn run(a: Args) -> Result<()> {
             gflops: flops * tps / 1e9,
             bytes,
             flops,
-            of_bandwidth: f64::NAN,
-            of_roofline: f64::NAN,
-            bound: "memory",
         });
     }
     // Before the second roofline measurement, whose buffer would count in it.
@@ -354,17 +369,7 @@ pub fn run(a: Args) -> Result<()> {
         (measure_fma(threads).gflops, measure_stream_gbps(threads))
     };
     let (fma, stream) = (before.0.max(after.0), before.1.max(after.1));
-    for r in &mut prefill_rows {
-        r.of_peak = r.gflops / fma;
-        r.matmul_of_peak = r.matmul_gflops / fma;
-    }
-    for r in &mut decode_rows {
-        // Roofline time of one token: the slower of streaming its bytes and doing its FLOPs.
-        let (t_mem, t_fma) = (r.bytes / (stream * 1e9), r.flops / (fma * 1e9));
-        r.bound = if t_fma > t_mem { "compute" } else { "memory" };
-        r.of_bandwidth = r.gbps / stream;
-        r.of_roofline = t_mem.max(t_fma) * r.tps;
-    }
+    let roofline = Roof { fma, stream };
     // What the planner predicts for the largest sequence this run held.
     let max_ctx = a.prompt_tokens.iter().copied().max().unwrap_or(0).max(
         a.depth
@@ -405,12 +410,12 @@ pub fn run(a: Args) -> Result<()> {
             "decode_tokens_per_s": decode,
             "prefill_tokens_per_s_runs": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(r.runs.0))).collect::<serde_json::Map<_, _>>(),
             "decode_tokens_per_s_runs": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(r.runs.0))).collect::<serde_json::Map<_, _>>(),
-            "prefill_fraction_of_fma_peak": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(r.of_peak))).collect::<serde_json::Map<_, _>>(),
-            "prefill_matmul_fraction_of_fma_peak": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(r.matmul_of_peak))).collect::<serde_json::Map<_, _>>(),
+            "prefill_fraction_of_fma_peak": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(r.of_peak(roofline).0))).collect::<serde_json::Map<_, _>>(),
+            "prefill_matmul_fraction_of_fma_peak": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(r.of_peak(roofline).1))).collect::<serde_json::Map<_, _>>(),
             "prefill_matmul_time_share": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(r.matmul_share))).collect::<serde_json::Map<_, _>>(),
-            "decode_fraction_of_bandwidth": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(r.of_bandwidth))).collect::<serde_json::Map<_, _>>(),
-            "decode_fraction_of_roofline": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(r.of_roofline))).collect::<serde_json::Map<_, _>>(),
-            "decode_bound": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(r.bound))).collect::<serde_json::Map<_, _>>(),
+            "decode_fraction_of_bandwidth": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(r.against(roofline).0))).collect::<serde_json::Map<_, _>>(),
+            "decode_fraction_of_roofline": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(r.against(roofline).1))).collect::<serde_json::Map<_, _>>(),
+            "decode_bound": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(r.against(roofline).2))).collect::<serde_json::Map<_, _>>(),
             "decode_bytes_per_token": model.token_cost(0).weight_bytes + model.token_cost(0).state_bytes,
             "peak_rss_bytes": rss,
             "planned_bytes": planned,
@@ -438,10 +443,11 @@ pub fn run(a: Args) -> Result<()> {
     }
     for r in &prefill_rows {
         let of = if roof {
+            let (all, products) = r.of_peak(roofline);
             format!(
                 "  {:>5.1}% of FMA peak; matrix products {:.1}% of peak ({:.0}% of the time)",
-                r.of_peak * 100.0,
-                r.matmul_of_peak * 100.0,
+                all * 100.0,
+                products * 100.0,
                 r.matmul_share * 100.0
             )
         } else {
@@ -457,11 +463,11 @@ pub fn run(a: Args) -> Result<()> {
     }
     for r in &decode_rows {
         let of = if roof {
+            let (bandwidth, of_roofline, bound) = r.against(roofline);
             format!(
-                "  {:>5.1}% of bandwidth, {:>5.1}% of roofline ({}-bound)",
-                r.of_bandwidth * 100.0,
-                r.of_roofline * 100.0,
-                r.bound
+                "  {:>5.1}% of bandwidth, {:>5.1}% of roofline ({bound}-bound)",
+                bandwidth * 100.0,
+                of_roofline * 100.0,
             )
         } else {
             String::new()
