@@ -71,6 +71,22 @@ pub fn for_blocks(
     }
 }
 
+/// The stored rows `r0 .. r0 + n` of a store of `block_rows`-row blocks of width `dk` holding
+/// `n_rows` rows, stopping early at the end of `r0`'s block (and at `n_rows`): what
+/// [`KeyRows::widen`] and [`KeyRows::bf16_rows`] read from such a store.
+pub fn stored_rows<C, B: AsRef<[C]>>(
+    blocks: &[B],
+    block_rows: usize,
+    dk: usize,
+    n_rows: usize,
+    r0: usize,
+    n: usize,
+) -> &[C] {
+    let (b, r) = (r0 / block_rows, r0 % block_rows);
+    let n = n.min(block_rows - r).min(n_rows.saturating_sub(r0));
+    &blocks[b].as_ref()[r * dk..(r + n) * dk]
+}
+
 /// Rows stored in fixed-size blocks of `block_rows` rows of width `dk`.
 pub struct BlockRows<'a, C: Elem> {
     /// The blocks (the last may be partly filled).
@@ -88,13 +104,9 @@ impl<C: Elem> KeyRows for BlockRows<'_, C> {
         self.n_rows
     }
     fn widen(&self, r0: usize, n: usize, dst: &mut [f32]) -> usize {
-        let (b, r) = (r0 / self.block_rows, r0 % self.block_rows);
-        let n = n.min(self.block_rows - r).min(self.n_rows - r0);
-        C::widen(
-            &self.blocks[b][r * self.dk..(r + n) * self.dk],
-            &mut dst[..n * self.dk],
-        );
-        n
+        let src = stored_rows(self.blocks, self.block_rows, self.dk, self.n_rows, r0, n);
+        C::widen(src, &mut dst[..src.len()]);
+        src.len() / self.dk
     }
     fn spans(&self, r0: usize, n: usize, pf: &mut Prefetch) {
         for_blocks(self.block_rows, r0, (r0 + n).min(self.n_rows), |b, o, m| {
@@ -102,11 +114,14 @@ impl<C: Elem> KeyRows for BlockRows<'_, C> {
         });
     }
     fn bf16_rows(&self, r0: usize, n: usize) -> Option<&[half::bf16]> {
-        let (b, r) = (r0 / self.block_rows, r0 % self.block_rows);
-        let n = n
-            .min(self.block_rows - r)
-            .min(self.n_rows.saturating_sub(r0));
-        C::as_bf16(&self.blocks[b][r * self.dk..(r + n) * self.dk])
+        C::as_bf16(stored_rows(
+            self.blocks,
+            self.block_rows,
+            self.dk,
+            self.n_rows,
+            r0,
+            n,
+        ))
     }
 }
 

@@ -17,7 +17,7 @@
 
 use half::bf16;
 use kl_kernels::attention::{
-    for_blocks, latent_attention_rows, KeyRows, LatentAttnShape, Prefetch,
+    for_blocks, latent_attention_rows, stored_rows, KeyRows, LatentAttnShape, Prefetch,
 };
 use kl_kernels::fp8;
 use kl_kernels::Elem;
@@ -352,11 +352,9 @@ impl<C: Elem> KeyRows for DenseRows<'_, C> {
         self.n_rows
     }
     fn widen(&self, r0: usize, n: usize, dst: &mut [f32]) -> usize {
-        let (b, r) = (r0 / BLOCK_ROWS, r0 % BLOCK_ROWS);
-        let n = n.min(BLOCK_ROWS - r).min(self.n_rows - r0);
-        let dk = self.dk;
-        C::widen(&self.blocks[b][r * dk..(r + n) * dk], &mut dst[..n * dk]);
-        n
+        let src = stored_rows(self.blocks, BLOCK_ROWS, self.dk, self.n_rows, r0, n);
+        C::widen(src, &mut dst[..src.len()]);
+        src.len() / self.dk
     }
     fn spans(&self, r0: usize, n: usize, pf: &mut Prefetch) {
         for_blocks(BLOCK_ROWS, r0, (r0 + n).min(self.n_rows), |b, o, m| {
@@ -364,9 +362,14 @@ impl<C: Elem> KeyRows for DenseRows<'_, C> {
         });
     }
     fn bf16_rows(&self, r0: usize, n: usize) -> Option<&[bf16]> {
-        let (b, r) = (r0 / BLOCK_ROWS, r0 % BLOCK_ROWS);
-        let n = n.min(BLOCK_ROWS - r).min(self.n_rows.saturating_sub(r0));
-        C::as_bf16(&self.blocks[b][r * self.dk..(r + n) * self.dk])
+        C::as_bf16(stored_rows(
+            self.blocks,
+            BLOCK_ROWS,
+            self.dk,
+            self.n_rows,
+            r0,
+            n,
+        ))
     }
 }
 
