@@ -265,7 +265,7 @@ fn bench_quotes_the_higher_of_two_roofline_measurements() {
         "--model",
         tiny.to_str().unwrap(),
         "--prompt-tokens",
-        "17",
+        "5,17",
         "--gen-tokens",
         "2",
         "--json",
@@ -285,10 +285,46 @@ fn bench_quotes_the_higher_of_two_roofline_measurements() {
         .as_f64()
         .expect("fraction");
     assert!(f > 0.0 && f.is_finite(), "{v}");
+    // The products' own fraction: a finite figure where compute-bound products ran, null (not
+    // NaN, not zero) for a prompt short enough to take only the matrix–vector path.
+    let p = v["prefill_matmul_fraction_of_fma_peak"]["17"]
+        .as_f64()
+        .expect("products' fraction");
+    assert!(p > 0.0 && p.is_finite(), "{v}");
+    assert!(
+        v["prefill_matmul_fraction_of_fma_peak"]["5"].is_null(),
+        "{v}"
+    );
     let d = v["decode_fraction_of_roofline"]["0"]
         .as_f64()
         .expect("fraction");
     assert!(d > 0.0 && d.is_finite(), "{v}");
+}
+
+/// A prompt of at most 8 tokens runs no compute-bound product: the text report says so instead
+/// of quoting the products at `NaN%` of the peak.
+#[test]
+fn bench_text_names_a_prefill_without_matrix_products() {
+    let tiny = tiny_dir();
+    let o = run(&[
+        "--threads",
+        "2",
+        "bench",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--prompt-tokens",
+        "5",
+        "--gen-tokens",
+        "2",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("prefill "))
+        .unwrap_or_else(|| panic!("no prefill line: {out}"));
+    assert!(line.contains("no compute-bound matrix products"), "{line}");
+    assert!(!line.contains("NaN"), "{line}");
 }
 
 #[test]

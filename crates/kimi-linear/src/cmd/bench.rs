@@ -156,16 +156,21 @@ struct PrefillRow {
     tps: f64,
     gflops: f64,
     /// The compute-bound matrix products alone (`kl_kernels::matmul::Tally`): their FLOPs over
-    /// the wall time during which any of them ran.
-    matmul_gflops: f64,
+    /// the wall time during which any of them ran; `None` when none ran (a prompt of at most
+    /// `GEMV_MAX_ROWS` tokens takes the matrix–vector path only).
+    matmul_gflops: Option<f64>,
     /// That time's share of the prefill.
     matmul_share: f64,
 }
 
 impl PrefillRow {
-    /// All prefill FLOPs per second, and the matrix products' alone, over the FMA peak.
-    fn of_peak(&self, roof: Roof) -> (f64, f64) {
-        (self.gflops / roof.fma, self.matmul_gflops / roof.fma)
+    /// All prefill FLOPs per second, and the matrix products' alone (if any ran), over the FMA
+    /// peak.
+    fn of_peak(&self, roof: Roof) -> (f64, Option<f64>) {
+        (
+            self.gflops / roof.fma,
+            self.matmul_gflops.map(|g| g / roof.fma),
+        )
     }
 }
 
@@ -302,7 +307,7 @@ pub fn run(a: Args) -> Result<()> {
             runs,
             tps,
             gflops: flops / secs / 1e9,
-            matmul_gflops: mm.flops as f64 / mm.busy_secs / 1e9,
+            matmul_gflops: (mm.busy_secs > 0.0).then(|| mm.flops as f64 / mm.busy_secs / 1e9),
             matmul_share: mm.busy_secs / secs,
         });
     }
@@ -444,12 +449,18 @@ pub fn run(a: Args) -> Result<()> {
     for r in &prefill_rows {
         let of = if roof {
             let (all, products) = r.of_peak(roofline);
-            format!(
-                "  {:>5.1}% of FMA peak; matrix products {:.1}% of peak ({:.0}% of the time)",
-                all * 100.0,
-                products * 100.0,
-                r.matmul_share * 100.0
-            )
+            let products = match products {
+                Some(p) => format!(
+                    "matrix products {:.1}% of peak ({:.0}% of the time)",
+                    p * 100.0,
+                    r.matmul_share * 100.0
+                ),
+                None => format!(
+                    "no compute-bound matrix products (at most {} tokens take the matrix-vector path)",
+                    kl_kernels::matmul::GEMV_MAX_ROWS
+                ),
+            };
+            format!("  {:>5.1}% of FMA peak; {products}", all * 100.0)
         } else {
             String::new()
         };
