@@ -6,7 +6,6 @@
 //! simply covers 16 columns instead of 8), so the two give identical bits.
 
 use crate::cpu::features;
-use crate::simd::Prefetch;
 
 /// How [`gemm()`] combines the product with `C`.
 #[derive(Clone, Copy, Debug)]
@@ -31,8 +30,7 @@ pub(crate) struct MatA<'a> {
 }
 
 /// `C[m×n] (=|+=|−=) A[m×kk] · B[kk×n]`; `B` row-major with leading dimension `ldb`, `C` with
-/// `ldc`. Bounds are checked once up front (then raw pointers are used). `pf` ticks once per
-/// register tile, so that the caller's next data streams in while the tiles compute.
+/// `ldc`. Bounds are checked once up front (then raw pointers are used).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm(
     m: usize,
@@ -44,7 +42,6 @@ pub(crate) fn gemm(
     c: &mut [f32],
     ldc: usize,
     mode: Mode<'_>,
-    pf: &mut Prefetch,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -54,7 +51,7 @@ pub(crate) fn gemm(
         "gemm: C too small"
     );
     // SAFETY: C's rows are inside `c`, borrowed exclusively for the call.
-    unsafe { gemm_ptr(m, n, kk, a, b, ldb, c.as_mut_ptr(), ldc, mode, pf) }
+    unsafe { gemm_ptr(m, n, kk, a, b, ldb, c.as_mut_ptr(), ldc, mode) }
 }
 
 /// [`gemm()`] writing through a raw pointer, for a `C` whose rows are interleaved with rows
@@ -74,7 +71,6 @@ pub(crate) unsafe fn gemm_ptr(
     c: *mut f32,
     ldc: usize,
     mode: Mode<'_>,
-    pf: &mut Prefetch,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -104,19 +100,18 @@ pub(crate) unsafe fn gemm_ptr(
     if features().avx2_fma && features().avx512f && n >= 16 {
         // SAFETY: AVX-512F, AVX2 and FMA checked; A and B inside the ranges asserted above, C
         // per the contract.
-        unsafe { x86::gemm512(m, n, kk, a, b.as_ptr(), ldb, c, ldc, mode, pf) };
+        unsafe { x86::gemm512(m, n, kk, a, b.as_ptr(), ldb, c, ldc, mode) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if features().avx2_fma {
         // SAFETY: AVX2+FMA checked; as above.
-        unsafe { x86::gemm(m, n, kk, a, b.as_ptr(), ldb, c, ldc, mode, pf) };
+        unsafe { x86::gemm(m, n, kk, a, b.as_ptr(), ldb, c, ldc, mode) };
         return;
     }
     let _ = features;
     let mut acc = vec![0f32; n];
     for i in 0..m {
-        pf.tick();
         acc.fill(0.0);
         for p in 0..kk {
             let av = a.data[i * a.rs + p * a.cs];
@@ -219,7 +214,6 @@ pub(crate) fn forward_subst_blocked(
     w: usize,
     nb: usize,
 ) {
-    let mut none = Prefetch::default();
     let mut r0 = 0;
     while r0 < m {
         let r1 = (r0 + nb.max(1)).min(m);
@@ -230,18 +224,7 @@ pub(crate) fn forward_subst_blocked(
                 rs: ldl,
                 cs: 1,
             };
-            gemm(
-                r1 - r0,
-                w,
-                r0,
-                a,
-                done,
-                ldx,
-                rest,
-                ldx,
-                Mode::Sub,
-                &mut none,
-            );
+            gemm(r1 - r0, w, r0, a, done, ldx, rest, ldx, Mode::Sub);
         }
         forward_subst(r1 - r0, &l[r0 * ldl + r0..], ldl, rest, ldx, w);
         r0 = r1;
@@ -250,7 +233,7 @@ pub(crate) fn forward_subst_blocked(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{MatA, Mode, Prefetch};
+    use super::{MatA, Mode};
     use std::arch::x86_64::*;
 
     pub use crate::activation::x86::{exp8, mask};
@@ -368,7 +351,6 @@ mod x86 {
         c: *mut f32,
         ldc: usize,
         mode: Mode<'_>,
-        pf: &mut Prefetch,
     ) {
         let (ap, rs, cs) = (a.data.as_ptr(), a.rs, a.cs);
         let mut j0 = 0;
@@ -405,7 +387,6 @@ mod x86 {
                         }
                     };
                 }
-                pf.tick();
                 go!(1, 2, 3, 4, 5, 6);
                 i0 += mr;
             }
@@ -590,7 +571,6 @@ mod x86 {
         c: *mut f32,
         ldc: usize,
         mode: Mode<'_>,
-        pf: &mut Prefetch,
     ) {
         let (ap, rs, cs) = (a.data.as_ptr(), a.rs, a.cs);
         let mut j0 = 0;
@@ -623,7 +603,6 @@ mod x86 {
                         }
                     };
                 }
-                pf.tick();
                 go!(1, 2, 3, 4, 5, 6, 7, 8);
                 i0 += mr;
             }

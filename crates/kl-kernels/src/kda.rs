@@ -29,9 +29,11 @@
 //!   - *Operand rows padded* to `K + 16` floats, the head's state included (copied in and out
 //!     once per call): rows of exactly 512 bytes put a product's column strip into a quarter of
 //!     the L1 sets.
-//!   - *Inputs read in place* (no gather of the head's rows) and the next chunk's rows, its
-//!     output rows included, prefetched into L2 a few lines per register tile of this chunk's
-//!     products.
+//!   - *Inputs read in place* (no gather of the head's rows), each row's inputs fetched into L1
+//!     while the row before it is computed. The products themselves issue no prefetches: a
+//!     prefetch of the next chunk's rows (4 KiB or more apart, each a page of its own) paced
+//!     through the register tiles stalled the tiles on a full fill buffer and cost 2–18% more
+//!     than it saved (docs/performance.md).
 //!
 //! Layouts (PyTorch order): `q, k, g` `[T, H, K]`, `v` `[T, H, V]`, `beta` `[T, H]`,
 //! `state` `[H, K, V]`, `out` `[T, H, V]`. Heads run in parallel.
@@ -39,7 +41,7 @@
 use crate::activation::{softplus_scaled, softplus_scaled_reference};
 use crate::dense::{exp_inplace, forward_subst_blocked, gemm, gemm_ptr, mul_exp_diff, MatA, Mode};
 use crate::par::SendPtr;
-use crate::simd::{axpy, prefetch_l1, Prefetch};
+use crate::simd::{axpy, prefetch_l1};
 use crate::transpose::transpose;
 use rayon::prelude::*;
 
@@ -547,7 +549,7 @@ fn chunk_head_body(sc: &mut ChunkScratch, x: &Inputs, hi: usize, t0: usize, c: u
         out,
     } = *x;
     let KdaShape {
-        t, h, k: kd, v: vd, ..
+        h, k: kd, v: vd, ..
     } = s;
     const C: usize = CHUNK;
     let (ldk, ldv) = (sc.ldk, sc.ldv);
@@ -556,26 +558,6 @@ fn chunk_head_body(sc: &mut ChunkScratch, x: &Inputs, hi: usize, t0: usize, c: u
     let krow = |r: usize| &k[at(r, kd)..][..kd];
     let qrow = |r: usize| &q[at(r, kd)..][..kd];
     let nsub = c.div_ceil(SUB);
-
-    // The next chunk's rows of this head (q, k, g: K floats each; v: V floats), 4 KiB apart or
-    // more, where the hardware prefetcher does not follow: bring them into L2 a few lines per
-    // register tile of this chunk's products, which run from L1 and leave the memory idle.
-    let mut pf = Prefetch::default();
-    let next = (t - t0 - c).min(C);
-    if next > 0 {
-        let (rk, rv) = (at(c, kd), at(c, vd));
-        pf.push_rows(&q[rk..], next, kd, h * kd);
-        pf.push_rows(&k[rk..], next, kd, h * kd);
-        pf.push_rows(&g[rk..], next, kd, h * kd);
-        pf.push_rows(&v[rv..], next, vd, h * vd);
-        // And the next chunk's output rows, which the products below write first (no slice:
-        // other heads' tasks write the rows in between).
-        let o = out.get().wrapping_add(rv).cast::<u8>();
-        pf.push_raw_rows(o, next, vd * 4, h * vd * 4);
-    }
-    // One tick per register tile (8 × 32) of the products below: W·S, (e^Γ⊙Q)·S and A_qk·V'
-    // have c rows each, the state update K rows, and the A_kk/A_qk product about 3c/8 tiles.
-    pf.pace((3 * c + kd).div_ceil(8) * vd.div_ceil(32) + 3 * c / 8);
 
     // 1. Per sub-chunk s (rows r0..r1, first row n): Γ = cumsum g, qf = e^{Γ_i − Γ_n} and
     //    factorisability, e^{Γ_n}, ρ; then the row-wise operands (one pass over each input row):
@@ -690,18 +672,7 @@ fn chunk_head_body(sc: &mut ChunkScratch, x: &Inputs, hi: usize, t0: usize, c: u
             rs: ldk,
             cs: 1,
         };
-        gemm(
-            2 * m,
-            r1,
-            kd,
-            a,
-            &sc.kf,
-            C,
-            &mut sc.prod,
-            C,
-            Mode::Set,
-            &mut pf,
-        );
+        gemm(2 * m, r1, kd, a, &sc.kf, C, &mut sc.prod, C, Mode::Set);
         for i in r0..r1 {
             let li = i - r0;
             let b = sc.bc[i];
@@ -745,18 +716,7 @@ fn chunk_head_body(sc: &mut ChunkScratch, x: &Inputs, hi: usize, t0: usize, c: u
         rs: ldk,
         cs: 1,
     };
-    gemm(
-        c,
-        vd,
-        kd,
-        wa,
-        &sc.s,
-        ldv,
-        &mut sc.u,
-        ldv,
-        Mode::Sub,
-        &mut pf,
-    );
+    gemm(c, vd, kd, wa, &sc.s, ldv, &mut sc.u, ldv, Mode::Sub);
     // O = (e^Γ⊙Q)·S + A_qk·V' (A_qk is zero above the diagonal: stop each block at its end),
     // straight into this head's output rows (`h·V` apart).
     // SAFETY: rows (t0 + i, hi), i < c, of `out` are `vd` floats each inside `out` (its length
@@ -769,7 +729,7 @@ fn chunk_head_body(sc: &mut ChunkScratch, x: &Inputs, hi: usize, t0: usize, c: u
     };
     let ldo = h * vd;
     // SAFETY: as above.
-    unsafe { gemm_ptr(c, vd, kd, qa, &sc.s, ldv, o, ldo, Mode::Set, &mut pf) };
+    unsafe { gemm_ptr(c, vd, kd, qa, &sc.s, ldv, o, ldo, Mode::Set) };
     for si in 0..nsub {
         let (r0, r1) = (si * SUB, ((si + 1) * SUB).min(c));
         let a = MatA {
@@ -780,7 +740,7 @@ fn chunk_head_body(sc: &mut ChunkScratch, x: &Inputs, hi: usize, t0: usize, c: u
         // SAFETY: as above (rows r0..r1).
         let o = unsafe { o.add(r0 * ldo) };
         // SAFETY: as above (rows r0..r1).
-        unsafe { gemm_ptr(r1 - r0, vd, r1, a, &sc.u, ldv, o, ldo, Mode::Add, &mut pf) };
+        unsafe { gemm_ptr(r1 - r0, vd, r1, a, &sc.u, ldv, o, ldo, Mode::Add) };
     }
     // S ← Diag(e^{Γ_last}) S + (e^{Γ_last − Γ}⊙K)ᵀ V'; e^{Γ_last − Γ_i} k_i = kinv_i·qf_last·Πρ.
     let last = (c - 1) * kd;
@@ -823,7 +783,5 @@ fn chunk_head_body(sc: &mut ChunkScratch, x: &Inputs, hi: usize, t0: usize, c: u
         &mut sc.s,
         ldv,
         Mode::ScaleAdd(&sc.elast),
-        &mut pf,
     );
-    pf.step(pf.lines());
 }
