@@ -8,9 +8,11 @@
 //!
 //! Each case is warmed up, then run until ~`KL_BENCH_SECS` seconds (default 1) or at least 5
 //! iterations have passed; the median time is reported with GFLOP/s (compute-bound kernels) or
-//! GB/s of compulsory traffic (bandwidth-bound kernels), and the fraction of the roofline measured
-//! at start-up with the same number of threads; then the same for the best iteration (useful on a
-//! shared, noisy machine).
+//! GB/s of compulsory traffic (bandwidth-bound kernels), and the fraction of the roofline with
+//! the same number of threads; then the same for the best iteration (useful on a shared, noisy
+//! machine). The roofline is measured before the cases and again after them, and every fraction
+//! is quoted against the higher of the two (as `kimi-linear bench` does), so that a measurement
+//! taken in a slow minute cannot inflate them; the rows are printed once both are known.
 //!
 //! The FMA peak is measured with the widest vector width the kernels use (AVX-512 when the
 //! matmul prefill kernel uses it; `KL_NO_AVX512=1` forces AVX2 everywhere). With AVX-512 active,
@@ -24,7 +26,7 @@ use kl_kernels::attention::{latent_attention, LatentAttnShape};
 use kl_kernels::cpu::Isa;
 use kl_kernels::kda::{kda_chunked, kda_recurrent, KdaShape, CHUNK};
 use kl_kernels::matmul::{matmul, matmul_isa};
-use kl_kernels::roofline::{measure_fma, measure_fma_isa, measure_stream_gbps, FmaPeak};
+use kl_kernels::roofline::{measure_fma, measure_fma_isa, measure_stream_gbps};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -45,8 +47,127 @@ struct Roof {
     /// FMA peak of the widest ISA in use.
     gflops: f64,
     /// The AVX2 FMA peak, when AVX-512 is in use (for the AVX2 A/B rows of `matmul`).
-    avx2: Option<FmaPeak>,
+    avx2: Option<f64>,
     gbps: f64,
+}
+
+impl Roof {
+    /// Measure with `threads` threads: the FMA peak at the widest ISA (and at AVX2 when that is
+    /// AVX-512), and the stream bandwidth.
+    fn measure(threads: usize) -> (Roof, Isa) {
+        let fma = measure_fma(threads);
+        let avx2 = (fma.isa == Isa::Avx512).then(|| measure_fma_isa(threads, Isa::Avx2).gflops);
+        let gbps = measure_stream_gbps(threads);
+        let r = Roof {
+            gflops: fma.gflops,
+            avx2,
+            gbps,
+        };
+        (r, fma.isa)
+    }
+
+    /// The higher of two measurements, figure by figure.
+    fn max(&self, o: &Roof) -> Roof {
+        Roof {
+            gflops: self.gflops.max(o.gflops),
+            avx2: self.avx2.zip(o.avx2).map(|(a, b)| a.max(b)),
+            gbps: self.gbps.max(o.gbps),
+        }
+    }
+
+    fn describe(&self, isa: Isa) -> String {
+        let avx2 = self
+            .avx2
+            .map_or(String::new(), |g| format!("; avx2 {g:.1}"));
+        format!(
+            "FMA peak {:.1} GFLOP/s ({isa}{avx2}), stream read {:.1} GB/s",
+            self.gflops, self.gbps
+        )
+    }
+}
+
+/// What a row is quoted against.
+#[derive(Clone, Copy)]
+enum Against {
+    /// The FMA peak of the widest ISA; the work is FLOPs.
+    Fma,
+    /// The AVX2 FMA peak; the work is FLOPs.
+    Avx2,
+    /// The stream bandwidth; the work is bytes, and the kernel's FLOPs are shown alongside.
+    Stream { flops: f64 },
+}
+
+/// One measured case, printed once the roofline is known.
+struct Row {
+    name: String,
+    /// Median and best seconds per call.
+    secs: (f64, f64),
+    work: f64,
+    against: Against,
+}
+
+/// The rows measured so far.
+#[derive(Default)]
+struct Rows(std::cell::RefCell<Vec<Row>>);
+
+impl Rows {
+    /// Keep a row (and name it on stderr, for progress: the rows print at the end).
+    fn push(&self, row: Row) {
+        eprintln!("measured {}", row.name);
+        self.0.borrow_mut().push(row);
+    }
+
+    fn flops(&self, name: &str, secs: (f64, f64), flops: f64, against: Against) {
+        self.push(Row {
+            name: name.to_string(),
+            secs,
+            work: flops,
+            against,
+        });
+    }
+
+    fn bytes(&self, name: &str, secs: (f64, f64), bytes: f64, flops: f64) {
+        self.push(Row {
+            name: name.to_string(),
+            secs,
+            work: bytes,
+            against: Against::Stream { flops },
+        });
+    }
+
+    fn print(&self, roof: &Roof) {
+        for r in self.0.borrow().iter() {
+            let (secs, best) = r.secs;
+            let (rate, bestrate) = (r.work / secs / 1e9, r.work / best / 1e9);
+            match r.against {
+                Against::Fma | Against::Avx2 => {
+                    let peak = match r.against {
+                        Against::Avx2 => roof.avx2.unwrap_or(roof.gflops),
+                        _ => roof.gflops,
+                    };
+                    println!(
+                        "{:<42} {:>9.3} ms {:>7.1} GFLOP/s {:>5.1}% of FMA peak | best {:>7.1} GFLOP/s {:>5.1}%",
+                        r.name,
+                        secs * 1e3,
+                        rate,
+                        100.0 * rate / peak,
+                        bestrate,
+                        100.0 * bestrate / peak
+                    );
+                }
+                Against::Stream { flops } => println!(
+                    "{:<42} {:>9.3} ms {:>7.1} GB/s    {:>5.1}% of stream   | best {:>7.1} GB/s    {:>5.1}%  ({:.1} GFLOP/s)",
+                    r.name,
+                    secs * 1e3,
+                    rate,
+                    100.0 * rate / roof.gbps,
+                    bestrate,
+                    100.0 * bestrate / roof.gbps,
+                    flops / secs / 1e9
+                ),
+            }
+        }
+    }
 }
 
 /// Seconds per call of `f`: (median, best).
@@ -75,46 +196,14 @@ fn time(mut f: impl FnMut()) -> (f64, f64) {
     (v[v.len() / 2], v[0])
 }
 
-fn report_flops(name: &str, (secs, best): (f64, f64), flops: f64, roof: &Roof) {
-    let g = flops / secs / 1e9;
-    let gb = flops / best / 1e9;
-    println!(
-        "{name:<42} {:>9.3} ms {:>7.1} GFLOP/s {:>5.1}% of FMA peak | best {:>7.1} GFLOP/s {:>5.1}%",
-        secs * 1e3,
-        g,
-        100.0 * g / roof.gflops,
-        gb,
-        100.0 * gb / roof.gflops
-    );
-}
-
-fn report_bytes(name: &str, (secs, best): (f64, f64), bytes: f64, flops: f64, roof: &Roof) {
-    let b = bytes / secs / 1e9;
-    let bb = bytes / best / 1e9;
-    println!(
-        "{name:<42} {:>9.3} ms {:>7.1} GB/s    {:>5.1}% of stream   | best {:>7.1} GB/s    {:>5.1}%  ({:.1} GFLOP/s)",
-        secs * 1e3,
-        b,
-        100.0 * b / roof.gbps,
-        bb,
-        100.0 * bb / roof.gbps,
-        flops / secs / 1e9
-    );
-}
-
-fn bench_matmul(roof: &Roof, rng: &mut Rng) {
+fn bench_matmul(rows: &Rows, avx512: bool, rng: &mut Rng) {
     let t = 512;
     // One case at the default (widest) ISA, then on the AVX2 kernels against the AVX2 peak.
     let case = |name: &str, run: &mut dyn FnMut(Isa), flops: f64| {
-        report_flops(name, time(|| run(Isa::Avx512)), flops, roof);
-        if let Some(p) = roof.avx2 {
-            let r2 = Roof {
-                gflops: p.gflops,
-                avx2: None,
-                gbps: roof.gbps,
-            };
+        rows.flops(name, time(|| run(Isa::Avx512)), flops, Against::Fma);
+        if avx512 {
             let name = format!("{name} [avx2]");
-            report_flops(&name, time(|| run(Isa::Avx2)), flops, &r2);
+            rows.flops(&name, time(|| run(Isa::Avx2)), flops, Against::Avx2);
         }
     };
     for &(k, n) in &[
@@ -138,11 +227,11 @@ fn bench_matmul(roof: &Roof, rng: &mut Rng) {
         );
         // The opt-in AMX kernel (`--amx`), against the same FMA peak.
         if kl_kernels::amx::available() {
-            report_flops(
+            rows.flops(
                 &format!("matmul bf16 T={t} K={k} N={n} [amx]"),
                 time(|| kl_kernels::amx::matmul_bf16(black_box(&x), &w, &mut y, t, k, n)),
                 2.0 * (t * k * n) as f64,
-                roof,
+                Against::Fma,
             );
         }
     }
@@ -157,7 +246,7 @@ fn bench_matmul(roof: &Roof, rng: &mut Rng) {
     );
 }
 
-fn bench_gemv(roof: &Roof, rng: &mut Rng) {
+fn bench_gemv(rows: &Rows, rng: &mut Rng) {
     for &(n, k) in &[(2304, 9216), (163840, 2304)] {
         // Enough copies of W that one pass over all of them exceeds the last-level cache
         // (512 MiB), cycled call by call, so the weights stream from DRAM as in real decode
@@ -180,21 +269,19 @@ fn bench_gemv(roof: &Roof, rng: &mut Rng) {
                 matmul(black_box(&x), &ws[i % copies], &mut y, t, k, n);
                 i += 1;
             });
-            report_bytes(
+            rows.bytes(
                 &format!("gemv bf16 T={t} N={n} K={k} (cold)"),
                 secs,
                 bytes as f64,
                 2.0 * (t * n * k) as f64,
-                roof,
             );
             if copies > 1 {
                 let secs = time(|| matmul(black_box(&x), &ws[0], &mut y, t, k, n));
-                report_bytes(
+                rows.bytes(
                     &format!("gemv bf16 T={t} N={n} K={k} (hot, LLC)"),
                     secs,
                     bytes as f64,
                     2.0 * (t * n * k) as f64,
-                    roof,
                 );
             }
         }
@@ -216,7 +303,7 @@ fn kda_inputs(rng: &mut Rng, s: KdaShape) -> [Vec<f32>; 6] {
     [q, kk, vv, g, beta, st]
 }
 
-fn bench_kda(roof: &Roof, rng: &mut Rng) {
+fn bench_kda(rows: &Rows, rng: &mut Rng) {
     let (h, kd, vd) = (32, 128, 128);
     let t = 1024;
     let s = KdaShape { t, h, k: kd, v: vd };
@@ -230,11 +317,11 @@ fn bench_kda(roof: &Roof, rng: &mut Rng) {
     // Paper Eq. 13 (per head): 6·T·d² + 3·T·C·d + T·C².
     let (tf, d, c) = (t as f64, kd as f64, CHUNK as f64);
     let flops = h as f64 * (6.0 * tf * d * d + 3.0 * tf * c * d + tf * c * c);
-    report_flops(
+    rows.flops(
         &format!("kda_chunked H={h} K=V={kd} T={t}"),
         secs,
         flops,
-        roof,
+        Against::Fma,
     );
 
     let s1 = KdaShape { t: 1, ..s };
@@ -250,16 +337,15 @@ fn bench_kda(roof: &Roof, rng: &mut Rng) {
     let secs = time(|| kda_recurrent(s1, q1, k1, v1, g1, b1, &mut st, &mut o1));
     // State read + written once per step; ~7 flops per state element.
     let state_bytes = (h * kd * vd * 4) as f64;
-    report_bytes(
+    rows.bytes(
         &format!("kda_recurrent step H={h} K=V={kd}"),
         secs,
         2.0 * state_bytes,
         7.0 * (h * kd * vd) as f64,
-        roof,
     );
 }
 
-fn bench_attention(roof: &Roof, rng: &mut Rng) {
+fn bench_attention(rows: &Rows, rng: &mut Rng) {
     // The released model's heads and latent row (32 heads, rank 512 + rope 64), at 4K and 32K
     // keys, and `mini`'s (16 heads, rank 256 + rope 32) at 32K.
     for (h, dk, dv, n_keys) in [
@@ -284,12 +370,12 @@ fn bench_attention(roof: &Roof, rng: &mut Rng) {
             "latent_attention decode H={} Dk={} keys={n_keys}",
             s.h, s.dk
         );
-        report_flops(&name, secs, flops, roof);
+        rows.flops(&name, secs, flops, Against::Fma);
         // The opt-in AMX kernel (`--amx`; the cache is bf16 and the shape whole head tiles).
         if kl_kernels::amx::set_enabled(true) {
             let secs = time(|| latent_attention(s, &q, &blocks, block_rows, n_keys, 0.07, &mut o));
             kl_kernels::amx::set_enabled(false);
-            report_flops(&format!("{name} [amx]"), secs, flops, roof);
+            rows.flops(&format!("{name} [amx]"), secs, flops, Against::Fma);
         }
     }
 }
@@ -301,32 +387,32 @@ fn main() {
         .collect();
     let want = |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
     let threads = rayon::current_num_threads();
-    let fma = measure_fma(threads);
-    let avx2 = (fma.isa == Isa::Avx512).then(|| measure_fma_isa(threads, Isa::Avx2));
-    let roof = Roof {
-        gflops: fma.gflops,
-        avx2,
-        gbps: measure_stream_gbps(threads),
-    };
-    let avx2_note = avx2.map_or(String::new(), |p| format!("; avx2 {:.1}", p.gflops));
+    let (before, isa) = Roof::measure(threads);
     println!(
-        "# {} | {threads} threads | roofline: FMA peak {:.1} GFLOP/s ({}{avx2_note}), stream read {:.1} GB/s",
+        "# {} | {threads} threads | roofline before the cases: {}",
         kl_kernels::cpu::describe(),
-        roof.gflops,
-        fma.isa,
-        roof.gbps
+        before.describe(isa)
     );
+    let rows = Rows::default();
     let mut rng = Rng(0x9E3779B97F4A7C15);
     if want("matmul") {
-        bench_matmul(&roof, &mut rng);
+        bench_matmul(&rows, before.avx2.is_some(), &mut rng);
     }
     if want("gemv") {
-        bench_gemv(&roof, &mut rng);
+        bench_gemv(&rows, &mut rng);
     }
     if want("kda") {
-        bench_kda(&roof, &mut rng);
+        bench_kda(&rows, &mut rng);
     }
     if want("attention") {
-        bench_attention(&roof, &mut rng);
+        bench_attention(&rows, &mut rng);
     }
+    let (after, _) = Roof::measure(threads);
+    let roof = before.max(&after);
+    println!("# roofline after the cases: {}", after.describe(isa));
+    println!(
+        "# fractions below are of the higher of the two: {}",
+        roof.describe(isa)
+    );
+    rows.print(&roof);
 }
