@@ -11,8 +11,9 @@ use half::bf16;
 /// Memory to be read soon (up to six spans, each one or more equally spaced rows of bytes),
 /// prefetched into L2 a few cache lines at a time by a kernel's loop, so that the reads overlap
 /// its arithmetic: the next tile's key rows in latent attention, the next weight panel in a
-/// serial prefill product, the next chunk of a KDA head's rows. All at once would stall: the
-/// core tracks only a few misses in flight.
+/// serial prefill product. All at once would stall: the core tracks only a few misses in
+/// flight. (Rows far apart, each a page of its own, can stall a loop anyway: the KDA chunk
+/// kernel measured faster without prefetching its next chunk's rows this way.)
 pub struct Prefetch {
     spans: [Span; 6],
     len: usize,
