@@ -255,21 +255,31 @@ fn run_honours_memory_flags() {
     assert!(err.contains("context: 20/20"), "{err}");
 }
 
-#[test]
-fn bench_quotes_the_higher_of_two_roofline_measurements() {
+/// `bench` on the tiny model, two threads, two decoded tokens, prompts of `prompts` tokens, then
+/// `extra`; it must succeed.
+fn bench_tiny(prompts: &str, extra: &[&str]) -> std::process::Output {
     let tiny = tiny_dir();
-    let v = json(&[
+    let mut args = vec![
         "--threads",
         "2",
         "bench",
         "--model",
         tiny.to_str().unwrap(),
         "--prompt-tokens",
-        "5,17",
+        prompts,
         "--gen-tokens",
         "2",
-        "--json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+#[test]
+fn bench_quotes_the_higher_of_two_roofline_measurements() {
+    let o = bench_tiny("5,17", &["--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
     for (key, pair) in [("fma_gflops", "fma_gflops"), ("stream_gbps", "stream_gbps")] {
         let m: Vec<f64> = v["roofline_measured"][pair]
             .as_array()
@@ -305,20 +315,8 @@ fn bench_quotes_the_higher_of_two_roofline_measurements() {
 /// of quoting the products at `NaN%` of the peak.
 #[test]
 fn bench_text_names_a_prefill_without_matrix_products() {
-    let tiny = tiny_dir();
-    let o = run(&[
-        "--threads",
-        "2",
-        "bench",
-        "--model",
-        tiny.to_str().unwrap(),
-        "--prompt-tokens",
-        "5",
-        "--gen-tokens",
-        "2",
-    ]);
+    let o = bench_tiny("5", &[]);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let line = out
         .lines()
         .find(|l| l.starts_with("prefill "))
