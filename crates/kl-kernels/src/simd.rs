@@ -8,42 +8,27 @@
 use crate::cpu::features;
 use half::bf16;
 
-/// Memory to be read soon (up to six spans, each one or more equally spaced rows of bytes),
-/// prefetched into L2 a few cache lines at a time by a kernel's loop, so that the reads overlap
-/// its arithmetic: the next tile's key rows in latent attention, the next weight panel in a
-/// serial prefill product. All at once would stall: the core tracks only a few misses in
-/// flight. (Rows far apart, each a page of its own, can stall a loop anyway: the KDA chunk
-/// kernel measured faster without prefetching its next chunk's rows this way.)
+/// Memory to be read soon (up to six spans of bytes), prefetched into L2 a few cache lines at a
+/// time by a kernel's loop, so that the reads overlap its arithmetic: the next tile's key rows
+/// in latent attention, the next weight panel in a serial prefill product. All at once would
+/// stall: the core tracks only a few misses in flight. (Spread out or not, prefetches of short
+/// rows far apart, each a page of its own, stalled a loop that had other work: the KDA chunk
+/// kernel ran faster without prefetching its next chunk's rows.)
 pub struct Prefetch {
-    spans: [Span; 6],
+    spans: [(*const u8, usize); 6],
     len: usize,
+    /// The span being prefetched and the offset in it.
     span: usize,
-    row: usize,
     off: usize,
     per_tick: usize,
-}
-
-/// `rows` rows of `bytes` bytes at `ptr`, `stride` bytes apart.
-#[derive(Clone, Copy)]
-struct Span {
-    ptr: *const u8,
-    bytes: usize,
-    stride: usize,
-    rows: usize,
 }
 
 impl Default for Prefetch {
     fn default() -> Self {
         Prefetch {
-            spans: [Span {
-                ptr: std::ptr::null(),
-                bytes: 0,
-                stride: 0,
-                rows: 0,
-            }; 6],
+            spans: [(std::ptr::null(), 0); 6],
             len: 0,
             span: 0,
-            row: 0,
             off: 0,
             per_tick: 0,
         }
@@ -51,52 +36,22 @@ impl Default for Prefetch {
 }
 
 impl Prefetch {
-    /// Add the bytes of `s` (at most six spans are kept; more are ignored).
+    /// Add the bytes of `s` (at most six spans are kept; more, and empty ones, are ignored).
     pub fn push<T>(&mut self, s: &[T]) {
-        self.push_rows(s, 1, s.len(), 0);
-    }
-
-    /// Add `rows` rows of `len` elements of `s`, `ld` elements apart (row `r` is
-    /// `s[r·ld .. r·ld + len]`); rows past the end of `s` are dropped.
-    pub fn push_rows<T>(&mut self, s: &[T], rows: usize, len: usize, ld: usize) {
-        let rows = if len == 0 || s.len() < len {
-            0
-        } else {
-            // Rows that fit in `s` (one when `ld` is 0).
-            rows.min((s.len() - len).checked_div(ld).map_or(1, |r| r + 1))
-        };
-        let size = std::mem::size_of::<T>();
-        self.push_raw_rows(s.as_ptr().cast(), rows, len * size, ld * size);
-    }
-
-    /// Add `rows` rows of `bytes` bytes at `ptr`, `stride` bytes apart. Nothing is read
-    /// through `ptr` (a prefetch never faults), so any address will do; for memory that other
-    /// threads may be writing, where no slice may be formed.
-    pub fn push_raw_rows(&mut self, ptr: *const u8, rows: usize, bytes: usize, stride: usize) {
-        if self.len < self.spans.len() && rows > 0 && bytes > 0 {
-            self.spans[self.len] = Span {
-                ptr,
-                bytes,
-                stride,
-                rows,
-            };
+        let bytes = std::mem::size_of_val(s);
+        if self.len < self.spans.len() && bytes > 0 {
+            self.spans[self.len] = (s.as_ptr().cast(), bytes);
             self.len += 1;
         }
     }
 
     /// Lines not yet prefetched.
     pub fn lines(&self) -> usize {
-        let per_row = |s: &Span| s.bytes.div_ceil(64);
         let rest: usize = self.spans[self.span.min(self.len)..self.len]
             .iter()
-            .map(|s| per_row(s) * s.rows)
+            .map(|&(_, bytes)| bytes.div_ceil(64))
             .sum();
-        let done = if self.span < self.len {
-            per_row(&self.spans[self.span]) * self.row + self.off / 64
-        } else {
-            0
-        };
-        rest - done
+        rest - self.off / 64
     }
 
     /// Spread what is left over `ticks` calls of [`tick`](Self::tick).
@@ -110,19 +65,18 @@ impl Prefetch {
         self.step(self.per_tick);
     }
 
-    /// Prefetch the next `k` lines (or fewer). The span bookkeeping runs once per row piece;
+    /// Prefetch the next `k` lines (or fewer). The span bookkeeping runs once per span piece;
     /// the inner loop is one prefetch and one add per line.
     #[inline(always)]
     pub fn step(&mut self, mut k: usize) {
         while k > 0 && self.span < self.len {
-            let s = self.spans[self.span];
-            let row = s.ptr.wrapping_add(self.row * s.stride);
-            let n = k.min((s.bytes - self.off).div_ceil(64));
+            let (ptr, bytes) = self.spans[self.span];
+            let n = k.min((bytes - self.off).div_ceil(64));
             for i in 0..n {
-                let p = row.wrapping_add(self.off + 64 * i);
+                let p = ptr.wrapping_add(self.off + 64 * i);
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: a prefetch reads nothing architecturally and never faults, whatever
-                // the address (spans from `push_raw_rows` need not be inside a slice).
+                // the address.
                 unsafe {
                     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
                     _mm_prefetch::<_MM_HINT_T1>(p.cast());
@@ -132,13 +86,9 @@ impl Prefetch {
             }
             k -= n;
             self.off += 64 * n;
-            if self.off >= s.bytes {
+            if self.off >= bytes {
                 self.off = 0;
-                self.row += 1;
-                if self.row >= s.rows {
-                    self.row = 0;
-                    self.span += 1;
-                }
+                self.span += 1;
             }
         }
     }
@@ -376,44 +326,41 @@ pub(crate) mod x86 {
 mod tests {
     use super::Prefetch;
 
-    /// Lines are counted per row (rows past the slice dropped) and handed out exactly once,
-    /// evenly over the ticks set by `pace`.
+    /// Lines are counted per span (a partial line is a line) and handed out exactly once, evenly
+    /// over the ticks set by `pace`; empty spans and spans past the sixth are ignored.
     #[test]
-    fn prefetch_counts_rows_and_paces() {
+    fn prefetch_counts_lines_and_paces() {
         let a = vec![0f32; 1000];
         let b = vec![0u8; 200];
         let mut pf = Prefetch::default();
-        pf.push_rows(&a, 3, 100, 300); // 3 rows of 400 bytes: 7 lines each
-        pf.push_rows(&a[900..], 5, 50, 60); // only 1 row fits (50 of 100 left)
+        pf.push(&a[..100]); // 400 bytes: 7 lines
         pf.push(&b); // 200 bytes: 4 lines
-        pf.push_raw_rows(a.as_ptr().cast(), 2, 65, 1 << 20); // 2 rows of 2 lines (no bounds)
-        pf.push_raw_rows(a.as_ptr().cast(), 3, 0, 64); // empty rows: ignored
-        assert_eq!(pf.lines(), 21 + 4 + 4 + 4);
-        pf.push_raw_rows(b.as_ptr(), 3, 64, 64); // the fifth and sixth spans: 3 lines each
-        pf.push_raw_rows(b.as_ptr(), 3, 64, 64);
-        pf.push_raw_rows(b.as_ptr(), 3, 64, 64); // a seventh: ignored
-        assert_eq!(pf.lines(), 21 + 4 + 4 + 4 + 3 + 3);
-        pf.step(7);
-        assert_eq!(pf.lines(), 21 + 4 + 4 + 4 + 3 + 3 - 7);
+        pf.push(&a[..0]); // empty: ignored
+        pf.push(&b[..1]); // 1 line
+        assert_eq!(pf.lines(), 7 + 4 + 1);
+        for _ in 0..4 {
+            pf.push(&b[..64]); // the fourth to sixth spans: 1 line each, then one ignored
+        }
+        assert_eq!(pf.lines(), 7 + 4 + 1 + 3);
+        pf.step(9); // the first span and two lines of the second
+        assert_eq!(pf.lines(), 6);
         pf.step(100);
         assert_eq!(pf.lines(), 0);
         let mut pf = Prefetch::default();
-        pf.push_rows(&a, 3, 100, 300);
-        pf.push_rows(&a[900..], 5, 50, 60);
+        pf.push(&a);
         pf.push(&b);
-        pf.step(8); // the first row and one line of the second
-        assert_eq!(pf.lines(), 21);
-        pf.pace(7);
+        pf.step(3);
+        assert_eq!(pf.lines(), 63 + 4 - 3);
+        pf.pace(16);
         pf.tick();
-        assert_eq!(pf.lines(), 18);
-        for _ in 0..10 {
+        assert_eq!(pf.lines(), 64 - 4); // 64 lines over 16 ticks: 4 a tick
+        for _ in 0..20 {
             pf.tick();
         }
         assert_eq!(pf.lines(), 0);
         let mut none = Prefetch::default();
         none.tick();
-        none.push_rows(&a, 0, 10, 10);
-        none.push_rows(&a[..5], 2, 10, 10);
+        none.step(5);
         assert_eq!(none.lines(), 0);
     }
 }
