@@ -14,6 +14,9 @@
 //! in order. A single query (decode) runs its segments in parallel (flash-decoding), so
 //! long-context decode scales with threads; the result is bit-identical to the serial order, so
 //! a token's output does not depend on whether it was prefilled or decoded, or on the chunking.
+//! Prefill runs its queries in blocks of [`QBLOCK`], one task each, that widen every key tile
+//! once for all of the block's queries; each query still visits exactly its own tiles, in the
+//! same order, so sharing changes no bit (15–20% faster than a tile per query, in-process).
 
 use crate::par::SendPtr;
 use crate::simd::dot_f32;
@@ -24,6 +27,10 @@ use std::cell::RefCell;
 
 /// Keys per softmax tile.
 pub const TILE: usize = 64;
+
+/// Queries that share each widened key tile in prefill (one task each): the tile, 36–72 KiB of
+/// f32 for the real shapes, is widened once for them instead of once per query.
+pub const QBLOCK: usize = 4;
 
 /// Keys per segment: each query's keys are visited in fixed segments of this many keys (aligned
 /// to key 0) whose partial softmax states are merged in order. Decode runs the segments in
@@ -249,7 +256,8 @@ struct TileBufs {
     tile: Vec<f32>,
     /// Scores `[H, TILE]`.
     scores: Vec<f32>,
-    /// The query re-laid out in head pairs for the AVX-512 score kernel.
+    /// The queries re-laid out in head pairs for the AVX-512 score kernel, one after the other
+    /// (up to [`QBLOCK`] of them).
     qpair: Vec<f32>,
     /// The AMX kernel's scratch (empty unless it runs).
     amx: crate::amx_attention::Bufs,
@@ -265,14 +273,14 @@ impl TileBufs {
         }
     }
 
-    /// Capacity for shape `s`, so that [`attend_range`] never allocates (with `amx`, for the
-    /// AMX kernel too).
+    /// Capacity for one query of shape `s`, so that [`attend_range`] never allocates (with
+    /// `amx`, for the AMX kernel too). Decode reserves this; prefill's buffers grow as needed.
     fn reserve(&mut self, s: LatentAttnShape, amx: bool) {
         let LatentAttnShape { h, dk, .. } = s;
         let grow = |v: &mut Vec<f32>, n: usize| v.reserve(n.saturating_sub(v.len()));
         grow(&mut self.tile, TILE * dk);
         grow(&mut self.scores, h * TILE);
-        grow(&mut self.qpair, h.div_ceil(2) * (dk / 8) * 16);
+        grow(&mut self.qpair, qpair_len(h, dk));
         if amx {
             self.amx.reserve(s);
         }
@@ -315,14 +323,53 @@ fn attend_range<R: KeyRows + ?Sized>(
     p: &mut Partial,
     bufs: &mut TileBufs,
 ) {
+    attend_queries(
+        s,
+        &[qrow],
+        rows,
+        k0,
+        &[k1],
+        scale,
+        std::slice::from_mut(p),
+        bufs,
+    );
+}
+
+/// Up to [`QBLOCK`] queries over one segment starting at `k0`: query `i` (`qrows[i]`, `[H, Dk]`)
+/// visits keys `k0..k1s[i]` and updates `ps[i]`. Each key tile is widened once and scored by
+/// every query that reaches it; a query's tiles are exactly those it would visit alone (a tile
+/// ends at the next storage boundary, `TILE` keys on, or its own `k1`), so its bits do not
+/// depend on the others.
+#[allow(clippy::too_many_arguments)]
+fn attend_queries<R: KeyRows + ?Sized>(
+    s: LatentAttnShape,
+    qrows: &[&[f32]],
+    rows: &R,
+    k0: usize,
+    k1s: &[usize],
+    scale: f32,
+    ps: &mut [Partial],
+    bufs: &mut TileBufs,
+) {
     let LatentAttnShape { h, dk, dv } = s;
+    debug_assert!(qrows.len() == k1s.len() && qrows.len() == ps.len() && ps.len() <= QBLOCK);
     if crate::amx_attention::usable(s, rows, k0) {
-        // Both call sites hand over a fresh partial state, which the tile kernel overwrites.
-        debug_assert!(p.m.iter().all(|&m| m == f32::NEG_INFINITY));
-        let amx = &mut bufs.amx;
-        crate::amx_attention::segment(
-            s, qrow, scale, rows, k0, k1, &mut p.m, &mut p.l, &mut p.acc, amx,
-        );
+        for ((qrow, &k1), p) in qrows.iter().zip(k1s).zip(ps.iter_mut()) {
+            // Both call sites hand over a fresh partial state, which the tile kernel overwrites.
+            debug_assert!(p.m.iter().all(|&m| m == f32::NEG_INFINITY));
+            crate::amx_attention::segment(
+                s,
+                qrow,
+                scale,
+                rows,
+                k0,
+                k1,
+                &mut p.m,
+                &mut p.l,
+                &mut p.acc,
+                &mut bufs.amx,
+            );
+        }
         return;
     }
     let TileBufs {
@@ -332,48 +379,60 @@ fn attend_range<R: KeyRows + ?Sized>(
         ..
     } = bufs;
     let wide = wide();
+    let ql = qpair_len(h, dk);
     if wide {
-        pair_heads(qrow, h, dk, qpair);
+        qpair.resize(qrows.len() * ql, 0.0);
+        for (qrow, dst) in qrows.iter().zip(qpair.chunks_exact_mut(ql)) {
+            pair_heads(qrow, h, dk, dst);
+        }
     }
+    let end = k1s.iter().copied().max().unwrap_or(k0);
     let mut j = k0;
-    while j < k1 {
+    while j < end {
         tile.resize(TILE * dk, 0.0);
-        let n = rows.widen(j, TILE.min(k1 - j), tile);
+        let n = rows.widen(j, TILE.min(end - j), tile);
         // The next tile's rows come from memory while this one is scored.
         let mut pf = Prefetch::default();
-        rows.spans(j + n, TILE.min(k1 - j - n), &mut pf);
-        scores.resize(h * n, 0.0);
-        #[cfg(target_arch = "x86_64")]
-        if wide {
-            // SAFETY: AVX-512F, AVX2 and FMA checked; `qpair` laid out by `pair_heads`.
-            unsafe {
-                x86::tile_scores512(
-                    qpair,
-                    qrow,
-                    h,
-                    dk,
-                    &tile[..n * dk],
-                    n,
-                    scale,
-                    scores,
-                    &mut pf,
-                )
-            };
-        } else {
+        rows.spans(j + n, TILE.min(end - j - n), &mut pf);
+        for (qi, (qrow, &k1)) in qrows.iter().zip(k1s).enumerate() {
+            if k1 <= j {
+                continue;
+            }
+            let n = n.min(k1 - j);
+            let p = &mut ps[qi];
+            scores.resize(h * n, 0.0);
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: AVX-512F, AVX2 and FMA checked; `qpair` laid out by `pair_heads`.
+                unsafe {
+                    x86::tile_scores512(
+                        &qpair[qi * ql..(qi + 1) * ql],
+                        qrow,
+                        h,
+                        dk,
+                        &tile[..n * dk],
+                        n,
+                        scale,
+                        scores,
+                        &mut pf,
+                    )
+                };
+            } else {
+                tile_scores(qrow, h, dk, &tile[..n * dk], n, scale, scores, &mut pf);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
             tile_scores(qrow, h, dk, &tile[..n * dk], n, scale, scores, &mut pf);
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        tile_scores(qrow, h, dk, &tile[..n * dk], n, scale, scores, &mut pf);
-        for hh in 0..h {
-            let row = &mut scores[hh * n..(hh + 1) * n];
-            let corr = softmax_update(row, &mut p.m[hh], &mut p.l[hh]);
-            if corr != 1.0 {
-                for a in p.acc[hh * dv..(hh + 1) * dv].iter_mut() {
-                    *a *= corr;
+            for hh in 0..h {
+                let row = &mut scores[hh * n..(hh + 1) * n];
+                let corr = softmax_update(row, &mut p.m[hh], &mut p.l[hh]);
+                if corr != 1.0 {
+                    for a in p.acc[hh * dv..(hh + 1) * dv].iter_mut() {
+                        *a *= corr;
+                    }
                 }
             }
+            tile_pv(scores, h, n, &tile[..n * dk], dk, dv, &mut p.acc);
         }
-        tile_pv(scores, h, n, &tile[..n * dk], dk, dv, &mut p.acc);
         j += n;
     }
 }
@@ -418,11 +477,10 @@ pub fn softmax_update_reference(row: &mut [f32], m: &mut f32, l: &mut f32) -> f3
 /// The query `[H, Dk]` in head pairs: `qpair[((hp·(Dk/8) + c)·16 + l]` is `q[2hp][8c + l]` for
 /// `l < 8` and `q[2hp+1][8c + l − 8]` for `l ≥ 8` (zero past the last head), so that one 16-lane
 /// register holds the same 8 columns of two heads.
-fn pair_heads(q: &[f32], h: usize, dk: usize, qpair: &mut Vec<f32>) {
+fn pair_heads(q: &[f32], h: usize, dk: usize, qpair: &mut [f32]) {
     let nc = dk / 8;
-    let pairs = h.div_ceil(2);
-    qpair.clear();
-    qpair.resize(pairs * nc * 16, 0.0);
+    debug_assert_eq!(qpair.len(), qpair_len(h, dk));
+    qpair.fill(0.0);
     for hh in 0..h {
         let (hp, half) = (hh / 2, hh % 2);
         for c in 0..nc {
@@ -430,6 +488,19 @@ fn pair_heads(q: &[f32], h: usize, dk: usize, qpair: &mut Vec<f32>) {
             dst.copy_from_slice(&q[hh * dk + 8 * c..hh * dk + 8 * c + 8]);
         }
     }
+}
+
+/// Floats of one query laid out by [`pair_heads`].
+fn qpair_len(h: usize, dk: usize) -> usize {
+    h.div_ceil(2) * (dk / 8) * 16
+}
+
+/// Floats that each thread holds while it runs prefill attention of shape `s` on the FMA
+/// kernels (for memory planning): a block of [`QBLOCK`] queries' running and per-segment
+/// softmax states, the widened key tile, one query's scores and the queries in head pairs.
+pub fn prefill_scratch_floats(s: LatentAttnShape) -> usize {
+    let LatentAttnShape { h, dk, dv } = s;
+    2 * QBLOCK * h * (dv + 2) + TILE * dk + h * TILE + QBLOCK * qpair_len(h, dk)
 }
 
 /// Causal latent attention. `q` `[Tq, H, Dk]`, `blocks` each `[block_rows, Dk]`, `n_keys` keys in
@@ -533,26 +604,49 @@ pub fn latent_attention_rows<R: KeyRows + ?Sized>(
         });
         return;
     }
+    // Prefill: blocks of QBLOCK consecutive queries, each block one task that widens a key tile
+    // once for all of its queries. Fixed segments merged in order, exactly as the decode path
+    // does, so a query's result does not depend on how many queries share the call.
     let op = SendPtr(out.as_mut_ptr());
-    (0..tq).into_par_iter().for_each_init(
-        || (Partial::new(h, dv), Partial::new(h, dv), TileBufs::new()),
-        |(p, seg, bufs), i| {
-            p.reset();
-            let lim = n_keys - tq + i + 1;
-            let qrow = &q[i * h * dk..(i + 1) * h * dk];
-            // Fixed segments merged in order, exactly as the decode path does, so a query's
-            // result does not depend on how many queries share the call.
-            let mut k0 = 0;
-            while k0 < lim {
-                let k1 = (k0 + SEGMENT).min(lim);
-                seg.reset();
-                attend_range(s, qrow, rows, k0, k1, scale, seg, bufs);
-                p.merge(seg, dv);
-                k0 = k1;
+    let fresh = || std::array::from_fn::<Partial, QBLOCK, _>(|_| Partial::new(h, dv));
+    (0..tq.div_ceil(QBLOCK)).into_par_iter().for_each_init(
+        || (fresh(), fresh(), TileBufs::new()),
+        |(ps, segs, bufs), b| {
+            let (i0, i1) = (b * QBLOCK, ((b + 1) * QBLOCK).min(tq));
+            let nq = i1 - i0;
+            // Query i sees keys 0..lim(i); the limits grow with i.
+            let lim = |i: usize| n_keys - tq + i + 1;
+            let qrow = |i: usize| &q[i * h * dk..(i + 1) * h * dk];
+            for p in &mut ps[..nq] {
+                p.reset();
             }
-            // SAFETY: row i of out is written only by this task.
-            let o = unsafe { std::slice::from_raw_parts_mut(op.get().add(i * h * dv), h * dv) };
-            p.finish(dv, o);
+            let mut k0 = 0;
+            while k0 < lim(i1 - 1) {
+                // The block's queries that reach this segment, and where each one's ends.
+                let first = (i0..i1)
+                    .find(|&i| lim(i) > k0)
+                    .expect("the last query reaches k0");
+                let qs: [&[f32]; QBLOCK] = std::array::from_fn(|j| qrow((first + j).min(i1 - 1)));
+                let k1s: [usize; QBLOCK] =
+                    std::array::from_fn(|j| (k0 + SEGMENT).min(lim((first + j).min(i1 - 1))));
+                let m = i1 - first;
+                let segs = &mut segs[..m];
+                for seg in segs.iter_mut() {
+                    seg.reset();
+                }
+                attend_queries(s, &qs[..m], rows, k0, &k1s[..m], scale, segs, bufs);
+                for (p, seg) in ps[first - i0..nq].iter_mut().zip(segs.iter()) {
+                    p.merge(seg, dv);
+                }
+                k0 += SEGMENT;
+            }
+            for (j, p) in ps[..nq].iter().enumerate() {
+                // SAFETY: row i0 + j of out is written only by this task.
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(op.get().add((i0 + j) * h * dv), h * dv)
+                };
+                p.finish(dv, o);
+            }
         },
     );
 }

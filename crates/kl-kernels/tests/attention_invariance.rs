@@ -3,19 +3,25 @@
 
 mod common;
 use common::Rng;
-use kl_kernels::attention::{latent_attention, LatentAttnShape, SEGMENT};
+use kl_kernels::attention::{latent_attention, LatentAttnShape, QBLOCK, SEGMENT};
 
+/// Prefill runs its queries in blocks that share each widened key tile (`QBLOCK`); every shape
+/// here has a last block that is not full, storage blocks that end inside tiles and segments,
+/// and queries whose limits end inside tiles.
 #[test]
 fn prefill_rows_equal_single_query_calls_bitwise() {
+    for (h, dk, dv, block_rows, tq) in [
+        (2, 20, 16, 256, 40),
+        (5, 40, 32, 100, 41),
+        (16, 96, 64, 77, 3 * QBLOCK + 2),
+    ] {
+        prefill_rows_equal_single_query_calls(LatentAttnShape { h, dk, dv }, block_rows, tq);
+    }
+}
+
+fn prefill_rows_equal_single_query_calls(s: LatentAttnShape, block_rows: usize, tq: usize) {
     let mut rng = Rng::new(11);
-    let s = LatentAttnShape {
-        h: 2,
-        dk: 20,
-        dv: 16,
-    };
-    let block_rows = 256;
     let n_keys = 2 * SEGMENT + 300;
-    let tq = 40;
     let store = rng.vec(n_keys.div_ceil(block_rows) * block_rows * s.dk, 1.0);
     let blocks: Vec<&[f32]> = store.chunks(block_rows * s.dk).collect();
     let q = rng.vec(tq * s.h * s.dk, 1.5);
@@ -42,7 +48,7 @@ fn prefill_rows_equal_single_query_calls_bitwise() {
                 assert_eq!(
                     one,
                     all[i * s.h * s.dv..(i + 1) * s.h * s.dv],
-                    "query {i}, {threads} threads"
+                    "query {i}, {threads} threads, {s:?}, block rows {block_rows}"
                 );
             }
         });

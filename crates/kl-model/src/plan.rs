@@ -120,8 +120,9 @@ pub fn workspace_bytes(cfg: &ModelConfig, chunk: usize, all_logits: bool, thread
     } else {
         cfg.vocab_size
     };
-    // Per-thread scratch: the KDA chunk kernel's (its exact size), an attention tile (64 rows)
-    // with its partial softmax state, and the expanded attention's head buffers.
+    // Per-thread scratch: the KDA chunk kernel's (its exact size), the latent attention's (a
+    // block of queries' softmax states and their shared key tile), and the expanded attention's
+    // head buffers.
     let kda_scratch = kl_kernels::kda::chunk_scratch_floats(k, k);
     // The expanded latent attention's per-thread head buffers (prefill with MLA layers).
     let mla_scratch = if cfg.num_mla_layers() > 0 {
@@ -129,7 +130,15 @@ pub fn workspace_bytes(cfg: &ModelConfig, chunk: usize, all_logits: bool, thread
     } else {
         0
     };
-    let attn_scratch = 64 * m.latent_width() + m.num_heads * (m.kv_lora_rank + 2) + 64;
+    let attn_scratch = if cfg.num_mla_layers() > 0 {
+        kl_kernels::attention::prefill_scratch_floats(kl_kernels::attention::LatentAttnShape {
+            h: m.num_heads,
+            dk: m.latent_width(),
+            dv: m.kv_lora_rank,
+        })
+    } else {
+        0
+    };
     let scratch = threads * (kda_scratch + attn_scratch + mla_scratch);
     // With the opt-in AMX kernels, every thread keeps the packed input of the largest product
     // it ran: at most a chunk's rows of the widest input of any product.
