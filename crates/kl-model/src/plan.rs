@@ -130,12 +130,15 @@ pub fn workspace_bytes(cfg: &ModelConfig, chunk: usize, all_logits: bool, thread
     } else {
         0
     };
-    let attn_scratch = if cfg.num_mla_layers() > 0 {
-        kl_kernels::attention::prefill_scratch_floats(kl_kernels::attention::LatentAttnShape {
-            h: m.num_heads,
-            dk: m.latent_width(),
-            dv: m.kv_lora_rank,
-        })
+    // The latent attention's shape (absorbed: every head scores the whole cache row).
+    let latent = kl_kernels::attention::LatentAttnShape {
+        h: m.num_heads,
+        dk: m.latent_width(),
+        dv: m.kv_lora_rank,
+    };
+    let has_mla = cfg.num_mla_layers() > 0;
+    let attn_scratch = if has_mla {
+        kl_kernels::attention::prefill_scratch_floats(latent)
     } else {
         0
     };
@@ -156,12 +159,8 @@ pub fn workspace_bytes(cfg: &ModelConfig, chunk: usize, all_logits: bool, thread
         .max()
         .unwrap_or(d);
         // And the tile kernel of latent attention its scratch (a segment's scores and tiles).
-        let attn = if cfg.num_mla_layers() > 0 {
-            kl_kernels::amx_attention::scratch_bytes(kl_kernels::attention::LatentAttnShape {
-                h: m.num_heads,
-                dk: m.latent_width(),
-                dv: m.kv_lora_rank,
-            })
+        let attn = if has_mla {
+            kl_kernels::amx_attention::scratch_bytes(latent)
         } else {
             0
         };
