@@ -255,6 +255,18 @@ fn run_honours_memory_flags() {
     assert!(err.contains("context: 20/20"), "{err}");
 }
 
+/// The numbers of the JSON array `a` (named `what`; `whole` is the document, for the message).
+fn numbers(a: &serde_json::Value, what: &str, whole: &serde_json::Value) -> Vec<f64> {
+    a.as_array()
+        .unwrap_or_else(|| panic!("{what}: {whole}"))
+        .iter()
+        .map(|x| {
+            x.as_f64()
+                .unwrap_or_else(|| panic!("{what}: not a number: {whole}"))
+        })
+        .collect()
+}
+
 /// `bench` on the tiny model, two threads, two decoded tokens, prompts of `prompts` tokens, then
 /// `extra`; it must succeed.
 fn bench_tiny(prompts: &str, extra: &[&str]) -> std::process::Output {
@@ -280,13 +292,12 @@ fn bench_tiny(prompts: &str, extra: &[&str]) -> std::process::Output {
 fn bench_quotes_the_higher_of_two_roofline_measurements() {
     let o = bench_tiny("5,17", &["--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
-    for (key, pair) in [("fma_gflops", "fma_gflops"), ("stream_gbps", "stream_gbps")] {
-        let m: Vec<f64> = v["roofline_measured"][pair]
-            .as_array()
-            .unwrap_or_else(|| panic!("roofline_measured.{pair}: {v}"))
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect();
+    for key in ["fma_gflops", "stream_gbps"] {
+        let m = numbers(
+            &v["roofline_measured"][key],
+            &format!("roofline_measured.{key}"),
+            &v,
+        );
         assert_eq!(m.len(), 2, "{v}");
         assert!(m.iter().all(|x| *x > 0.0 && x.is_finite()), "{v}");
         assert_eq!(v[key].as_f64(), Some(m[0].max(m[1])), "{v}");
@@ -350,12 +361,7 @@ fn bench_json_reports_every_field() {
     assert_eq!(v["repeat"], 3);
     // Every run is reported, sorted, and the headline figure is the median run.
     let median_of = |runs: &serde_json::Value, key: &str| {
-        let r: Vec<f64> = runs[key]
-            .as_array()
-            .unwrap_or_else(|| panic!("{key}: {v}"))
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect();
+        let r = numbers(&runs[key], key, &v);
         assert_eq!(r.len(), 3, "{v}");
         assert!(r.windows(2).all(|w| w[0] <= w[1]), "{v}");
         r[1]
