@@ -371,24 +371,15 @@ mod tests {
             for (pos, &x) in edge.iter().enumerate() {
                 // `a − b` lands on the edge value at one position; every other difference is
                 // small. (Subtracting 0 keeps x exactly, NaN included.)
-                let a: Vec<f32> = (0..n)
+                let (a, b): (Vec<f32>, Vec<f32>) = (0..n)
                     .map(|i| {
                         if i == pos * 7 % n {
-                            x
+                            (x, 0.0)
                         } else {
-                            (i as f32).sin()
+                            ((i as f32).sin(), (i as f32).cos())
                         }
                     })
-                    .collect();
-                let b: Vec<f32> = (0..n)
-                    .map(|i| {
-                        if i == pos * 7 % n {
-                            0.0
-                        } else {
-                            (i as f32).cos()
-                        }
-                    })
-                    .collect();
+                    .unzip();
                 let mut e = vec![1.0; n];
                 let out = diff_out_of_span(&mut e, &a, &b);
                 let want = a
