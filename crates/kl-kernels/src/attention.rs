@@ -12,7 +12,9 @@
 //! Query `i` of `Tq` sees keys `0 ..= n_keys − Tq + i` (the queries are the last `Tq` positions).
 //! Keys are grouped in fixed segments of [`SEGMENT`] keys whose partial softmax states are merged
 //! in order. A single query (decode) runs its segments in parallel (flash-decoding), so
-//! long-context decode scales with threads; the result is bit-identical to the serial order, so
+//! long-context decode scales with threads, in waves of at most [`WAVE`] segments whose partial
+//! states are merged before the next wave (so a step's scratch is bounded at any context); the
+//! result is bit-identical to the serial order, so
 //! a token's output does not depend on whether it was prefilled or decoded, or on the chunking.
 //! Prefill runs its queries in blocks of [`QBLOCK`], one task each, that widen every key tile
 //! once for all of the block's queries; each query still visits exactly its own tiles, in the
@@ -36,6 +38,13 @@ pub const QBLOCK: usize = 4;
 /// to key 0) whose partial softmax states are merged in order. Decode runs the segments in
 /// parallel; prefill runs them serially per query; both give identical bits.
 pub const SEGMENT: usize = 1024;
+
+/// Segments that decode runs in one parallel wave (64K keys): the wave's partial states are
+/// merged in order before the next wave starts, so a decode step holds at most this many of
+/// them whatever the context (4.2 MB for the released model's 32 heads × 512, where one per
+/// segment would be 67 MB at 1M tokens). Below 64K keys a step is one wave, as before; the merge
+/// order, and so every bit, is the same for any wave size.
+pub const WAVE: usize = 64;
 
 /// A source of cache rows (key rows; the value is the first `dv` columns of each).
 ///
@@ -503,6 +512,16 @@ pub fn prefill_scratch_floats(s: LatentAttnShape) -> usize {
     2 * QBLOCK * h * (dv + 2) + TILE * dk + h * TILE + QBLOCK * qpair_len(h, dk)
 }
 
+/// Floats that decode with latent attention of shape `s` keeps between steps (for memory
+/// planning), at any context: the calling thread's partial softmax states (at most a [`WAVE`]
+/// of segments' and the running total) and, for each of `threads` pool threads, a key tile, a
+/// tile's scores and the query in head pairs. The AMX kernel's buffers, where it runs, come on
+/// top ([`crate::amx_attention::scratch_bytes`] per thread).
+pub fn decode_scratch_floats(s: LatentAttnShape, threads: usize) -> usize {
+    let LatentAttnShape { h, dk, dv } = s;
+    (WAVE + 1) * h * (dv + 2) + threads * (TILE * dk + h * TILE + qpair_len(h, dk))
+}
+
 /// Causal latent attention. `q` `[Tq, H, Dk]`, `blocks` each `[block_rows, Dk]`, `n_keys` keys in
 /// total (≥ Tq), `out` `[Tq, H, Dv]`.
 #[allow(clippy::too_many_arguments)]
@@ -567,7 +586,8 @@ pub fn latent_attention_rows<R: KeyRows + ?Sized>(
                     &mut fresh
                 }
             };
-            while parts.len() < nseg {
+            let wave = nseg.min(WAVE);
+            while parts.len() < wave {
                 parts.push(Partial::new(h, dv));
             }
             total.shape(h, dv);
@@ -589,16 +609,23 @@ pub fn latent_attention_rows<R: KeyRows + ?Sized>(
                 let mut b = bufs[i].lock().unwrap_or_else(|e| e.into_inner());
                 attend_range(s, q, rows, k0, k1, scale, p, &mut b);
             };
-            if nseg == 1 {
-                segment(0, &mut parts[0]);
-            } else {
-                parts[..nseg]
-                    .par_iter_mut()
-                    .enumerate()
-                    .for_each(|(si, p)| segment(si, p));
-            }
-            for p in &parts[..nseg] {
-                total.merge(p, dv);
+            // Waves of at most WAVE segments, each merged in order into the total before the
+            // next one runs: the order of the merges is the segments', whatever the wave size.
+            let mut s0 = 0;
+            while s0 < nseg {
+                let n = (nseg - s0).min(WAVE);
+                if n == 1 {
+                    segment(s0, &mut parts[0]);
+                } else {
+                    parts[..n]
+                        .par_iter_mut()
+                        .enumerate()
+                        .for_each(|(i, p)| segment(s0 + i, p));
+                }
+                for p in &parts[..n] {
+                    total.merge(p, dv);
+                }
+                s0 += n;
             }
             total.finish(dv, out);
         });

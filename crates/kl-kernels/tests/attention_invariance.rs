@@ -77,3 +77,41 @@ fn real_width_rows_match_reference() {
         assert!(d < 1e-5, "tq={tq} n={n_keys}: {d}");
     }
 }
+
+/// Decode past one wave of segments (`WAVE`), and past two with a partial last wave: the single
+/// query's output equals the same query's row in a prefill call (which merges its segments one
+/// by one) bit for bit, on 1 and 3 threads, and the plain twin to f32 rounding.
+#[test]
+fn decode_across_waves_equals_prefill_bitwise() {
+    use kl_kernels::attention::{latent_attention_reference, WAVE};
+    let mut rng = Rng::new(13);
+    let s = LatentAttnShape {
+        h: 3,
+        dk: 24,
+        dv: 16,
+    };
+    let block_rows = 256;
+    for n_keys in [WAVE * SEGMENT + 1, 2 * WAVE * SEGMENT + 700] {
+        let store = rng.vec(n_keys.div_ceil(block_rows) * block_rows * s.dk, 1.0);
+        let blocks: Vec<&[f32]> = store.chunks(block_rows * s.dk).collect();
+        let tq = 2;
+        let q = rng.vec(tq * s.h * s.dk, 1.5);
+        let mut pre = vec![0f32; tq * s.h * s.dv];
+        latent_attention(s, &q, &blocks, block_rows, n_keys, 0.3, &mut pre);
+        let last = &q[s.h * s.dk..];
+        let want = &pre[s.h * s.dv..];
+        for threads in [1usize, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut one = vec![0f32; s.h * s.dv];
+            pool.install(|| latent_attention(s, last, &blocks, block_rows, n_keys, 0.3, &mut one));
+            assert_eq!(one, want, "{n_keys} keys, {threads} threads");
+        }
+        let mut r = vec![0f32; s.h * s.dv];
+        latent_attention_reference(s, last, &blocks, block_rows, n_keys, 0.3, &mut r);
+        let d = common::max_abs_diff(want, &r);
+        assert!(d < 1e-4, "{n_keys} keys: reference differs by {d}");
+    }
+}

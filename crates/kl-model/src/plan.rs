@@ -142,7 +142,14 @@ pub fn workspace_bytes(cfg: &ModelConfig, chunk: usize, all_logits: bool, thread
     } else {
         0
     };
-    let scratch = threads * (kda_scratch + attn_scratch + mla_scratch);
+    // Decode's latent attention keeps its own buffers between steps (bounded at any context:
+    // a wave of segments' softmax states and a key tile per thread).
+    let decode_scratch = if has_mla {
+        kl_kernels::attention::decode_scratch_floats(latent, threads)
+    } else {
+        0
+    };
+    let scratch = threads * (kda_scratch + attn_scratch + mla_scratch) + decode_scratch;
     // With the opt-in AMX kernels, every thread keeps the packed input of the largest product
     // it ran: at most a chunk's rows of the widest input of any product.
     let amx = if kl_kernels::amx::enabled() {
@@ -158,9 +165,10 @@ pub fn workspace_bytes(cfg: &ModelConfig, chunk: usize, all_logits: bool, thread
         .into_iter()
         .max()
         .unwrap_or(d);
-        // And the tile kernel of latent attention its scratch (a segment's scores and tiles).
+        // And the tile kernel of latent attention its scratch (a segment's scores and tiles),
+        // once for prefill and once more in decode's kept buffers.
         let attn = if has_mla {
-            kl_kernels::amx_attention::scratch_bytes(latent)
+            2 * kl_kernels::amx_attention::scratch_bytes(latent)
         } else {
             0
         };
