@@ -26,7 +26,7 @@ use kl_kernels::attention::{latent_attention, LatentAttnShape};
 use kl_kernels::cpu::Isa;
 use kl_kernels::kda::{kda_chunked, kda_recurrent, KdaShape, CHUNK};
 use kl_kernels::matmul::{matmul, matmul_isa};
-use kl_kernels::roofline::{measure_fma, measure_fma_isa, measure_stream_gbps};
+use kl_kernels::roofline::{measure_fma_isa, Roofline};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -44,44 +44,37 @@ impl Rng {
 }
 
 struct Roof {
-    /// FMA peak of the widest ISA in use.
-    gflops: f64,
+    /// The FMA peak of the widest ISA in use and the stream bandwidth.
+    main: Roofline,
     /// The AVX2 FMA peak, when AVX-512 is in use (for the AVX2 A/B rows of `matmul`).
     avx2: Option<f64>,
-    gbps: f64,
 }
 
 impl Roof {
-    /// Measure with `threads` threads: the FMA peak at the widest ISA (and at AVX2 when that is
-    /// AVX-512), and the stream bandwidth.
-    fn measure(threads: usize) -> (Roof, Isa) {
-        let fma = measure_fma(threads);
-        let avx2 = (fma.isa == Isa::Avx512).then(|| measure_fma_isa(threads, Isa::Avx2).gflops);
-        let gbps = measure_stream_gbps(threads);
-        let r = Roof {
-            gflops: fma.gflops,
-            avx2,
-            gbps,
-        };
-        (r, fma.isa)
+    /// Measure with `threads` threads: the roofline at the widest ISA (and the FMA peak at AVX2
+    /// when that is AVX-512).
+    fn measure(threads: usize) -> Roof {
+        let main = Roofline::measure(threads);
+        let avx2 =
+            (main.fma.isa == Isa::Avx512).then(|| measure_fma_isa(threads, Isa::Avx2).gflops);
+        Roof { main, avx2 }
     }
 
     /// The higher of two measurements, figure by figure.
     fn max(&self, o: &Roof) -> Roof {
         Roof {
-            gflops: self.gflops.max(o.gflops),
+            main: self.main.max(&o.main),
             avx2: self.avx2.zip(o.avx2).map(|(a, b)| a.max(b)),
-            gbps: self.gbps.max(o.gbps),
         }
     }
 
-    fn describe(&self, isa: Isa) -> String {
+    fn describe(&self) -> String {
         let avx2 = self
             .avx2
             .map_or(String::new(), |g| format!("; avx2 {g:.1}"));
         format!(
-            "FMA peak {:.1} GFLOP/s ({isa}{avx2}), stream read {:.1} GB/s",
-            self.gflops, self.gbps
+            "FMA peak {:.1} GFLOP/s ({}{avx2}), stream read {:.1} GB/s",
+            self.main.fma.gflops, self.main.fma.isa, self.main.stream_gbps
         )
     }
 }
@@ -142,8 +135,8 @@ impl Rows {
             match r.against {
                 Against::Fma | Against::Avx2 => {
                     let peak = match r.against {
-                        Against::Avx2 => roof.avx2.unwrap_or(roof.gflops),
-                        _ => roof.gflops,
+                        Against::Avx2 => roof.avx2.unwrap_or(roof.main.fma.gflops),
+                        _ => roof.main.fma.gflops,
                     };
                     println!(
                         "{:<42} {:>9.3} ms {:>7.1} GFLOP/s {:>5.1}% of FMA peak | best {:>7.1} GFLOP/s {:>5.1}%",
@@ -160,9 +153,9 @@ impl Rows {
                     r.name,
                     secs * 1e3,
                     rate,
-                    100.0 * rate / roof.gbps,
+                    100.0 * rate / roof.main.stream_gbps,
                     bestrate,
-                    100.0 * bestrate / roof.gbps,
+                    100.0 * bestrate / roof.main.stream_gbps,
                     flops / secs / 1e9
                 ),
             }
@@ -387,11 +380,11 @@ fn main() {
         .collect();
     let want = |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
     let threads = rayon::current_num_threads();
-    let (before, isa) = Roof::measure(threads);
+    let before = Roof::measure(threads);
     println!(
         "# {} | {threads} threads | roofline before the cases: {}",
         kl_kernels::cpu::describe(),
-        before.describe(isa)
+        before.describe()
     );
     let rows = Rows::default();
     let mut rng = Rng(0x9E3779B97F4A7C15);
@@ -407,12 +400,12 @@ fn main() {
     if want("attention") {
         bench_attention(&rows, &mut rng);
     }
-    let (after, _) = Roof::measure(threads);
+    let after = Roof::measure(threads);
     let roof = before.max(&after);
-    println!("# roofline after the cases: {}", after.describe(isa));
+    println!("# roofline after the cases: {}", after.describe());
     println!(
         "# fractions below are of the higher of the two: {}",
-        roof.describe(isa)
+        roof.describe()
     );
     rows.print(&roof);
 }

@@ -70,6 +70,42 @@ pub fn measure_fma_isa(threads: usize, isa: Isa) -> FmaPeak {
     FmaPeak { gflops: best, isa }
 }
 
+/// One measurement of the roofline: the FMA peak ([`measure_fma`]) and the stream bandwidth
+/// ([`measure_stream_gbps`]) with the same threads.
+///
+/// On a shared machine one measurement can land in a slow minute, which would flatter every
+/// fraction quoted against it; benchmarks measure before and after their runs and quote against
+/// [`Roofline::max`] of the two.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Roofline {
+    /// The FMA peak and the instruction set it was measured with.
+    pub fma: FmaPeak,
+    /// Stream read bandwidth, GB/s.
+    pub stream_gbps: f64,
+}
+
+impl Roofline {
+    /// Measure both figures with `threads` threads (about 0.5–1.5 s).
+    pub fn measure(threads: usize) -> Roofline {
+        let fma = measure_fma(threads);
+        Roofline {
+            fma,
+            stream_gbps: measure_stream_gbps(threads),
+        }
+    }
+
+    /// The higher of two measurements, figure by figure.
+    pub fn max(&self, other: &Roofline) -> Roofline {
+        Roofline {
+            fma: FmaPeak {
+                gflops: self.fma.gflops.max(other.fma.gflops),
+                isa: self.fma.isa,
+            },
+            stream_gbps: self.stream_gbps.max(other.stream_gbps),
+        }
+    }
+}
+
 /// [`measure_fma`]'s GFLOP/s alone.
 pub fn measure_fma_gflops(threads: usize) -> f64 {
     measure_fma(threads).gflops

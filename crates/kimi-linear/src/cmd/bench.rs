@@ -17,7 +17,7 @@
 
 use crate::memory::{human, parse_cache_dtype, parse_mla_prefill, peak_rss_bytes};
 use anyhow::{bail, Context, Result};
-use kl_kernels::roofline::{measure_fma, measure_stream_gbps};
+use kl_kernels::roofline::{FmaPeak, Roofline};
 use kl_model::{KimiLinear, LayerState, LogitsMode, ModelOptions, Probe, SequenceState};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -168,8 +168,8 @@ impl PrefillRow {
     /// peak.
     fn of_peak(&self, roof: Roof) -> (f64, Option<f64>) {
         (
-            self.gflops / roof.fma,
-            self.matmul_gflops.map(|g| g / roof.fma),
+            self.gflops / roof.fma.gflops,
+            self.matmul_gflops.map(|g| g / roof.fma.gflops),
         )
     }
 }
@@ -192,22 +192,20 @@ impl DecodeRow {
     /// FMA peak; and which of the two that is.
     fn against(&self, roof: Roof) -> (f64, f64, &'static str) {
         let (t_mem, t_fma) = (
-            self.bytes / (roof.stream * 1e9),
-            self.flops / (roof.fma * 1e9),
+            self.bytes / (roof.stream_gbps * 1e9),
+            self.flops / (roof.fma.gflops * 1e9),
         );
         let bound = if t_fma > t_mem { "compute" } else { "memory" };
-        (self.gbps / roof.stream, t_mem.max(t_fma) * self.tps, bound)
+        (
+            self.gbps / roof.stream_gbps,
+            t_mem.max(t_fma) * self.tps,
+            bound,
+        )
     }
 }
 
-/// The roofline the runs are quoted against (NaN when not measured).
-#[derive(Clone, Copy)]
-struct Roof {
-    /// FMA peak, GFLOP/s.
-    fma: f64,
-    /// Stream read bandwidth, GB/s.
-    stream: f64,
-}
+/// The roofline the runs are quoted against (NaN figures when not measured).
+type Roof = Roofline;
 
 /// Run `bench`.
 pub fn run(a: Args) -> Result<()> {
@@ -239,15 +237,8 @@ pub fn run(a: Args) -> Result<()> {
     // The roofline is measured before the runs and again after them, and the higher of each
     // pair is what the runs are quoted against: on a shared machine one measurement can land in
     // a slow minute, which would make every fraction look better than it is.
-    let (before, fma_isa) = if a.no_roofline {
-        ((f64::NAN, f64::NAN), None)
-    } else {
-        let peak = measure_fma(threads);
-        (
-            (peak.gflops, measure_stream_gbps(threads)),
-            Some(peak.isa.name()),
-        )
-    };
+    let measure = || (!a.no_roofline).then(|| Roofline::measure(threads));
+    let before = measure();
 
     // Warm-up: touch the weights once (page in the mmap) so the first timing is not I/O.
     {
@@ -365,16 +356,23 @@ pub fn run(a: Args) -> Result<()> {
     }
     // Before the second roofline measurement, whose buffer would count in it.
     let rss = peak_rss_bytes().unwrap_or(0);
-    let after = if a.no_roofline {
-        (f64::NAN, f64::NAN)
-    } else {
-        if !a.json {
-            eprintln!("measuring the roofline again…");
-        }
-        (measure_fma(threads).gflops, measure_stream_gbps(threads))
-    };
-    let (fma, stream) = (before.0.max(after.0), before.1.max(after.1));
-    let roofline = Roof { fma, stream };
+    if before.is_some() && !a.json {
+        eprintln!("measuring the roofline again…");
+    }
+    let after = measure();
+    let measured = before.zip(after);
+    let roofline = measured.map_or(
+        Roofline {
+            fma: FmaPeak {
+                gflops: f64::NAN,
+                isa: kl_kernels::cpu::features().isa(),
+            },
+            stream_gbps: f64::NAN,
+        },
+        |(b, a)| b.max(&a),
+    );
+    let (fma, stream) = (roofline.fma.gflops, roofline.stream_gbps);
+    let fma_isa = measured.map(|_| roofline.fma.isa.name());
     // What the planner predicts for the largest sequence this run held.
     let max_ctx = a.prompt_tokens.iter().copied().max().unwrap_or(0).max(
         a.depth
@@ -402,14 +400,10 @@ pub fn run(a: Args) -> Result<()> {
             "fma_gflops": fma,
             "fma_isa": fma_isa,
             "stream_gbps": stream,
-            "roofline_measured": if a.no_roofline {
-                serde_json::Value::Null
-            } else {
-                serde_json::json!({
-                    "fma_gflops": [before.0, after.0],
-                    "stream_gbps": [before.1, after.1],
-                })
-            },
+            "roofline_measured": measured.map(|(b, a)| serde_json::json!({
+                "fma_gflops": [b.fma.gflops, a.fma.gflops],
+                "stream_gbps": [b.stream_gbps, a.stream_gbps],
+            })),
             "repeat": a.repeat,
             "prefill_tokens_per_s": prefill,
             "decode_tokens_per_s": decode,
@@ -434,16 +428,16 @@ pub fn run(a: Args) -> Result<()> {
         kl_kernels::cpu::describe(),
         opts.cache_dtype.name()
     );
-    let roof = !a.no_roofline;
-    if roof {
+    let roof = measured.is_some();
+    if let Some((b, a)) = measured {
         println!(
             "roofline: FMA {fma:.1} GFLOP/s ({}), stream {stream:.1} GB/s (the higher of two \
              measurements, before and after the runs: FMA {:.1} and {:.1}, stream {:.1} and {:.1})",
-            fma_isa.unwrap_or("-"),
-            before.0,
-            after.0,
-            before.1,
-            after.1
+            roofline.fma.isa.name(),
+            b.fma.gflops,
+            a.fma.gflops,
+            b.stream_gbps,
+            a.stream_gbps
         );
     }
     for r in &prefill_rows {
