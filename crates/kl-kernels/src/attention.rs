@@ -1261,3 +1261,31 @@ mod x86 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Decode past several waves keeps at most a wave of partial states on the calling thread
+    /// (what [`decode_scratch_floats`] promises), however many segments the context has.
+    #[test]
+    fn decode_keeps_at_most_a_wave_of_partial_states() {
+        let s = LatentAttnShape {
+            h: 2,
+            dk: 16,
+            dv: 8,
+        };
+        let n_keys = (2 * WAVE + 3) * SEGMENT + 5;
+        let store: Vec<f32> = (0..n_keys * s.dk).map(|i| (i % 7) as f32 * 0.1).collect();
+        let blocks: Vec<&[f32]> = store.chunks(256 * s.dk).collect();
+        let q = vec![0.5f32; s.h * s.dk];
+        let mut out = vec![0f32; s.h * s.dv];
+        latent_attention(s, &q, &blocks, 256, n_keys, 0.25, &mut out);
+        let parts = DECODE.with(|d| d.borrow().parts.len());
+        assert!(
+            parts <= WAVE,
+            "{parts} partial states kept for {n_keys} keys"
+        );
+        assert!(out.iter().all(|x| x.is_finite()));
+    }
+}
