@@ -389,16 +389,14 @@ impl KeyRows for Fp8Rows<'_> {
         let (b, r) = (r0 / BLOCK_ROWS, r0 % BLOCK_ROWS);
         let n = n.min(BLOCK_ROWS - r).min(self.n_rows - r0);
         let (codes, scales) = &self.blocks[b];
-        let t = fp8::table();
-        let dk = self.dk;
+        let (dk, split) = (self.dk, self.split);
         for i in 0..n {
             let row = r + i;
-            let (s0, s1) = (scales[row * 2], scales[row * 2 + 1]);
             let src = &codes[row * dk..(row + 1) * dk];
             let d = &mut dst[i * dk..(i + 1) * dk];
-            for (j, (o, c)) in d.iter_mut().zip(src).enumerate() {
-                *o = t[*c as usize] * if j < self.split { s0 } else { s1 };
-            }
+            // The two parts of the row (latent, rope), each with its own scale.
+            fp8::decode_scaled(&src[..split], scales[row * 2], &mut d[..split]);
+            fp8::decode_scaled(&src[split..], scales[row * 2 + 1], &mut d[split..]);
         }
         n
     }
