@@ -198,9 +198,7 @@ impl LatentCache {
                             1.0
                         };
                         scales[r * 2 + part] = scale;
-                        for (d, s) in codes[r * w + lo..r * w + hi].iter_mut().zip(&src[lo..hi]) {
-                            *d = fp8::encode(s / scale);
-                        }
+                        fp8::encode_scaled(&src[lo..hi], scale, &mut codes[r * w + lo..r * w + hi]);
                     }
                 }
             }
