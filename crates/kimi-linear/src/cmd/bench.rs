@@ -166,7 +166,7 @@ struct PrefillRow {
 impl PrefillRow {
     /// All prefill FLOPs per second, and the matrix products' alone (if any ran), over the FMA
     /// peak.
-    fn of_peak(&self, roof: Roof) -> (f64, Option<f64>) {
+    fn of_peak(&self, roof: Roofline) -> (f64, Option<f64>) {
         (
             self.gflops / roof.fma.gflops,
             self.matmul_gflops.map(|g| g / roof.fma.gflops),
@@ -190,7 +190,7 @@ impl DecodeRow {
     /// Bytes per second over the stream bandwidth; roofline time over measured time, the
     /// roofline being the slower of the token's bytes at stream bandwidth and its FLOPs at the
     /// FMA peak; and which of the two that is.
-    fn against(&self, roof: Roof) -> (f64, f64, &'static str) {
+    fn against(&self, roof: Roofline) -> (f64, f64, &'static str) {
         let (t_mem, t_fma) = (
             self.bytes / (roof.stream_gbps * 1e9),
             self.flops / (roof.fma.gflops * 1e9),
@@ -203,9 +203,6 @@ impl DecodeRow {
         )
     }
 }
-
-/// The roofline the runs are quoted against (NaN figures when not measured).
-type Roof = Roofline;
 
 /// Run `bench`.
 pub fn run(a: Args) -> Result<()> {
@@ -361,6 +358,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let after = measure();
     let measured = before.zip(after);
+    // What the runs are quoted against: the higher of the two, NaN figures when not measured.
     let roofline = measured.map_or(
         Roofline {
             fma: FmaPeak {
