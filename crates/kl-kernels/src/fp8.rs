@@ -60,34 +60,39 @@ fn decode_bits_branchless(c: u8) -> f32 {
 /// bits as [`decode_scaled_reference`].
 pub fn decode_scaled(src: &[u8], scale: f32, dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len(), "fp8::decode_scaled: lengths differ");
-    #[cfg(target_arch = "x86_64")]
-    match crate::cpu::features().isa() {
-        // SAFETY: AVX-512F checked; the body is the safe loop below compiled 16 lanes wide.
-        crate::cpu::Isa::Avx512 => return unsafe { decode_scaled_avx512(src, scale, dst) },
-        // SAFETY: AVX2 checked; the same loop 8 lanes wide.
-        crate::cpu::Isa::Avx2 => return unsafe { decode_scaled_avx2(src, scale, dst) },
-        crate::cpu::Isa::Portable => {}
-    }
-    decode_scaled_body(src, scale, dst)
+    widest(|| {
+        for (o, &c) in dst.iter_mut().zip(src) {
+            *o = decode_bits_branchless(c) * scale;
+        }
+    })
 }
 
+/// `f` compiled for the widest vector instruction set the CPU has (the same safe code; only the
+/// width its loops vectorise to changes, and element-wise operations give the same bits at any
+/// width).
 #[inline(always)]
-fn decode_scaled_body(src: &[u8], scale: f32, dst: &mut [f32]) {
-    for (o, &c) in dst.iter_mut().zip(src) {
-        *o = decode_bits_branchless(c) * scale;
+fn widest<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    match crate::cpu::features().isa() {
+        // SAFETY: AVX-512F and BW checked.
+        crate::cpu::Isa::Avx512 => return unsafe { on_avx512(f) },
+        // SAFETY: AVX2 checked.
+        crate::cpu::Isa::Avx2 => return unsafe { on_avx2(f) },
+        crate::cpu::Isa::Portable => {}
     }
+    f()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2")]
-unsafe fn decode_scaled_avx512(src: &[u8], scale: f32, dst: &mut [f32]) {
-    decode_scaled_body(src, scale, dst)
+unsafe fn on_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn decode_scaled_avx2(src: &[u8], scale: f32, dst: &mut [f32]) {
-    decode_scaled_body(src, scale, dst)
+unsafe fn on_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 /// [`decode_scaled`] by table lookups.
@@ -123,34 +128,11 @@ fn encode_branchless(x: f32) -> u8 {
 /// codes as [`encode_scaled_reference`].
 pub fn encode_scaled(src: &[f32], scale: f32, dst: &mut [u8]) {
     assert_eq!(src.len(), dst.len(), "fp8::encode_scaled: lengths differ");
-    #[cfg(target_arch = "x86_64")]
-    match crate::cpu::features().isa() {
-        // SAFETY: AVX-512F checked; the body is the safe loop below compiled 16 lanes wide.
-        crate::cpu::Isa::Avx512 => return unsafe { encode_scaled_avx512(src, scale, dst) },
-        // SAFETY: AVX2 checked; the same loop 8 lanes wide.
-        crate::cpu::Isa::Avx2 => return unsafe { encode_scaled_avx2(src, scale, dst) },
-        crate::cpu::Isa::Portable => {}
-    }
-    encode_scaled_body(src, scale, dst)
-}
-
-#[inline(always)]
-fn encode_scaled_body(src: &[f32], scale: f32, dst: &mut [u8]) {
-    for (o, &x) in dst.iter_mut().zip(src) {
-        *o = encode_branchless(x / scale);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx2")]
-unsafe fn encode_scaled_avx512(src: &[f32], scale: f32, dst: &mut [u8]) {
-    encode_scaled_body(src, scale, dst)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn encode_scaled_avx2(src: &[f32], scale: f32, dst: &mut [u8]) {
-    encode_scaled_body(src, scale, dst)
+    widest(|| {
+        for (o, &x) in dst.iter_mut().zip(src) {
+            *o = encode_branchless(x / scale);
+        }
+    })
 }
 
 /// [`encode_scaled`] by [`encode`]'s search of the table.
