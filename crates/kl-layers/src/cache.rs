@@ -216,80 +216,108 @@ impl LatentCache {
         v
     }
 
-    /// Raw storage of rows `0..len` for snapshots: (row bytes, scale bytes), little-endian.
-    pub fn raw_bytes(&self) -> (Vec<u8>, Vec<u8>) {
-        let w = self.width;
-        let (mut data, mut scales) = (Vec::new(), Vec::new());
-        for i in 0..self.len {
-            let (b, r) = (i / BLOCK_ROWS, i % BLOCK_ROWS);
-            match &self.blocks {
-                Blocks::F32(bl) => bl[b][r * w..(r + 1) * w]
-                    .iter()
-                    .for_each(|x| data.extend_from_slice(&x.to_le_bytes())),
-                Blocks::Bf16(bl) => bl[b][r * w..(r + 1) * w]
-                    .iter()
-                    .for_each(|x| data.extend_from_slice(&x.to_bits().to_le_bytes())),
-                Blocks::Fp8(bl) => {
-                    data.extend_from_slice(&bl[b].0[r * w..(r + 1) * w]);
-                    bl[b].1[r * 2..r * 2 + 2]
-                        .iter()
-                        .for_each(|x| scales.extend_from_slice(&x.to_le_bytes()));
+    /// Bytes of the two parts of [`LatentCache::write_raw`] for `len` rows of `width` values
+    /// stored as `dtype`: (row bytes, scale bytes).
+    pub fn raw_sizes(dtype: CacheDtype, width: usize, len: usize) -> (usize, usize) {
+        match dtype {
+            CacheDtype::F32 => (len * width * 4, 0),
+            CacheDtype::Bf16 => (len * width * 2, 0),
+            CacheDtype::Fp8 => (len * width, len * 8),
+        }
+    }
+
+    /// Write rows `0..len` for a snapshot: every row's stored values (little-endian), then, under
+    /// fp8, every row's two scales. Block by block through a small staging buffer, so that saving
+    /// a multi-gigabyte cache holds no copy of it.
+    pub fn write_raw(&self, w: &mut impl std::io::Write) -> std::io::Result<()> {
+        let mut stage = Vec::with_capacity(STAGE_BYTES);
+        let used = |b: usize| (self.len - b * BLOCK_ROWS).min(BLOCK_ROWS);
+        match &self.blocks {
+            Blocks::F32(bl) => {
+                for (b, blk) in bl.iter().enumerate().take(self.num_used_blocks()) {
+                    write_le(w, &mut stage, &blk[..used(b) * self.width], |x| {
+                        x.to_le_bytes()
+                    })?;
+                }
+            }
+            Blocks::Bf16(bl) => {
+                for (b, blk) in bl.iter().enumerate().take(self.num_used_blocks()) {
+                    let rows = &blk[..used(b) * self.width];
+                    write_le(w, &mut stage, rows, |x| x.to_bits().to_le_bytes())?;
+                }
+            }
+            Blocks::Fp8(bl) => {
+                for (b, (codes, _)) in bl.iter().enumerate().take(self.num_used_blocks()) {
+                    w.write_all(&codes[..used(b) * self.width])?;
+                }
+                for (b, (_, scales)) in bl.iter().enumerate().take(self.num_used_blocks()) {
+                    write_le(w, &mut stage, &scales[..used(b) * 2], |x| x.to_le_bytes())?;
                 }
             }
         }
-        (data, scales)
+        Ok(())
     }
 
-    /// Rebuild from [`LatentCache::raw_bytes`] output; `None` if the sizes disagree.
-    pub fn from_raw(
+    /// Blocks holding rows `0..len`.
+    fn num_used_blocks(&self) -> usize {
+        self.len.div_ceil(BLOCK_ROWS)
+    }
+
+    /// Rebuild `len` rows from [`LatentCache::write_raw`]'s bytes, read from `r` straight into
+    /// the cache's blocks (through a small staging buffer). `data` and `scales` are the byte
+    /// counts the snapshot declares; if they are not [`LatentCache::raw_sizes`]' the error is
+    /// `InvalidData` and nothing is read; a short read is `UnexpectedEof`.
+    pub fn read_raw(
         width: usize,
         split: usize,
         dtype: CacheDtype,
         len: usize,
-        data: &[u8],
-        scales: &[u8],
-    ) -> Option<Self> {
-        let el = match dtype {
-            CacheDtype::F32 => 4,
-            CacheDtype::Bf16 => 2,
-            CacheDtype::Fp8 => 1,
-        };
-        let want_scales = if dtype == CacheDtype::Fp8 { len * 8 } else { 0 };
-        if data.len() != len * width * el || scales.len() != want_scales {
-            return None;
+        (data, scales): (usize, usize),
+        r: &mut impl std::io::Read,
+    ) -> std::io::Result<Self> {
+        if (data, scales) != Self::raw_sizes(dtype, width, len) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{data} row bytes and {scales} scale bytes for {len} rows of {width} {} values",
+                    dtype.name()
+                ),
+            ));
         }
         let mut c = LatentCache::new(width, split, dtype);
         c.grow_to_blocks(len.div_ceil(BLOCK_ROWS));
-        for i in 0..len {
-            let (b, r) = (i / BLOCK_ROWS, i % BLOCK_ROWS);
-            let src = &data[i * width * el..(i + 1) * width * el];
-            match &mut c.blocks {
-                Blocks::F32(bl) => {
-                    for (d, s) in bl[b][r * width..(r + 1) * width]
-                        .iter_mut()
-                        .zip(src.chunks_exact(4))
-                    {
-                        *d = f32::from_le_bytes(s.try_into().expect("4 bytes"));
-                    }
+        c.len = len;
+        let used = |b: usize| (len - b * BLOCK_ROWS).min(BLOCK_ROWS);
+        let nb = c.num_used_blocks();
+        let mut stage = vec![0u8; STAGE_BYTES];
+        match &mut c.blocks {
+            Blocks::F32(bl) => {
+                for (b, blk) in bl.iter_mut().enumerate().take(nb) {
+                    read_le(
+                        r,
+                        &mut stage,
+                        &mut blk[..used(b) * width],
+                        f32::from_le_bytes,
+                    )?;
                 }
-                Blocks::Bf16(bl) => {
-                    for (d, s) in bl[b][r * width..(r + 1) * width]
-                        .iter_mut()
-                        .zip(src.chunks_exact(2))
-                    {
-                        *d = bf16::from_bits(u16::from_le_bytes([s[0], s[1]]));
-                    }
+            }
+            Blocks::Bf16(bl) => {
+                for (b, blk) in bl.iter_mut().enumerate().take(nb) {
+                    read_le(r, &mut stage, &mut blk[..used(b) * width], |x| {
+                        bf16::from_bits(u16::from_le_bytes(x))
+                    })?;
                 }
-                Blocks::Fp8(bl) => {
-                    bl[b].0[r * width..(r + 1) * width].copy_from_slice(src);
-                    for (k, s) in scales[i * 8..(i + 1) * 8].chunks_exact(4).enumerate() {
-                        bl[b].1[r * 2 + k] = f32::from_le_bytes(s.try_into().expect("4 bytes"));
-                    }
+            }
+            Blocks::Fp8(bl) => {
+                for (b, (codes, _)) in bl.iter_mut().enumerate().take(nb) {
+                    r.read_exact(&mut codes[..used(b) * width])?;
+                }
+                for (b, (_, sc)) in bl.iter_mut().enumerate().take(nb) {
+                    read_le(r, &mut stage, &mut sc[..used(b) * 2], f32::from_le_bytes)?;
                 }
             }
         }
-        c.len = len;
-        Some(c)
+        Ok(c)
     }
 
     /// Rows `r0 .. r0 + n` widened to f32 into `dst` (`[n, width]`).
@@ -404,5 +432,117 @@ impl KeyRows for Fp8Rows<'_> {
             pf.push(&codes[o * self.dk..(o + m) * self.dk]);
             pf.push(&scales[o * 2..(o + m) * 2]);
         });
+    }
+}
+
+/// Staging buffer of [`LatentCache::write_raw`] and [`LatentCache::read_raw`].
+const STAGE_BYTES: usize = 64 << 10;
+
+/// Write `vals` as little-endian bytes (`N` per value) through `stage`.
+fn write_le<T: Copy, const N: usize>(
+    w: &mut impl std::io::Write,
+    stage: &mut Vec<u8>,
+    vals: &[T],
+    le: impl Fn(T) -> [u8; N],
+) -> std::io::Result<()> {
+    for part in vals.chunks(STAGE_BYTES / N) {
+        stage.clear();
+        for &x in part {
+            stage.extend_from_slice(&le(x));
+        }
+        w.write_all(stage)?;
+    }
+    Ok(())
+}
+
+/// Fill `vals` from little-endian bytes (`N` per value) read through `stage`.
+fn read_le<T, const N: usize>(
+    r: &mut impl std::io::Read,
+    stage: &mut [u8],
+    vals: &mut [T],
+    from: impl Fn([u8; N]) -> T,
+) -> std::io::Result<()> {
+    for part in vals.chunks_mut(STAGE_BYTES / N) {
+        let bytes = &mut stage[..part.len() * N];
+        r.read_exact(bytes)?;
+        for (v, b) in part.iter_mut().zip(bytes.chunks_exact(N)) {
+            *v = from(b.try_into().expect("N bytes"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// A writer that keeps what it gets and the largest single write.
+    #[derive(Default)]
+    struct Sink {
+        bytes: Vec<u8>,
+        largest: usize,
+    }
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.largest = self.largest.max(b.len());
+            self.bytes.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A reader over bytes that records the largest single read asked for.
+    struct Source<'a> {
+        bytes: &'a [u8],
+        largest: usize,
+    }
+    impl Read for Source<'_> {
+        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+            self.largest = self.largest.max(b.len());
+            self.bytes.read(b)
+        }
+    }
+
+    /// Snapshot bytes round-trip bit for bit for every dtype, in pieces no larger than the
+    /// staging buffer (so neither direction holds a copy of the cache), with the declared sizes
+    /// checked before anything is read and a short input reported as such.
+    #[test]
+    fn raw_bytes_stream_in_small_pieces_and_round_trip() {
+        let (width, split) = (40, 32);
+        let len = 3 * BLOCK_ROWS + 17;
+        let rows: Vec<f32> = (0..len * width)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 0.01)
+            .collect();
+        for dtype in [CacheDtype::F32, CacheDtype::Bf16, CacheDtype::Fp8] {
+            let mut c = LatentCache::new(width, split, dtype);
+            c.append(&rows);
+            let mut out = Sink::default();
+            c.write_raw(&mut out).unwrap();
+            let sizes = LatentCache::raw_sizes(dtype, width, len);
+            assert_eq!(out.bytes.len(), sizes.0 + sizes.1, "{dtype:?}");
+            assert!(out.largest <= STAGE_BYTES && out.largest < out.bytes.len() / 2);
+            let mut src = Source {
+                bytes: &out.bytes,
+                largest: 0,
+            };
+            let back = LatentCache::read_raw(width, split, dtype, len, sizes, &mut src).unwrap();
+            assert!(
+                src.largest <= STAGE_BYTES && src.bytes.is_empty(),
+                "{dtype:?}"
+            );
+            let mut again = Sink::default();
+            back.write_raw(&mut again).unwrap();
+            assert_eq!(again.bytes, out.bytes, "{dtype:?}");
+            assert_eq!(back.row(len - 1), c.row(len - 1));
+            let wrong = (sizes.0 + 1, sizes.1);
+            let e = LatentCache::read_raw(width, split, dtype, len, wrong, &mut &out.bytes[..]);
+            assert_eq!(e.unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+            let short = &out.bytes[..out.bytes.len() - 1];
+            let e = LatentCache::read_raw(width, split, dtype, len, sizes, &mut &short[..]);
+            assert_eq!(e.unwrap_err().kind(), std::io::ErrorKind::UnexpectedEof);
+        }
     }
 }

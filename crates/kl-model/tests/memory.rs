@@ -154,7 +154,11 @@ fn snapshots_round_trip_bit_exactly() {
             match (a, b) {
                 (LayerState::Kda(x), LayerState::Kda(y)) => assert_eq!(x, y),
                 (LayerState::Mla(x), LayerState::Mla(y)) => {
-                    assert_eq!(x.raw_bytes(), y.raw_bytes())
+                    let (mut bx, mut by) = (Vec::new(), Vec::new());
+                    x.write_raw(&mut bx).unwrap();
+                    y.write_raw(&mut by).unwrap();
+                    assert!(!bx.is_empty());
+                    assert_eq!(bx, by)
                 }
                 _ => panic!("layer kinds differ"),
             }
@@ -162,6 +166,20 @@ fn snapshots_round_trip_bit_exactly() {
         let l1 = m.decode(5, &mut st, &mut Probe::off()).unwrap();
         let l2 = m.decode(5, &mut back, &mut Probe::off()).unwrap();
         assert_eq!(l1, l2, "{dtype:?}: decode after load must be bit-identical");
+        // A file cut short anywhere, or with bytes after the payload, is refused by name.
+        let whole = std::fs::read(&path).unwrap();
+        for cut in [whole.len() - 1, whole.len() / 2, 20] {
+            std::fs::write(&path, &whole[..cut]).unwrap();
+            let e = load_state(&path, m.config()).unwrap_err().to_string();
+            assert!(e.contains("truncated"), "{dtype:?}, cut at {cut}: {e}");
+        }
+        let mut longer = whole.clone();
+        longer.push(0);
+        std::fs::write(&path, &longer).unwrap();
+        let e = load_state(&path, m.config()).unwrap_err().to_string();
+        assert!(e.contains("trailing bytes"), "{dtype:?}: {e}");
+        std::fs::write(&path, &whole).unwrap();
+        assert!(load_state(&path, m.config()).is_ok());
         // A snapshot refuses another model and garbage.
         std::fs::write(&path, b"nonsense").unwrap();
         assert!(load_state(&path, m.config())
