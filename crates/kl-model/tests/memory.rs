@@ -178,6 +178,18 @@ fn snapshots_round_trip_bit_exactly() {
         std::fs::write(&path, &longer).unwrap();
         let e = load_state(&path, m.config()).unwrap_err().to_string();
         assert!(e.contains("trailing bytes"), "{dtype:?}: {e}");
+        // A header whose per-layer sizes are fewer than the layers is refused, not indexed.
+        let hlen = u64::from_le_bytes(whole[8..16].try_into().unwrap()) as usize;
+        let mut h: serde_json::Value = serde_json::from_slice(&whole[16..16 + hlen]).unwrap();
+        h["sizes"].as_array_mut().unwrap().pop();
+        let hb = serde_json::to_vec(&h).unwrap();
+        let mut short = whole[..8].to_vec();
+        short.extend_from_slice(&(hb.len() as u64).to_le_bytes());
+        short.extend_from_slice(&hb);
+        short.extend_from_slice(&whole[16 + hlen..]);
+        std::fs::write(&path, &short).unwrap();
+        let e = load_state(&path, m.config()).unwrap_err().to_string();
+        assert!(e.contains("layer sizes"), "{dtype:?}: {e}");
         std::fs::write(&path, &whole).unwrap();
         assert!(load_state(&path, m.config()).is_ok());
         // A snapshot refuses another model and garbage.
