@@ -508,8 +508,18 @@ fn qpair_len(h: usize, dk: usize) -> usize {
 /// kernels (for memory planning): a block of [`QBLOCK`] queries' running and per-segment
 /// softmax states, the widened key tile, one query's scores and the queries in head pairs.
 pub fn prefill_scratch_floats(s: LatentAttnShape) -> usize {
-    let LatentAttnShape { h, dk, dv } = s;
-    2 * QBLOCK * h * (dv + 2) + TILE * dk + h * TILE + QBLOCK * qpair_len(h, dk)
+    2 * QBLOCK * partial_floats(s) + tile_bufs_floats(s, QBLOCK)
+}
+
+/// Floats of one [`Partial`] of shape `s`: the running max and sum per head, and the output.
+fn partial_floats(s: LatentAttnShape) -> usize {
+    s.h * (s.dv + 2)
+}
+
+/// Floats of a [`TileBufs`] (FMA kernels) for `queries` queries of shape `s`: the widened key
+/// tile, one query's scores, and the queries in head pairs.
+fn tile_bufs_floats(s: LatentAttnShape, queries: usize) -> usize {
+    TILE * s.dk + s.h * TILE + queries * qpair_len(s.h, s.dk)
 }
 
 /// Floats that decode with latent attention of shape `s` keeps between steps (for memory
@@ -518,8 +528,7 @@ pub fn prefill_scratch_floats(s: LatentAttnShape) -> usize {
 /// tile's scores and the query in head pairs. The AMX kernel's buffers, where it runs, come on
 /// top ([`crate::amx_attention::scratch_bytes`] per thread).
 pub fn decode_scratch_floats(s: LatentAttnShape, threads: usize) -> usize {
-    let LatentAttnShape { h, dk, dv } = s;
-    (WAVE + 1) * h * (dv + 2) + threads * (TILE * dk + h * TILE + qpair_len(h, dk))
+    (WAVE + 1) * partial_floats(s) + threads * tile_bufs_floats(s, 1)
 }
 
 /// Causal latent attention. `q` `[Tq, H, Dk]`, `blocks` each `[block_rows, Dk]`, `n_keys` keys in

@@ -92,12 +92,13 @@ pub fn workspace_bytes(cfg: &ModelConfig, chunk: usize, all_logits: bool, thread
     let d = cfg.hidden;
     let (p, k, h) = (cfg.kda.proj(), cfg.kda.head_dim, cfg.kda.num_heads);
     let m = cfg.mla;
+    let has_mla = cfg.num_mla_layers() > 0;
     let kda = if cfg.num_kda_layers() > 0 {
         c * (8 * p + 2 * k + h)
     } else {
         0
     };
-    let mla = if cfg.num_mla_layers() > 0 {
+    let mla = if has_mla {
         c * (m.num_heads * (m.qk_head() + m.latent_width() + m.kv_lora_rank + m.v_head)
             + 2 * m.latent_width()
             + m.qk_nope
@@ -125,7 +126,7 @@ pub fn workspace_bytes(cfg: &ModelConfig, chunk: usize, all_logits: bool, thread
     // head buffers.
     let kda_scratch = kl_kernels::kda::chunk_scratch_floats(k, k);
     // The expanded latent attention's per-thread head buffers (prefill with MLA layers).
-    let mla_scratch = if cfg.num_mla_layers() > 0 {
+    let mla_scratch = if has_mla {
         kl_layers::mla::expanded_scratch_floats(c, m.qk_head(), m.v_head)
     } else {
         0
@@ -136,7 +137,6 @@ pub fn workspace_bytes(cfg: &ModelConfig, chunk: usize, all_logits: bool, thread
         dk: m.latent_width(),
         dv: m.kv_lora_rank,
     };
-    let has_mla = cfg.num_mla_layers() > 0;
     let attn_scratch = if has_mla {
         kl_kernels::attention::prefill_scratch_floats(latent)
     } else {
