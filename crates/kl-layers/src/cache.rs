@@ -289,7 +289,7 @@ impl LatentCache {
         c.len = len;
         let used = |b: usize| (len - b * BLOCK_ROWS).min(BLOCK_ROWS);
         let nb = c.num_used_blocks();
-        let mut stage = vec![0u8; STAGE_BYTES];
+        let mut stage = Vec::with_capacity(STAGE_BYTES);
         match &mut c.blocks {
             Blocks::F32(bl) => {
                 for (b, blk) in bl.iter_mut().enumerate().take(nb) {
@@ -435,11 +435,12 @@ impl KeyRows for Fp8Rows<'_> {
     }
 }
 
-/// Staging buffer of [`LatentCache::write_raw`] and [`LatentCache::read_raw`].
-const STAGE_BYTES: usize = 64 << 10;
+/// Largest piece [`write_le`] and [`read_le`] move at once (and their staging buffer's size).
+pub const STAGE_BYTES: usize = 64 << 10;
 
-/// Write `vals` as little-endian bytes (`N` per value) through `stage`.
-fn write_le<T: Copy, const N: usize>(
+/// Write `vals` as little-endian bytes (`N` per value, `le` of each) through `stage`, at most
+/// [`STAGE_BYTES`] a call: how snapshots stream a cache (and the KDA state) without a copy.
+pub fn write_le<T: Copy, const N: usize>(
     w: &mut impl std::io::Write,
     stage: &mut Vec<u8>,
     vals: &[T],
@@ -455,17 +456,18 @@ fn write_le<T: Copy, const N: usize>(
     Ok(())
 }
 
-/// Fill `vals` from little-endian bytes (`N` per value) read through `stage`.
-fn read_le<T, const N: usize>(
+/// Fill `vals` from little-endian bytes (`N` per value, `from` of each) read through `stage`,
+/// at most [`STAGE_BYTES`] a call; a short input is `UnexpectedEof`.
+pub fn read_le<T, const N: usize>(
     r: &mut impl std::io::Read,
-    stage: &mut [u8],
+    stage: &mut Vec<u8>,
     vals: &mut [T],
     from: impl Fn([u8; N]) -> T,
 ) -> std::io::Result<()> {
     for part in vals.chunks_mut(STAGE_BYTES / N) {
-        let bytes = &mut stage[..part.len() * N];
-        r.read_exact(bytes)?;
-        for (v, b) in part.iter_mut().zip(bytes.chunks_exact(N)) {
+        stage.resize(part.len() * N, 0);
+        r.read_exact(stage)?;
+        for (v, b) in part.iter_mut().zip(stage.chunks_exact(N)) {
             *v = from(b.try_into().expect("N bytes"));
         }
     }

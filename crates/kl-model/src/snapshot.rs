@@ -16,7 +16,7 @@
 use crate::state::{LayerState, SequenceState};
 use crate::ModelError;
 use kl_config::{Mixer, ModelConfig};
-use kl_layers::cache::{CacheDtype, LatentCache};
+use kl_layers::cache::{read_le, write_le, CacheDtype, LatentCache};
 use kl_layers::kda::KdaState;
 use serde_json::json;
 use std::io::{Read, Write};
@@ -29,18 +29,6 @@ fn err(path: &Path, message: impl Into<String>) -> ModelError {
         path: path.display().to_string(),
         message: message.into(),
     }
-}
-
-/// Write `v` as little-endian f32 (through `w`'s buffer).
-fn write_f32s(w: &mut impl Write, v: &[f32]) -> std::io::Result<()> {
-    for part in v.chunks(4096) {
-        let mut b = [0u8; 4 * 4096];
-        for (d, x) in b.chunks_exact_mut(4).zip(part) {
-            d.copy_from_slice(&x.to_le_bytes());
-        }
-        w.write_all(&b[..4 * part.len()])?;
-    }
-    Ok(())
 }
 
 fn layout(cfg: &ModelConfig) -> serde_json::Value {
@@ -84,15 +72,16 @@ pub fn save_state(state: &SequenceState, cfg: &ModelConfig, path: &Path) -> Resu
         f.write_all(MAGIC)?;
         f.write_all(&(h.len() as u64).to_le_bytes())?;
         f.write_all(&h)?;
+        let mut stage = Vec::new();
         for l in &state.layers {
             match l {
                 LayerState::Kda(s) => {
                     let pd = &s.pending;
                     for v in [&s.conv[0], &s.conv[1], &s.conv[2], &s.recurrent] {
-                        write_f32s(&mut f, v)?;
+                        write_le(&mut f, &mut stage, v, f32::to_le_bytes)?;
                     }
                     for v in [&pd.k, &pd.v, &pd.g, &pd.beta] {
-                        write_f32s(&mut f, v)?;
+                        write_le(&mut f, &mut stage, v, f32::to_le_bytes)?;
                     }
                 }
                 LayerState::Mla(c) => c.write_raw(&mut f)?,
@@ -168,6 +157,7 @@ pub fn load_state(path: &Path, cfg: &ModelConfig) -> Result<SequenceState, Model
         ));
     }
     let mut state = SequenceState::new(cfg, dtype);
+    let mut stage = Vec::new();
     for (i, l) in state.layers.iter_mut().enumerate() {
         let sz = &sizes[i];
         let (a, b) = (
@@ -207,7 +197,8 @@ pub fn load_state(path: &Path, cfg: &ModelConfig) -> Result<SequenceState, Model
                     &mut pd.g,
                     &mut pd.beta,
                 ] {
-                    read_f32s(&mut r, v).map_err(|e| io(e, "payload"))?;
+                    read_le(&mut r, &mut stage, v, f32::from_le_bytes)
+                        .map_err(|e| io(e, "payload"))?;
                 }
                 s.pending.rows = b;
             }
@@ -231,19 +222,6 @@ pub fn load_state(path: &Path, cfg: &ModelConfig) -> Result<SequenceState, Model
     }
     state.pos = pos;
     Ok(state)
-}
-
-/// Fill `v` from little-endian f32 bytes.
-fn read_f32s(r: &mut impl Read, v: &mut [f32]) -> std::io::Result<()> {
-    let mut b = [0u8; 4 * 4096];
-    for part in v.chunks_mut(4096) {
-        let bytes = &mut b[..4 * part.len()];
-        r.read_exact(bytes)?;
-        for (x, c) in part.iter_mut().zip(bytes.chunks_exact(4)) {
-            *x = f32::from_le_bytes(c.try_into().expect("4 bytes"));
-        }
-    }
-    Ok(())
 }
 
 /// Read until `buf` is full or the end of the input; the bytes read.
