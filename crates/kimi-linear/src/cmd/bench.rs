@@ -17,7 +17,7 @@
 
 use crate::memory::{human, parse_cache_dtype, parse_mla_prefill, peak_rss_bytes};
 use anyhow::{bail, Context, Result};
-use kl_kernels::roofline::{FmaPeak, Roofline};
+use kl_kernels::roofline::Roofline;
 use kl_model::{KimiLinear, LayerState, LogitsMode, ModelOptions, Probe, SequenceState};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -358,19 +358,10 @@ pub fn run(a: Args) -> Result<()> {
     }
     let after = measure();
     let measured = before.zip(after);
-    // What the runs are quoted against: the higher of the two, NaN figures when not measured.
-    let roofline = measured.map_or(
-        Roofline {
-            fma: FmaPeak {
-                gflops: f64::NAN,
-                isa: kl_kernels::cpu::features().isa(),
-            },
-            stream_gbps: f64::NAN,
-        },
-        |(b, a)| b.max(&a),
-    );
-    let (fma, stream) = (roofline.fma.gflops, roofline.stream_gbps);
-    let fma_isa = measured.map(|_| roofline.fma.isa.name());
+    // What the runs are quoted against: the higher of the two; none when not measured, and then
+    // every roofline figure (fractions, the decode bound) is null in `--json` and left out of
+    // the text, never computed against a made-up peak.
+    let roofline = measured.map(|(b, a)| b.max(&a));
     // What the planner predicts for the largest sequence this run held.
     let max_ctx = a.prompt_tokens.iter().copied().max().unwrap_or(0).max(
         a.depth
@@ -395,9 +386,9 @@ pub fn run(a: Args) -> Result<()> {
             "cpu": kl_kernels::cpu::describe(),
             "amx": kl_kernels::amx::enabled(),
             "cache_dtype": opts.cache_dtype.name(),
-            "fma_gflops": fma,
-            "fma_isa": fma_isa,
-            "stream_gbps": stream,
+            "fma_gflops": roofline.map(|r| r.fma.gflops),
+            "fma_isa": roofline.map(|r| r.fma.isa.name()),
+            "stream_gbps": roofline.map(|r| r.stream_gbps),
             "roofline_measured": measured.map(|(b, a)| serde_json::json!({
                 "fma_gflops": [b.fma.gflops, a.fma.gflops],
                 "stream_gbps": [b.stream_gbps, a.stream_gbps],
@@ -407,12 +398,12 @@ pub fn run(a: Args) -> Result<()> {
             "decode_tokens_per_s": decode,
             "prefill_tokens_per_s_runs": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(r.runs.0))).collect::<serde_json::Map<_, _>>(),
             "decode_tokens_per_s_runs": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(r.runs.0))).collect::<serde_json::Map<_, _>>(),
-            "prefill_fraction_of_fma_peak": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(r.of_peak(roofline).0))).collect::<serde_json::Map<_, _>>(),
-            "prefill_matmul_fraction_of_fma_peak": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(r.of_peak(roofline).1))).collect::<serde_json::Map<_, _>>(),
+            "prefill_fraction_of_fma_peak": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(roofline.map(|f| r.of_peak(f).0)))).collect::<serde_json::Map<_, _>>(),
+            "prefill_matmul_fraction_of_fma_peak": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(roofline.and_then(|f| r.of_peak(f).1)))).collect::<serde_json::Map<_, _>>(),
             "prefill_matmul_time_share": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(r.matmul_share))).collect::<serde_json::Map<_, _>>(),
-            "decode_fraction_of_bandwidth": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(r.against(roofline).0))).collect::<serde_json::Map<_, _>>(),
-            "decode_fraction_of_roofline": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(r.against(roofline).1))).collect::<serde_json::Map<_, _>>(),
-            "decode_bound": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(r.against(roofline).2))).collect::<serde_json::Map<_, _>>(),
+            "decode_fraction_of_bandwidth": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(roofline.map(|f| r.against(f).0)))).collect::<serde_json::Map<_, _>>(),
+            "decode_fraction_of_roofline": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(roofline.map(|f| r.against(f).1)))).collect::<serde_json::Map<_, _>>(),
+            "decode_bound": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(roofline.map(|f| r.against(f).2)))).collect::<serde_json::Map<_, _>>(),
             "decode_bytes_per_token": model.token_cost(0).weight_bytes + model.token_cost(0).state_bytes,
             "peak_rss_bytes": rss,
             "planned_bytes": planned,
@@ -426,12 +417,13 @@ pub fn run(a: Args) -> Result<()> {
         kl_kernels::cpu::describe(),
         opts.cache_dtype.name()
     );
-    let roof = measured.is_some();
-    if let Some((b, a)) = measured {
+    if let (Some((b, a)), Some(roof)) = (measured, roofline) {
         println!(
-            "roofline: FMA {fma:.1} GFLOP/s ({}), stream {stream:.1} GB/s (the higher of two \
+            "roofline: FMA {:.1} GFLOP/s ({}), stream {:.1} GB/s (the higher of two \
              measurements, before and after the runs: FMA {:.1} and {:.1}, stream {:.1} and {:.1})",
-            roofline.fma.isa.name(),
+            roof.fma.gflops,
+            roof.fma.isa.name(),
+            roof.stream_gbps,
             b.fma.gflops,
             a.fma.gflops,
             b.stream_gbps,
@@ -439,8 +431,8 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     for r in &prefill_rows {
-        let of = if roof {
-            let (all, products) = r.of_peak(roofline);
+        let of = if let Some(roof) = roofline {
+            let (all, products) = r.of_peak(roof);
             let products = match products {
                 Some(p) => format!(
                     "matrix products {:.1}% of peak ({:.0}% of the time)",
@@ -465,8 +457,8 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     for r in &decode_rows {
-        let of = if roof {
-            let (bandwidth, of_roofline, bound) = r.against(roofline);
+        let of = if let Some(roof) = roofline {
+            let (bandwidth, of_roofline, bound) = r.against(roof);
             format!(
                 "  {:>5.1}% of bandwidth, {:>5.1}% of roofline ({bound}-bound)",
                 bandwidth * 100.0,
@@ -490,4 +482,42 @@ pub fn run(a: Args) -> Result<()> {
         human(planned)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kl_kernels::roofline::FmaPeak;
+
+    fn roof(gflops: f64, stream_gbps: f64) -> Roofline {
+        Roofline {
+            fma: FmaPeak {
+                gflops,
+                isa: kl_kernels::cpu::Isa::Portable,
+            },
+            stream_gbps,
+        }
+    }
+
+    /// A token of 1 GB and 10 GFLOP at 5 tok/s: against 20 GB/s and 400 GFLOP/s its bytes take
+    /// 50 ms and its FLOPs 25 ms (memory-bound, 25% of the bandwidth and of the roofline);
+    /// against 100 GFLOP/s the FLOPs take 100 ms (compute-bound, 50% of the roofline).
+    #[test]
+    fn decode_fractions_take_the_slower_bound() {
+        let row = DecodeRow {
+            depth: 0,
+            runs: Runs::new(vec![5.0]),
+            tps: 5.0,
+            gbps: 5.0,
+            gflops: 50.0,
+            bytes: 1e9,
+            flops: 10e9,
+        };
+        let (bw, of_roof, bound) = row.against(roof(400.0, 20.0));
+        assert!((bw - 0.25).abs() < 1e-12 && (of_roof - 0.25).abs() < 1e-12);
+        assert_eq!(bound, "memory");
+        let (bw, of_roof, bound) = row.against(roof(100.0, 20.0));
+        assert!((bw - 0.25).abs() < 1e-12 && (of_roof - 0.5).abs() < 1e-12);
+        assert_eq!(bound, "compute");
+    }
 }
