@@ -1079,46 +1079,86 @@ mod x512 {
     ) {
         let g_rows = 2 * NP;
         let groups = rows.div_ceil(g_rows);
-        let kchunks = k.div_ceil(8);
+        let whole = k / 8;
         let gsz = cb * NP * 16;
         let pp = pan.as_mut_ptr();
-        let zero = _mm256_setzero_ps();
         for q in 0..rows.div_ceil(2) {
             let (r0, r1) = (2 * q, 2 * q + 1);
             let (g, p) = (r0 / g_rows, r0 % g_rows / 2);
             let s0 = src.add(r0 * k);
-            let s1 = src.add(r1.min(rows - 1) * k);
-            let has1 = r1 < rows;
-            let (mut b, mut c) = (0, 0);
-            for ci in 0..kchunks {
-                if c == cb {
-                    (b, c) = (b + 1, 0);
-                }
-                let (i, m) = (ci * 8, 8.min(k - ci * 8));
-                // A pair of rows is often one 4 KiB page, where the hardware prefetcher stops:
-                // fetch `PACK_AHEAD` bytes ahead in both rows (past a row's end this reaches the
-                // next pair's rows; a prefetch never faults).
-                if (i * size_of::<L::E>()) % 64 == 0 {
-                    let ahead = PACK_AHEAD / size_of::<L::E>();
-                    _mm_prefetch::<_MM_HINT_T0>(s0.wrapping_add(i + ahead) as *const i8);
-                    _mm_prefetch::<_MM_HINT_T0>(s1.wrapping_add(i + ahead) as *const i8);
-                }
-                let load = |s: *const L::E| {
-                    if m == 8 {
-                        L::load8(s.add(i))
-                    } else {
-                        L::load_tail(s.add(i), m)
-                    }
-                };
-                let hi = if has1 { load(s1) } else { zero };
-                let v = _mm512_insertf64x4::<1>(
-                    _mm512_castpd256_pd512(_mm256_castps_pd(load(s0))),
-                    _mm256_castps_pd(hi),
-                );
-                let dst = pp.add((b * groups + g) * gsz + (c * NP + p) * 16);
-                _mm512_store_pd(dst as *mut f64, v);
-                c += 1;
+            // Chunk `ci` of this pair lands in K block `ci / cb`, slot `ci % cb` of group `g`.
+            let base = pp.add(g * gsz + p * 16);
+            let slot = |ci: usize| base.add((ci / cb * groups) * gsz + ci % cb * NP * 16);
+            if r1 < rows {
+                let s1 = src.add(r1 * k);
+                pair_chunks::<L, true>(s0, s1, whole, cb, groups * gsz, base);
+            } else {
+                pair_chunks::<L, false>(s0, s0, whole, cb, groups * gsz, base);
             }
+            let m = k - whole * 8;
+            if m > 0 {
+                let i = whole * 8;
+                let hi = if r1 < rows {
+                    L::load_tail(src.add(r1 * k + i), m)
+                } else {
+                    _mm256_setzero_ps()
+                };
+                store_pair(slot(whole), L::load_tail(s0.add(i), m), hi);
+            }
+        }
+    }
+
+    /// `[lo | hi]` into the 64-byte aligned slot `dst`.
+    #[inline(always)]
+    unsafe fn store_pair(dst: *mut f32, lo: __m256, hi: __m256) {
+        let v = _mm512_insertf64x4::<1>(
+            _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
+            _mm256_castps_pd(hi),
+        );
+        _mm512_store_pd(dst as *mut f64, v);
+    }
+
+    /// The `whole` 8-column chunks of the row pair at `s0`, `s1` (`s1` unread and its half zero
+    /// unless `HAS1`), K block by K block: consecutive chunks of a block are `NP·16` floats
+    /// apart in the panel, blocks `block` floats apart, starting at `base`. A plain counted
+    /// loop per block, so that each chunk costs its two loads, the widening and one store.
+    #[inline(always)]
+    unsafe fn pair_chunks<L: Load, const HAS1: bool>(
+        s0: *const L::E,
+        s1: *const L::E,
+        whole: usize,
+        cb: usize,
+        block: usize,
+        base: *mut f32,
+    ) {
+        // A pair of rows is often one 4 KiB page, where the hardware prefetcher stops: fetch
+        // `PACK_AHEAD` bytes ahead in both rows, once per 64-byte line of a row (past a row's
+        // end this reaches the next pair's rows; a prefetch never faults).
+        let per_line = (64 / (8 * size_of::<L::E>())).max(1);
+        let ahead = PACK_AHEAD / size_of::<L::E>();
+        let mut ci = 0;
+        let mut b = 0;
+        while ci < whole {
+            let end = (ci + cb).min(whole);
+            let mut dst = base.add(b * block);
+            while ci < end {
+                let i = ci * 8;
+                if ci % per_line == 0 {
+                    _mm_prefetch::<_MM_HINT_T0>(s0.wrapping_add(i + ahead) as *const i8);
+                    if HAS1 {
+                        _mm_prefetch::<_MM_HINT_T0>(s1.wrapping_add(i + ahead) as *const i8);
+                    }
+                }
+                let hi = if HAS1 {
+                    L::load8(s1.add(i))
+                } else {
+                    _mm256_setzero_ps()
+                };
+                store_pair(dst, L::load8(s0.add(i)), hi);
+                dst = dst.add(NP * 16);
+                ci += 1;
+            }
+            b += 1;
         }
     }
 
