@@ -566,6 +566,11 @@ fn prefill<R: Rows + ?Sized>(
     crate::par::for_each(panels * t_parts, body);
 }
 
+/// Most x rows for which a task of the AVX-512 prefill path packs its panel a slice at a time
+/// into L1 instead of whole into L2 (see `prefill_wide`).
+#[cfg(target_arch = "x86_64")]
+const SLICE_MAX_ROWS: usize = 32;
+
 /// Largest K block of the AVX-512 prefill path: the `x512::MR` packed x rows of a block
 /// (`MR·KC·4` bytes) stay in L1 while the panel streams past them.
 #[cfg(target_arch = "x86_64")]
@@ -655,19 +660,6 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
         SCRATCH.with(|cell| {
             let mut sc = cell.borrow_mut();
             let Scratch { panel, part, xpack } = &mut *sc;
-            let plen = kblocks * groups * cb * NP * 16;
-            if panel.len() < plen + 16 {
-                panel.resize(plen + 16, 0.0);
-            }
-            let po = aligned64(panel);
-            let pan = &mut panel[po..po + plen];
-            // SAFETY: rows n0..n1 of W hold k elements each; `pan` holds the packed panel.
-            unsafe {
-                x512::pack_panel::<R::L>(wd[n0 * k..].as_ptr(), k, rows, pan, cb);
-            }
-            if part.len() < groups * MR * NP * 16 {
-                part.resize(groups * MR * NP * 16, 0.0);
-            }
             // x is read in place when its rows are whole 8-column chunks (`K` a multiple of 8,
             // as in every real model) and are not a multiple of 4 KiB apart; else each block is
             // packed (tail zeroed; 64-byte aligned, 16 floats of padding against L1 set
@@ -677,6 +669,123 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
             // sets, was 1–8% slower on two threads.
             let in_place = k.is_multiple_of(8) && !(k * 4).is_multiple_of(4096);
             let ldxp = cb * 8 + 16;
+            if t1 - t0 <= SLICE_MAX_ROWS {
+                // Few x rows: a whole packed panel would be written to L2 to be read by two or
+                // three x blocks. Instead each (group, K block) slice of it (`cb·NP·16` floats,
+                // 24 KiB) is packed into L1 and swept by every x block at once, while the
+                // packing prefetches the same rows' next K block (or the next group's first).
+                // The x blocks are packed once per task when they cannot be read in place.
+                let xbs = (t1 - t0).div_ceil(MR);
+                let slen = cb * NP * 16;
+                if panel.len() < slen + 16 {
+                    panel.resize(slen + 16, 0.0);
+                }
+                let po = aligned64(panel);
+                let pan = &mut panel[po..po + slen];
+                if part.len() < xbs * MR * NP * 16 {
+                    part.resize(xbs * MR * NP * 16, 0.0);
+                }
+                let xlen = if in_place {
+                    0
+                } else {
+                    xbs * kblocks * MR * ldxp
+                };
+                if xpack.len() < xlen + 16 {
+                    xpack.resize(xlen + 16, 0.0);
+                }
+                let xo = aligned64(xpack);
+                let xpk = &mut xpack[xo..xo + xlen];
+                if !in_place {
+                    for (xi, tb) in (t0..t1).step_by(MR).enumerate() {
+                        for b in 0..kblocks {
+                            let (k0, k1) = (b * cb * 8, ((b + 1) * cb * 8).min(k));
+                            let kw = k1 - k0;
+                            let blk = &mut xpk[(xi * kblocks + b) * MR * ldxp..][..MR * ldxp];
+                            for r in 0..MR.min(t1 - tb) {
+                                let dst = &mut blk[r * ldxp..r * ldxp + kw.div_ceil(8) * 8];
+                                dst[..kw].copy_from_slice(&x[(tb + r) * k + k0..][..kw]);
+                                dst[kw..].fill(0.0);
+                            }
+                        }
+                    }
+                }
+                let partp = part.as_mut_ptr();
+                for g in 0..groups {
+                    let r0 = n0 + g * G;
+                    let gr = G.min(rows - g * G);
+                    for b in 0..kblocks {
+                        let (k0, k1) = (b * cb * 8, ((b + 1) * cb * 8).min(k));
+                        let steps = (k1 - k0).div_ceil(8);
+                        // Next: these rows' next K block, or the next group's first.
+                        let ahead = if b + 1 < kblocks { cb * 8 } else { G * k - k0 };
+                        // SAFETY: rows r0..r0+gr of W hold k elements each, columns k0..k1 of
+                        // them are read; `pan` holds one K block of one group.
+                        unsafe {
+                            x512::pack_panel::<R::L>(
+                                wd[r0 * k + k0..].as_ptr(),
+                                k1 - k0,
+                                k,
+                                gr,
+                                pan,
+                                cb,
+                                ahead,
+                            );
+                        }
+                        for (xi, tb) in (t0..t1).step_by(MR).enumerate() {
+                            let (xsrc, ldxs) = if in_place {
+                                (x[tb * k + k0..].as_ptr(), k)
+                            } else {
+                                (xpk[(xi * kblocks + b) * MR * ldxp..].as_ptr(), ldxp)
+                            };
+                            // SAFETY: as in the whole-panel loop below; `part` holds a tile's
+                            // sums for each x block, and the y elements (tb.., r0..r0+gr)
+                            // belong to this task only.
+                            unsafe {
+                                let yo = if b + 1 == kblocks {
+                                    yp.get().add(tb * n + r0)
+                                } else {
+                                    std::ptr::null_mut()
+                                };
+                                x512::tile_dyn(
+                                    MR.min(t1 - tb),
+                                    gr,
+                                    xsrc,
+                                    ldxs,
+                                    pan.as_ptr(),
+                                    steps,
+                                    partp.add(xi * MR * NP * 16),
+                                    b > 0,
+                                    yo,
+                                    n,
+                                    x512::Prefetch::none(),
+                                );
+                            }
+                        }
+                    }
+                }
+                return;
+            }
+            let plen = kblocks * groups * cb * NP * 16;
+            if panel.len() < plen + 16 {
+                panel.resize(plen + 16, 0.0);
+            }
+            let po = aligned64(panel);
+            let pan = &mut panel[po..po + plen];
+            // SAFETY: rows n0..n1 of W hold k elements each; `pan` holds the packed panel.
+            unsafe {
+                x512::pack_panel::<R::L>(
+                    wd[n0 * k..].as_ptr(),
+                    k,
+                    k,
+                    rows,
+                    pan,
+                    cb,
+                    x512::PACK_AHEAD / size_of::<R::E>(),
+                );
+            }
+            if part.len() < groups * MR * NP * 16 {
+                part.resize(groups * MR * NP * 16, 0.0);
+            }
             if xpack.len() < MR * ldxp + 16 {
                 xpack.resize(MR * ldxp + 16, 0.0);
             }
@@ -1060,22 +1169,27 @@ mod x512 {
     /// 8 × 3, with one thread or two).
     pub const NP: usize = 4;
 
-    /// How far ahead [`pack_panel`] prefetches its source rows, in bytes.
-    const PACK_AHEAD: usize = 4096;
+    /// How far ahead [`pack_panel`] prefetches its source rows when packing a whole panel, in
+    /// bytes: a pair of rows is often one 4 KiB page, where the hardware prefetcher stops (past a
+    /// row's end this reaches the next pair's rows).
+    pub const PACK_AHEAD: usize = 4096;
 
-    /// Pack `rows` rows of `W` (`k` elements each, from `src`) into the interleaved panel layout
-    /// of [`super::prefill_wide`] with `cb` chunks per K block, widening to f32.
+    /// Pack `rows` rows of `W` (`k` elements each, `ld` apart, from `src`) into the interleaved
+    /// panel layout of [`super::prefill_wide`] with `cb` chunks per K block, widening to f32,
+    /// prefetching `ahead` elements past each row position read.
     ///
     /// # Safety
-    /// `src` holds `rows·k` elements; `pan` holds `kblocks·groups·cb·NP·16` floats and is 64-byte
+    /// `src` holds `rows` rows of `k` elements `ld` apart; `pan` holds `kblocks·groups·cb·NP·16` floats and is 64-byte
     /// aligned; the CPU has AVX-512F, AVX2 (and F16C for f16).
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     pub unsafe fn pack_panel<L: Load>(
         src: *const L::E,
         k: usize,
+        ld: usize,
         rows: usize,
         pan: &mut [f32],
         cb: usize,
+        ahead: usize,
     ) {
         let g_rows = 2 * NP;
         let groups = rows.div_ceil(g_rows);
@@ -1085,21 +1199,21 @@ mod x512 {
         for q in 0..rows.div_ceil(2) {
             let (r0, r1) = (2 * q, 2 * q + 1);
             let (g, p) = (r0 / g_rows, r0 % g_rows / 2);
-            let s0 = src.add(r0 * k);
+            let s0 = src.add(r0 * ld);
             // Chunk `ci` of this pair lands in K block `ci / cb`, slot `ci % cb` of group `g`.
             let base = pp.add(g * gsz + p * 16);
             let slot = |ci: usize| base.add((ci / cb * groups) * gsz + ci % cb * NP * 16);
             if r1 < rows {
-                let s1 = src.add(r1 * k);
-                pair_chunks::<L, true>(s0, s1, whole, cb, groups * gsz, base);
+                let s1 = src.add(r1 * ld);
+                pair_chunks::<L, true>(s0, s1, whole, cb, groups * gsz, base, ahead);
             } else {
-                pair_chunks::<L, false>(s0, s0, whole, cb, groups * gsz, base);
+                pair_chunks::<L, false>(s0, s0, whole, cb, groups * gsz, base, ahead);
             }
             let m = k - whole * 8;
             if m > 0 {
                 let i = whole * 8;
                 let hi = if r1 < rows {
-                    L::load_tail(src.add(r1 * k + i), m)
+                    L::load_tail(src.add(r1 * ld + i), m)
                 } else {
                     _mm256_setzero_ps()
                 };
@@ -1130,12 +1244,11 @@ mod x512 {
         cb: usize,
         block: usize,
         base: *mut f32,
+        ahead: usize,
     ) {
-        // A pair of rows is often one 4 KiB page, where the hardware prefetcher stops: fetch
-        // `PACK_AHEAD` bytes ahead in both rows, once per 64-byte line of a row (past a row's
-        // end this reaches the next pair's rows; a prefetch never faults).
+        // The caller's prefetch distance, `ahead` elements past what is read, once per 64-byte
+        // line of each row (a prefetch never faults).
         let per_line = (64 / (8 * size_of::<L::E>())).max(1);
-        let ahead = PACK_AHEAD / size_of::<L::E>();
         let mut ci = 0;
         let mut b = 0;
         while ci < whole {
