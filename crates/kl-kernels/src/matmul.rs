@@ -21,7 +21,11 @@
 //!     that one 64-byte load gives `[W[j][k..k+8] | W[j+1][k..k+8]]`, and the 8 `x` columns are
 //!     broadcast to both halves. The `x` rows are read in place when `K` is a multiple of 8
 //!     and a row is not a multiple of 4 KiB (packed, with a zeroed tail, otherwise); the next
-//!     `x` block is prefetched while the current one is swept.
+//!     `x` block is prefetched while the current one is swept. A task with at most
+//!     `SLICE_MAX_ROWS` (32) `x` rows — an expert of the released model, which sees about 16
+//!     rows of a 512-token chunk, or a short prompt — packs its panel one (8-row group, `K`
+//!     block) slice at a time into L1 and sweeps every `x` block over it, instead of writing the
+//!     whole panel to L2 for two or three sweeps: the same tiles, the same bits.
 //!
 //! **Batch invariance.** Every output element is accumulated in one canonical order that depends
 //! only on `K`: one 8-lane accumulator, lane `l` summing `x[k]·w[k]` for `k ≡ l (mod 8)` in
