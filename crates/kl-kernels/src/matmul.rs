@@ -676,9 +676,7 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
             if t1 - t0 <= SLICE_MAX_ROWS {
                 // Few x rows: a whole packed panel would be written to L2 to be read by two or
                 // three x blocks. Instead each (group, K block) slice of it (`cb·NP·16` floats,
-                // 24 KiB) is packed into L1 and swept by every x block at once, while the
-                // packing prefetches the same rows' next K block (or the next group's first).
-                // The x blocks are packed once per task when they cannot be read in place.
+                // 24 KiB) is packed into L1 and swept by every x block at once. The x blocks are packed once per task when they cannot be read in place.
                 let xbs = (t1 - t0).div_ceil(MR);
                 let slen = cb * NP * 16;
                 if panel.len() < slen + 16 {
@@ -717,11 +715,22 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
                 for g in 0..groups {
                     let r0 = n0 + g * G;
                     let gr = G.min(rows - g * G);
+                    // The next group's rows (one contiguous block of W, also past this panel:
+                    // run serially, this thread packs the next panel next) into L2, a share
+                    // per tile of this group, a line per tile step. (Fetching each block's
+                    // source one block ahead from the packing loop instead, into L1, measured
+                    // 5–15% slower in-process.)
+                    let next = (r0 + G).min(n);
+                    let mut gpf = if next < n {
+                        let bytes = G.min(n - next) * k * size_of::<R::E>();
+                        x512::Prefetch::new(wd[next * k..].as_ptr().cast(), 0, 1, bytes / 4)
+                    } else {
+                        x512::Prefetch::none()
+                    };
+                    let quota = gpf.left().div_ceil(kblocks * xbs);
                     for b in 0..kblocks {
                         let (k0, k1) = (b * cb * 8, ((b + 1) * cb * 8).min(k));
                         let steps = (k1 - k0).div_ceil(8);
-                        // Next: these rows' next K block, or the next group's first.
-                        let ahead = if b + 1 < kblocks { cb * 8 } else { G * k - k0 };
                         // SAFETY: rows r0..r0+gr of W hold k elements each, columns k0..k1 of
                         // them are read; `pan` holds one K block of one group.
                         unsafe {
@@ -732,7 +741,7 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
                                 gr,
                                 pan,
                                 cb,
-                                ahead,
+                                0,
                             );
                         }
                         for (xi, tb) in (t0..t1).step_by(MR).enumerate() {
@@ -761,7 +770,7 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
                                     b > 0,
                                     yo,
                                     n,
-                                    x512::Prefetch::none(),
+                                    gpf.take(quota),
                                 );
                             }
                         }
@@ -1180,7 +1189,7 @@ mod x512 {
 
     /// Pack `rows` rows of `W` (`k` elements each, `ld` apart, from `src`) into the interleaved
     /// panel layout of [`super::prefill_wide`] with `cb` chunks per K block, widening to f32,
-    /// prefetching `ahead` elements past each row position read.
+    /// prefetching `ahead` elements past each row position read (nothing if `ahead` is 0).
     ///
     /// # Safety
     /// `src` holds `rows` rows of `k` elements `ld` apart; `pan` holds `kblocks·groups·cb·NP·16` floats and is 64-byte
@@ -1250,8 +1259,8 @@ mod x512 {
         base: *mut f32,
         ahead: usize,
     ) {
-        // The caller's prefetch distance, `ahead` elements past what is read, once per 64-byte
-        // line of each row (a prefetch never faults).
+        // The caller's prefetch distance, `ahead` elements past what is read (none if 0), once
+        // per 64-byte line of each row (a prefetch never faults).
         let per_line = (64 / (8 * size_of::<L::E>())).max(1);
         let mut ci = 0;
         let mut b = 0;
@@ -1260,7 +1269,7 @@ mod x512 {
             let mut dst = base.add(b * block);
             while ci < end {
                 let i = ci * 8;
-                if ci % per_line == 0 {
+                if ahead > 0 && ci % per_line == 0 {
                     _mm_prefetch::<_MM_HINT_T0>(s0.wrapping_add(i + ahead) as *const i8);
                     if HAS1 {
                         _mm_prefetch::<_MM_HINT_T0>(s1.wrapping_add(i + ahead) as *const i8);
