@@ -245,9 +245,12 @@ fn bench_matmul(rows: &Rows, avx512: bool, rng: &mut Rng) {
         rows.flops(
             &format!("matmul bf16 experts T={t} K={k} N={n}, 80 from memory"),
             time(|| {
-                experts.par_iter().zip(ys.par_iter_mut()).for_each(|(w, y)| {
-                    kl_kernels::par::serial(|| matmul(black_box(&x), w, y, t, k, n))
-                })
+                experts
+                    .par_iter()
+                    .zip(ys.par_iter_mut())
+                    .for_each(|(w, y)| {
+                        kl_kernels::par::serial(|| matmul(black_box(&x), w, y, t, k, n))
+                    })
             }),
             2.0 * (t * k * n * experts.len()) as f64,
             Against::Fma,

@@ -68,6 +68,13 @@ pub trait KeyRows: Sync {
         let _ = (r0, n);
         None
     }
+    /// The same rows as stored when the store holds f32 (`[m, dk]`, stopping early as
+    /// [`widen`](Self::widen) does), which the FMA kernels then read in place instead of
+    /// copying them into a tile; `None` for any other storage (the default).
+    fn f32_rows(&self, r0: usize, n: usize) -> Option<&[f32]> {
+        let _ = (r0, n);
+        None
+    }
 }
 
 /// `f(block, first row in it, rows)` for the rows `r0..end` of a store of `block_rows`-row
@@ -131,6 +138,16 @@ impl<C: Elem> KeyRows for BlockRows<'_, C> {
     }
     fn bf16_rows(&self, r0: usize, n: usize) -> Option<&[half::bf16]> {
         C::as_bf16(stored_rows(
+            self.blocks,
+            self.block_rows,
+            self.dk,
+            self.n_rows,
+            r0,
+            n,
+        ))
+    }
+    fn f32_rows(&self, r0: usize, n: usize) -> Option<&[f32]> {
+        C::as_f32(stored_rows(
             self.blocks,
             self.block_rows,
             self.dk,
@@ -398,8 +415,16 @@ fn attend_queries<R: KeyRows + ?Sized>(
     let end = k1s.iter().copied().max().unwrap_or(k0);
     let mut j = k0;
     while j < end {
-        tile.resize(TILE * dk, 0.0);
-        let n = rows.widen(j, TILE.min(end - j), tile);
+        // An f32 store is read in place; any other is widened into the tile.
+        let keys = match rows.f32_rows(j, TILE.min(end - j)) {
+            Some(stored) => stored,
+            None => {
+                tile.resize(TILE * dk, 0.0);
+                let n = rows.widen(j, TILE.min(end - j), tile);
+                &tile[..n * dk]
+            }
+        };
+        let n = keys.len() / dk;
         // The next tile's rows come from memory while this one is scored.
         let mut pf = Prefetch::default();
         rows.spans(j + n, TILE.min(end - j - n), &mut pf);
@@ -419,7 +444,7 @@ fn attend_queries<R: KeyRows + ?Sized>(
                         qrow,
                         h,
                         dk,
-                        &tile[..n * dk],
+                        &keys[..n * dk],
                         n,
                         scale,
                         scores,
@@ -427,10 +452,10 @@ fn attend_queries<R: KeyRows + ?Sized>(
                     )
                 };
             } else {
-                tile_scores(qrow, h, dk, &tile[..n * dk], n, scale, scores, &mut pf);
+                tile_scores(qrow, h, dk, &keys[..n * dk], n, scale, scores, &mut pf);
             }
             #[cfg(not(target_arch = "x86_64"))]
-            tile_scores(qrow, h, dk, &tile[..n * dk], n, scale, scores, &mut pf);
+            tile_scores(qrow, h, dk, &keys[..n * dk], n, scale, scores, &mut pf);
             for hh in 0..h {
                 let row = &mut scores[hh * n..(hh + 1) * n];
                 let corr = softmax_update(row, &mut p.m[hh], &mut p.l[hh]);
@@ -440,7 +465,7 @@ fn attend_queries<R: KeyRows + ?Sized>(
                     }
                 }
             }
-            tile_pv(scores, h, n, &tile[..n * dk], dk, dv, &mut p.acc);
+            tile_pv(scores, h, n, &keys[..n * dk], dk, dv, &mut p.acc);
         }
         j += n;
     }

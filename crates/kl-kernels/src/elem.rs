@@ -23,6 +23,11 @@ pub trait Elem: Copy + Send + Sync + 'static {
         let _ = src;
         None
     }
+    /// `src` itself when `Self` is f32 (what the attention kernels read in place), else `None`.
+    fn as_f32(src: &[Self]) -> Option<&[f32]> {
+        let _ = src;
+        None
+    }
 }
 
 impl Elem for f32 {
@@ -39,6 +44,9 @@ impl Elem for f32 {
     }
     fn dot(src: &[Self], x: &[f32]) -> f32 {
         crate::simd::dot_f32(src, x)
+    }
+    fn as_f32(src: &[Self]) -> Option<&[f32]> {
+        Some(src)
     }
 }
 

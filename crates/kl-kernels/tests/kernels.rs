@@ -234,6 +234,15 @@ fn latent_attention_matches_reference() {
         latent_attention(s, &q, &blocks_b, block_rows, n_keys, 0.3, &mut o);
         latent_attention_reference(s, &q, &blocks_b, block_rows, n_keys, 0.3, &mut orf);
         assert!(max_abs_diff(&o, &orf) < 1e-5, "bf16 tq={tq} n={n_keys}");
+        // An f32 store is read in place, a bf16 one widened into a tile first: the same values
+        // stored either way give the same bits.
+        let widened: Vec<f32> = store_b.iter().map(|x| x.to_f32()).collect();
+        let blocks_w: Vec<&[f32]> = widened.chunks(block_rows * s.dk).collect();
+        let mut ow = vec![0.0; tq * s.h * s.dv];
+        latent_attention(s, &q, &blocks_w, block_rows, n_keys, 0.3, &mut ow);
+        for (i, (a, b)) in o.iter().zip(&ow).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "tq={tq} n={n_keys} element {i}");
+        }
     }
 }
 

@@ -397,6 +397,16 @@ impl<C: Elem> KeyRows for DenseRows<'_, C> {
             n,
         ))
     }
+    fn f32_rows(&self, r0: usize, n: usize) -> Option<&[f32]> {
+        C::as_f32(stored_rows(
+            self.blocks,
+            BLOCK_ROWS,
+            self.dk,
+            self.n_rows,
+            r0,
+            n,
+        ))
+    }
 }
 
 /// fp8 rows with per-row, per-part scales.
