@@ -110,51 +110,58 @@ pub fn stored_rows<C, B: AsRef<[C]>>(
     &blocks[b].as_ref()[r * dk..(r + n) * dk]
 }
 
-/// Rows stored in fixed-size blocks of `block_rows` rows of width `dk`.
-pub struct BlockRows<'a, C: Elem> {
+/// Rows stored in fixed-size blocks of `block_rows` rows of width `dk`, each block any
+/// `AsRef<[C]>` (a slice, a `Box<[C]>`, a `Vec<C>`).
+pub struct BlockRows<'a, C: Elem, B: AsRef<[C]> = &'a [C]> {
     /// The blocks (the last may be partly filled).
-    pub blocks: &'a [&'a [C]],
+    pub blocks: &'a [B],
     /// Rows per block.
     pub block_rows: usize,
     /// Row width.
     pub dk: usize,
     /// Rows in use.
     pub n_rows: usize,
+    /// The element type the blocks hold.
+    pub elem: std::marker::PhantomData<fn() -> C>,
 }
 
-impl<C: Elem> KeyRows for BlockRows<'_, C> {
+impl<'a, C: Elem, B: AsRef<[C]>> BlockRows<'a, C, B> {
+    /// The first `n_rows` rows of `blocks`, `block_rows` rows of width `dk` to a block.
+    pub fn new(blocks: &'a [B], block_rows: usize, dk: usize, n_rows: usize) -> Self {
+        BlockRows {
+            blocks,
+            block_rows,
+            dk,
+            n_rows,
+            elem: std::marker::PhantomData,
+        }
+    }
+
+    /// [`stored_rows`] of this store.
+    fn stored(&self, r0: usize, n: usize) -> &[C] {
+        stored_rows(self.blocks, self.block_rows, self.dk, self.n_rows, r0, n)
+    }
+}
+
+impl<C: Elem, B: AsRef<[C]> + Sync> KeyRows for BlockRows<'_, C, B> {
     fn rows(&self) -> usize {
         self.n_rows
     }
     fn widen(&self, r0: usize, n: usize, dst: &mut [f32]) -> usize {
-        let src = stored_rows(self.blocks, self.block_rows, self.dk, self.n_rows, r0, n);
+        let src = self.stored(r0, n);
         C::widen(src, &mut dst[..src.len()]);
         src.len() / self.dk
     }
     fn spans(&self, r0: usize, n: usize, pf: &mut Prefetch) {
         for_blocks(self.block_rows, r0, (r0 + n).min(self.n_rows), |b, o, m| {
-            pf.push(&self.blocks[b][o * self.dk..(o + m) * self.dk]);
+            pf.push(&self.blocks[b].as_ref()[o * self.dk..(o + m) * self.dk]);
         });
     }
     fn bf16_rows(&self, r0: usize, n: usize) -> Option<&[half::bf16]> {
-        C::as_bf16(stored_rows(
-            self.blocks,
-            self.block_rows,
-            self.dk,
-            self.n_rows,
-            r0,
-            n,
-        ))
+        C::as_bf16(self.stored(r0, n))
     }
     fn f32_rows(&self, r0: usize, n: usize) -> Option<&[f32]> {
-        C::as_f32(stored_rows(
-            self.blocks,
-            self.block_rows,
-            self.dk,
-            self.n_rows,
-            r0,
-            n,
-        ))
+        C::as_f32(self.stored(r0, n))
     }
 }
 
@@ -572,12 +579,7 @@ pub fn latent_attention<C: Elem>(
         blocks.len() * block_rows >= n_keys,
         "latent_attention: blocks hold fewer than {n_keys} keys"
     );
-    let rows = BlockRows {
-        blocks,
-        block_rows,
-        dk: s.dk,
-        n_rows: n_keys,
-    };
+    let rows = BlockRows::new(blocks, block_rows, s.dk, n_keys);
     latent_attention_rows(s, q, &rows, scale, out)
 }
 

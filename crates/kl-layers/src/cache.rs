@@ -17,10 +17,9 @@
 
 use half::bf16;
 use kl_kernels::attention::{
-    for_blocks, latent_attention_rows, stored_rows, KeyRows, LatentAttnShape, Prefetch,
+    for_blocks, latent_attention_rows, BlockRows, KeyRows, LatentAttnShape, Prefetch,
 };
 use kl_kernels::fp8;
-use kl_kernels::Elem;
 
 /// Tokens per block.
 pub const BLOCK_ROWS: usize = 256;
@@ -335,16 +334,8 @@ impl LatentCache {
     fn rows_view(&self, f: impl FnOnce(&dyn KeyRows)) {
         let (dk, n_rows) = (self.width, self.len);
         match &self.blocks {
-            Blocks::F32(b) => f(&DenseRows {
-                blocks: b,
-                dk,
-                n_rows,
-            }),
-            Blocks::Bf16(b) => f(&DenseRows {
-                blocks: b,
-                dk,
-                n_rows,
-            }),
+            Blocks::F32(b) => f(&BlockRows::new(b, BLOCK_ROWS, dk, n_rows)),
+            Blocks::Bf16(b) => f(&BlockRows::new(b, BLOCK_ROWS, dk, n_rows)),
             Blocks::Fp8(b) => f(&Fp8Rows {
                 blocks: b,
                 dk,
@@ -363,49 +354,6 @@ impl LatentCache {
             dv,
         };
         self.rows_view(|rows| latent_attention_rows(s, q, rows, scale, out));
-    }
-}
-
-/// f32 or bf16 rows in the cache's own blocks.
-struct DenseRows<'a, C> {
-    blocks: &'a [Box<[C]>],
-    dk: usize,
-    n_rows: usize,
-}
-
-impl<C: Elem> KeyRows for DenseRows<'_, C> {
-    fn rows(&self) -> usize {
-        self.n_rows
-    }
-    fn widen(&self, r0: usize, n: usize, dst: &mut [f32]) -> usize {
-        let src = stored_rows(self.blocks, BLOCK_ROWS, self.dk, self.n_rows, r0, n);
-        C::widen(src, &mut dst[..src.len()]);
-        src.len() / self.dk
-    }
-    fn spans(&self, r0: usize, n: usize, pf: &mut Prefetch) {
-        for_blocks(BLOCK_ROWS, r0, (r0 + n).min(self.n_rows), |b, o, m| {
-            pf.push(&self.blocks[b][o * self.dk..(o + m) * self.dk]);
-        });
-    }
-    fn bf16_rows(&self, r0: usize, n: usize) -> Option<&[bf16]> {
-        C::as_bf16(stored_rows(
-            self.blocks,
-            BLOCK_ROWS,
-            self.dk,
-            self.n_rows,
-            r0,
-            n,
-        ))
-    }
-    fn f32_rows(&self, r0: usize, n: usize) -> Option<&[f32]> {
-        C::as_f32(stored_rows(
-            self.blocks,
-            BLOCK_ROWS,
-            self.dk,
-            self.n_rows,
-            r0,
-            n,
-        ))
     }
 }
 
