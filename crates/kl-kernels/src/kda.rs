@@ -98,6 +98,21 @@ fn check(
     state: &[f32],
     out: &[f32],
 ) {
+    check_inputs(s, q, k, v, g, beta, state);
+    let KdaShape { t, h, v: vd, .. } = s;
+    assert_eq!(out.len(), t * h * vd, "kda: out");
+}
+
+/// [`check`] but for the output.
+fn check_inputs(
+    s: KdaShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    g: &[f32],
+    beta: &[f32],
+    state: &[f32],
+) {
     let KdaShape { t, h, k: kd, v: vd } = s;
     assert_eq!(q.len(), t * h * kd, "kda: q");
     assert_eq!(k.len(), t * h * kd, "kda: k");
@@ -105,7 +120,6 @@ fn check(
     assert_eq!(v.len(), t * h * vd, "kda: v");
     assert_eq!(beta.len(), t * h, "kda: beta");
     assert_eq!(state.len(), h * kd * vd, "kda: state");
-    assert_eq!(out.len(), t * h * vd, "kda: out");
 }
 
 /// Token-by-token recurrence (decode path and reference).
@@ -418,6 +432,37 @@ pub fn kda_chunked(
     out: &mut [f32],
 ) {
     check(s, q, k, v, g, beta, state, out);
+    chunked(s, q, k, v, g, beta, state, Some(SendPtr(out.as_mut_ptr())));
+}
+
+/// [`kda_chunked`]'s state update alone: the same `state`, bit for bit, without the outputs
+/// (and so with no query and no output buffer; the query-side work runs on `k`, and is
+/// discarded). For folding rows whose outputs were given out already into the state.
+pub fn kda_chunked_state(
+    s: KdaShape,
+    k: &[f32],
+    v: &[f32],
+    g: &[f32],
+    beta: &[f32],
+    state: &mut [f32],
+) {
+    check_inputs(s, k, k, v, g, beta, state);
+    chunked(s, k, k, v, g, beta, state, None);
+}
+
+/// Both entry points: the heads in parallel, chunk by chunk; the outputs written when `out` is
+/// given.
+#[allow(clippy::too_many_arguments)]
+fn chunked(
+    s: KdaShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    g: &[f32],
+    beta: &[f32],
+    state: &mut [f32],
+    out: Option<SendPtr<f32>>,
+) {
     let KdaShape {
         t, k: kd, v: vd, ..
     } = s;
@@ -428,7 +473,7 @@ pub fn kda_chunked(
         v,
         g,
         beta,
-        out: SendPtr(out.as_mut_ptr()),
+        out,
     };
     state
         .par_chunks_exact_mut(kd * vd)
@@ -476,8 +521,9 @@ struct Inputs<'a> {
     v: &'a [f32],
     g: &'a [f32],
     beta: &'a [f32],
-    /// `out`, written row by row: each head task writes only its own rows.
-    out: SendPtr<f32>,
+    /// `out`, written row by row: each head task writes only its own rows (none: the state
+    /// alone is wanted).
+    out: Option<SendPtr<f32>>,
 }
 
 /// One chunk of one head: the §5.3 equations as small dense products.
@@ -757,29 +803,31 @@ fn chunk_head_body(sc: &mut ChunkScratch, x: &Inputs, hi: usize, t0: usize, c: u
     };
     gemm(c, vd, kd, wa, &sc.s, ldv, &mut sc.u, ldv, Mode::Sub);
     // O = (e^Γ⊙Q)·S + A_qk·V' (A_qk is zero above the diagonal: stop each block at its end),
-    // straight into this head's output rows (`h·V` apart).
-    // SAFETY: rows (t0 + i, hi), i < c, of `out` are `vd` floats each inside `out` (its length
-    // was checked), and only the task that owns head hi touches them.
-    let o = unsafe { out.get().add(at(0, vd)) };
-    let qa = MatA {
-        data: &sc.eq[..c * ldk],
-        rs: ldk,
-        cs: 1,
-    };
-    let ldo = h * vd;
-    // SAFETY: as above.
-    unsafe { gemm_ptr(c, vd, kd, qa, &sc.s, ldv, o, ldo, Mode::Set) };
-    for si in 0..nsub {
-        let (r0, r1) = (si * SUB, ((si + 1) * SUB).min(c));
-        let a = MatA {
-            data: &sc.aqk[r0 * C..],
-            rs: C,
+    // straight into this head's output rows (`h·V` apart), when outputs are wanted.
+    if let Some(out) = out {
+        // SAFETY: rows (t0 + i, hi), i < c, of `out` are `vd` floats each inside `out` (its length
+        // was checked), and only the task that owns head hi touches them.
+        let o = unsafe { out.get().add(at(0, vd)) };
+        let qa = MatA {
+            data: &sc.eq[..c * ldk],
+            rs: ldk,
             cs: 1,
         };
-        // SAFETY: as above (rows r0..r1).
-        let o = unsafe { o.add(r0 * ldo) };
-        // SAFETY: as above (rows r0..r1).
-        unsafe { gemm_ptr(r1 - r0, vd, r1, a, &sc.u, ldv, o, ldo, Mode::Add) };
+        let ldo = h * vd;
+        // SAFETY: as above.
+        unsafe { gemm_ptr(c, vd, kd, qa, &sc.s, ldv, o, ldo, Mode::Set) };
+        for si in 0..nsub {
+            let (r0, r1) = (si * SUB, ((si + 1) * SUB).min(c));
+            let a = MatA {
+                data: &sc.aqk[r0 * C..],
+                rs: C,
+                cs: 1,
+            };
+            // SAFETY: as above (rows r0..r1).
+            let o = unsafe { o.add(r0 * ldo) };
+            // SAFETY: as above (rows r0..r1).
+            unsafe { gemm_ptr(r1 - r0, vd, r1, a, &sc.u, ldv, o, ldo, Mode::Add) };
+        }
     }
     // S ← Diag(e^{Γ_last}) S + (e^{Γ_last − Γ}⊙K)ᵀ V'; e^{Γ_last − Γ_i} k_i = kinv_i·qf_last·Πρ.
     let last = (c - 1) * kd;

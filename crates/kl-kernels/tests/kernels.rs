@@ -5,7 +5,9 @@ use common::{kda_inputs, max_abs_diff, Rng};
 use half::{bf16, f16};
 use kl_kernels::attention::{latent_attention, latent_attention_reference, LatentAttnShape};
 use kl_kernels::cpu::Isa;
-use kl_kernels::kda::{kda_chunked, kda_chunked_reference, kda_recurrent, KdaShape};
+use kl_kernels::kda::{
+    kda_chunked, kda_chunked_reference, kda_chunked_state, kda_recurrent, KdaShape,
+};
 use kl_kernels::matmul::{matmul, matmul_isa, matmul_reference};
 
 #[test]
@@ -144,6 +146,16 @@ fn kda_chunked_equals_recurrent_at_odd_sizes() {
             kda_chunked(s, &q, &kk, &vv, &g, &beta, &mut s1, &mut o1);
             kda_recurrent(s, &q, &kk, &vv, &g, &beta, &mut s2, &mut o2);
             kda_chunked_reference(s, &q, &kk, &vv, &g, &beta, &mut s3, &mut o3);
+            // The state-only entry point gives kda_chunked's state bit for bit.
+            let mut s4 = st0.clone();
+            kda_chunked_state(s, &kk, &vv, &g, &beta, &mut s4);
+            for (i, (a, b)) in s1.iter().zip(&s4).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "state only, t={t} {h}x{k}x{v} [{i}]"
+                );
+            }
             assert!(
                 max_abs_diff(&o1, &o2) < 2e-5,
                 "o chunked vs recurrent t={t} {h}x{k}x{v}: {}",
@@ -411,6 +423,12 @@ fn kda_chunked_extreme_decays_match_recurrent() {
             assert!(
                 od < 2e-5 && sd < 2e-5,
                 "{name} {t}x{h}x{k}x{v}: o {od:e} state {sd:e}"
+            );
+            let mut s3 = st0.clone();
+            kda_chunked_state(s, &kk, &vv, &g, &beta, &mut s3);
+            assert!(
+                s1.iter().zip(&s3).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name} {t}x{h}x{k}x{v}: the state-only form differs from kda_chunked's state"
             );
         }
     }

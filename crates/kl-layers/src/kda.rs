@@ -15,7 +15,7 @@ use crate::{vector, Mode, Probe, Scratch};
 use kl_config::KdaDims;
 use kl_kernels::activation::sigmoid_inplace;
 use kl_kernels::conv1d::conv1d_causal_silu;
-use kl_kernels::kda::{kda_chunked, kda_gate, kda_recurrent, KdaShape, CHUNK};
+use kl_kernels::kda::{kda_chunked, kda_chunked_state, kda_gate, kda_recurrent, KdaShape, CHUNK};
 use kl_kernels::norm::{l2_normalize_rows, rms_norm_gated};
 use kl_weights::{Checkpoint, WeightsError};
 
@@ -103,18 +103,15 @@ impl KdaState {
             return;
         }
         let (h, k) = (dims.num_heads, dims.head_dim);
-        let zeros = vec![0f32; n * h * k];
-        let mut out = vec![0f32; n * h * k];
+        // Their outputs were given out already: the state alone, with nothing allocated.
         let pd = &self.pending;
-        kda_chunked(
+        kda_chunked_state(
             KdaShape { t: n, h, k, v: k },
-            &zeros,
             &pd.k[..n * h * k],
             &pd.v[..n * h * k],
             &pd.g[..n * h * k],
             &pd.beta[..n * h],
             &mut self.recurrent,
-            &mut out,
         );
         self.pending.clear_from(0, h, k);
         self.pending.rows = 0;

@@ -2,9 +2,11 @@
 //!
 //! A counting global allocator wraps the system one; after a prefill long enough for
 //! flash-decoding (several attention segments) and a few warm-up tokens, decoding more tokens
-//! must not allocate at all, on any thread.
+//! must not allocate at all, on any thread; nor may the first token after a later prefill,
+//! which folds the KDA layers' pending rows into their state.
 
 use kl_config::presets;
+use kl_kernels::kda::{kda_chunked, KdaShape};
 use kl_layers::cache::CacheDtype;
 use kl_model::{KimiLinear, LogitsMode, ModelOptions, Probe};
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -94,9 +96,26 @@ fn decode_allocates_nothing(name: &str, cfg: &kl_config::RawConfig) {
                     .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
                     .0) as u32;
             };
+            // Each worker's chunked-KDA scratch is made once per thread, when it first runs a
+            // head (which worker that is is up to the scheduler): every worker runs the kernel
+            // once here, so that the later turns below meet only warmed threads.
+            let kd = cfg.linear_attn_config.head_dim;
+            rayon::broadcast(|_| {
+                let s = KdaShape {
+                    t: 1,
+                    h: 1,
+                    k: kd,
+                    v: kd,
+                };
+                let (mut state, mut out) = (vec![0f32; kd * kd], vec![0f32; kd]);
+                let x = vec![0f32; kd];
+                kda_chunked(s, &x, &x, &x, &x, &[0.0], &mut state, &mut out);
+            });
+            let turn: Vec<u32> = (0..37).map(|i| (i * 11 % 512) as u32).collect();
             // Run on a pool worker, as the CLI does: a parallel region entered from outside the
-            // pool queues a job in rayon's injector, which allocates a block now and then.
-            let n = rayon::scope(|_| {
+            // pool queues a job in rayon's injector, which allocates a block now and then. One
+            // region for the whole conversation, so that one thread's decode scratch serves it.
+            let (n, firsts) = rayon::scope(|_| {
                 for _ in 0..4 {
                     step(&model, &mut st, &mut id);
                 }
@@ -104,11 +123,30 @@ fn decode_allocates_nothing(name: &str, cfg: &kl_config::RawConfig) {
                 for _ in 0..16 {
                     step(&model, &mut st, &mut id);
                 }
-                ALLOCS.load(Ordering::SeqCst) - before
+                let n = ALLOCS.load(Ordering::SeqCst) - before;
+                // Later turns: a prefill that leaves rows in each KDA layer's partial chunk,
+                // then decode, whose first step folds them into the state.
+                let firsts: Vec<usize> = (0..3)
+                    .map(|_| {
+                        model
+                            .prefill(&turn, &mut st, LogitsMode::Last, &mut Probe::off())
+                            .expect("prefill");
+                        let before = ALLOCS.load(Ordering::SeqCst);
+                        step(&model, &mut st, &mut id);
+                        ALLOCS.load(Ordering::SeqCst) - before
+                    })
+                    .collect();
+                (n, firsts)
             });
             assert_eq!(
                 n, 0,
                 "{name}, {dtype:?} cache, {len}-token prompt: {n} allocations in 16 decoded tokens"
+            );
+            assert_eq!(
+                firsts,
+                [0, 0, 0],
+                "{name}, {dtype:?} cache, {len}-token prompt: allocations in the first decoded \
+                 token of turns 2, 3 and 4"
             );
         }
     }
