@@ -21,6 +21,8 @@
 //!   `C·K` exponentials per chunk and head instead of `C²·K`. Rows with very strong decay fall
 //!   back to pairwise exponents (see `chunk_head`), and every row of a chunk depends bit for bit
 //!   only on the rows before it.
+//! - [`kda_chunked_state`] is the same form's state update alone (no `O`): what a sequence needs
+//!   to fold rows whose outputs it gave out already into its state.
 //!
 //!   What makes it fast, beyond the algebra (docs/performance.md has the measurements):
 //!   - *Denormals flushed* ([`crate::cpu::FlushDenormals`]) while a head runs: with strong
