@@ -21,8 +21,6 @@
 //!   `C·K` exponentials per chunk and head instead of `C²·K`. Rows with very strong decay fall
 //!   back to pairwise exponents (see `chunk_head`), and every row of a chunk depends bit for bit
 //!   only on the rows before it.
-//! - [`kda_chunked_state`] is the same form's state update alone (no `O`): what a sequence needs
-//!   to fold rows whose outputs it gave out already into its state.
 //!
 //!   What makes it fast, beyond the algebra (docs/performance.md has the measurements):
 //!   - *Denormals flushed* ([`crate::cpu::FlushDenormals`]) while a head runs: with strong
@@ -36,6 +34,8 @@
 //!     prefetch of the next chunk's rows (4 KiB or more apart, each a page of its own) paced
 //!     through the register tiles stalled the tiles on a full fill buffer and cost 2–18% more
 //!     than it saved (docs/performance.md).
+//! - [`kda_chunked_state`] is the same form's state update alone (no `O`): what a sequence needs
+//!   to fold rows whose outputs it gave out already into its state.
 //!
 //! Layouts (PyTorch order): `q, k, g` `[T, H, K]`, `v` `[T, H, V]`, `beta` `[T, H]`,
 //! `state` `[H, K, V]`, `out` `[T, H, V]`. Heads run in parallel.
