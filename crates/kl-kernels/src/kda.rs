@@ -105,7 +105,7 @@ fn check(
     assert_eq!(out.len(), t * h * vd, "kda: out");
 }
 
-/// [`check`] but for the output.
+/// The shape checks of the inputs and the state: all of [`check`] but the output's.
 fn check_inputs(
     s: KdaShape,
     q: &[f32],

@@ -1192,8 +1192,8 @@ mod x512 {
     /// prefetching `ahead` elements past each row position read (nothing if `ahead` is 0).
     ///
     /// # Safety
-    /// `src` holds `rows` rows of `k` elements `ld` apart; `pan` holds `kblocks·groups·cb·NP·16` floats and is 64-byte
-    /// aligned; the CPU has AVX-512F, AVX2 (and F16C for f16).
+    /// `src` holds `rows` rows of `k` elements `ld` apart; `pan` holds `kblocks·groups·cb·NP·16`
+    /// floats and is 64-byte aligned; the CPU has AVX-512F, AVX2 (and F16C for f16).
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     pub unsafe fn pack_panel<L: Load>(
         src: *const L::E,
