@@ -148,7 +148,10 @@ pub(crate) fn segment<R: KeyRows + ?Sized>(
         x86::segment(s, q, scale, rows, k0, k1, m, l, acc, bufs)
     };
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("amx_attention::segment without AMX");
+    {
+        let _ = (scale, bufs);
+        unreachable!("amx_attention::segment without AMX");
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
