@@ -624,6 +624,37 @@ fn aligned64(v: &[f32]) -> usize {
     (64 - v.as_ptr() as usize % 64) % 64 / 4
 }
 
+/// `len` floats of `buf` starting 64-byte aligned, growing `buf` (by 16 floats of slack) as
+/// needed.
+#[cfg(target_arch = "x86_64")]
+fn aligned_window(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len + 16 {
+        buf.resize(len + 16, 0.0);
+    }
+    let o = aligned64(buf);
+    &mut buf[o..o + len]
+}
+
+/// Columns `k0..k1` of `rows` rows of `x` (`k` columns each) from row `t0` into `dst`, rows
+/// `ldxp` apart, each zero-padded to a whole 8-column chunk (the tile's tail step reads zeros).
+#[cfg(target_arch = "x86_64")]
+fn pack_x_block(
+    x: &[f32],
+    k: usize,
+    t0: usize,
+    rows: usize,
+    (k0, k1): (usize, usize),
+    ldxp: usize,
+    dst: &mut [f32],
+) {
+    let kw = k1 - k0;
+    for r in 0..rows {
+        let d = &mut dst[r * ldxp..r * ldxp + kw.div_ceil(8) * 8];
+        d[..kw].copy_from_slice(&x[(t0 + r) * k + k0..(t0 + r) * k + k1]);
+        d[kw..].fill(0.0);
+    }
+}
+
 /// Prefill with the AVX-512 tile kernel ([`x512`]): the tasks and blocking of [`prefill`], with
 /// two changes that give the same bits faster.
 ///
@@ -644,6 +675,8 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
     let kchunks = k.div_ceil(8);
     let cb = kchunks.div_ceil(k.div_ceil(KC_WIDE));
     let kblocks = kchunks.div_ceil(cb);
+    // Columns of K block `b`.
+    let kblock = |b: usize| (b * cb * 8, ((b + 1) * cb * 8).min(k));
     let yp = SendPtr(y.as_mut_ptr());
     let wd = w.data();
     let serial = crate::par::is_serial();
@@ -653,16 +686,6 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
         let (t0, t1) = (ti * t_step, ((ti + 1) * t_step).min(t));
         let rows = n1 - n0;
         let groups = rows.div_ceil(G);
-        // Run serially, this thread packs the next panel next: fetch its weight rows into L2
-        // during this task, a few lines per tile (they come from memory, and the hardware
-        // prefetcher stops at every 4 KiB page).
-        let mut next_w = crate::simd::Prefetch::default();
-        if serial && ti + 1 == t_parts && n1 < n {
-            next_w.push(&wd[n1 * k..(n1 + nc).min(n) * k]);
-        }
-        let w_quota = next_w
-            .lines()
-            .div_ceil((t1 - t0).div_ceil(MR) * kblocks * groups);
         SCRATCH.with(|cell| {
             let mut sc = cell.borrow_mut();
             let Scratch { panel, part, xpack } = &mut *sc;
@@ -678,14 +701,10 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
             if t1 - t0 <= SLICE_MAX_ROWS {
                 // Few x rows: a whole packed panel would be written to L2 to be read by two or
                 // three x blocks. Instead each (group, K block) slice of it (`cb·NP·16` floats,
-                // 24 KiB) is packed into L1 and swept by every x block at once. The x blocks are packed once per task when they cannot be read in place.
+                // 24 KiB) is packed into L1 and swept by every x block at once. The x blocks
+                // are packed once per task when they cannot be read in place.
                 let xbs = (t1 - t0).div_ceil(MR);
-                let slen = cb * NP * 16;
-                if panel.len() < slen + 16 {
-                    panel.resize(slen + 16, 0.0);
-                }
-                let po = aligned64(panel);
-                let pan = &mut panel[po..po + slen];
+                let pan = aligned_window(panel, cb * NP * 16);
                 if part.len() < xbs * MR * NP * 16 {
                     part.resize(xbs * MR * NP * 16, 0.0);
                 }
@@ -694,22 +713,12 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
                 } else {
                     xbs * kblocks * MR * ldxp
                 };
-                if xpack.len() < xlen + 16 {
-                    xpack.resize(xlen + 16, 0.0);
-                }
-                let xo = aligned64(xpack);
-                let xpk = &mut xpack[xo..xo + xlen];
+                let xpk = aligned_window(xpack, xlen);
                 if !in_place {
                     for (xi, tb) in (t0..t1).step_by(MR).enumerate() {
                         for b in 0..kblocks {
-                            let (k0, k1) = (b * cb * 8, ((b + 1) * cb * 8).min(k));
-                            let kw = k1 - k0;
                             let blk = &mut xpk[(xi * kblocks + b) * MR * ldxp..][..MR * ldxp];
-                            for r in 0..MR.min(t1 - tb) {
-                                let dst = &mut blk[r * ldxp..r * ldxp + kw.div_ceil(8) * 8];
-                                dst[..kw].copy_from_slice(&x[(tb + r) * k + k0..][..kw]);
-                                dst[kw..].fill(0.0);
-                            }
+                            pack_x_block(x, k, tb, MR.min(t1 - tb), kblock(b), ldxp, blk);
                         }
                     }
                 }
@@ -731,7 +740,7 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
                     };
                     let quota = gpf.left().div_ceil(kblocks * xbs);
                     for b in 0..kblocks {
-                        let (k0, k1) = (b * cb * 8, ((b + 1) * cb * 8).min(k));
+                        let (k0, k1) = kblock(b);
                         let steps = (k1 - k0).div_ceil(8);
                         // SAFETY: rows r0..r0+gr of W hold k elements each, columns k0..k1 of
                         // them are read; `pan` holds one K block of one group.
@@ -780,12 +789,17 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
                 }
                 return;
             }
-            let plen = kblocks * groups * cb * NP * 16;
-            if panel.len() < plen + 16 {
-                panel.resize(plen + 16, 0.0);
+            // Run serially, this thread packs the next panel next: fetch its weight rows into L2
+            // during this task, a few lines per tile (they come from memory, and the hardware
+            // prefetcher stops at every 4 KiB page).
+            let mut next_w = crate::simd::Prefetch::default();
+            if serial && ti + 1 == t_parts && n1 < n {
+                next_w.push(&wd[n1 * k..(n1 + nc).min(n) * k]);
             }
-            let po = aligned64(panel);
-            let pan = &mut panel[po..po + plen];
+            let w_quota = next_w
+                .lines()
+                .div_ceil((t1 - t0).div_ceil(MR) * kblocks * groups);
+            let pan = aligned_window(panel, kblocks * groups * cb * NP * 16);
             // SAFETY: rows n0..n1 of W hold k elements each; `pan` holds the packed panel.
             unsafe {
                 x512::pack_panel::<R::L>(
@@ -801,24 +815,15 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
             if part.len() < groups * MR * NP * 16 {
                 part.resize(groups * MR * NP * 16, 0.0);
             }
-            if xpack.len() < MR * ldxp + 16 {
-                xpack.resize(MR * ldxp + 16, 0.0);
-            }
-            let xo = aligned64(xpack);
-            let xpk = &mut xpack[xo..xo + MR * ldxp];
+            let xpk = aligned_window(xpack, MR * ldxp);
             let partp = part.as_mut_ptr();
             for tb in (t0..t1).step_by(MR) {
                 let mr = MR.min(t1 - tb);
                 for b in 0..kblocks {
-                    let (k0, k1) = (b * cb * 8, ((b + 1) * cb * 8).min(k));
-                    let kw = k1 - k0;
-                    let steps = kw.div_ceil(8);
+                    let (k0, k1) = kblock(b);
+                    let steps = (k1 - k0).div_ceil(8);
                     if !in_place {
-                        for r in 0..mr {
-                            let dst = &mut xpk[r * ldxp..r * ldxp + steps * 8];
-                            dst[..kw].copy_from_slice(&x[(tb + r) * k + k0..(tb + r) * k + k1]);
-                            dst[kw..].fill(0.0);
-                        }
+                        pack_x_block(x, k, tb, mr, (k0, k1), ldxp, xpk);
                     }
                     let (xsrc, ldxs) = if in_place {
                         (x[tb * k + k0..].as_ptr(), k)
@@ -835,7 +840,7 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
                     };
                     let mut pf = match next {
                         Some((nt, nb)) => {
-                            let (nk0, nk1) = (nb * cb * 8, ((nb + 1) * cb * 8).min(k));
+                            let (nk0, nk1) = kblock(nb);
                             x512::Prefetch::new(
                                 x[nt * k + nk0..].as_ptr(),
                                 k,
