@@ -19,6 +19,7 @@ use crate::memory::{human, parse_cache_dtype, parse_mla_prefill, peak_rss_bytes}
 use anyhow::{bail, Context, Result};
 use kl_kernels::roofline::Roofline;
 use kl_model::{KimiLinear, LayerState, LogitsMode, ModelOptions, Probe, SequenceState};
+use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -204,6 +205,17 @@ impl DecodeRow {
     }
 }
 
+/// `{key(row): value(row)}` over `rows`: one `--json` object keyed by prompt length or depth.
+fn keyed<R>(
+    rows: &[R],
+    key: impl Fn(&R) -> usize,
+    value: impl Fn(&R) -> serde_json::Value,
+) -> serde_json::Map<String, serde_json::Value> {
+    rows.iter()
+        .map(|r| (key(r).to_string(), value(r)))
+        .collect()
+}
+
 /// Run `bench`.
 pub fn run(a: Args) -> Result<()> {
     let opts = ModelOptions {
@@ -254,7 +266,6 @@ pub fn run(a: Args) -> Result<()> {
         model.decode(1, &mut st, &mut Probe::off())?;
     }
 
-    let mut prefill = serde_json::Map::new();
     let mut prefill_rows = Vec::new();
     for &t in &a.prompt_tokens {
         if t == 0 {
@@ -289,7 +300,6 @@ pub fn run(a: Args) -> Result<()> {
         let per_token = c.matmul_flops - c.head_flops + c.kda_flops;
         let flops = per_token as f64 * t as f64 + (c.head_flops + attn) as f64;
         let tps = t as f64 / secs;
-        prefill.insert(t.to_string(), serde_json::json!(tps));
         prefill_rows.push(PrefillRow {
             t,
             runs,
@@ -300,7 +310,6 @@ pub fn run(a: Args) -> Result<()> {
         });
     }
 
-    let mut decode = serde_json::Map::new();
     let mut decode_rows = Vec::new();
     for &depth in &a.depth {
         let mut st = model.new_state();
@@ -340,7 +349,6 @@ pub fn run(a: Args) -> Result<()> {
         let bytes = (c.weight_bytes + c.state_bytes + c.cache_bytes) as f64;
         let flops = (c.matmul_flops + c.attn_flops_per_key * ctx as u64) as f64;
         let gbps = bytes * tps / 1e9;
-        decode.insert(depth.to_string(), serde_json::json!(tps));
         decode_rows.push(DecodeRow {
             depth,
             runs,
@@ -380,7 +388,7 @@ pub fn run(a: Args) -> Result<()> {
     let planned =
         kl_model::plan::plan(model.config(), model.resident_weight_bytes(), req).total_bytes;
     if a.json {
-        let v = serde_json::json!({
+        let v = json!({
             "model": a.model.display().to_string(),
             "threads": threads,
             "cpu": kl_kernels::cpu::describe(),
@@ -389,21 +397,21 @@ pub fn run(a: Args) -> Result<()> {
             "fma_gflops": roofline.map(|r| r.fma.gflops),
             "fma_isa": roofline.map(|r| r.fma.isa.name()),
             "stream_gbps": roofline.map(|r| r.stream_gbps),
-            "roofline_measured": measured.map(|(b, a)| serde_json::json!({
+            "roofline_measured": measured.map(|(b, a)| json!({
                 "fma_gflops": [b.fma.gflops, a.fma.gflops],
                 "stream_gbps": [b.stream_gbps, a.stream_gbps],
             })),
             "repeat": a.repeat,
-            "prefill_tokens_per_s": prefill,
-            "decode_tokens_per_s": decode,
-            "prefill_tokens_per_s_runs": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(r.runs.0))).collect::<serde_json::Map<_, _>>(),
-            "decode_tokens_per_s_runs": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(r.runs.0))).collect::<serde_json::Map<_, _>>(),
-            "prefill_fraction_of_fma_peak": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(roofline.map(|f| r.of_peak(f).0)))).collect::<serde_json::Map<_, _>>(),
-            "prefill_matmul_fraction_of_fma_peak": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(roofline.and_then(|f| r.of_peak(f).1)))).collect::<serde_json::Map<_, _>>(),
-            "prefill_matmul_time_share": prefill_rows.iter().map(|r| (r.t.to_string(), serde_json::json!(r.matmul_share))).collect::<serde_json::Map<_, _>>(),
-            "decode_fraction_of_bandwidth": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(roofline.map(|f| r.against(f).0)))).collect::<serde_json::Map<_, _>>(),
-            "decode_fraction_of_roofline": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(roofline.map(|f| r.against(f).1)))).collect::<serde_json::Map<_, _>>(),
-            "decode_bound": decode_rows.iter().map(|r| (r.depth.to_string(), serde_json::json!(roofline.map(|f| r.against(f).2)))).collect::<serde_json::Map<_, _>>(),
+            "prefill_tokens_per_s": keyed(&prefill_rows, |r| r.t, |r| json!(r.tps)),
+            "decode_tokens_per_s": keyed(&decode_rows, |r| r.depth, |r| json!(r.tps)),
+            "prefill_tokens_per_s_runs": keyed(&prefill_rows, |r| r.t, |r| json!(r.runs.0)),
+            "decode_tokens_per_s_runs": keyed(&decode_rows, |r| r.depth, |r| json!(r.runs.0)),
+            "prefill_fraction_of_fma_peak": keyed(&prefill_rows, |r| r.t, |r| json!(roofline.map(|f| r.of_peak(f).0))),
+            "prefill_matmul_fraction_of_fma_peak": keyed(&prefill_rows, |r| r.t, |r| json!(roofline.and_then(|f| r.of_peak(f).1))),
+            "prefill_matmul_time_share": keyed(&prefill_rows, |r| r.t, |r| json!(r.matmul_share)),
+            "decode_fraction_of_bandwidth": keyed(&decode_rows, |r| r.depth, |r| json!(roofline.map(|f| r.against(f).0))),
+            "decode_fraction_of_roofline": keyed(&decode_rows, |r| r.depth, |r| json!(roofline.map(|f| r.against(f).1))),
+            "decode_bound": keyed(&decode_rows, |r| r.depth, |r| json!(roofline.map(|f| r.against(f).2))),
             "decode_bytes_per_token": model.token_cost(0).weight_bytes + model.token_cost(0).state_bytes,
             "peak_rss_bytes": rss,
             "planned_bytes": planned,
