@@ -73,13 +73,16 @@ fn kda_chunked_bits_do_not_depend_on_avx512() {
 fn latent_attention_bits_do_not_depend_on_avx512() {
     let mut rng = Rng::new(21);
     let mut all = Vec::new();
-    // Odd head counts (a half-empty head pair), widths with tails past the 8-, 16- and 32-lane
-    // blocks, the released model's row; several segments and a partial tile; decode and prefill.
+    // Odd head counts (a half-empty head pair, a partial 8-head block), widths with tails past
+    // the 8-, 16-, 32- and 48-column blocks, the released model's row; several segments and a
+    // partial tile; decode and prefill.
     for &(h, dk, dv) in &[
         (7usize, 44usize, 40usize),
         (3, 20, 17),
         (5, 576, 512),
         (2, 8, 8),
+        (11, 104, 100),
+        (9, 72, 64),
     ] {
         let s = LatentAttnShape { h, dk, dv };
         let block_rows = 256;
