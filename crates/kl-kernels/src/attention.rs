@@ -1293,7 +1293,7 @@ mod x86 {
 
     /// [`tile_pv`] with 512-bit registers (same bits): strips of 48 columns in blocks of up to
     /// 8 heads (24 accumulators, fed by 3 value loads and 8 broadcasts per 24 FMAs; 8 × 32
-    /// blocks, 11 loads per 16 FMAs, ran 2–4% slower over the whole attention, in-process),
+    /// blocks, 10 loads per 16 FMAs, ran 2–4% slower over the whole attention, in-process),
     /// then one strip of 32 or 16 columns; the columns past the last multiple of 16 by the
     /// AVX2 kernel.
     #[target_feature(enable = "avx512f,avx2,fma")]
