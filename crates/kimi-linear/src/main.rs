@@ -21,7 +21,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "kimi-linear", version, about, long_about = None)]
 struct Cli {
-    /// Worker threads (default: all cores).
+    /// Worker threads (default: the physical cores this process may run on; hyper-threads are
+    /// not counted).
     #[arg(long, global = true)]
     threads: Option<usize>,
     /// Run prefill matrix products (bf16 weights) and latent attention over a bf16 cache on
@@ -108,34 +109,71 @@ fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// Physical cores (distinct physical id / core id pairs in /proc/cpuinfo), else the available
-/// parallelism. Hyper-threads share FMA units and bandwidth, so they are not counted.
+/// Physical cores this process may run on: distinct (physical id, core id) pairs in
+/// /proc/cpuinfo among the CPUs of its affinity mask (`taskset`, a container's cpuset), at most
+/// the available parallelism (which also counts CPU quotas); else the available parallelism.
+/// Hyper-threads share FMA units and bandwidth, so they are not counted.
 fn physical_cores() -> usize {
     let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
     let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
         return logical;
     };
+    let allowed = affinity();
+    match cores_in(&info, |cpu| {
+        allowed.as_ref().is_none_or(|a| a.contains(&cpu))
+    }) {
+        0 => logical,
+        n => n.min(logical),
+    }
+}
+
+/// Distinct (physical id, core id) pairs among the processors of a /proc/cpuinfo text that
+/// `allowed` accepts (0 when the text names none, as on machines that omit the ids).
+fn cores_in(info: &str, allowed: impl Fn(usize) -> bool) -> usize {
     let mut cores = std::collections::BTreeSet::new();
-    let (mut phys, mut core) = (None, None);
+    let (mut cpu, mut phys, mut core) = (None, None, None);
     for line in info.lines().chain(std::iter::once("")) {
         if line.trim().is_empty() {
             if let (Some(p), Some(c)) = (phys.take(), core.take()) {
-                cores.insert((p, c));
+                // A block without a processor number is counted (older formats).
+                if cpu.is_none_or(&allowed) {
+                    cores.insert((p, c));
+                }
             }
+            cpu = None;
             continue;
         }
         let mut kv = line.splitn(2, ':').map(str::trim);
         match (kv.next(), kv.next()) {
+            (Some("processor"), Some(v)) => cpu = v.parse::<usize>().ok(),
             (Some("physical id"), Some(v)) => phys = Some(v.to_string()),
             (Some("core id"), Some(v)) => core = Some(v.to_string()),
             _ => {}
         }
     }
-    if cores.is_empty() {
-        logical
-    } else {
-        cores.len().min(logical)
+    cores.len()
+}
+
+/// The CPUs this process may run on (`None` where that cannot be asked).
+fn affinity() -> Option<std::collections::BTreeSet<usize>> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: an all-zero cpu_set_t is a valid empty set, and sched_getaffinity writes at
+        // most its size.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        // SAFETY: `set` is a live cpu_set_t of `size` bytes; pid 0 is this thread.
+        if unsafe { libc::sched_getaffinity(0, size, &mut set) } != 0 {
+            return None;
+        }
+        // SAFETY: every index is below CPU_SETSIZE, the set's capacity in bits.
+        let cpus: std::collections::BTreeSet<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
+            .collect();
+        (!cpus.is_empty()).then_some(cpus)
     }
+    #[cfg(not(target_os = "linux"))]
+    None
 }
 
 /// Serve every allocation of 128 KiB or more (cache blocks, activation buffers) with its own
@@ -157,5 +195,29 @@ fn restore_sigpipe() {
     // SAFETY: resetting a signal disposition to its default before any thread exists.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cores_in;
+
+    /// Two cores with two hyper-threads each (processors 0 and 2 on core 0, 1 and 3 on core 1),
+    /// as Linux lists them.
+    const CPUINFO: &str = "processor\t: 0\nphysical id\t: 0\ncore id\t\t: 0\n\n\
+        processor\t: 1\nphysical id\t: 0\ncore id\t\t: 1\n\n\
+        processor\t: 2\nphysical id\t: 0\ncore id\t\t: 0\n\n\
+        processor\t: 3\nphysical id\t: 0\ncore id\t\t: 1\n";
+
+    /// Hyper-threads are not counted, and only the CPUs of the affinity mask are.
+    #[test]
+    fn cores_count_physical_cores_in_the_affinity_mask() {
+        assert_eq!(cores_in(CPUINFO, |_| true), 2);
+        assert_eq!(cores_in(CPUINFO, |c| c == 0 || c == 2), 1, "two siblings");
+        assert_eq!(cores_in(CPUINFO, |c| c <= 1), 2, "one thread of each core");
+        assert_eq!(cores_in(CPUINFO, |c| c == 3), 1);
+        assert_eq!(cores_in(CPUINFO, |_| false), 0);
+        // No ids (some virtual machines and architectures): none counted.
+        assert_eq!(cores_in("processor\t: 0\nmodel name\t: x\n", |_| true), 0);
     }
 }
