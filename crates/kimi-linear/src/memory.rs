@@ -13,10 +13,12 @@ pub struct MemoryArgs {
     /// Latent cache dtype: bf16, f32, fp8.
     #[arg(long, default_value = "bf16")]
     pub cache_dtype: String,
-    /// Tokens per prefill chunk (activation memory depends on it, not on the prompt).
-    #[arg(long, default_value_t = 512)]
-    pub prefill_chunk: usize,
-    /// pub mla_prefill attention in prefill: auto (fewer FLOPs per chunk), absorbed, expanded.
+    /// Tokens per prefill chunk (activation memory depends on it, not on the prompt) [default:
+    /// 512, or for many experts enough that each sees about 64 rows a chunk: 2048 for the
+    /// released model]
+    #[arg(long)]
+    pub prefill_chunk: Option<usize>,
+    /// mla_prefill attention in prefill: auto (fewer FLOPs per chunk), absorbed, expanded.
     #[arg(long, default_value = "auto")]
     pub mla_prefill: String,
     /// Refuse before any work, or stop cleanly during the run, beyond this much memory: 16GiB, 800MB.
@@ -35,7 +37,7 @@ impl MemoryArgs {
     pub fn options(&self) -> Result<kl_model::ModelOptions> {
         Ok(kl_model::ModelOptions {
             cache_dtype: parse_cache_dtype(&self.cache_dtype)?,
-            prefill_chunk: self.prefill_chunk.max(1),
+            prefill_chunk: self.prefill_chunk.map_or(0, |c| c.max(1)),
             mla_prefill: parse_mla_prefill(&self.mla_prefill)?,
             ..Default::default()
         })

@@ -27,5 +27,8 @@ pub use kl_layers::cache::CacheDtype;
 pub use kl_layers::mla::MlaPrefill;
 pub use kl_layers::moe::RouterWeights;
 pub use kl_layers::Probe;
-pub use model::{KimiLinear, LogitsMode, ModelError, ModelOptions, TokenCost};
+pub use model::{
+    auto_prefill_chunk, prefill_chunk_for, KimiLinear, LogitsMode, ModelError, ModelOptions,
+    TokenCost, DEFAULT_PREFILL_CHUNK, MAX_AUTO_PREFILL_CHUNK, ROWS_PER_EXPERT,
+};
 pub use state::{LayerState, SequenceState};

@@ -15,6 +15,7 @@
 //! layer (bf16): MHA with `num_attention_heads × v_head_dim` for K and V, GQA with 8 KV heads, and
 //! MLA (latent) in every layer.
 
+use crate::model::prefill_chunk_for;
 use kl_config::{Mixer, ModelConfig};
 use kl_layers::cache::CacheDtype;
 use serde::Serialize;
@@ -26,7 +27,9 @@ pub struct PlanRequest {
     pub context: usize,
     /// Latent cache dtype.
     pub cache_dtype: CacheDtype,
-    /// Prefill chunk (tokens per forward pass).
+    /// Prefill chunk (tokens per forward pass); 0 plans for
+    /// [`auto_prefill_chunk`](crate::auto_prefill_chunk), as a model built with a chunk
+    /// of 0 runs.
     pub prefill_chunk: usize,
     /// Whether logits for every prompt position are kept (`forward`) or only the last.
     pub all_logits: bool,
@@ -185,7 +188,9 @@ pub fn plan(cfg: &ModelConfig, weights_bytes: u64, req: PlanRequest) -> Footprin
     let kda = kda_state_bytes(cfg);
     let conv = conv_state_bytes(cfg);
     let carry = kda_carry_bytes(cfg);
-    let chunk = req.prefill_chunk.min(req.context.max(1)).max(1);
+    let chunk = prefill_chunk_for(cfg, req.prefill_chunk)
+        .min(req.context.max(1))
+        .max(1);
     let ws = workspace_bytes(cfg, chunk, req.all_logits, req.threads.max(1));
     Footprint {
         context: req.context,
@@ -212,7 +217,7 @@ pub fn max_context(
         cfg,
         weights_bytes,
         PlanRequest {
-            context: req.prefill_chunk.max(1),
+            context: prefill_chunk_for(cfg, req.prefill_chunk).max(1),
             ..req
         },
     );

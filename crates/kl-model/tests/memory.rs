@@ -200,3 +200,58 @@ fn snapshots_round_trip_bit_exactly() {
             .contains("bad magic"));
     }
 }
+
+/// The prefill chunk when none is asked for: 512 for `mini`, the 16-expert benchmark shape and
+/// a dense model; 2048 for the released model's 256 experts (top 8), so that each expert sees
+/// about 64 rows of a chunk; 0 resolves to it in a built model and in a plan, and an explicit
+/// chunk is kept.
+#[test]
+fn prefill_chunk_is_chosen_by_experts_per_chunk() {
+    let released = ModelConfig::from_raw(presets::kimi_linear_48b_a3b()).unwrap();
+    assert_eq!(kl_model::auto_prefill_chunk(&released), 2048);
+    let mini = ModelConfig::from_raw(presets::mini()).unwrap();
+    assert_eq!(kl_model::auto_prefill_chunk(&mini), 512);
+    let mut raw = presets::kimi_linear_48b_a3b();
+    raw.num_experts = Some(16);
+    let sixteen = ModelConfig::from_raw(raw).unwrap();
+    assert_eq!(kl_model::auto_prefill_chunk(&sixteen), 512);
+    // 64 experts, top 6: rounded up to a power of two; 1024 experts: capped.
+    let mut raw = presets::kimi_linear_48b_a3b();
+    (raw.num_experts, raw.num_experts_per_token) = (Some(64), Some(6));
+    let c = ModelConfig::from_raw(raw).unwrap();
+    assert_eq!(
+        kl_model::auto_prefill_chunk(&c),
+        1024,
+        "64·64/6 = 683 → 1024"
+    );
+    let mut raw = presets::kimi_linear_48b_a3b();
+    raw.num_experts = Some(1024);
+    let c = ModelConfig::from_raw(raw).unwrap();
+    assert_eq!(
+        kl_model::auto_prefill_chunk(&c),
+        kl_model::MAX_AUTO_PREFILL_CHUNK
+    );
+    assert_eq!(kl_model::prefill_chunk_for(&released, 300), 300);
+
+    // In a plan: 0 plans for the automatic chunk.
+    let auto = PlanRequest {
+        prefill_chunk: 0,
+        ..req(1 << 17, CacheDtype::Bf16)
+    };
+    let explicit = PlanRequest {
+        prefill_chunk: 2048,
+        ..auto
+    };
+    assert_eq!(
+        plan::plan(&released, 0, auto),
+        plan::plan(&released, 0, explicit)
+    );
+    assert!(
+        plan::plan(&released, 0, explicit).workspace_bytes
+            > plan::plan(&released, 0, req(1 << 17, CacheDtype::Bf16)).workspace_bytes
+    );
+
+    // In a built model: the tiny model (few experts) resolves 0 to 512 and keeps 128.
+    assert_eq!(tiny(CacheDtype::F32, 0).options().prefill_chunk, 512);
+    assert_eq!(tiny(CacheDtype::F32, 128).options().prefill_chunk, 128);
+}

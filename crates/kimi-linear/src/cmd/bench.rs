@@ -44,9 +44,11 @@ pub struct Args {
     /// Latent cache dtype: bf16, f32, fp8.
     #[arg(long, default_value = "bf16")]
     cache_dtype: String,
-    /// Tokens per prefill chunk.
-    #[arg(long, default_value_t = 512)]
-    prefill_chunk: usize,
+    /// Tokens per prefill chunk (activation memory depends on it, not on the prompt) [default:
+    /// 512, or for many experts enough that each sees about 64 rows a chunk: 2048 for the
+    /// released model]
+    #[arg(long)]
+    prefill_chunk: Option<usize>,
     /// mla_prefill attention in prefill: auto (fewer FLOPs per chunk), absorbed, expanded.
     #[arg(long, default_value = "auto")]
     mla_prefill: String,
@@ -220,7 +222,7 @@ fn keyed<R>(
 pub fn run(a: Args) -> Result<()> {
     let opts = ModelOptions {
         cache_dtype: parse_cache_dtype(&a.cache_dtype)?,
-        prefill_chunk: a.prefill_chunk.max(1),
+        prefill_chunk: a.prefill_chunk.map_or(0, |c| c.max(1)),
         mla_prefill: parse_mla_prefill(&a.mla_prefill)?,
         ..Default::default()
     };
@@ -288,7 +290,7 @@ pub fn run(a: Args) -> Result<()> {
         let (secs, mm) = timed[timed.len() / 2];
         let c = model.token_cost(0);
         // Attention FLOPs chunk by chunk, in the form (absorbed or expanded) each chunk used.
-        let chunk = opts.prefill_chunk;
+        let chunk = model.options().prefill_chunk;
         let attn: u64 = (0..t)
             .step_by(chunk)
             .map(|p0| {
@@ -381,7 +383,7 @@ pub fn run(a: Args) -> Result<()> {
     let req = kl_model::plan::PlanRequest {
         context: max_ctx,
         cache_dtype: opts.cache_dtype,
-        prefill_chunk: opts.prefill_chunk,
+        prefill_chunk: model.options().prefill_chunk,
         all_logits: false,
         threads,
     };
@@ -394,6 +396,7 @@ pub fn run(a: Args) -> Result<()> {
             "cpu": kl_kernels::cpu::describe(),
             "amx": kl_kernels::amx::enabled(),
             "cache_dtype": opts.cache_dtype.name(),
+            "prefill_chunk": model.options().prefill_chunk,
             "fma_gflops": roofline.map(|r| r.fma.gflops),
             "fma_isa": roofline.map(|r| r.fma.isa.name()),
             "stream_gbps": roofline.map(|r| r.stream_gbps),
@@ -420,10 +423,11 @@ pub fn run(a: Args) -> Result<()> {
         return Ok(());
     }
     println!(
-        "model {}  threads {threads}  cpu {}  cache {}",
+        "model {}  threads {threads}  cpu {}  cache {}  prefill chunk {}",
         a.model.display(),
         kl_kernels::cpu::describe(),
-        opts.cache_dtype.name()
+        opts.cache_dtype.name(),
+        model.options().prefill_chunk
     );
     if let (Some((b, a)), Some(roof)) = (measured, roofline) {
         println!(

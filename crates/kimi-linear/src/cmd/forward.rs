@@ -35,9 +35,11 @@ pub struct Args {
     /// MoE combine weights.
     #[arg(long, value_enum, default_value = "unbiased")]
     router_weights: RouterArg,
-    /// Tokens per prefill chunk.
-    #[arg(long, default_value_t = 512)]
-    prefill_chunk: usize,
+    /// Tokens per prefill chunk (activation memory depends on it, not on the prompt) [default:
+    /// 512, or for many experts enough that each sees about 64 rows a chunk: 2048 for the
+    /// released model]
+    #[arg(long)]
+    prefill_chunk: Option<usize>,
     /// mla_prefill attention in prefill: auto (fewer FLOPs per chunk), absorbed, expanded.
     #[arg(long, default_value = "auto")]
     mla_prefill: String,
@@ -73,7 +75,7 @@ pub fn run(a: Args) -> Result<()> {
             RouterArg::Unbiased => RouterWeights::Unbiased,
             RouterArg::Biased => RouterWeights::Biased,
         },
-        prefill_chunk: a.prefill_chunk.max(1),
+        prefill_chunk: a.prefill_chunk.map_or(0, |c| c.max(1)),
         cache_dtype: parse_cache_dtype(&a.cache_dtype)?,
         mla_prefill: parse_mla_prefill(&a.mla_prefill)?,
     };
@@ -106,7 +108,7 @@ pub fn run(a: Args) -> Result<()> {
     let mut out = OutputFile::create(&a.output, &decls)?;
     let pb = progress_bar(t, a.quiet);
     let mut last = Vec::new();
-    for piece in ids.chunks(opts.prefill_chunk) {
+    for piece in ids.chunks(model.options().prefill_chunk) {
         let logits = model.prefill(piece, &mut state, LogitsMode::All, &mut Probe::off())?;
         out.f32s(&logits)?;
         last = logits[(piece.len() - 1) * vocab..].to_vec();

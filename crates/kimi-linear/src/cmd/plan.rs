@@ -24,9 +24,10 @@ pub struct Args {
     /// Weight dtype for presets: bf16, f16, f32, fp8 (ignored with --model).
     #[arg(long, default_value = "bf16")]
     weights_dtype: String,
-    /// Prefill chunk the workspace is planned for.
-    #[arg(long, default_value_t = 512)]
-    prefill_chunk: usize,
+    /// Prefill chunk the workspace is planned for [default: what `run` would use: 512, or for
+    /// many experts enough that each sees about 64 rows a chunk]
+    #[arg(long)]
+    prefill_chunk: Option<usize>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -74,7 +75,7 @@ pub fn run(a: Args) -> Result<()> {
     let req = PlanRequest {
         context,
         cache_dtype,
-        prefill_chunk: a.prefill_chunk.max(1),
+        prefill_chunk: kl_model::prefill_chunk_for(&cfg, a.prefill_chunk.map_or(0, |c| c.max(1))),
         all_logits: false,
         threads: rayon::current_num_threads(),
     };
@@ -85,6 +86,7 @@ pub fn run(a: Args) -> Result<()> {
         let v = serde_json::json!({
             "source": source,
             "context": context,
+            "prefill_chunk": req.prefill_chunk,
             "cache_dtype": cache_dtype.name(),
             "kda_layers": n_kda,
             "mla_layers": n_mla,
@@ -101,8 +103,10 @@ pub fn run(a: Args) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{source}: {n_kda} KDA + {n_mla} MLA layers, context {context} tokens, {} latent cache",
-        cache_dtype.name()
+        "{source}: {n_kda} KDA + {n_mla} MLA layers, context {context} tokens, {} latent cache, \
+         prefill chunk {}",
+        cache_dtype.name(),
+        req.prefill_chunk
     );
     println!();
     for (name, v) in footprint_rows(&f) {
