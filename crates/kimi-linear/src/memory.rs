@@ -216,6 +216,25 @@ pub fn apply_budget(
                 Some(n) => msg.push_str(&format!("the largest context that fits is {n} tokens")),
                 None => msg.push_str("not even an empty context fits: the weights and workspace alone exceed the budget"),
             }
+            if req.prefill_chunk > kl_model::DEFAULT_PREFILL_CHUNK {
+                // The chunk chosen for many experts plans a larger workspace; say so when the
+                // default chunk would fit.
+                let small = PlanRequest {
+                    prefill_chunk: kl_model::DEFAULT_PREFILL_CHUNK,
+                    ..req
+                };
+                let cfg = model.config();
+                if plan::plan(cfg, weights, small).total_bytes <= b
+                    && plan::max_context(cfg, weights, small, b).is_some_and(|n| n >= context)
+                {
+                    msg.push_str(&format!(
+                        "\n(the workspace is planned for prefill chunks of {} tokens; with \
+                         --prefill-chunk {} it would fit)",
+                        req.prefill_chunk,
+                        kl_model::DEFAULT_PREFILL_CHUNK
+                    ));
+                }
+            }
             bail!(msg);
         }
         let limit = fits.unwrap_or(context).max(context);

@@ -20,6 +20,8 @@ fn plan_real_config_at_one_million_tokens() {
         "--json",
     ]);
     assert_eq!(v["context"], 1_048_576);
+    // 256 experts, top 8: the chunk at which each expert sees about 64 rows.
+    assert_eq!(v["prefill_chunk"], 2048);
     assert_eq!(v["mla_cache_bytes"], 8_455_716_864u64);
     assert_eq!(v["kda_state_bytes"], 41_943_040);
     for k in [
@@ -68,6 +70,32 @@ fn plan_real_config_at_one_million_tokens() {
             "lots",
         ],
         &["lots"],
+    );
+}
+
+#[test]
+fn plan_prefill_chunk_flag_sets_the_workspace() {
+    let at = |chunk: Option<&str>| {
+        let mut args = vec![
+            "plan",
+            "--preset",
+            "kimi-linear-48b-a3b",
+            "--context",
+            "128K",
+            "--json",
+        ];
+        if let Some(c) = chunk {
+            args.extend(["--prefill-chunk", c]);
+        }
+        json(&args)
+    };
+    let (auto, small) = (at(None), at(Some("512")));
+    assert_eq!(small["prefill_chunk"], 512);
+    assert_eq!(auto["workspace_bytes"], at(Some("2048"))["workspace_bytes"]);
+    assert!(auto["workspace_bytes"].as_u64() > small["workspace_bytes"].as_u64());
+    assert_eq!(
+        json(&["plan", "--preset", "mini", "--context", "4K", "--json"])["prefill_chunk"],
+        512
     );
 }
 
