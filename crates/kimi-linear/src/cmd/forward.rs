@@ -35,9 +35,9 @@ pub struct Args {
     /// MoE combine weights.
     #[arg(long, value_enum, default_value = "unbiased")]
     router_weights: RouterArg,
-    /// Tokens per prefill chunk (activation memory depends on it, not on the prompt) [default:
-    /// 512, or for many experts enough that each sees about 64 rows a chunk: 2048 for the
-    /// released model]
+    /// Tokens per prefill chunk [default: 512: `forward` keeps the logits of every position of a
+    /// chunk, `[chunk, vocab]` f32, so it does not take the larger chunk `run` picks for many
+    /// experts]
     #[arg(long)]
     prefill_chunk: Option<usize>,
     /// mla_prefill attention in prefill: auto (fewer FLOPs per chunk), absorbed, expanded.
@@ -75,7 +75,9 @@ pub fn run(a: Args) -> Result<()> {
             RouterArg::Unbiased => RouterWeights::Unbiased,
             RouterArg::Biased => RouterWeights::Biased,
         },
-        prefill_chunk: a.prefill_chunk.map_or(0, |c| c.max(1)),
+        prefill_chunk: a
+            .prefill_chunk
+            .map_or(kl_model::DEFAULT_PREFILL_CHUNK, |c| c.max(1)),
         cache_dtype: parse_cache_dtype(&a.cache_dtype)?,
         mla_prefill: parse_mla_prefill(&a.mla_prefill)?,
     };
