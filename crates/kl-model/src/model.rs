@@ -123,8 +123,9 @@ pub const MAX_AUTO_PREFILL_CHUNK: usize = 2048;
 ///
 /// Why: every prefill chunk streams the weights of nearly every expert of every MoE layer
 /// (with 256 experts and 512 tokens an expert sees about 16 rows, and almost none goes
-/// untouched), and products of 16 rows run at a third to a half of the FMA peak against two
-/// thirds and more at 64. A 5-layer model with the released dimensions prefilled 4096 tokens
+/// untouched), and a product of 64 rows runs much nearer the FMA peak than one of 16 (in-process
+/// with weights from memory, 162 against 87 GFLOP/s before the small-product slices, which
+/// brought 16 rows to 132–139; docs/performance-history.md). A 5-layer model with the released dimensions prefilled 4096 tokens
 /// 11–28% faster with 2048-token chunks than with 512 in five alternating pairs
 /// (docs/performance.md); the workspace grows with the chunk (the released model's from 125 to
 /// 448 MiB, against 92 GiB of weights).
