@@ -230,16 +230,23 @@ fn bench_matmul(rows: &Rows, avx512: bool, rng: &mut Rng) {
         }
     }
     // The released model's experts: 8 of 256 per token, so about 16 rows each in a 512-token
-    // chunk; each product runs start to finish on one thread, as the MoE layer runs them, over
-    // more distinct matrices (80 × 4.7 MB) than the L3 holds, so the weights come from memory.
-    let (k, n) = (2304, 1024);
+    // chunk and 64 in the 2048-token chunk it gets by default (`kl_model::auto_prefill_chunk`);
+    // each product runs start to finish on one thread, as the MoE layer runs them, over more
+    // distinct matrices (80 × 4.7 MB) than the L3 holds, so the weights come from memory. The
+    // gate and up projections are 2304 × 1024, the down projection 1024 × 2304 (its x rows
+    // 4 KiB apart, so they are packed).
     let one: Vec<bf16> = rng
-        .vec(n * k, 0.05)
+        .vec(2304 * 1024, 0.05)
         .into_iter()
         .map(bf16::from_f32)
         .collect();
     let experts: Vec<Vec<bf16>> = (0..80).map(|_| one.clone()).collect();
-    for t in [16, 32] {
+    for (t, k, n) in [
+        (16, 2304, 1024),
+        (32, 2304, 1024),
+        (64, 2304, 1024),
+        (64, 1024, 2304),
+    ] {
         let x = rng.vec(t * k, 1.0);
         let mut ys: Vec<Vec<f32>> = experts.iter().map(|_| vec![0f32; t * n]).collect();
         rows.flops(
