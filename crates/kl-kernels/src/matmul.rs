@@ -529,10 +529,7 @@ fn prefill<R: Rows + ?Sized>(
                     while k0 < k {
                         let k1 = (k0 + kb_w).min(k);
                         let kw = k1 - k0;
-                        for r in 0..mr {
-                            let src = &x[(tb + r) * k + k0..(tb + r) * k + k1];
-                            xpack[r * ldxp..r * ldxp + kw].copy_from_slice(src);
-                        }
+                        pack_x_block(x, k, tb, mr, (k0, k1), ldxp, xpack);
                         for nb in (0..rows).step_by(NR) {
                             let nr = NR.min(rows - nb);
                             // SAFETY: xpack rows hold kw elements, panel rows nb..nb+nr hold
@@ -636,7 +633,8 @@ fn aligned_window(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 }
 
 /// Columns `k0..k1` of `rows` rows of `x` (`k` columns each) from row `t0` into `dst`, rows
-/// `ldxp` apart, each zero-padded to a whole 8-column chunk (the tile's tail step reads zeros).
+/// `ldxp` apart, each zero-padded to a whole 8-column chunk (the AVX-512 tiles' tail step reads
+/// the zeros; the AVX2 tile masks its tail and never reads them).
 #[cfg(target_arch = "x86_64")]
 fn pack_x_block(
     x: &[f32],
