@@ -60,6 +60,9 @@ impl MemoryArgs {
             Some(m) => (prompt + generate).min(m),
             None => prompt + generate,
         };
+        if let (None, Some(b)) = (self.prefill_chunk, budget) {
+            fit_prefill_chunk(session, context, b);
+        }
         let mut probe = session.model().new_state();
         let f = apply_budget(
             session.model(),
@@ -85,6 +88,47 @@ impl MemoryArgs {
             session.reserve(m);
         }
         Ok(f)
+    }
+}
+
+/// With the automatic prefill chunk and a memory budget: when the larger chunk chosen for a
+/// model's many experts (`kl_model::auto_prefill_chunk`) keeps `context` tokens from fitting
+/// `budget`, take the largest of its halvings, down to the default 512, that fits, and say so on
+/// stderr. Nothing changes when the chunk already fits or when none does (the budget check then
+/// reports it).
+fn fit_prefill_chunk(session: &mut kl_engine::Session, context: usize, budget: u64) {
+    let model = session.model();
+    let (cfg, weights, opts) = (
+        model.config(),
+        model.resident_weight_bytes(),
+        model.options(),
+    );
+    let fits = |chunk: usize| {
+        let req = PlanRequest {
+            context,
+            cache_dtype: opts.cache_dtype,
+            prefill_chunk: chunk,
+            all_logits: false,
+            threads: rayon::current_num_threads(),
+        };
+        plan::plan(cfg, weights, req).total_bytes <= budget
+            && plan::max_context(cfg, weights, req, budget).is_some_and(|n| n >= context)
+    };
+    let chosen = opts.prefill_chunk;
+    if chosen <= kl_model::DEFAULT_PREFILL_CHUNK || fits(chosen) {
+        return;
+    }
+    let smaller = std::iter::successors(Some(chosen / 2), |c| Some(c / 2))
+        .take_while(|&c| c >= kl_model::DEFAULT_PREFILL_CHUNK)
+        .find(|&c| fits(c));
+    if let Some(c) = smaller {
+        if session.set_prefill_chunk(c) {
+            eprintln!(
+                "note: prefill chunks of {c} tokens: the memory budget {} leaves no room for the \
+                 {chosen} chosen for this model's experts",
+                human(budget)
+            );
+        }
     }
 }
 

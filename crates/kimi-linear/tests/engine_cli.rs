@@ -446,3 +446,68 @@ fn errors_are_clear_and_exit_1() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// With `--memory-budget` and no `--prefill-chunk`, a model whose many experts get a larger
+/// automatic prefill chunk takes a smaller one when only that fits the budget, and says so; with
+/// the larger chunk asked for, the refusal says that 512-token chunks would fit.
+#[test]
+fn budget_shrinks_the_automatic_prefill_chunk() {
+    // The tiny preset with 64 experts (top 2): its automatic chunk is 64·64/2 = 2048 tokens.
+    let dir = temp_dir("many-experts");
+    let m = s(&dir);
+    ok(&run(&[
+        "synth",
+        "--preset",
+        "tiny",
+        "--experts",
+        "64",
+        "--out",
+        &m,
+        "--seed",
+        "3",
+    ]));
+    let prompt = "the quick brown fox jumps over the lazy dog. ".repeat(40);
+    let ids: Vec<u32> =
+        serde_json::from_str(&ok(&run(&["tokenize", "--tokenizer", &m, "--text", &prompt])).0)
+            .unwrap();
+    assert!(ids.len() > 600, "{} prompt tokens", ids.len());
+    let context = (ids.len() + 2).to_string();
+    let total = |chunk: Option<&str>| -> u64 {
+        let mut args = vec!["plan", "--model", &m, "--context", &context, "--json"];
+        if let Some(c) = chunk {
+            args.extend(["--prefill-chunk", c]);
+        }
+        let v: Value = serde_json::from_str(&ok(&run(&args)).0).unwrap();
+        if chunk.is_none() {
+            assert_eq!(v["prefill_chunk"], 2048);
+        }
+        v["total_bytes"].as_u64().unwrap()
+    };
+    let (auto, small) = (total(None), total(Some("512")));
+    assert!(auto > small, "{auto} against {small}");
+    let budget = ((auto + small) / 2).to_string();
+    let args = [
+        "run",
+        "--model",
+        &m,
+        "--prompt",
+        &prompt,
+        "-n",
+        "2",
+        "--ignore-eos",
+        "--memory-budget",
+        &budget,
+    ];
+    let (_, err) = ok(&run(&args));
+    assert!(err.contains("note: prefill chunks of"), "{err}");
+    assert!(err.contains("leaves no room for the 2048"), "{err}");
+    let mut explicit = args.to_vec();
+    explicit.extend(["--prefill-chunk", "2048"]);
+    let out = run(&explicit);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("with --prefill-chunk 512 it would fit"),
+        "{err}"
+    );
+}

@@ -116,6 +116,23 @@ impl Session {
         &self.model
     }
 
+    /// Set the model's prefill chunk (tokens per forward pass of a prefill; 0 picks
+    /// `kl_model::auto_prefill_chunk` again) while this session is the model's only owner, as
+    /// before it is shared; returns whether it was set.
+    pub fn set_prefill_chunk(&mut self, chunk: usize) -> bool {
+        match Arc::get_mut(&mut self.model) {
+            Some(m) => {
+                let opts = m.options();
+                m.set_options(kl_model::ModelOptions {
+                    prefill_chunk: chunk,
+                    ..opts
+                });
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The tokenizer, if any.
     pub fn tokenizer(&self) -> Option<&Arc<Tokenizer>> {
         self.tokenizer.as_ref()
