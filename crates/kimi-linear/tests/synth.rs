@@ -98,3 +98,62 @@ fn synth_refuses_unknown_preset_and_bad_config() {
         &["config.json", "hidden_size"],
     );
 }
+
+/// `--layers N` keeps the first N layers with their pattern (the tiny preset's MLA layer is its
+/// fourth, so three layers are all KDA), and the result loads and runs; 0 or more than the
+/// config has is refused by name.
+#[test]
+fn synth_layers_keeps_the_first_layers() {
+    let root = temp_dir("synth-layers");
+    let d = root.join("m");
+    let o = run(&[
+        "synth",
+        "--preset",
+        "tiny",
+        "--layers",
+        "3",
+        "--out",
+        d.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["num_hidden_layers"], 3);
+    assert_eq!(
+        cfg["linear_attn_config"]["kda_layers"],
+        serde_json::json!([1, 2, 3])
+    );
+    assert_eq!(
+        cfg["linear_attn_config"]["full_attn_layers"],
+        serde_json::json!([])
+    );
+    let ids = write_ids(&root, "[256, 10, 20, 30]");
+    let out = root.join("out.safetensors");
+    let o = run(&[
+        "forward",
+        "--model",
+        d.to_str().unwrap(),
+        "--input-ids",
+        &ids,
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for bad in ["0", "5"] {
+        let o = run(&[
+            "synth",
+            "--preset",
+            "tiny",
+            "--layers",
+            bad,
+            "--out",
+            root.join("bad").to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(&format!("--layers {bad}: expected 1..=4")),
+            "{err}"
+        );
+    }
+}

@@ -22,6 +22,11 @@ pub struct Args {
     /// Override the number of routed experts (keeps per-token compute when ≥ top-k).
     #[arg(long)]
     experts: Option<usize>,
+    /// Keep only the first N layers (with their KDA/MLA and dense/MoE pattern): the released
+    /// model's dimensions in a file that fits a smaller machine (`--layers 5` keeps 4 KDA layers
+    /// and its first MLA layer, 16.6 GB).
+    #[arg(long)]
+    layers: Option<usize>,
     /// Largest shard in bytes (HF-style sharding above it).
     #[arg(long, default_value_t = 4 << 30)]
     shard_bytes: u64,
@@ -51,6 +56,18 @@ pub fn run(a: Args) -> Result<()> {
             raw.num_expert_group = 1;
             raw.topk_group = 1;
         }
+    }
+    if let Some(n) = a.layers {
+        if n == 0 || n > raw.num_hidden_layers {
+            bail!(
+                "--layers {n}: expected 1..={} (the config's num_hidden_layers)",
+                raw.num_hidden_layers
+            );
+        }
+        raw.num_hidden_layers = n;
+        let la = &mut raw.linear_attn_config;
+        la.kda_layers.retain(|&i| i as usize <= n);
+        la.full_attn_layers.retain(|&i| i as usize <= n);
     }
     // Refuse what the engine could not run before writing gigabytes.
     ModelConfig::from_raw(raw.clone()).context("the synthetic config is not runnable")?;
