@@ -19,6 +19,31 @@ fn files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
     v
 }
 
+/// `forward` on the model in `dir` for the ids `ids` (a JSON array), with `extra` flags; its
+/// output file's tensors (written under `root`).
+fn forward(
+    root: &std::path::Path,
+    dir: &std::path::Path,
+    ids: &str,
+    extra: &[&str],
+) -> std::collections::BTreeMap<String, (String, Vec<usize>, Vec<f64>)> {
+    let ids = write_ids(root, ids);
+    let out = root.join("out.safetensors");
+    let mut args = vec![
+        "forward",
+        "--model",
+        dir.to_str().unwrap(),
+        "--input-ids",
+        &ids,
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    read_output(&out)
+}
+
 #[test]
 fn synth_is_deterministic_sharded_and_runs() {
     let root = temp_dir("synth");
@@ -54,21 +79,12 @@ fn synth_is_deterministic_sharded_and_runs() {
         );
     }
     // It loads, validates (forward refuses otherwise) and gives finite logits.
-    let ids = write_ids(&root, "[256, 10, 20, 30, 40, 50, 60, 70]");
-    let out = root.join("out.safetensors");
-    let o = run(&[
-        "forward",
-        "--model",
-        a.to_str().unwrap(),
-        "--input-ids",
-        &ids,
-        "--decode",
-        "4",
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let r = read_output(&out);
+    let r = forward(
+        &root,
+        &a,
+        "[256, 10, 20, 30, 40, 50, 60, 70]",
+        &["--decode", "4"],
+    );
     assert!(r["logits"]
         .2
         .iter()
@@ -127,18 +143,8 @@ fn synth_layers_keeps_the_first_layers() {
         cfg["linear_attn_config"]["full_attn_layers"],
         serde_json::json!([])
     );
-    let ids = write_ids(&root, "[256, 10, 20, 30]");
-    let out = root.join("out.safetensors");
-    let o = run(&[
-        "forward",
-        "--model",
-        d.to_str().unwrap(),
-        "--input-ids",
-        &ids,
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = forward(&root, &d, "[256, 10, 20, 30]", &[]);
+    assert!(r["logits"].2.iter().all(|x| x.is_finite()));
     for bad in ["0", "5"] {
         let o = run(&[
             "synth",
