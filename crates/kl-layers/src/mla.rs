@@ -80,7 +80,7 @@ impl HeadBufs {
     }
 }
 
-/// Floats of the [`HeadBufs`] that the expanded form keeps on each worker thread, for prefill
+/// Floats of the `HeadBufs` that the expanded form keeps on each worker thread, for prefill
 /// chunks of `t` tokens, per-head query/key width `qk` and value width `dv` (for memory
 /// planning: they outlive the call, like the kernels' per-thread scratch).
 pub fn expanded_scratch_floats(t: usize, qk: usize, dv: usize) -> usize {
