@@ -89,6 +89,7 @@ pub fn kda_gate_reference(gate: &mut [f32], a_log: &[f32], dt_bias: &[f32], h: u
     }
 }
 
+/// The shape checks of a call: the inputs, the state and, when there is one, the output.
 #[allow(clippy::too_many_arguments)]
 fn check(
     s: KdaShape,
@@ -98,22 +99,7 @@ fn check(
     g: &[f32],
     beta: &[f32],
     state: &[f32],
-    out: &[f32],
-) {
-    check_inputs(s, q, k, v, g, beta, state);
-    let KdaShape { t, h, v: vd, .. } = s;
-    assert_eq!(out.len(), t * h * vd, "kda: out");
-}
-
-/// The shape checks of the inputs and the state: all of [`check`] but the output's.
-fn check_inputs(
-    s: KdaShape,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    g: &[f32],
-    beta: &[f32],
-    state: &[f32],
+    out: Option<&[f32]>,
 ) {
     let KdaShape { t, h, k: kd, v: vd } = s;
     assert_eq!(q.len(), t * h * kd, "kda: q");
@@ -122,6 +108,9 @@ fn check_inputs(
     assert_eq!(v.len(), t * h * vd, "kda: v");
     assert_eq!(beta.len(), t * h, "kda: beta");
     assert_eq!(state.len(), h * kd * vd, "kda: state");
+    if let Some(out) = out {
+        assert_eq!(out.len(), t * h * vd, "kda: out");
+    }
 }
 
 /// Token-by-token recurrence (decode path and reference).
@@ -136,7 +125,7 @@ pub fn kda_recurrent(
     state: &mut [f32],
     out: &mut [f32],
 ) {
-    check(s, q, k, v, g, beta, state, out);
+    check(s, q, k, v, g, beta, state, Some(out));
     let KdaShape { t, h, k: kd, v: vd } = s;
     let op = SendPtr(out.as_mut_ptr());
     let per_head = |hi: usize, st: &mut [f32]| {
@@ -205,7 +194,7 @@ pub fn kda_chunked_reference(
     state: &mut [f32],
     out: &mut [f32],
 ) {
-    check(s, q, k, v, g, beta, state, out);
+    check(s, q, k, v, g, beta, state, Some(out));
     let KdaShape { t, h, k: kd, v: vd } = s;
     for hi in 0..h {
         let st = &mut state[hi * kd * vd..(hi + 1) * kd * vd];
@@ -433,8 +422,20 @@ pub fn kda_chunked(
     state: &mut [f32],
     out: &mut [f32],
 ) {
-    check(s, q, k, v, g, beta, state, out);
-    chunked(s, q, k, v, g, beta, state, Some(SendPtr(out.as_mut_ptr())));
+    check(s, q, k, v, g, beta, state, Some(out));
+    let out = Some(SendPtr(out.as_mut_ptr()));
+    chunked(
+        Inputs {
+            s,
+            q,
+            k,
+            v,
+            g,
+            beta,
+            out,
+        },
+        state,
+    );
 }
 
 /// [`kda_chunked`]'s state update alone: the same `state`, bit for bit, without the outputs
@@ -448,35 +449,28 @@ pub fn kda_chunked_state(
     beta: &[f32],
     state: &mut [f32],
 ) {
-    check_inputs(s, k, k, v, g, beta, state);
-    chunked(s, k, k, v, g, beta, state, None);
+    check(s, k, k, v, g, beta, state, None);
+    let q = k;
+    chunked(
+        Inputs {
+            s,
+            q,
+            k,
+            v,
+            g,
+            beta,
+            out: None,
+        },
+        state,
+    );
 }
 
-/// Both entry points: the heads in parallel, chunk by chunk; the outputs written when `out` is
-/// given.
-#[allow(clippy::too_many_arguments)]
-fn chunked(
-    s: KdaShape,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    g: &[f32],
-    beta: &[f32],
-    state: &mut [f32],
-    out: Option<SendPtr<f32>>,
-) {
+/// Both entry points: the heads in parallel, chunk by chunk; the outputs written when
+/// `inputs.out` is given.
+fn chunked(inputs: Inputs, state: &mut [f32]) {
     let KdaShape {
         t, k: kd, v: vd, ..
-    } = s;
-    let inputs = Inputs {
-        s,
-        q,
-        k,
-        v,
-        g,
-        beta,
-        out,
-    };
+    } = inputs.s;
     state
         .par_chunks_exact_mut(kd * vd)
         .enumerate()
