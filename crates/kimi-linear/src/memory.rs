@@ -98,23 +98,15 @@ impl MemoryArgs {
 /// reports it).
 fn fit_prefill_chunk(session: &mut kl_engine::Session, context: usize, budget: u64) {
     let model = session.model();
-    let (cfg, weights, opts) = (
-        model.config(),
-        model.resident_weight_bytes(),
-        model.options(),
-    );
+    let req = plan_request(model, context, false);
     let fits = |chunk: usize| {
-        let req = PlanRequest {
-            context,
-            cache_dtype: opts.cache_dtype,
+        let r = PlanRequest {
             prefill_chunk: chunk,
-            all_logits: false,
-            threads: rayon::current_num_threads(),
+            ..req
         };
-        plan::plan(cfg, weights, req).total_bytes <= budget
-            && plan::max_context(cfg, weights, req, budget).is_some_and(|n| n >= context)
+        fits_budget(model, r, budget)
     };
-    let chosen = opts.prefill_chunk;
+    let chosen = req.prefill_chunk;
     if chosen <= kl_model::DEFAULT_PREFILL_CHUNK || fits(chosen) {
         return;
     }
@@ -130,6 +122,27 @@ fn fit_prefill_chunk(session: &mut kl_engine::Session, context: usize, budget: u
             );
         }
     }
+}
+
+/// The plan request of `context` tokens for `model` as its options stand (its cache dtype and
+/// prefill chunk) on this pool's threads.
+fn plan_request(model: &KimiLinear, context: usize, all_logits: bool) -> PlanRequest {
+    let opts = model.options();
+    PlanRequest {
+        context,
+        cache_dtype: opts.cache_dtype,
+        prefill_chunk: opts.prefill_chunk,
+        all_logits,
+        threads: rayon::current_num_threads(),
+    }
+}
+
+/// Whether `req.context` tokens fit `budget`: their footprint, and with a whole prefill chunk's
+/// workspace (what the budget check sets the token limit from).
+fn fits_budget(model: &KimiLinear, req: PlanRequest, budget: u64) -> bool {
+    let (cfg, weights) = (model.config(), model.resident_weight_bytes());
+    plan::plan(cfg, weights, req).total_bytes <= budget
+        && plan::max_context(cfg, weights, req, budget).is_some_and(|n| n >= req.context)
 }
 
 /// Parse a byte size: a number with an optional unit (B, KB, MB, GB, TB decimal; KiB, MiB, GiB,
@@ -228,14 +241,7 @@ pub fn apply_budget(
     max_context: Option<usize>,
     all_logits: bool,
 ) -> Result<Footprint> {
-    let opts = model.options();
-    let req = PlanRequest {
-        context,
-        cache_dtype: opts.cache_dtype,
-        prefill_chunk: opts.prefill_chunk,
-        all_logits,
-        threads: rayon::current_num_threads(),
-    };
+    let req = plan_request(model, context, all_logits);
     let weights = model.resident_weight_bytes();
     let f = plan::plan(model.config(), weights, req);
     if let Some(mc) = max_context {
@@ -267,10 +273,7 @@ pub fn apply_budget(
                     prefill_chunk: kl_model::DEFAULT_PREFILL_CHUNK,
                     ..req
                 };
-                let cfg = model.config();
-                if plan::plan(cfg, weights, small).total_bytes <= b
-                    && plan::max_context(cfg, weights, small, b).is_some_and(|n| n >= context)
-                {
+                if fits_budget(model, small, b) {
                     msg.push_str(&format!(
                         "\n(the workspace is planned for prefill chunks of {} tokens; with \
                          --prefill-chunk {} it would fit)",
