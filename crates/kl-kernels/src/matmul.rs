@@ -688,13 +688,15 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
             let mut sc = cell.borrow_mut();
             let Scratch { panel, part, xpack } = &mut *sc;
             // x is read in place when its rows are whole 8-column chunks (`K` a multiple of 8,
-            // as in every real model) and are not a multiple of 4 KiB apart; else each block is
-            // packed (tail zeroed; 64-byte aligned, 16 floats of padding against L1 set
-            // conflicts). A packed block is copied again for every weight panel, so in place
-            // is faster: in-process A/B, K = 2304, 2816, 512: 0–7% (an expert's 150 × 2304 ×
-            // 1024 product on one thread 3–5%); but K = 1024, whose six rows then share L1
-            // sets, was 1–8% slower on two threads.
-            let in_place = k.is_multiple_of(8) && !(k * 4).is_multiple_of(4096);
+            // as in every real model); else each block is packed (tail zeroed; 64-byte
+            // aligned, 16 floats of padding against L1 set conflicts). A packed block is copied
+            // again for every weight panel, so in place is faster: in-process A/B, K = 2304,
+            // 2816, 512: 0–7% (an expert's 150 × 2304 × 1024 product on one thread 3–5%). Rows
+            // a multiple of 4 KiB apart (K = 1024, 4096) put a tile's six x rows into the same
+            // L1 sets; on the Zen 5 VM in place still won there (the 256-expert model's prefill
+            // +1–8%, its packing 4.7% of the time), where the Intel VM, whose cores' siblings
+            // ran another guest, had measured it 1–8% slower (docs/performance.md).
+            let in_place = k.is_multiple_of(8);
             let ldxp = cb * 8 + 16;
             if t1 - t0 <= SLICE_MAX_ROWS {
                 // Few x rows: a whole packed panel would be written to L2 to be read by two or
