@@ -9,8 +9,8 @@
 //!   [`measure_fma_gflops`] is its GFLOP/s alone.
 //! - [`measure_stream_gbps`] sums an f32 buffer of 256 MiB (or twice the last-level cache if that
 //!   is larger, at most 1 GiB: see [`stream_bytes`]) split across threads, each thread reading
-//!   its part as 8 sequential streams advanced together (one stream alone leaves bandwidth unused:
-//!   fewer hardware prefetches in flight), best of a few passes, and reports bytes read per
+//!   its part as 2, 4 or 8 sequential streams advanced together (which is fastest depends on
+//!   the machine's prefetchers), the best of four passes of each, and reports bytes read per
 //!   second in GB/s (10⁹ bytes). The buffer holds distinct values throughout, so no two of its
 //!   pages are alike: a hypervisor that merges identical pages would otherwise serve the whole
 //!   buffer from one cached page.
@@ -117,8 +117,8 @@ pub fn measure_fma_gflops(threads: usize) -> f64 {
 
 /// Memory read bandwidth in GB/s (10⁹ bytes/s) with `threads` threads (≥ 1): a sum over a
 /// buffer of [`stream_bytes`] bytes (≥ 256 MiB, ≥ 2 × LLC), each thread reading its own
-/// contiguous part as 8 concurrent streams; best of 4 passes. Allocates and touches the buffer
-/// once (in parallel); takes about 0.3–1 s.
+/// contiguous part as 2, 4 or 8 concurrent streams; the best of 4 passes of each. Allocates and
+/// touches the buffer once (in parallel); takes about 0.3–1 s.
 pub fn measure_stream_gbps(threads: usize) -> f64 {
     measure_stream_gbps_bytes(threads, stream_bytes())
 }
@@ -172,33 +172,45 @@ pub fn measure_stream_gbps_bytes(threads: usize, bytes: usize) -> f64 {
     });
     let buf = &buf;
     let mut best = 0f64;
-    for _ in 0..4 {
-        let secs = run_threads(threads, |i| {
-            let lo = (i * per).min(n);
-            let hi = ((i + 1) * per).min(n);
-            black_box(sum_streams(&buf[lo..hi]));
-        });
-        best = best.max(bytes as f64 / secs / 1e9);
+    for streams in STREAMS {
+        for _ in 0..4 {
+            let secs = run_threads(threads, |i| {
+                let lo = (i * per).min(n);
+                let hi = ((i + 1) * per).min(n);
+                black_box(sum_streams(&buf[lo..hi], streams));
+            });
+            best = best.max(bytes as f64 / secs / 1e9);
+        }
     }
     best
 }
 
-/// Concurrent sequential streams per thread in the bandwidth probe (several streams keep more
-/// hardware-prefetch requests in flight than one, as a weight matrix read a few rows at a time
-/// does).
-const STREAMS: usize = 8;
+/// Concurrent sequential streams per thread that the bandwidth probe tries (4 passes each; the
+/// best counts). Which is fastest depends on the machine: on the Intel VM several streams kept
+/// more hardware-prefetch requests in flight than one; on the Zen 5 VM one thread read 33–34
+/// GB/s as 8 streams and 40–41 as 2, while two threads read about the same either way.
+const STREAMS: [usize; 3] = [2, 4, 8];
 
-/// Sum of `x`, read as [`STREAMS`] sequential streams advanced together (one 8-float vector of
-/// each per step).
-fn sum_streams(x: &[f32]) -> f32 {
-    let part = x.len() / (STREAMS * 8) * 8;
-    let len = part * STREAMS;
+/// Sum of `x`, read as `streams` (2, 4 or 8) sequential streams advanced together (one 8-float
+/// vector of each per step).
+fn sum_streams(x: &[f32], streams: usize) -> f32 {
+    match streams {
+        2 => sum_streams_n::<2>(x),
+        4 => sum_streams_n::<4>(x),
+        _ => sum_streams_n::<8>(x),
+    }
+}
+
+/// [`sum_streams`] with `S` streams.
+fn sum_streams_n<const S: usize>(x: &[f32]) -> f32 {
+    let part = x.len() / (S * 8) * 8;
+    let len = part * S;
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::features().avx2_fma {
         // SAFETY: AVX2 checked; the streams cover x[..len].
-        return unsafe { x86::sum_streams(&x[..len], part) } + sum_f32(&x[len..]);
+        return unsafe { x86::sum_streams::<S>(&x[..len], part) } + sum_f32(&x[len..]);
     }
-    let mut acc = [[0f32; 8]; STREAMS];
+    let mut acc = [[0f32; 8]; S];
     for i in (0..part).step_by(8) {
         for (s, a) in acc.iter_mut().enumerate() {
             for l in 0..8 {
@@ -328,9 +340,9 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn sum_streams(x: &[f32], part: usize) -> f32 {
+    pub unsafe fn sum_streams<const S: usize>(x: &[f32], part: usize) -> f32 {
         let p = x.as_ptr();
-        let mut acc = [_mm256_setzero_ps(); super::STREAMS];
+        let mut acc = [_mm256_setzero_ps(); S];
         let mut i = 0;
         while i < part {
             for (s, a) in acc.iter_mut().enumerate() {
@@ -391,6 +403,19 @@ mod tests {
             });
             let longest = longest.into_inner().unwrap().as_secs_f64();
             assert!(secs >= longest, "span {secs} s < a worker's {longest} s");
+        }
+    }
+
+    /// Every stream count reads every element once, tails included (small integers, so every
+    /// order of summation is exact).
+    #[test]
+    fn sum_streams_reads_every_element() {
+        for n in [0usize, 7, 64, 131, 1000, 4099] {
+            let x: Vec<f32> = (0..n).map(|i| (i % 13) as f32).collect();
+            let want: f32 = x.iter().sum();
+            for streams in STREAMS {
+                assert_eq!(sum_streams(&x, streams), want, "n {n}, {streams} streams");
+            }
         }
     }
 
