@@ -12,8 +12,8 @@
 //!   its part as 2, 4 or 8 sequential streams advanced together (which is fastest depends on
 //!   the machine's prefetchers), the best of four passes of each, and reports bytes read per
 //!   second in GB/s (10⁹ bytes). The buffer holds distinct values throughout, so no two of its
-//!   pages are alike: a hypervisor that merges identical pages would otherwise serve the whole
-//!   buffer from one cached page.
+//!   pages are alike: a precaution against a host that merges identical pages and would then
+//!   serve the whole buffer from one cached page (it changed no reading on the Zen 5 VM).
 //!
 //! Both spawn their own `threads` OS threads (not the rayon pool), pinned to nothing; each takes
 //! about 0.2–0.5 s. The workers read the clock themselves and a run lasts from the first one's
@@ -172,12 +172,12 @@ pub fn measure_stream_gbps_bytes(threads: usize, bytes: usize) -> f64 {
     });
     let buf = &buf;
     let mut best = 0f64;
-    for streams in STREAMS {
+    for (_, sum_streams) in STREAMS {
         for _ in 0..4 {
             let secs = run_threads(threads, |i| {
                 let lo = (i * per).min(n);
                 let hi = ((i + 1) * per).min(n);
-                black_box(sum_streams(&buf[lo..hi], streams));
+                black_box(sum_streams(&buf[lo..hi]));
             });
             best = best.max(bytes as f64 / secs / 1e9);
         }
@@ -185,24 +185,22 @@ pub fn measure_stream_gbps_bytes(threads: usize, bytes: usize) -> f64 {
     best
 }
 
-/// Concurrent sequential streams per thread that the bandwidth probe tries (4 passes each; the
-/// best counts). Which is fastest depends on the machine: on the Intel VM several streams kept
-/// more hardware-prefetch requests in flight than one; on the Zen 5 VM one thread read 33–34
-/// GB/s as 8 streams and 40–41 as 2, while two threads read about the same either way.
-const STREAMS: [usize; 3] = [2, 4, 8];
+/// The reads the bandwidth probe tries, by concurrent sequential streams per thread (4 passes
+/// each; the best counts). Which is fastest depends on the machine: on the Intel VM several
+/// streams kept more hardware-prefetch requests in flight than one; on the Zen 5 VM one thread
+/// read 33–34 GB/s as 8 streams and 40–41 as 2, while two threads read about the same either way.
+const STREAMS: [(usize, SumFn); 3] = [
+    (2, sum_streams::<2>),
+    (4, sum_streams::<4>),
+    (8, sum_streams::<8>),
+];
 
-/// Sum of `x`, read as `streams` (2, 4 or 8) sequential streams advanced together (one 8-float
-/// vector of each per step).
-fn sum_streams(x: &[f32], streams: usize) -> f32 {
-    match streams {
-        2 => sum_streams_n::<2>(x),
-        4 => sum_streams_n::<4>(x),
-        _ => sum_streams_n::<8>(x),
-    }
-}
+/// A read of the bandwidth probe: the sum of a slice.
+type SumFn = fn(&[f32]) -> f32;
 
-/// [`sum_streams`] with `S` streams.
-fn sum_streams_n<const S: usize>(x: &[f32]) -> f32 {
+/// Sum of `x`, read as `S` sequential streams advanced together (one 8-float vector of each per
+/// step).
+fn sum_streams<const S: usize>(x: &[f32]) -> f32 {
     let part = x.len() / (S * 8) * 8;
     let len = part * S;
     #[cfg(target_arch = "x86_64")]
@@ -413,8 +411,8 @@ mod tests {
         for n in [0usize, 7, 64, 131, 1000, 4099] {
             let x: Vec<f32> = (0..n).map(|i| (i % 13) as f32).collect();
             let want: f32 = x.iter().sum();
-            for streams in STREAMS {
-                assert_eq!(sum_streams(&x, streams), want, "n {n}, {streams} streams");
+            for (streams, sum_streams) in STREAMS {
+                assert_eq!(sum_streams(&x), want, "n {n}, {streams} streams");
             }
         }
     }
