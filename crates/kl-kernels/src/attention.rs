@@ -16,9 +16,16 @@
 //! states are merged before the next wave (so a step's scratch is bounded at any context); the
 //! result is bit-identical to the serial order, so
 //! a token's output does not depend on whether it was prefilled or decoded, or on the chunking.
-//! Prefill runs its queries in blocks of [`QBLOCK`], one task each, that widen every key tile
-//! once for all of the block's queries; each query still visits exactly its own tiles, in the
-//! same order, so sharing changes no bit (15–20% faster than a tile per query, in-process).
+//! Prefill runs its queries in blocks of [`QBLOCK`], one task each, that share every key tile
+//! (widened once for all of the block's queries where it is widened); each query still visits
+//! exactly its own tiles, in the same order, so sharing changes no bit (15–20% faster than a
+//! tile per query, in-process).
+//!
+//! Key rows reach the tile kernels in one of three ways: an f32 store is read in place; with
+//! AVX-512, a bf16 store whose widths split into whole register loads is read as stored and
+//! widened in registers (`Bf16Keys`, 3–18% faster than widening each tile on the Zen 5
+//! VM); any other store is widened into an f32 tile first. Widening is exact and every kernel
+//! runs the same FMA sequence on the same values, so all three give the same bits.
 
 use crate::par::SendPtr;
 use crate::simd::dot_f32;
@@ -344,6 +351,112 @@ fn wide() -> bool {
     f.avx2_fma && f.avx512f
 }
 
+/// Whether the AVX-512 kernels read a bf16 cache's rows as stored instead of widening each tile
+/// into f32 first (same bits either way; the callers check AVX-512): for every shape whose rows
+/// split into whole register loads, `Dk` a multiple of 8 and `Dv` of 16.
+///
+/// Widening in registers costs a shuffle and a shift per key load, in every block of heads and
+/// for every query of a prefill block, where a widened tile is written once and read back from
+/// L2 (72 KiB for `mini`'s 64 keys, 144 KiB for the released model's, more than L1). On the
+/// Zen 5 VM reading as stored measured faster for both shapes, decode and prefill
+/// (docs/performance.md). The Intel VM had measured an earlier in-register widening (by
+/// unpacks, four heads to a register) 5–15% slower for 32 heads; this one was not measured there.
+fn direct_bf16(s: LatentAttnShape) -> bool {
+    s.dk.is_multiple_of(8) && s.dv.is_multiple_of(16)
+}
+
+/// One tile's key rows: f32 (a store read in place, or the widened tile) or bf16 as stored.
+#[derive(Clone, Copy)]
+enum TileKeys<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+}
+
+impl TileKeys<'_> {
+    fn len(self) -> usize {
+        match self {
+            TileKeys::F32(k) => k.len(),
+            TileKeys::Bf16(k) => k.len(),
+        }
+    }
+
+    /// [`tile_scores`] over these `n` keys; `qpair` is the query laid out by [`pair_heads`]
+    /// (used by the AVX-512 kernels, which are the only ones that read bf16 rows).
+    #[allow(clippy::too_many_arguments)]
+    fn scores(
+        self,
+        qpair: &[f32],
+        q: &[f32],
+        h: usize,
+        dk: usize,
+        n: usize,
+        scale: f32,
+        scores: &mut [f32],
+        pf: &mut Prefetch,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if wide() {
+            // SAFETY: AVX-512F, AVX2 and FMA checked; `qpair` laid out by `pair_heads`; the key
+            // views check their lengths.
+            unsafe {
+                match self {
+                    TileKeys::F32(k) => x86::tile_scores512(
+                        qpair,
+                        q,
+                        h,
+                        dk,
+                        x86::F32Keys::new(k, n, dk),
+                        n,
+                        scale,
+                        scores,
+                        pf,
+                    ),
+                    TileKeys::Bf16(k) => x86::tile_scores512(
+                        qpair,
+                        q,
+                        h,
+                        dk,
+                        x86::Bf16Keys::new(k, n, dk),
+                        n,
+                        scale,
+                        scores,
+                        pf,
+                    ),
+                }
+            }
+            return;
+        }
+        let _ = qpair;
+        match self {
+            TileKeys::F32(k) => tile_scores(q, h, dk, &k[..n * dk], n, scale, scores, pf),
+            TileKeys::Bf16(_) => unreachable!("bf16 rows are read in place only with AVX-512"),
+        }
+    }
+
+    /// [`tile_pv`] over these `n` keys.
+    fn pv(self, p: &[f32], h: usize, n: usize, dk: usize, dv: usize, acc: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if wide() {
+            // SAFETY: AVX-512F, AVX2 and FMA checked; the key views check their lengths.
+            unsafe {
+                match self {
+                    TileKeys::F32(k) => {
+                        x86::tile_pv512(p, h, n, x86::F32Keys::new(k, n, dk), dk, dv, acc)
+                    }
+                    TileKeys::Bf16(k) => {
+                        x86::tile_pv512(p, h, n, x86::Bf16Keys::new(k, n, dk), dk, dv, acc)
+                    }
+                }
+            }
+            return;
+        }
+        match self {
+            TileKeys::F32(k) => tile_pv(p, h, n, &k[..n * dk], dk, dv, acc),
+            TileKeys::Bf16(_) => unreachable!("bf16 rows are read in place only with AVX-512"),
+        }
+    }
+}
+
 /// Visit keys `k0..k1` for one query `qrow` `[H, Dk]`, updating `p`, with `bufs` as scratch.
 #[allow(clippy::too_many_arguments)]
 fn attend_range<R: KeyRows + ?Sized>(
@@ -420,16 +533,20 @@ fn attend_queries<R: KeyRows + ?Sized>(
         }
     }
     let end = k1s.iter().copied().max().unwrap_or(k0);
+    let direct = wide && direct_bf16(s);
     let mut j = k0;
     while j < end {
-        // An f32 store is read in place; any other is widened into the tile.
-        let keys = match rows.f32_rows(j, TILE.min(end - j)) {
-            Some(stored) => stored,
-            None => {
-                tile.resize(TILE * dk, 0.0);
-                let n = rows.widen(j, TILE.min(end - j), tile);
-                &tile[..n * dk]
-            }
+        // An f32 store is read in place, and so is a bf16 one by the AVX-512 kernels where
+        // `direct_bf16` says so; any other is widened into the tile.
+        let want = TILE.min(end - j);
+        let keys = if let Some(stored) = rows.f32_rows(j, want) {
+            TileKeys::F32(stored)
+        } else if let Some(stored) = direct.then(|| rows.bf16_rows(j, want)).flatten() {
+            TileKeys::Bf16(stored)
+        } else {
+            tile.resize(TILE * dk, 0.0);
+            let n = rows.widen(j, want, tile);
+            TileKeys::F32(&tile[..n * dk])
         };
         let n = keys.len() / dk;
         // The next tile's rows come from memory while this one is scored.
@@ -442,27 +559,13 @@ fn attend_queries<R: KeyRows + ?Sized>(
             let n = n.min(k1 - j);
             let p = &mut ps[qi];
             scores.resize(h * n, 0.0);
-            #[cfg(target_arch = "x86_64")]
-            if wide {
-                // SAFETY: AVX-512F, AVX2 and FMA checked; `qpair` laid out by `pair_heads`.
-                unsafe {
-                    x86::tile_scores512(
-                        &qpair[qi * ql..(qi + 1) * ql],
-                        qrow,
-                        h,
-                        dk,
-                        &keys[..n * dk],
-                        n,
-                        scale,
-                        scores,
-                        &mut pf,
-                    )
-                };
+            let qp = &qpair[..];
+            let qp = if wide {
+                &qp[qi * ql..(qi + 1) * ql]
             } else {
-                tile_scores(qrow, h, dk, &keys[..n * dk], n, scale, scores, &mut pf);
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            tile_scores(qrow, h, dk, &keys[..n * dk], n, scale, scores, &mut pf);
+                qp
+            };
+            keys.scores(qp, qrow, h, dk, n, scale, scores, &mut pf);
             for hh in 0..h {
                 let row = &mut scores[hh * n..(hh + 1) * n];
                 let corr = softmax_update(row, &mut p.m[hh], &mut p.l[hh]);
@@ -472,7 +575,7 @@ fn attend_queries<R: KeyRows + ?Sized>(
                     }
                 }
             }
-            tile_pv(scores, h, n, &keys[..n * dk], dk, dv, &mut p.acc);
+            keys.pv(scores, h, n, dk, dv, &mut p.acc);
         }
         j += n;
     }
@@ -748,12 +851,6 @@ fn tile_scores(
 /// `acc[h·dv + c] += Σ_x p[h·n + x] · tile[x·dk + c]` (values are the first `dv` columns).
 /// Each element is summed over `x` in order, whichever register block computes it.
 fn tile_pv(p: &[f32], h: usize, n: usize, tile: &[f32], dk: usize, dv: usize, acc: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if wide() {
-        // SAFETY: AVX-512F, AVX2 and FMA checked at run time.
-        unsafe { x86::tile_pv512(p, h, n, tile, dk, dv, acc) };
-        return;
-    }
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::features().avx2_fma {
         // SAFETY: AVX2 and FMA checked at run time.
@@ -1058,6 +1155,96 @@ mod x86 {
         _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
     }
 
+    /// Where the 512-bit tile kernels read the key rows of a tile (`[n, dk]`, row `x`, column
+    /// `col`): a widened f32 tile ([`F32Keys`]) or the bf16 rows as stored ([`Bf16Keys`]),
+    /// widened in registers. Widening is exact, so both give every kernel the same values and
+    /// the same bits.
+    pub trait Keys: Copy {
+        /// Columns `col..col + 8` of row `x` in both halves of a register.
+        unsafe fn bcast8(self, x: usize, col: usize) -> __m512;
+        /// Columns `col..col + 16` of row `x`.
+        unsafe fn load16(self, x: usize, col: usize) -> __m512;
+        /// Column `col` of row `x`.
+        unsafe fn get(self, x: usize, col: usize) -> f32;
+    }
+
+    /// A widened tile of f32 rows.
+    #[derive(Clone, Copy)]
+    pub struct F32Keys {
+        p: *const f32,
+        dk: usize,
+    }
+
+    impl F32Keys {
+        /// The first `n` rows of width `dk` of `tile`.
+        pub fn new(tile: &[f32], n: usize, dk: usize) -> Self {
+            assert!(
+                tile.len() >= n * dk,
+                "attention: tile shorter than its rows"
+            );
+            F32Keys {
+                p: tile.as_ptr(),
+                dk,
+            }
+        }
+    }
+
+    impl Keys for F32Keys {
+        #[inline(always)]
+        unsafe fn bcast8(self, x: usize, col: usize) -> __m512 {
+            bcast8(self.p.add(x * self.dk + col))
+        }
+        #[inline(always)]
+        unsafe fn load16(self, x: usize, col: usize) -> __m512 {
+            _mm512_loadu_ps(self.p.add(x * self.dk + col))
+        }
+        #[inline(always)]
+        unsafe fn get(self, x: usize, col: usize) -> f32 {
+            *self.p.add(x * self.dk + col)
+        }
+    }
+
+    /// bf16 rows as stored, widened in registers (a bf16 is the high half of its f32).
+    #[derive(Clone, Copy)]
+    pub struct Bf16Keys {
+        p: *const u16,
+        dk: usize,
+    }
+
+    impl Bf16Keys {
+        /// The first `n` rows of width `dk` of `rows`.
+        pub fn new(rows: &[half::bf16], n: usize, dk: usize) -> Self {
+            assert!(
+                rows.len() >= n * dk,
+                "attention: rows shorter than the tile"
+            );
+            Bf16Keys {
+                p: rows.as_ptr().cast(),
+                dk,
+            }
+        }
+    }
+
+    impl Keys for Bf16Keys {
+        /// 16 bytes broadcast to both 128-bit halves of a 256-bit register, zero-extended to
+        /// 16 dwords (the 8 values twice), shifted into the high halves.
+        #[inline(always)]
+        unsafe fn bcast8(self, x: usize, col: usize) -> __m512 {
+            let b =
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(self.p.add(x * self.dk + col).cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)))
+        }
+        #[inline(always)]
+        unsafe fn load16(self, x: usize, col: usize) -> __m512 {
+            let b = _mm256_loadu_si256(self.p.add(x * self.dk + col).cast());
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)))
+        }
+        #[inline(always)]
+        unsafe fn get(self, x: usize, col: usize) -> f32 {
+            f32::from_bits(u32::from(*self.p.add(x * self.dk + col)) << 16)
+        }
+    }
+
     /// The 8-lane sums of both halves of four head-pair accumulators `a[x]` (key `x`; each half
     /// one head), every one by [`hsum`]'s tree `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`: lanes
     /// `0..4` hold the first head's sums for keys `0..4`, lanes `4..8` the second head's. Three
@@ -1092,10 +1279,10 @@ mod x86 {
     /// heads of a pair for one key, so each lane runs exactly the AVX2 kernel's FMA sequence.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn score_block512<const HP: usize, const XB: usize>(
+    unsafe fn score_block512<K: Keys, const HP: usize, const XB: usize>(
         qpp: *const f32,
         qp: *const f32,
-        tp: *const f32,
+        keys: K,
         h: usize,
         dk: usize,
         hp0: usize,
@@ -1109,7 +1296,7 @@ mod x86 {
         for c in 0..nc {
             let mut kb = [_mm512_setzero_ps(); XB];
             for (xi, v) in kb.iter_mut().enumerate() {
-                *v = bcast8(tp.add((x0 + xi) * dk + 8 * c));
+                *v = keys.bcast8(x0 + xi, 8 * c);
             }
             for (pi, a) in acc.iter_mut().enumerate() {
                 let qv = _mm512_loadu_ps(qpp.add(((hp0 + pi) * nc + c) * 16));
@@ -1147,7 +1334,7 @@ mod x86 {
                     }
                     let mut sum = hsum(v8);
                     for t in nc * 8..dk {
-                        sum += *qp.add(hh * dk + t) * *tp.add((x0 + xi) * dk + t);
+                        sum += *qp.add(hh * dk + t) * keys.get(x0 + xi, t);
                     }
                     *sp.add(hh * n + x0 + xi) = scale * sum;
                 }
@@ -1159,12 +1346,12 @@ mod x86 {
     /// keys. `qpair` is the query laid out by `super::pair_heads`, `q` the plain one (tails).
     #[target_feature(enable = "avx512f,avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile_scores512(
+    pub unsafe fn tile_scores512<K: Keys>(
         qpair: &[f32],
         q: &[f32],
         h: usize,
         dk: usize,
-        tile: &[f32],
+        keys: K,
         n: usize,
         scale: f32,
         scores: &mut [f32],
@@ -1172,13 +1359,8 @@ mod x86 {
     ) {
         let pairs = h.div_ceil(2);
         assert!(qpair.len() >= pairs * (dk / 8) * 16 && q.len() >= h * dk);
-        assert!(tile.len() >= n * dk && scores.len() >= h * n);
-        let (qpp, qp, tp, sp) = (
-            qpair.as_ptr(),
-            q.as_ptr(),
-            tile.as_ptr(),
-            scores.as_mut_ptr(),
-        );
+        assert!(scores.len() >= h * n);
+        let (qpp, qp, sp) = (qpair.as_ptr(), q.as_ptr(), scores.as_mut_ptr());
         // The prefetch lines, spread evenly over the blocks.
         let quota = pf.lines().div_ceil(pairs.div_ceil(4) * n.div_ceil(4));
         let mut p0 = 0;
@@ -1191,8 +1373,8 @@ mod x86 {
                 macro_rules! go {
                     ($( ($a:literal, $b:literal) ),*) => {
                         match (pb, xb) {
-                            $( ($a, $b) => score_block512::<$a, $b>(
-                                qpp, qp, tp, h, dk, p0, x0, n, scale, sp
+                            $( ($a, $b) => score_block512::<K, $a, $b>(
+                                qpp, qp, keys, h, dk, p0, x0, n, scale, sp
                             ), )*
                             _ => unreachable!(),
                         }
@@ -1226,12 +1408,11 @@ mod x86 {
     /// the AVX2 kernel's sequence: every element summed over the keys in order).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn pv_block512<const HB: usize, const CV: usize>(
+    unsafe fn pv_block512<K: Keys, const HB: usize, const CV: usize>(
         pp: *const f32,
-        tp: *const f32,
+        keys: K,
         ap: *mut f32,
         n: usize,
-        dk: usize,
         dv: usize,
         h0: usize,
         c0: usize,
@@ -1245,7 +1426,7 @@ mod x86 {
         for x in 0..n {
             let mut v = [_mm512_setzero_ps(); CV];
             for (c, vc) in v.iter_mut().enumerate() {
-                *vc = _mm512_loadu_ps(tp.add(x * dk + c0 + 16 * c));
+                *vc = keys.load16(x, c0 + 16 * c);
             }
             for (hi, rh) in r.iter_mut().enumerate() {
                 let e = _mm512_set1_ps(*pp.add((h0 + hi) * n + x));
@@ -1264,13 +1445,12 @@ mod x86 {
     /// [`pv_block512`] over every block of up to 8 heads, for columns `c0..c0 + 16·CV`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn pv_strip512<const CV: usize>(
+    unsafe fn pv_strip512<K: Keys, const CV: usize>(
         pp: *const f32,
-        tp: *const f32,
+        keys: K,
         ap: *mut f32,
         h: usize,
         n: usize,
-        dk: usize,
         dv: usize,
         c0: usize,
     ) {
@@ -1278,14 +1458,14 @@ mod x86 {
         while h0 < h {
             let hb = (h - h0).min(8);
             match hb {
-                8 => pv_block512::<8, CV>(pp, tp, ap, n, dk, dv, h0, c0),
-                7 => pv_block512::<7, CV>(pp, tp, ap, n, dk, dv, h0, c0),
-                6 => pv_block512::<6, CV>(pp, tp, ap, n, dk, dv, h0, c0),
-                5 => pv_block512::<5, CV>(pp, tp, ap, n, dk, dv, h0, c0),
-                4 => pv_block512::<4, CV>(pp, tp, ap, n, dk, dv, h0, c0),
-                3 => pv_block512::<3, CV>(pp, tp, ap, n, dk, dv, h0, c0),
-                2 => pv_block512::<2, CV>(pp, tp, ap, n, dk, dv, h0, c0),
-                _ => pv_block512::<1, CV>(pp, tp, ap, n, dk, dv, h0, c0),
+                8 => pv_block512::<K, 8, CV>(pp, keys, ap, n, dv, h0, c0),
+                7 => pv_block512::<K, 7, CV>(pp, keys, ap, n, dv, h0, c0),
+                6 => pv_block512::<K, 6, CV>(pp, keys, ap, n, dv, h0, c0),
+                5 => pv_block512::<K, 5, CV>(pp, keys, ap, n, dv, h0, c0),
+                4 => pv_block512::<K, 4, CV>(pp, keys, ap, n, dv, h0, c0),
+                3 => pv_block512::<K, 3, CV>(pp, keys, ap, n, dv, h0, c0),
+                2 => pv_block512::<K, 2, CV>(pp, keys, ap, n, dv, h0, c0),
+                _ => pv_block512::<K, 1, CV>(pp, keys, ap, n, dv, h0, c0),
             }
             h0 += hb;
         }
@@ -1297,34 +1477,42 @@ mod x86 {
     /// then one strip of 32 or 16 columns; the columns past the last multiple of 16 by the
     /// AVX2 kernel.
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub unsafe fn tile_pv512(
+    pub unsafe fn tile_pv512<K: Keys>(
         p: &[f32],
         h: usize,
         n: usize,
-        tile: &[f32],
+        keys: K,
         dk: usize,
         dv: usize,
         acc: &mut [f32],
     ) {
-        assert!(p.len() >= h * n && tile.len() >= n * dk && acc.len() >= h * dv && dv <= dk);
-        let (pp, tp, ap) = (p.as_ptr(), tile.as_ptr(), acc.as_mut_ptr());
+        assert!(p.len() >= h * n && acc.len() >= h * dv && dv <= dk);
+        let (pp, ap) = (p.as_ptr(), acc.as_mut_ptr());
         // Columns outer, heads inner: a strip of the tile's values (12 KiB for 64 keys) stays
         // in L1 while every head block reads it.
         let mut c0 = 0;
         while c0 + 48 <= dv {
-            pv_strip512::<3>(pp, tp, ap, h, n, dk, dv, c0);
+            pv_strip512::<K, 3>(pp, keys, ap, h, n, dv, c0);
             c0 += 48;
         }
         if c0 + 32 <= dv {
-            pv_strip512::<2>(pp, tp, ap, h, n, dk, dv, c0);
+            pv_strip512::<K, 2>(pp, keys, ap, h, n, dv, c0);
             c0 += 32;
         }
         if c0 + 16 <= dv {
-            pv_strip512::<1>(pp, tp, ap, h, n, dk, dv, c0);
+            pv_strip512::<K, 1>(pp, keys, ap, h, n, dv, c0);
             c0 += 16;
         }
-        if c0 < dv {
-            tile_pv(p, h, n, tile, dk, dv, acc, c0);
+        // Columns past the last multiple of 16: scalar, each summed over the keys in order
+        // with fused multiply–adds (the AVX2 kernel's tail).
+        for hh in 0..h {
+            for c in c0..dv {
+                let mut a = *ap.add(hh * dv + c);
+                for x in 0..n {
+                    a = (*pp.add(hh * n + x)).mul_add(keys.get(x, c), a);
+                }
+                *ap.add(hh * dv + c) = a;
+            }
         }
     }
 }

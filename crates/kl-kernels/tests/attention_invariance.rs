@@ -115,3 +115,43 @@ fn decode_across_waves_equals_prefill_bitwise() {
         assert!(d < 1e-4, "{n_keys} keys: reference differs by {d}");
     }
 }
+
+/// A bf16 store (read as stored by the AVX-512 kernels where the widths split into whole
+/// register loads, widened into a tile otherwise) gives exactly the bits of an f32 store holding
+/// the same values (read in place): odd head counts around the 8-head blocks, `mini`'s and the
+/// released model's rows, widths that take either path, storage blocks that end inside tiles,
+/// decode and prefill.
+#[test]
+fn bf16_store_equals_its_f32_widening_bitwise() {
+    use half::bf16;
+    let mut rng = Rng::new(14);
+    for (h, dk, dv, block_rows) in [
+        (16, 288, 256, 77),
+        (17, 576, 512, 256),
+        (3, 40, 32, 100),
+        (9, 24, 16, 64),
+        (5, 44, 40, 77),
+        (1, 8, 8, 13),
+    ] {
+        let s = LatentAttnShape { h, dk, dv };
+        let n_keys = SEGMENT + 141;
+        let wide: Vec<bf16> = rng
+            .vec(n_keys.div_ceil(block_rows) * block_rows * dk, 1.0)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        let narrow: Vec<f32> = wide.iter().map(|x| x.to_f32()).collect();
+        let bf: Vec<&[bf16]> = wide.chunks(block_rows * dk).collect();
+        let f: Vec<&[f32]> = narrow.chunks(block_rows * dk).collect();
+        for tq in [1usize, QBLOCK + 1] {
+            let q = rng.vec(tq * h * dk, 1.5);
+            let mut a = vec![0f32; tq * h * dv];
+            let mut b = vec![0f32; tq * h * dv];
+            latent_attention(s, &q, &bf, block_rows, n_keys, 0.2, &mut a);
+            latent_attention(s, &q, &f, block_rows, n_keys, 0.2, &mut b);
+            assert!(a.iter().all(|x| x.is_finite()));
+            let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{s:?}, {tq} queries, block rows {block_rows}");
+        }
+    }
+}

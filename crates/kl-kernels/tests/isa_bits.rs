@@ -74,8 +74,9 @@ fn latent_attention_bits_do_not_depend_on_avx512() {
     let mut rng = Rng::new(21);
     let mut all = Vec::new();
     // Odd head counts (a half-empty head pair, a partial 8-head block), widths with tails past
-    // the 8-, 16-, 32- and 48-column blocks, the released model's row; several segments and a
-    // partial tile; decode and prefill.
+    // the 8-, 16-, 32- and 48-column blocks (the tile widened into f32), widths without tails
+    // (the bf16 rows read as stored) including `mini`'s and the released model's; several
+    // segments and a partial tile; decode and prefill.
     for &(h, dk, dv) in &[
         (7usize, 44usize, 40usize),
         (3, 20, 17),
@@ -83,6 +84,7 @@ fn latent_attention_bits_do_not_depend_on_avx512() {
         (2, 8, 8),
         (11, 104, 100),
         (9, 72, 64),
+        (17, 288, 256),
     ] {
         let s = LatentAttnShape { h, dk, dv };
         let block_rows = 256;
