@@ -54,14 +54,13 @@ pub(crate) fn gemm(
     unsafe { gemm_ptr(m, n, kk, a, b, ldb, c.as_mut_ptr(), ldc, mode) }
 }
 
-/// [`gemm()`] writing through a raw pointer, for a `C` whose rows are interleaved with rows
-/// other threads write (a KDA head's output rows).
+/// [`gemm()`] writing through a raw pointer (`C`'s extent checked by the caller).
 ///
 /// # Safety
 /// `c.add(i·ldc + j)` must be valid for reads and writes for `i < m`, `j < n`, and no other
 /// access to those elements may happen during the call.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_ptr(
+unsafe fn gemm_ptr(
     m: usize,
     n: usize,
     kk: usize,

@@ -120,6 +120,43 @@ pub fn prefetch_l1<T>(s: &[T]) {
 // SAFETY: the pointers are only ever used as prefetch hints (never dereferenced).
 unsafe impl Send for Prefetch {}
 
+/// Copy `src` to `dst` with non-temporal (streaming) stores where the destination allows them
+/// (x86-64, 16-byte aligned, a whole number of 4-float stores), a plain copy otherwise: for
+/// results that the next pass reads long after, such as rows spread over many pages, whose
+/// cache lines would otherwise be read from memory first and then crowd the caches.
+/// Streaming stores are weakly ordered: call [`stream_fence`] before anything that publishes
+/// the data to another thread.
+///
+/// # Safety
+/// `dst` must be valid for writes of `src.len()` floats that nothing else reads or writes
+/// during the call, and must not overlap `src`.
+#[inline]
+pub unsafe fn stream_copy(dst: *mut f32, src: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if (dst as usize).is_multiple_of(16) && src.len().is_multiple_of(4) {
+        use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
+        for (i, x) in src.chunks_exact(4).enumerate() {
+            // SAFETY: SSE is part of x86-64; `dst + 4i` is 16-byte aligned and inside the
+            // destination (per the contract); `x` holds 4 floats.
+            unsafe { _mm_stream_ps(dst.add(4 * i), _mm_loadu_ps(x.as_ptr())) };
+        }
+        return;
+    }
+    // SAFETY: per the contract.
+    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
+}
+
+/// Orders every [`stream_copy`] store of this thread before its later stores (`sfence`), so
+/// that a later release (a lock, a join) publishes them; nothing to do off x86-64.
+#[inline]
+pub fn stream_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of x86-64.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
+}
+
 /// `Σ a[i]·b[i]`.
 #[inline]
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
@@ -348,6 +385,23 @@ pub(crate) mod x86 {
 #[cfg(test)]
 mod tests {
     use super::Prefetch;
+
+    /// `stream_copy` writes exactly `src` (streamed at aligned offsets with whole 4-float
+    /// stores, copied at the others) and nothing around it.
+    #[test]
+    fn stream_copy_writes_exactly_the_source() {
+        let src: Vec<f32> = (0..70).map(|i| i as f32 * 0.5 - 3.0).collect();
+        for off in 0..5 {
+            for n in [0, 1, 3, 4, 7, 8, 64, 67] {
+                let mut dst = vec![-1f32; 80];
+                // SAFETY: `off + n ≤ 80` floats of `dst`, which nothing else touches.
+                unsafe { super::stream_copy(dst.as_mut_ptr().add(off), &src[..n]) };
+                super::stream_fence();
+                assert_eq!(&dst[off..off + n], &src[..n], "offset {off}, {n} floats");
+                assert!(dst[..off].iter().chain(&dst[off + n..]).all(|&x| x == -1.0));
+            }
+        }
+    }
 
     /// Lines are counted per span (a partial line is a line) and handed out exactly once, evenly
     /// over the ticks set by `pace`; empty spans and spans past the sixth are ignored.
