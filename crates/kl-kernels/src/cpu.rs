@@ -14,6 +14,11 @@ pub struct Features {
     pub avx2_fma: bool,
     /// AVX-512F (x86-64); only set together with `avx2_fma`.
     pub avx512f: bool,
+    /// Memory read once (decode's weight rows) is prefetched with the non-temporal hint
+    /// (`prefetchnta`) instead of into L2 (`prefetcht1`): set on AMD cores, where it streamed
+    /// 2–10% more bytes a second on the Zen 5 VM; the Intel VM's Xeon lost 25–50% with it
+    /// (docs/performance.md).
+    pub nt_prefetch: bool,
 }
 
 /// The instruction sets the kernels are written for, narrowest first.
@@ -83,15 +88,34 @@ pub fn features() -> Features {
                 let avx2_fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
                 let avx512f =
                     avx2_fma && is_x86_feature_detected!("avx512f") && !env_flag("KL_NO_AVX512");
-                return Features { avx2_fma, avx512f };
+                return Features {
+                    avx2_fma,
+                    avx512f,
+                    nt_prefetch: vendor_is_amd(),
+                };
             }
         }
         let _ = off;
         Features {
             avx2_fma: false,
             avx512f: false,
+            nt_prefetch: false,
         }
     })
+}
+
+/// Whether the CPU's vendor string (CPUID leaf 0) is AMD's.
+#[cfg(target_arch = "x86_64")]
+fn vendor_is_amd() -> bool {
+    // SAFETY: CPUID leaf 0 exists on every x86-64 CPU. (`__cpuid` is a safe function in newer
+    // Rust releases and an unsafe one in older ones.)
+    #[allow(unused_unsafe)]
+    let r = unsafe { std::arch::x86_64::__cpuid(0) };
+    let mut v = [0u8; 12];
+    for (i, w) in [r.ebx, r.edx, r.ecx].into_iter().enumerate() {
+        v[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
+    }
+    &v == b"AuthenticAMD"
 }
 
 /// A one-line description, e.g. for `bench` output (`amx` when the opt-in AMX products are
@@ -186,6 +210,24 @@ fn write_mxcsr(v: u32) {
 mod tests {
     use super::FlushDenormals;
     use std::hint::black_box;
+
+    /// The vendor test reads the vendor the kernel reports (Linux's `/proc/cpuinfo`).
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[test]
+    fn vendor_matches_proc_cpuinfo() {
+        let info = std::fs::read_to_string("/proc/cpuinfo").expect("/proc/cpuinfo is readable");
+        let vendor = info
+            .lines()
+            .find_map(|l| l.strip_prefix("vendor_id"))
+            .and_then(|rest| rest.split(':').nth(1))
+            .map(str::trim)
+            .expect("/proc/cpuinfo names a vendor_id");
+        assert_eq!(
+            super::vendor_is_amd(),
+            vendor == "AuthenticAMD",
+            "vendor {vendor}"
+        );
+    }
 
     /// Inside the guard a denormal product is flushed to zero; outside it is not, and the mode
     /// returns when the guard is dropped (also for nested guards).

@@ -6,8 +6,8 @@
 //! - **Few rows** (`T ≤ GEMV_MAX_ROWS`, decode): a bandwidth-bound matrix–vector product. Weight
 //!   rows are split across threads; a group of rows (3 for a single `x` row, the decode case) is
 //!   streamed once in its stored dtype (bf16 and f16 widened in registers), with the group two
-//!   on prefetched (non-temporal: each weight line is read once per token), and dotted against
-//!   every `x` row. It stays on AVX2 even where AVX-512 is
+//!   on prefetched (non-temporal on AMD: each weight line is read once per token), and dotted
+//!   against every `x` row. It stays on AVX2 even where AVX-512 is
 //!   available: it is bound by memory bandwidth, not by the vector width.
 //! - **Many rows** (prefill): a compute-bound product. A panel of `W` rows is widened once into a
 //!   thread-local f32 buffer (never the whole matrix, ~768 KiB so it stays in L2) and multiplied
@@ -1059,6 +1059,7 @@ mod x86 {
         let mut acc = [[_mm256_setzero_ps(); NR]; MR];
         // Bytes of the next W block to prefetch per 8-column step (see `tile_dyn`).
         let pf_step = NR * 8 * std::mem::size_of::<L::E>();
+        let nta = crate::cpu::features().nt_prefetch;
         let mut pfp = pf;
         if resume {
             for (r, a) in acc.iter_mut().enumerate() {
@@ -1073,7 +1074,11 @@ mod x86 {
             if !pfp.is_null() {
                 let mut o = 0;
                 while o < pf_step {
-                    _mm_prefetch::<_MM_HINT_NTA>(pfp.add(o) as *const i8);
+                    if nta {
+                        _mm_prefetch::<_MM_HINT_NTA>(pfp.add(o) as *const i8);
+                    } else {
+                        _mm_prefetch::<_MM_HINT_T1>(pfp.add(o) as *const i8);
+                    }
                     o += 64;
                 }
                 pfp = pfp.add(pf_step);
@@ -1130,12 +1135,13 @@ mod x86 {
     /// at the same column range), prefetched in step with this one: each 8-column step touches
     /// `nr·8` elements of the next block, so by the end of this tile the next one is on its way.
     /// Decode streams weights straight from memory in short rows, where the hardware
-    /// prefetcher alone leaves bandwidth unused. The hint is non-temporal (`prefetchnta`):
-    /// weight lines are read once per token, and not keeping them in the outer caches streamed
-    /// more bytes a second on the Zen 5 VM than the L2 hint (`prefetcht1`): `mini` 150–164 →
-    /// 166–168 tok/s, the 48B shape 6.6–6.9 → 7.0–7.1, one thread +10%, and `cargo bench`'s
-    /// gemv rows equal or faster, weights already in L3 included. Prefetching never changes a
-    /// result.
+    /// prefetcher alone leaves bandwidth unused. The hint is non-temporal (`prefetchnta`) where
+    /// [`crate::cpu::Features::nt_prefetch`] says so (AMD): weight lines are read once per
+    /// token, and not keeping them in the outer caches streamed more bytes a second on the
+    /// Zen 5 VM than the L2 hint (`prefetcht1`): `mini` 150–164 → 166–168 tok/s, the 48B shape
+    /// 6.6–6.9 → 7.0–7.1, one thread +10%, and `cargo bench`'s gemv rows equal or faster,
+    /// weights already in L3 included; on the Intel VM the same hint had cost 25–50%, so other
+    /// CPUs keep `prefetcht1`. Prefetching never changes a result.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn tile_dyn<L: Load>(
