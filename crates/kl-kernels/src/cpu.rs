@@ -1,9 +1,11 @@
 //! Run-time CPU feature detection, done once and cached.
 //!
-//! Two environment variables narrow what is used (read once, at the first call):
+//! Environment variables narrow or override what is used (read once, at the first call):
 //! - `KL_NO_SIMD=1` forces the portable paths (to test them on SIMD machines);
 //! - `KL_NO_AVX512=1` forces the AVX2 paths where AVX-512 kernels exist (they give the same bits,
-//!   so this only changes speed; used to compare the two).
+//!   so this only changes speed; used to compare the two);
+//! - `KL_NONTEMPORAL=0` or `1` turns the non-temporal memory hints ([`Features::nontemporal`])
+//!   off or on whatever the vendor (the same bits either way).
 
 use std::sync::OnceLock;
 
@@ -14,11 +16,12 @@ pub struct Features {
     pub avx2_fma: bool,
     /// AVX-512F (x86-64); only set together with `avx2_fma`.
     pub avx512f: bool,
-    /// Memory read once (decode's weight rows) is prefetched with the non-temporal hint
-    /// (`prefetchnta`) instead of into L2 (`prefetcht1`): set on AMD cores, where it streamed
-    /// 2–10% more bytes a second on the Zen 5 VM; the Intel VM's Xeon lost 25–50% with it
-    /// (docs/performance.md).
-    pub nt_prefetch: bool,
+    /// Non-temporal memory hints for data touched once: decode's weight rows are prefetched
+    /// with `prefetchnta` instead of into L2 (`prefetcht1`), and the KDA chunk kernel streams
+    /// its output rows (`simd::stream_copy`) instead of computing them in place. Set on AMD
+    /// cores, where they measured 2–10% and 4–5% faster on the Zen 5 VM; the Intel VM's Xeon
+    /// had measured both slower (25–50% and 2–7%; docs/performance.md).
+    pub nontemporal: bool,
 }
 
 /// The instruction sets the kernels are written for, narrowest first.
@@ -91,7 +94,11 @@ pub fn features() -> Features {
                 return Features {
                     avx2_fma,
                     avx512f,
-                    nt_prefetch: vendor_is_amd(),
+                    nontemporal: match std::env::var("KL_NONTEMPORAL").as_deref() {
+                        Ok("0") => false,
+                        Ok("1") => true,
+                        _ => vendor_is_amd(),
+                    },
                 };
             }
         }
@@ -99,7 +106,7 @@ pub fn features() -> Features {
         Features {
             avx2_fma: false,
             avx512f: false,
-            nt_prefetch: false,
+            nontemporal: false,
         }
     })
 }

@@ -54,13 +54,14 @@ pub(crate) fn gemm(
     unsafe { gemm_ptr(m, n, kk, a, b, ldb, c.as_mut_ptr(), ldc, mode) }
 }
 
-/// [`gemm()`] writing through a raw pointer (`C`'s extent checked by the caller).
+/// [`gemm()`] writing through a raw pointer, for a `C` whose rows are interleaved with rows
+/// other threads write (a KDA head's output rows).
 ///
 /// # Safety
 /// `c.add(i·ldc + j)` must be valid for reads and writes for `i < m`, `j < n`, and no other
 /// access to those elements may happen during the call.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_ptr(
+pub(crate) unsafe fn gemm_ptr(
     m: usize,
     n: usize,
     kk: usize,

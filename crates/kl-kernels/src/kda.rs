@@ -34,10 +34,12 @@
 //!     prefetch of the next chunk's rows (4 KiB or more apart, each a page of its own) paced
 //!     through the register tiles stalled the tiles on a full fill buffer and cost 2–18% more
 //!     than it saved (docs/performance.md).
-//!   - *Outputs streamed*: a chunk's `O` is computed into the scratch and written to its rows
-//!     (`H·V` floats apart, each row in a page of its own) with non-temporal stores
-//!     ([`crate::simd::stream_copy`]), so that its lines are neither read from memory first
-//!     nor left to evict the next chunk's inputs: 4–5% faster on the Zen 5 VM.
+//!   - *Outputs streamed* where [`crate::cpu::Features::nontemporal`] says so (AMD): a chunk's
+//!     `O` is computed into the scratch and written to its rows (`H·V` floats apart, each row
+//!     in a page of its own) with non-temporal stores ([`crate::simd::stream_copy`]), so that
+//!     its lines are neither read from memory first nor left to evict the next chunk's inputs:
+//!     4–5% faster on the Zen 5 VM. The Intel VM measured the same 2–7% slower than computing
+//!     `O` straight into its rows, which other CPUs keep doing.
 //! - [`kda_chunked_state`] is the same form's state update alone (no `O`): what a sequence needs
 //!   to fold rows whose outputs it gave out already into its state.
 //!
@@ -45,7 +47,7 @@
 //! `state` `[H, K, V]`, `out` `[T, H, V]`. Heads run in parallel.
 
 use crate::activation::{softplus_scaled, softplus_scaled_reference};
-use crate::dense::{exp_inplace, forward_subst_blocked, gemm, mul_exp_diff, MatA, Mode};
+use crate::dense::{exp_inplace, forward_subst_blocked, gemm, gemm_ptr, mul_exp_diff, MatA, Mode};
 use crate::par::SendPtr;
 use crate::simd::{axpy, prefetch_l1, stream_copy, stream_fence};
 use crate::transpose::transpose;
@@ -270,7 +272,7 @@ struct ChunkScratch {
     w: Vec<f32>,          // [C, ldk] β_i e^{Γ_i} k_i, then W
     u: Vec<f32>,          // [C, ldv] β_i v_i, then U, then V'
     eq: Vec<f32>,         // [C, ldk] e^{Γ_i} q_i, then e^{Γ_last − Γ_i} k_i
-    o: Vec<f32>,          // [C, ldv] the chunk's outputs, streamed to their rows
+    o: Vec<f32>,          // [C, ldv] the chunk's outputs, streamed to their rows (AMD)
 }
 
 impl ChunkScratch {
@@ -552,11 +554,29 @@ struct Inputs<'a> {
 ///    block's factorisable ones).
 /// 2. `W`, `U` by forward substitution with `I + A_kk`, 16-row blocks: the rows above a block
 ///    leave as one product, the block itself row by row.
-/// 3. `V' = U − W·S`, `O = (e^Γ⊙Q)·S + A_qk·V'` (written straight into the output rows),
+/// 3. `V' = U − W·S`, `O = (e^Γ⊙Q)·S + A_qk·V'` (computed in the scratch and streamed to the
+///    output rows where [`crate::cpu::Features::nontemporal`] says so, else in those rows),
 ///    `S ← Diag(e^{Γ_C}) S + (e^{Γ_C−Γ}⊙K)ᵀ·V'`.
 ///
 /// `sc.s` holds the head's state (rows padded to `ldv`) for the duration of the call.
 fn chunk_head(sc: &mut ChunkScratch, x: &Inputs, hi: usize, t0: usize, c: usize) {
+    // Monomorphised on whether `O` is streamed (a run-time branch in the body measured 1–2%
+    // slower on the Zen 5 VM).
+    if crate::cpu::features().nontemporal {
+        chunk_head_isa::<true>(sc, x, hi, t0, c)
+    } else {
+        chunk_head_isa::<false>(sc, x, hi, t0, c)
+    }
+}
+
+/// [`chunk_head`] for the widest instruction set the CPU has.
+fn chunk_head_isa<const STREAM: bool>(
+    sc: &mut ChunkScratch,
+    x: &Inputs,
+    hi: usize,
+    t0: usize,
+    c: usize,
+) {
     #[cfg(target_arch = "x86_64")]
     match crate::cpu::features().isa() {
         // SAFETY: AVX-512F (and AVX2+FMA) checked; the body is the same safe code compiled for
@@ -565,15 +585,15 @@ fn chunk_head(sc: &mut ChunkScratch, x: &Inputs, hi: usize, t0: usize, c: usize)
         // or contract floating-point arithmetic), and the products it calls pick their kernels
         // by the same rule as elsewhere.
         crate::cpu::Isa::Avx512 => unsafe {
-            return chunk_head_avx512(sc, x, hi, t0, c);
+            return chunk_head_avx512::<STREAM>(sc, x, hi, t0, c);
         },
         // SAFETY: AVX2+FMA checked; the body compiled for AVX2 (8-wide loops).
         crate::cpu::Isa::Avx2 => unsafe {
-            return chunk_head_avx2(sc, x, hi, t0, c);
+            return chunk_head_avx2::<STREAM>(sc, x, hi, t0, c);
         },
         crate::cpu::Isa::Portable => {}
     }
-    chunk_head_body(sc, x, hi, t0, c)
+    chunk_head_body::<STREAM>(sc, x, hi, t0, c)
 }
 
 /// `e = a − b`, and whether any `|e|` exceeds [`SPAN_MAX`] or is NaN, in one pass.
@@ -618,8 +638,14 @@ macro_rules! chunk_head_for {
     ($name:ident, $features:literal) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
-        unsafe fn $name(sc: &mut ChunkScratch, x: &Inputs, hi: usize, t0: usize, c: usize) {
-            chunk_head_body(sc, x, hi, t0, c)
+        unsafe fn $name<const STREAM: bool>(
+            sc: &mut ChunkScratch,
+            x: &Inputs,
+            hi: usize,
+            t0: usize,
+            c: usize,
+        ) {
+            chunk_head_body::<STREAM>(sc, x, hi, t0, c)
         }
     };
 }
@@ -628,7 +654,13 @@ chunk_head_for!(chunk_head_avx512, "avx512f,avx2,fma");
 
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-fn chunk_head_body(sc: &mut ChunkScratch, x: &Inputs, hi: usize, t0: usize, c: usize) {
+fn chunk_head_body<const STREAM: bool>(
+    sc: &mut ChunkScratch,
+    x: &Inputs,
+    hi: usize,
+    t0: usize,
+    c: usize,
+) {
     let Inputs {
         s,
         q,
@@ -813,12 +845,20 @@ fn chunk_head_body(sc: &mut ChunkScratch, x: &Inputs, hi: usize, t0: usize, c: u
         // SAFETY: rows (t0 + i, hi), i < c, of `out` are `vd` floats each inside `out` (its length
         // was checked), and only the task that owns head hi touches them.
         let dst = unsafe { out.get().add(at(0, vd)) };
+        // Where `O` is computed: the scratch, to be streamed to the output rows afterwards
+        // (AMD), or the output rows themselves.
+        let (o, ldo) = if STREAM {
+            (sc.o.as_mut_ptr(), ldv)
+        } else {
+            (dst, h * vd)
+        };
         let qa = MatA {
             data: &sc.eq[..c * ldk],
             rs: ldk,
             cs: 1,
         };
-        gemm(c, vd, kd, qa, &sc.s, ldv, &mut sc.o, ldv, Mode::Set);
+        // SAFETY: `o` is the scratch (`C` rows of `ldv`) or the output rows (as above).
+        unsafe { gemm_ptr(c, vd, kd, qa, &sc.s, ldv, o, ldo, Mode::Set) };
         for si in 0..nsub {
             let (r0, r1) = (si * SUB, ((si + 1) * SUB).min(c));
             let a = MatA {
@@ -826,12 +866,16 @@ fn chunk_head_body(sc: &mut ChunkScratch, x: &Inputs, hi: usize, t0: usize, c: u
                 rs: C,
                 cs: 1,
             };
-            let o = &mut sc.o[r0 * ldv..];
-            gemm(r1 - r0, vd, r1, a, &sc.u, ldv, o, ldv, Mode::Add);
+            // SAFETY: as above (rows r0..r1).
+            let o = unsafe { o.add(r0 * ldo) };
+            // SAFETY: as above (rows r0..r1).
+            unsafe { gemm_ptr(r1 - r0, vd, r1, a, &sc.u, ldv, o, ldo, Mode::Add) };
         }
-        for (i, row) in sc.o.chunks(ldv).take(c).enumerate() {
-            // SAFETY: as above (row i).
-            unsafe { stream_copy(dst.add(i * h * vd), &row[..vd]) };
+        if STREAM {
+            for (i, row) in sc.o.chunks(ldv).take(c).enumerate() {
+                // SAFETY: as above (row i).
+                unsafe { stream_copy(dst.add(i * h * vd), &row[..vd]) };
+            }
         }
     }
     // S ← Diag(e^{Γ_last}) S + (e^{Γ_last − Γ}⊙K)ᵀ V'; e^{Γ_last − Γ_i} k_i = kinv_i·qf_last·Πρ.

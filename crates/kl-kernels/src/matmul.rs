@@ -1059,7 +1059,7 @@ mod x86 {
         let mut acc = [[_mm256_setzero_ps(); NR]; MR];
         // Bytes of the next W block to prefetch per 8-column step (see `tile_dyn`).
         let pf_step = NR * 8 * std::mem::size_of::<L::E>();
-        let nta = crate::cpu::features().nt_prefetch;
+        let nta = crate::cpu::features().nontemporal;
         let mut pfp = pf;
         if resume {
             for (r, a) in acc.iter_mut().enumerate() {
@@ -1136,7 +1136,7 @@ mod x86 {
     /// `nr·8` elements of the next block, so by the end of this tile the next one is on its way.
     /// Decode streams weights straight from memory in short rows, where the hardware
     /// prefetcher alone leaves bandwidth unused. The hint is non-temporal (`prefetchnta`) where
-    /// [`crate::cpu::Features::nt_prefetch`] says so (AMD): weight lines are read once per
+    /// [`crate::cpu::Features::nontemporal`] says so (AMD): weight lines are read once per
     /// token, and not keeping them in the outer caches streamed more bytes a second on the
     /// Zen 5 VM than the L2 hint (`prefetcht1`): `mini` 150–164 → 166–168 tok/s, the 48B shape
     /// 6.6–6.9 → 7.0–7.1, one thread +10%, and `cargo bench`'s gemv rows equal or faster,

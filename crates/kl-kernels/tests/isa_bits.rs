@@ -1,4 +1,5 @@
-//! Kernels with an AVX-512 path give exactly the bits of their AVX2 path.
+//! Kernels with an AVX-512 path give exactly the bits of their AVX2 path, and the KDA chunk
+//! kernel the same bits with and without its non-temporal stores.
 //!
 //! The ISA is chosen once per process, so each test recomputes its case in a child process of
 //! this test binary with `KL_NO_AVX512=1` and compares the printed bits with its own. On a CPU
@@ -22,6 +23,11 @@ fn hex(x: &[f32]) -> String {
 /// In the child, print `values` and return true; in the parent, run the child and assert that
 /// it printed the same bits.
 fn compare_with_avx2(test: &str, values: &[f32]) -> bool {
+    compare_with_child(test, values, ("KL_NO_AVX512", "1"))
+}
+
+/// [`compare_with_avx2`] for a child run with environment variable `env.0` set to `env.1`.
+fn compare_with_child(test: &str, values: &[f32], env: (&str, &str)) -> bool {
     let line = format!("BITS {}", hex(values));
     if std::env::var("KL_ISA_CHILD").is_ok() {
         println!("{line}");
@@ -29,7 +35,7 @@ fn compare_with_avx2(test: &str, values: &[f32]) -> bool {
     }
     let out = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env("KL_NO_AVX512", "1")
+        .env(env.0, env.1)
         .env("KL_ISA_CHILD", "1")
         .output()
         .expect("runs the test binary");
@@ -44,7 +50,12 @@ fn compare_with_avx2(test: &str, values: &[f32]) -> bool {
         .lines()
         .find_map(|l| l.find("BITS ").map(|i| &l[i..]))
         .expect("the child prints its bits");
-    assert!(child == line, "{test}: AVX-512 and AVX2 results differ");
+    assert!(
+        child == line,
+        "{test}: results differ with {}={}",
+        env.0,
+        env.1
+    );
     false
 }
 
@@ -67,6 +78,33 @@ fn kda_chunked_bits_do_not_depend_on_avx512() {
     }
     assert!(all.iter().all(|x| x.is_finite()));
     compare_with_avx2("kda_chunked_bits_do_not_depend_on_avx512", &all);
+}
+
+/// The KDA chunk kernel's outputs are the same bits whether they are streamed to their rows
+/// through the scratch or computed in place (`KL_NONTEMPORAL`): the child takes the other way.
+#[test]
+fn kda_chunked_bits_do_not_depend_on_nontemporal() {
+    let mut rng = Rng::new(32);
+    let mut all = Vec::new();
+    for &(t, h, k, v) in &[(150usize, 2usize, 20usize, 36usize), (130, 3, 64, 64)] {
+        let s = KdaShape { t, h, k, v };
+        let [q, kk, vv, g, beta, mut st] = kda_inputs(&mut rng, s);
+        let mut out = vec![0f32; t * h * v];
+        kda_chunked(s, &q, &kk, &vv, &g, &beta, &mut st, &mut out);
+        all.extend_from_slice(&out);
+        all.extend_from_slice(&st);
+    }
+    assert!(all.iter().all(|x| x.is_finite()));
+    let other = if kl_kernels::cpu::features().nontemporal {
+        "0"
+    } else {
+        "1"
+    };
+    compare_with_child(
+        "kda_chunked_bits_do_not_depend_on_nontemporal",
+        &all,
+        ("KL_NONTEMPORAL", other),
+    );
 }
 
 #[test]
