@@ -22,9 +22,9 @@
 //! tile per query, in-process).
 //!
 //! Key rows reach the tile kernels in one of three ways: an f32 store is read in place; with
-//! AVX-512, a bf16 store whose widths split into whole register loads is read as stored and
-//! widened in registers (`Bf16Keys`, 3–18% faster than widening each tile on the Zen 5
-//! VM); any other store is widened into an f32 tile first. Widening is exact and every kernel
+//! AVX-512 on AMD cores, a bf16 store whose widths split into whole register loads is read as
+//! stored and widened in registers (`Bf16Keys`, 3–18% faster than widening each tile on the
+//! Zen 5 VM); any other store is widened into an f32 tile first. Widening is exact and every kernel
 //! runs the same FMA sequence on the same values, so all three give the same bits.
 
 use crate::par::SendPtr;
@@ -352,17 +352,19 @@ fn wide() -> bool {
 }
 
 /// Whether the AVX-512 kernels read a bf16 cache's rows as stored instead of widening each tile
-/// into f32 first (same bits either way; the callers check AVX-512): for every shape whose rows
-/// split into whole register loads, `Dk` a multiple of 8 and `Dv` of 16.
+/// into f32 first (same bits either way; the callers check AVX-512): where
+/// [`crate::cpu::Features::widen_in_registers`] says so (AMD), for every shape whose rows split
+/// into whole register loads, `Dk` a multiple of 8 and `Dv` of 16.
 ///
 /// Widening in registers costs a shuffle and a shift per key load, in every block of heads and
 /// for every query of a prefill block, where a widened tile is written once and read back from
 /// L2 (72 KiB for `mini`'s 64 keys, 144 KiB for the released model's, more than L1). On the
 /// Zen 5 VM reading as stored measured faster for both shapes, decode and prefill
 /// (docs/performance.md). The Intel VM had measured an earlier in-register widening (by
-/// unpacks, four heads to a register) 5–15% slower for 32 heads; this one was not measured there.
+/// unpacks, four heads to a register) 5–15% slower for 32 heads, where 512-bit shuffles share a
+/// port with the FMAs; this one was not measured there.
 fn direct_bf16(s: LatentAttnShape) -> bool {
-    s.dk.is_multiple_of(8) && s.dv.is_multiple_of(16)
+    crate::cpu::features().widen_in_registers && s.dk.is_multiple_of(8) && s.dv.is_multiple_of(16)
 }
 
 /// One tile's key rows: f32 (a store read in place, or the widened tile) or bf16 as stored.

@@ -5,7 +5,8 @@
 //! - `KL_NO_AVX512=1` forces the AVX2 paths where AVX-512 kernels exist (they give the same bits,
 //!   so this only changes speed; used to compare the two);
 //! - `KL_NONTEMPORAL=0` or `1` turns the non-temporal memory hints ([`Features::nontemporal`])
-//!   off or on whatever the vendor (the same bits either way).
+//!   off or on whatever the vendor, and `KL_WIDEN_IN_REGISTERS=0` or `1` the same for
+//!   [`Features::widen_in_registers`] (the same bits either way).
 
 use std::sync::OnceLock;
 
@@ -22,6 +23,12 @@ pub struct Features {
     /// cores, where they measured 2–10% and 4–5% faster on the Zen 5 VM; the Intel VM's Xeon
     /// had measured both slower (25–50% and 2–7%; docs/performance.md).
     pub nontemporal: bool,
+    /// Latent attention reads a bf16 cache's rows as stored and widens them in registers (a
+    /// zero-extension and a shift per key load) instead of widening each tile into f32 first.
+    /// Set on AMD cores, where it measured 3–18% faster on the Zen 5 VM; the Intel VM had
+    /// measured an earlier such kernel 5–15% slower for 32 heads (its 512-bit shuffles share
+    /// a port with the FMAs), so other CPUs keep the widened tile.
+    pub widen_in_registers: bool,
 }
 
 /// The instruction sets the kernels are written for, narrowest first.
@@ -94,11 +101,8 @@ pub fn features() -> Features {
                 return Features {
                     avx2_fma,
                     avx512f,
-                    nontemporal: match std::env::var("KL_NONTEMPORAL").as_deref() {
-                        Ok("0") => false,
-                        Ok("1") => true,
-                        _ => vendor_is_amd(),
-                    },
+                    nontemporal: env_choice("KL_NONTEMPORAL", vendor_is_amd),
+                    widen_in_registers: env_choice("KL_WIDEN_IN_REGISTERS", vendor_is_amd),
                 };
             }
         }
@@ -107,8 +111,19 @@ pub fn features() -> Features {
             avx2_fma: false,
             avx512f: false,
             nontemporal: false,
+            widen_in_registers: false,
         }
     })
+}
+
+/// `false` or `true` when environment variable `name` is `0` or `1`, else `default()`.
+#[cfg(target_arch = "x86_64")]
+fn env_choice(name: &str, default: fn() -> bool) -> bool {
+    match std::env::var(name).as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => default(),
+    }
 }
 
 /// Whether the CPU's vendor string (CPUID leaf 0) is AMD's.

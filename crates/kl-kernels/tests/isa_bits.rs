@@ -1,5 +1,6 @@
-//! Kernels with an AVX-512 path give exactly the bits of their AVX2 path, and the KDA chunk
-//! kernel the same bits with and without its non-temporal stores.
+//! Kernels with an AVX-512 path give exactly the bits of their AVX2 path; the KDA chunk kernel
+//! gives the same bits with and without its non-temporal stores, and latent attention with and
+//! without widening a bf16 cache in registers.
 //!
 //! The ISA is chosen once per process, so each test recomputes its case in a child process of
 //! this test binary with `KL_NO_AVX512=1` and compares the printed bits with its own. On a CPU
@@ -142,6 +143,49 @@ fn latent_attention_bits_do_not_depend_on_avx512() {
     }
     assert!(all.iter().all(|x| x.is_finite()));
     compare_with_avx2("latent_attention_bits_do_not_depend_on_avx512", &all);
+}
+
+/// Latent attention over a bf16 cache gives the same bits whether its rows are widened in
+/// registers or into an f32 tile (`KL_WIDEN_IN_REGISTERS`): the child takes the other way.
+#[test]
+fn latent_attention_bits_do_not_depend_on_register_widening() {
+    let mut rng = Rng::new(23);
+    let mut all = Vec::new();
+    // Widths that split into whole register loads (the only ones widened in registers),
+    // `mini`'s and the released model's among them; odd head counts; storage blocks that end
+    // inside tiles; decode and prefill.
+    for &(h, dk, dv, block_rows) in &[
+        (17usize, 288usize, 256usize, 77usize),
+        (5, 576, 512, 256),
+        (3, 40, 32, 100),
+        (9, 16, 16, 13),
+    ] {
+        let s = LatentAttnShape { h, dk, dv };
+        let n_keys = SEGMENT + 141;
+        let store: Vec<bf16> = rng
+            .vec(n_keys.div_ceil(block_rows) * block_rows * dk, 1.0)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        let blocks: Vec<&[bf16]> = store.chunks(block_rows * dk).collect();
+        for tq in [1usize, 5] {
+            let q = rng.vec(tq * h * dk, 1.5);
+            let mut o = vec![0f32; tq * h * dv];
+            latent_attention(s, &q, &blocks, block_rows, n_keys, 0.15, &mut o);
+            all.extend_from_slice(&o);
+        }
+    }
+    assert!(all.iter().all(|x| x.is_finite()));
+    let other = if kl_kernels::cpu::features().widen_in_registers {
+        "0"
+    } else {
+        "1"
+    };
+    compare_with_child(
+        "latent_attention_bits_do_not_depend_on_register_widening",
+        &all,
+        ("KL_WIDEN_IN_REGISTERS", other),
+    );
 }
 
 #[test]
