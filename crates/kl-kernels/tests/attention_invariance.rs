@@ -117,10 +117,10 @@ fn decode_across_waves_equals_prefill_bitwise() {
 }
 
 /// A bf16 store (read as stored by the AVX-512 kernels on AMD cores where the widths split into
-/// whole register loads, widened into a tile otherwise) gives exactly the bits of an f32 store holding
-/// the same values (read in place): odd head counts around the 8-head blocks, `mini`'s and the
-/// released model's rows, widths that take either path, storage blocks that end inside tiles,
-/// decode and prefill.
+/// whole register loads, widened into a tile otherwise) gives exactly the bits of an f32 store
+/// holding the same values (read in place): odd head counts around the 8-head blocks, `mini`'s
+/// and the released model's rows, widths that take either path, storage blocks that end inside
+/// tiles, decode and prefill.
 #[test]
 fn bf16_store_equals_its_f32_widening_bitwise() {
     use half::bf16;
