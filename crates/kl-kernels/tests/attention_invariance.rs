@@ -135,11 +135,7 @@ fn bf16_store_equals_its_f32_widening_bitwise() {
     ] {
         let s = LatentAttnShape { h, dk, dv };
         let n_keys = SEGMENT + 141;
-        let wide: Vec<bf16> = rng
-            .vec(n_keys.div_ceil(block_rows) * block_rows * dk, 1.0)
-            .into_iter()
-            .map(bf16::from_f32)
-            .collect();
+        let wide = common::bf16_rows(&mut rng, n_keys.div_ceil(block_rows) * block_rows, dk);
         let narrow: Vec<f32> = wide.iter().map(|x| x.to_f32()).collect();
         let bf: Vec<&[bf16]> = wide.chunks(block_rows * dk).collect();
         let f: Vec<&[f32]> = narrow.chunks(block_rows * dk).collect();

@@ -25,6 +25,14 @@ impl Rng {
     }
 }
 
+/// `rows` random rows of width `dk`, rounded to bf16 (a latent cache's store).
+pub fn bf16_rows(rng: &mut Rng, rows: usize, dk: usize) -> Vec<half::bf16> {
+    rng.vec(rows * dk, 1.0)
+        .into_iter()
+        .map(half::bf16::from_f32)
+        .collect()
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()

@@ -7,7 +7,7 @@
 //! without AVX-512 both runs take the AVX2 path and the comparison holds trivially.
 
 mod common;
-use common::{kda_inputs, Rng};
+use common::{bf16_rows, kda_inputs, Rng};
 use half::bf16;
 use kl_kernels::attention::{latent_attention, LatentAttnShape, SEGMENT};
 use kl_kernels::kda::{kda_chunked, KdaShape};
@@ -60,16 +60,12 @@ fn compare_with_child(test: &str, values: &[f32], env: (&str, &str)) -> bool {
     false
 }
 
-#[test]
-fn kda_chunked_bits_do_not_depend_on_avx512() {
-    let mut rng = Rng::new(31);
+/// The outputs and final states of [`kda_chunked`] on random inputs of each `(T, H, K, V)`,
+/// one after the other (all finite).
+fn kda_bits(seed: u64, shapes: &[(usize, usize, usize, usize)]) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
     let mut all = Vec::new();
-    // Column counts below, at and past the 16- and 32-lane tiles; rows past the 8-row tiles.
-    for &(t, h, k, v) in &[
-        (150usize, 2usize, 20usize, 36usize),
-        (70, 1, 128, 128),
-        (9, 3, 17, 47),
-    ] {
+    for &(t, h, k, v) in shapes {
         let s = KdaShape { t, h, k, v };
         let [q, kk, vv, g, beta, mut st] = kda_inputs(&mut rng, s);
         let mut out = vec![0f32; t * h * v];
@@ -78,6 +74,39 @@ fn kda_chunked_bits_do_not_depend_on_avx512() {
         all.extend_from_slice(&st);
     }
     assert!(all.iter().all(|x| x.is_finite()));
+    all
+}
+
+/// The outputs of [`latent_attention`] over a random bf16 cache of `n_keys` rows for each
+/// `(H, Dk, Dv, block rows)`, one query (decode) and then `tq` queries (prefill), one after
+/// the other (all finite).
+fn attention_bits(
+    seed: u64,
+    shapes: &[(usize, usize, usize, usize)],
+    n_keys: usize,
+    tq: usize,
+) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    let mut all = Vec::new();
+    for &(h, dk, dv, block_rows) in shapes {
+        let s = LatentAttnShape { h, dk, dv };
+        let store = bf16_rows(&mut rng, n_keys.div_ceil(block_rows) * block_rows, dk);
+        let blocks: Vec<&[bf16]> = store.chunks(block_rows * dk).collect();
+        for tq in [1, tq] {
+            let q = rng.vec(tq * h * dk, 1.5);
+            let mut o = vec![0f32; tq * h * dv];
+            latent_attention(s, &q, &blocks, block_rows, n_keys, 0.15, &mut o);
+            all.extend_from_slice(&o);
+        }
+    }
+    assert!(all.iter().all(|x| x.is_finite()));
+    all
+}
+
+#[test]
+fn kda_chunked_bits_do_not_depend_on_avx512() {
+    // Column counts below, at and past the 16- and 32-lane tiles; rows past the 8-row tiles.
+    let all = kda_bits(31, &[(150, 2, 20, 36), (70, 1, 128, 128), (9, 3, 17, 47)]);
     compare_with_avx2("kda_chunked_bits_do_not_depend_on_avx512", &all);
 }
 
@@ -85,17 +114,7 @@ fn kda_chunked_bits_do_not_depend_on_avx512() {
 /// through the scratch or computed in place (`KL_NONTEMPORAL`): the child takes the other way.
 #[test]
 fn kda_chunked_bits_do_not_depend_on_nontemporal() {
-    let mut rng = Rng::new(32);
-    let mut all = Vec::new();
-    for &(t, h, k, v) in &[(150usize, 2usize, 20usize, 36usize), (130, 3, 64, 64)] {
-        let s = KdaShape { t, h, k, v };
-        let [q, kk, vv, g, beta, mut st] = kda_inputs(&mut rng, s);
-        let mut out = vec![0f32; t * h * v];
-        kda_chunked(s, &q, &kk, &vv, &g, &beta, &mut st, &mut out);
-        all.extend_from_slice(&out);
-        all.extend_from_slice(&st);
-    }
-    assert!(all.iter().all(|x| x.is_finite()));
+    let all = kda_bits(32, &[(150, 2, 20, 36), (130, 3, 64, 64)]);
     let other = if kl_kernels::cpu::features().nontemporal {
         "0"
     } else {
@@ -110,38 +129,20 @@ fn kda_chunked_bits_do_not_depend_on_nontemporal() {
 
 #[test]
 fn latent_attention_bits_do_not_depend_on_avx512() {
-    let mut rng = Rng::new(21);
-    let mut all = Vec::new();
     // Odd head counts (a half-empty head pair, a partial 8-head block), widths with tails past
     // the 8-, 16-, 32- and 48-column blocks (the tile widened into f32), widths without tails
-    // (the bf16 rows read as stored) including `mini`'s and the released model's; several
+    // (the bf16 rows read as stored on AMD) including `mini`'s and the released model's; several
     // segments and a partial tile; decode and prefill.
-    for &(h, dk, dv) in &[
-        (7usize, 44usize, 40usize),
-        (3, 20, 17),
-        (5, 576, 512),
-        (2, 8, 8),
-        (11, 104, 100),
-        (9, 72, 64),
-        (17, 288, 256),
-    ] {
-        let s = LatentAttnShape { h, dk, dv };
-        let block_rows = 256;
-        let n_keys = 2 * SEGMENT + 77;
-        let store: Vec<bf16> = rng
-            .vec(n_keys.div_ceil(block_rows) * block_rows * dk, 1.0)
-            .into_iter()
-            .map(bf16::from_f32)
-            .collect();
-        let blocks: Vec<&[bf16]> = store.chunks(block_rows * dk).collect();
-        for tq in [1usize, 6] {
-            let q = rng.vec(tq * h * dk, 1.5);
-            let mut o = vec![0f32; tq * h * dv];
-            latent_attention(s, &q, &blocks, block_rows, n_keys, 0.15, &mut o);
-            all.extend_from_slice(&o);
-        }
-    }
-    assert!(all.iter().all(|x| x.is_finite()));
+    let shapes = [
+        (7, 44, 40, 256),
+        (3, 20, 17, 256),
+        (5, 576, 512, 256),
+        (2, 8, 8, 256),
+        (11, 104, 100, 256),
+        (9, 72, 64, 256),
+        (17, 288, 256, 256),
+    ];
+    let all = attention_bits(21, &shapes, 2 * SEGMENT + 77, 6);
     compare_with_avx2("latent_attention_bits_do_not_depend_on_avx512", &all);
 }
 
@@ -149,33 +150,16 @@ fn latent_attention_bits_do_not_depend_on_avx512() {
 /// registers or into an f32 tile (`KL_WIDEN_IN_REGISTERS`): the child takes the other way.
 #[test]
 fn latent_attention_bits_do_not_depend_on_register_widening() {
-    let mut rng = Rng::new(23);
-    let mut all = Vec::new();
     // Widths that split into whole register loads (the only ones widened in registers),
     // `mini`'s and the released model's among them; odd head counts; storage blocks that end
     // inside tiles; decode and prefill.
-    for &(h, dk, dv, block_rows) in &[
-        (17usize, 288usize, 256usize, 77usize),
+    let shapes = [
+        (17, 288, 256, 77),
         (5, 576, 512, 256),
         (3, 40, 32, 100),
         (9, 16, 16, 13),
-    ] {
-        let s = LatentAttnShape { h, dk, dv };
-        let n_keys = SEGMENT + 141;
-        let store: Vec<bf16> = rng
-            .vec(n_keys.div_ceil(block_rows) * block_rows * dk, 1.0)
-            .into_iter()
-            .map(bf16::from_f32)
-            .collect();
-        let blocks: Vec<&[bf16]> = store.chunks(block_rows * dk).collect();
-        for tq in [1usize, 5] {
-            let q = rng.vec(tq * h * dk, 1.5);
-            let mut o = vec![0f32; tq * h * dv];
-            latent_attention(s, &q, &blocks, block_rows, n_keys, 0.15, &mut o);
-            all.extend_from_slice(&o);
-        }
-    }
-    assert!(all.iter().all(|x| x.is_finite()));
+    ];
+    let all = attention_bits(23, &shapes, SEGMENT + 141, 5);
     let other = if kl_kernels::cpu::features().widen_in_registers {
         "0"
     } else {
