@@ -506,7 +506,8 @@ fn chunked(inputs: Inputs, state: &mut [f32]) {
                 for (dst, src) in st.chunks_exact_mut(vd).zip(sc.s.chunks_exact(ldv)) {
                     dst.copy_from_slice(&src[..vd]);
                 }
-                // The output rows were streamed: ordered before the task's end publishes them.
+                // Output rows streamed with non-temporal stores (AMD) are ordered before the
+                // task's end publishes them (no cost to speak of otherwise: once per head).
                 stream_fence();
             })
         });
