@@ -140,8 +140,9 @@ fn vendor_is_amd() -> bool {
     &v == b"AuthenticAMD"
 }
 
-/// A one-line description, e.g. for `bench` output (`amx` when the opt-in AMX products are
-/// on, [`crate::amx::enabled`]).
+/// A one-line description, e.g. for `bench` output: the architecture, the instruction sets, the
+/// vendor-chosen paths (`nontemporal`, `widen-in-registers`; see [`Features`]) and `amx` when
+/// the opt-in AMX products are on ([`crate::amx::enabled`]).
 pub fn describe() -> String {
     let f = features();
     let mut s = vec![std::env::consts::ARCH.to_string()];
@@ -150,6 +151,12 @@ pub fn describe() -> String {
     }
     if f.avx512f {
         s.push("avx512f".into());
+    }
+    if f.nontemporal {
+        s.push("nontemporal".into());
+    }
+    if f.widen_in_registers {
+        s.push("widen-in-registers".into());
     }
     if crate::amx::enabled() {
         s.push("amx".into());
