@@ -24,8 +24,8 @@
 //! Key rows reach the tile kernels in one of three ways: an f32 store is read in place; with
 //! AVX-512 on AMD cores, a bf16 store whose widths split into whole register loads is read as
 //! stored and widened in registers (`Bf16Keys`, 3–18% faster than widening each tile on the
-//! Zen 5 VM); any other store is widened into an f32 tile first. Widening is exact and every kernel
-//! runs the same FMA sequence on the same values, so all three give the same bits.
+//! Zen 5 VM); any other store is widened into an f32 tile first. Widening is exact and every
+//! kernel runs the same FMA sequence on the same values, so all three give the same bits.
 
 use crate::par::SendPtr;
 use crate::simd::dot_f32;
@@ -1161,6 +1161,9 @@ mod x86 {
     /// `col`): a widened f32 tile ([`F32Keys`]) or the bf16 rows as stored ([`Bf16Keys`]),
     /// widened in registers. Widening is exact, so both give every kernel the same values and
     /// the same bits.
+    ///
+    /// Every method is unsafe for the same reasons: `x` must be below the `n` rows the view was
+    /// made for, the columns read must lie within `dk`, and the CPU must have AVX-512F.
     pub trait Keys: Copy {
         /// Columns `col..col + 8` of row `x` in both halves of a register.
         unsafe fn bcast8(self, x: usize, col: usize) -> __m512;
