@@ -561,11 +561,11 @@ fn attend_queries<R: KeyRows + ?Sized>(
             let n = n.min(k1 - j);
             let p = &mut ps[qi];
             scores.resize(h * n, 0.0);
-            let qp = &qpair[..];
+            // This query's head pairs (only the AVX-512 kernels read them).
             let qp = if wide {
-                &qp[qi * ql..(qi + 1) * ql]
+                &qpair[qi * ql..(qi + 1) * ql]
             } else {
-                qp
+                &[]
             };
             keys.scores(qp, qrow, h, dk, n, scale, scores, &mut pf);
             for hh in 0..h {

@@ -83,7 +83,16 @@ impl Features {
 
 /// Whether environment variable `name` is set to `1`.
 fn env_flag(name: &str) -> bool {
-    std::env::var(name).map(|v| v == "1").unwrap_or(false)
+    env_choice(name, || false)
+}
+
+/// `false` or `true` when environment variable `name` is `0` or `1`, else `default()`.
+fn env_choice(name: &str, default: fn() -> bool) -> bool {
+    match std::env::var(name).as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => default(),
+    }
 }
 
 /// Features of the running CPU (detected on first call), narrowed by `KL_NO_SIMD=1` (none) and
@@ -114,16 +123,6 @@ pub fn features() -> Features {
             widen_in_registers: false,
         }
     })
-}
-
-/// `false` or `true` when environment variable `name` is `0` or `1`, else `default()`.
-#[cfg(target_arch = "x86_64")]
-fn env_choice(name: &str, default: fn() -> bool) -> bool {
-    match std::env::var(name).as_deref() {
-        Ok("0") => false,
-        Ok("1") => true,
-        _ => default(),
-    }
 }
 
 /// Whether the CPU's vendor string (CPUID leaf 0) is AMD's.

@@ -7,8 +7,8 @@
 //!   rows are split across threads; a group of rows (3 for a single `x` row, the decode case) is
 //!   streamed once in its stored dtype (bf16 and f16 widened in registers), with the group two
 //!   on prefetched (non-temporal on AMD: each weight line is read once per token), and dotted
-//!   against every `x` row. It stays on AVX2 even where AVX-512 is
-//!   available: it is bound by memory bandwidth, not by the vector width.
+//!   against every `x` row. It stays on AVX2 even where AVX-512 is available: it is bound by
+//!   memory bandwidth, not by the vector width.
 //! - **Many rows** (prefill): a compute-bound product. A panel of `W` rows is widened once into a
 //!   thread-local f32 buffer (never the whole matrix, ~768 KiB so it stays in L2) and multiplied
 //!   against blocks of `x` rows with a register-blocked microkernel. `K` goes in blocks, the `x`
@@ -22,8 +22,8 @@
 //!     W[j+1])]`; the panel is packed with rows `j` and `j+1` interleaved in 8-column chunks, so
 //!     that one 64-byte load gives `[W[j][k..k+8] | W[j+1][k..k+8]]`, and the 8 `x` columns are
 //!     broadcast to both halves. The `x` rows are read in place when `K` is a multiple of 8
-//!     (packed, with a zeroed tail, otherwise); the next
-//!     `x` block is prefetched while the current one is swept. A task with at most
+//!     (packed, with a zeroed tail, otherwise); the next `x` block is prefetched while the
+//!     current one is swept. A task with at most
 //!     `SLICE_MAX_ROWS` (32) `x` rows — an expert of the released model, which sees about 16
 //!     rows of a 512-token chunk, or a short prompt — packs its panel one (8-row group, `K`
 //!     block) slice at a time into L1 and sweeps every `x` block over it, instead of writing the
