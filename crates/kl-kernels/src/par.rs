@@ -15,6 +15,7 @@
 
 use rayon::prelude::*;
 use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 thread_local! {
     static SERIAL: Cell<bool> = const { Cell::new(false) };
@@ -36,8 +37,14 @@ pub fn serial<R>(f: impl FnOnce() -> R) -> R {
 /// A raw pointer that tasks on other threads may hold: the output of a kernel whose tasks each
 /// write their own disjoint set of elements through it (every use site says which, in its
 /// `SAFETY` comment), where no safe split of the slice fits the access pattern.
-#[derive(Clone, Copy)]
 pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// By hand: the derives would ask `T: Copy`, and a pointer is copied whatever it points to.
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
 // SAFETY: the pointer is only dereferenced by tasks that write disjoint elements (see above);
 // it is never read through concurrently with a write to the same element.
 unsafe impl<T> Send for SendPtr<T> {}
@@ -74,6 +81,41 @@ pub fn for_each(n: usize, body: impl Fn(usize) + Sync + Send) {
     }
 }
 
+/// `body(item)` for every item of `items`, taken in order by whichever thread is free next: list
+/// scheduling, so tasks sorted largest first balance to within the last one (the longest
+/// processing time first rule). Rayon's own split of a slice cannot do this: it cuts the slice
+/// into a few ranges up front and a range that a thread has started is not split again, so one
+/// thread can be left running a whole range of large tasks while the other has finished its own
+/// (the mixture-of-experts prefill had one of two threads idle for a third of each layer). In
+/// order on this thread inside [`serial`] or with one thread.
+pub fn for_each_queued<T: Send>(items: &mut [T], body: impl Fn(&mut T) + Sync + Send) {
+    let n = items.len();
+    let workers = threads().min(n);
+    if workers <= 1 {
+        items.iter_mut().for_each(body);
+        return;
+    }
+    let next = AtomicUsize::new(0);
+    let base = SendPtr(items.as_mut_ptr());
+    let work = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= n {
+            break;
+        }
+        // SAFETY: `fetch_add` hands out each index below `n` exactly once, so this is the only
+        // reference to item `i`; `items` is borrowed mutably for the whole call, which returns
+        // only after every worker has (the scope joins them).
+        body(unsafe { &mut *base.get().add(i) });
+    };
+    let work = &work;
+    rayon::scope(|s| {
+        for _ in 1..workers {
+            s.spawn(move |_| work());
+        }
+        work();
+    });
+}
+
 /// `body(r0, rows)` over blocks of whole rows of `out` (`row_len` floats each; `r0` is the
 /// block's first row), in parallel once there are at least `2·min_rows` rows and more than one
 /// thread, else as one block on this thread (decode stays free of pool traffic).
@@ -94,4 +136,33 @@ pub fn rows_mut(
     out.par_chunks_mut(per * row_len)
         .enumerate()
         .for_each(|(i, rows)| body(i * per, rows));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every item is handed to exactly one call, on a pool of any size and inside [`serial`],
+    /// and a single thread takes them in order.
+    #[test]
+    fn queued_items_run_once_each() {
+        for threads in [1, 2, 3, 5] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("a test pool");
+            for n in [0, 1, 2, 7, 64] {
+                let mut items: Vec<(usize, usize)> = (0..n).map(|i| (i, 0)).collect();
+                pool.install(|| for_each_queued(&mut items, |(_, runs)| *runs += 1));
+                assert!(
+                    items.iter().all(|&(_, runs)| runs == 1),
+                    "{threads} threads, {n} items"
+                );
+            }
+        }
+        let order = std::sync::Mutex::new(Vec::new());
+        let mut items: Vec<usize> = (0..9).collect();
+        serial(|| for_each_queued(&mut items, |i| order.lock().unwrap().push(*i)));
+        assert_eq!(order.into_inner().unwrap(), (0..9).collect::<Vec<_>>());
+    }
 }
