@@ -332,14 +332,16 @@ impl Kda {
         let p = h * k;
         // The six products of x (q, k, v, the gates' first halves and β) in one region, then the
         // short convolutions (each with its own carried history).
+        // Every buffer below is written in full (products, convolutions, the delta rule, the
+        // norm) before it is read.
         let mut raw = [
-            scratch.take(t * p),
-            scratch.take(t * p),
-            scratch.take(t * p),
+            scratch.take_for_write(t * p),
+            scratch.take_for_write(t * p),
+            scratch.take_for_write(t * p),
         ];
-        let mut fa = scratch.take(t * k);
-        let mut beta = scratch.take(t * h);
-        let mut ga = scratch.take(t * k);
+        let mut fa = scratch.take_for_write(t * k);
+        let mut beta = scratch.take_for_write(t * h);
+        let mut ga = scratch.take_for_write(t * k);
         {
             let [rq, rk, rv] = &mut raw;
             Linear::forward_many(
@@ -354,9 +356,9 @@ impl Kda {
                 ],
             );
         }
-        let mut q = scratch.take(t * p);
-        let mut kk = scratch.take(t * p);
-        let mut v = scratch.take(t * p);
+        let mut q = scratch.take_for_write(t * p);
+        let mut kk = scratch.take_for_write(t * p);
+        let mut v = scratch.take_for_write(t * p);
         for (i, dst) in [&mut q, &mut kk, &mut v].into_iter().enumerate() {
             conv1d_causal_silu(&raw[i], p, &self.conv[i], w, &mut state.conv[i], dst);
         }
@@ -373,8 +375,8 @@ impl Kda {
             probe.record("kda.qkv_conv", &[t, 3 * p], &cat);
         }
         // Second halves of both gates: forget gate (log-decay, f32) and output gate.
-        let mut g = scratch.take(t * p);
-        let mut gate = scratch.take(t * p);
+        let mut g = scratch.take_for_write(t * p);
+        let mut gate = scratch.take_for_write(t * p);
         Linear::forward_many(
             t,
             &mut [
@@ -393,7 +395,7 @@ impl Kda {
         l2_normalize_rows(&mut q, k, 1e-6, (k as f32).powf(-0.5));
         l2_normalize_rows(&mut kk, k, 1e-6, 1.0);
         // Delta rule.
-        let mut core = scratch.take(t * p);
+        let mut core = scratch.take_for_write(t * p);
         match mode {
             Mode::Prefill => {
                 self.prefill_core(state, &q, &kk, &v, &g, &beta, t, scratch, &mut core)
@@ -421,7 +423,7 @@ impl Kda {
         probe.record("kda.core_out", &[t, h, k], &core);
         // Output gate and gated RMSNorm per head.
         probe.record("kda.out_gate", &[t, h, k], &gate);
-        let mut normed = scratch.take(t * p);
+        let mut normed = scratch.take_for_write(t * p);
         rms_norm_gated(&core, &gate, &self.o_norm, self.eps, &mut normed);
         probe.record("kda.o_normed", &[t, h, k], &normed);
         self.o_proj.forward(&normed, t, out);

@@ -167,7 +167,7 @@ impl Linear {
 
     /// `x · Wᵀ` into a buffer taken from `scratch` (give it back when done).
     pub fn apply_in(&self, x: &[f32], t: usize, scratch: &mut crate::Scratch) -> Vec<f32> {
-        let mut y = scratch.take(t * self.rows);
+        let mut y = scratch.take_for_write(t * self.rows);
         self.forward(x, t, &mut y);
         y
     }

@@ -40,8 +40,8 @@ impl SwiGlu {
     /// `out[T, D] = MLP(x[T, D])`.
     pub fn forward(&self, x: &[f32], t: usize, scratch: &mut Scratch, out: &mut [f32]) {
         let i = self.width();
-        let mut g = scratch.take(t * i);
-        let mut u = scratch.take(t * i);
+        let mut g = scratch.take_for_write(t * i);
+        let mut u = scratch.take_for_write(t * i);
         self.forward_with(x, t, &mut g, &mut u, out);
         scratch.give(u);
         scratch.give(g);

@@ -283,8 +283,9 @@ impl Moe {
         // for a sixth to a third of the region (the 48B shape's prefill +7–11%).
         // Routed outputs land in `ys` at their positions in `order`, the shared expert's in
         // `ysh` by token.
-        let mut ys = scratch.take(t * k * d);
-        let mut ysh = scratch.take(if self.shared.is_some() { t * d } else { 0 });
+        // Written in full: the tasks below cover every row of both.
+        let mut ys = scratch.take_for_write(t * k * d);
+        let mut ysh = scratch.take_for_write(if self.shared.is_some() { t * d } else { 0 });
         let threads = rayon::current_num_threads().max(1);
         let bufs: Vec<Mutex<[Vec<f32>; 3]>> = (0..threads)
             .map(|_| Mutex::new([scratch.take(0), scratch.take(0), scratch.take(0)]))

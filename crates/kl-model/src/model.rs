@@ -493,7 +493,7 @@ impl KimiLinear {
 
     /// Final norm and `lm_head` for `t` rows of hidden state.
     fn head(&self, h: &[f32], t: usize, probe: &mut Probe, scratch: &mut Scratch, out: &mut [f32]) {
-        let mut x = scratch.take(t * self.cfg.hidden);
+        let mut x = scratch.take_for_write(t * self.cfg.hidden);
         rms_norm(h, &self.norm, self.cfg.rms_norm_eps, &mut x);
         if probe.enabled() {
             probe.set_prefix("");
@@ -514,7 +514,7 @@ impl KimiLinear {
     ) -> Vec<f32> {
         let (t, d) = (ids.len(), self.cfg.hidden);
         let eps = self.cfg.rms_norm_eps;
-        let mut h = scratch.take(t * d);
+        let mut h = scratch.take_for_write(t * d);
         for (row, &id) in h.chunks_exact_mut(d).zip(ids) {
             self.embed.row_f32(id as usize, row);
         }
@@ -522,7 +522,7 @@ impl KimiLinear {
             probe.set_prefix("");
         }
         probe.record("embeddings", &[t, d], &h);
-        let mut x = scratch.take(t * d);
+        let mut x = scratch.take_for_write(t * d);
         let mut y = scratch.take(t * d);
         for (i, (layer, st)) in self.layers.iter().zip(state.layers.iter_mut()).enumerate() {
             if probe.enabled() {
