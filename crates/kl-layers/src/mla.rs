@@ -389,8 +389,8 @@ impl Mla {
     /// products `W_UKᵀ q` and `W_UV ctx`). Absorbed: per visible (query, key) pair every head
     /// scores `R + dr` values and sums `R`. Expanded: every key block is expanded through
     /// `kv_b_proj` once per call (`n · R · H · (dn + dv)` multiply–adds), each head scores
-    /// `dn + dr` and sums `dv` per pair (whole blocks, masked entries included), and the
-    /// absorption products are not done (subtracted).
+    /// `dn + dr` and sums `dv` per pair (whole blocks, masked entries included, for the queries
+    /// that see any of a block), and the absorption products are not done (subtracted).
     pub fn attention_flops(&self, t: usize, n: usize) -> (u64, u64) {
         let MlaDims {
             num_heads: h,
@@ -405,8 +405,13 @@ impl Mla {
         );
         let pairs = t * (n - t) + t * (t + 1) / 2;
         let absorbed = pairs * h * 2 * (2 * r + dr);
-        let blocks = n.div_ceil(EXPAND_BLOCK as u64) * EXPAND_BLOCK as u64;
-        let expanded = (n - t) * r * h * (dn + dv) * 2 + t * blocks * h * 2 * (dn + dr + dv);
+        // (query, key) pairs scored: whole blocks, for the queries that see any of the block.
+        let b = EXPAND_BLOCK as u64;
+        let p0 = n - t;
+        let scored: u64 = (0..n.div_ceil(b))
+            .map(|i| b * (t - (i * b).saturating_sub(p0).min(t)))
+            .sum();
+        let expanded = (n - t) * r * h * (dn + dv) * 2 + scored * h * 2 * (dn + dr + dv);
         (absorbed, expanded)
     }
 
@@ -506,24 +511,26 @@ impl Mla {
                         }
                         // This head's values, key-major → column-major for the P·V product.
                         transpose(&kv[hh * e + dn..], nb, dv, nh * e, vt, nb);
-                        let qrows = &qh[hh * t * qk..(hh + 1) * t * qk];
-                        kl_kernels::matmul::matmul(qrows, &k[..], s, t, qk, nb);
-                        for i in 0..t {
+                        // Queries before `i0` see none of this block (it lies in their future):
+                        // they are skipped, not scored and masked. Row `i - i0` of `s` and `pv`
+                        // is query `i`'s.
+                        let i0 = k0.saturating_sub(p0).min(t);
+                        let tq = t - i0;
+                        let qrows = &qh[(hh * t + i0) * qk..(hh + 1) * t * qk];
+                        let (s, pv) = (&mut s[..tq * nb], &mut pv[..tq * dv]);
+                        kl_kernels::matmul::matmul(qrows, &k[..], s, tq, qk, nb);
+                        for i in i0..t {
                             // Query i sits at position p0 + i and sees keys 0 ..= p0 + i.
-                            let visible = (p0 + i + 1).saturating_sub(k0).min(nb);
-                            let row = &mut s[i * nb..(i + 1) * nb];
-                            if visible == 0 {
-                                row.fill(0.0);
-                                continue;
-                            }
+                            let visible = (p0 + i + 1 - k0).min(nb);
+                            let row = &mut s[(i - i0) * nb..(i - i0 + 1) * nb];
                             let corr = softmax_update(&mut row[..visible], &mut m[i], &mut l[i]);
                             row[visible..].fill(0.0);
                             for a in &mut acc[i * dv..(i + 1) * dv] {
                                 *a *= corr;
                             }
                         }
-                        kl_kernels::matmul::matmul(&s[..], &vt[..], pv, t, nb, dv);
-                        for (a, p) in acc.iter_mut().zip(pv.iter()) {
+                        kl_kernels::matmul::matmul(s, &vt[..], pv, tq, nb, dv);
+                        for (a, p) in acc[i0 * dv..].iter_mut().zip(pv.iter()) {
                             *a += p;
                         }
                     });
