@@ -4,8 +4,9 @@
 //! pass returns. Buffers are kept on a stack: a pass takes and gives them in the same order
 //! every token, so after one warm-up token each `take` finds a buffer whose capacity already
 //! fits and nothing is allocated again. A sequence owns one `Scratch` for decode (it holds
-//! single-token activations, kilobytes); prefill uses a scratch that lives for one call, so its
-//! chunk-sized buffers are reused across the chunks of that call and freed after it.
+//! single-token activations, kilobytes); prefill takes a scratch from the model's kept
+//! workspaces, so its chunk-sized buffers are reused across the chunks of a call and by the next
+//! call (`KimiLinear::release_workspaces` frees them).
 //!
 //! Forgetting to give a buffer back is not unsafe, only an allocation on the next token — which
 //! the model's allocation test catches.

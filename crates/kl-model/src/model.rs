@@ -12,6 +12,7 @@ use kl_layers::moe::{Moe, RouterWeights};
 use kl_layers::{Mode, Probe, Scratch};
 use kl_weights::{Checkpoint, WeightsError};
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
 
 /// Why a model cannot be loaded or a request cannot be run.
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +206,11 @@ pub struct KimiLinear {
     norm: Vec<f32>,
     lm_head: Linear,
     ckpt_bytes: u64,
+    /// Prefill workspaces (chunk-sized activation buffers) kept between calls, one per prefill
+    /// that ran at once: a fresh one costs its page faults and fills again on every call, which
+    /// for a one-chunk prompt was 2–4% of `mini`'s prefill. What it holds is within the
+    /// planner's workspace figure; [`KimiLinear::release_workspaces`] frees it.
+    workspaces: Mutex<Vec<Scratch>>,
 }
 
 fn norm_vec(ckpt: &Checkpoint, name: &str, n: usize) -> Result<Vec<f32>, WeightsError> {
@@ -286,7 +292,28 @@ impl KimiLinear {
             opts,
             ckpt_bytes: ckpt.total_bytes(),
             cfg,
+            workspaces: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The kept prefill workspaces (a poisoned lock only means a prefill panicked: its
+    /// workspace was never given back, and the others are still whole).
+    fn workspaces(&self) -> std::sync::MutexGuard<'_, Vec<Scratch>> {
+        self.workspaces
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Bytes of prefill workspace kept for the next prefill (see
+    /// [`KimiLinear::release_workspaces`]).
+    pub fn workspace_bytes_held(&self) -> usize {
+        self.workspaces().iter().map(Scratch::bytes).sum()
+    }
+
+    /// Free the prefill workspaces kept between calls (the next prefill allocates its own
+    /// again). A long decode after a long prompt can give the memory back this way.
+    pub fn release_workspaces(&self) {
+        self.workspaces().clear();
     }
 
     /// The validated config.
@@ -427,8 +454,8 @@ impl KimiLinear {
         });
         let chunk = self.opts.prefill_chunk.max(1);
         let n_chunks = ids.len().div_ceil(chunk);
-        // Chunk-sized temporaries, reused across this call's chunks and freed after it.
-        let mut scratch = Scratch::new();
+        // Chunk-sized temporaries, reused across this call's chunks and kept for the next call.
+        let mut scratch = self.workspaces().pop().unwrap_or_default();
         for (ci, piece) in ids.chunks(chunk).enumerate() {
             let h = self.run_layers(piece, state, Mode::Prefill, probe, &mut scratch);
             let t = piece.len();
@@ -449,6 +476,7 @@ impl KimiLinear {
             scratch.give(h);
             progress(((ci + 1) * chunk).min(ids.len()), ids.len());
         }
+        self.workspaces().push(scratch);
         Ok(out)
     }
 

@@ -290,3 +290,40 @@ fn absorbed_mla_equals_naive_mla() {
         }
     }
 }
+
+/// A prefill keeps its workspace for the next one, within the planner's workspace figure; a
+/// kept workspace (stale values from another prompt in it) changes no bit of a later prefill,
+/// and `release_workspaces` frees it.
+#[test]
+fn kept_prefill_workspace_changes_nothing() {
+    for form in [MlaPrefill::Absorbed, MlaPrefill::Expanded] {
+        let m = load_form(64, form);
+        assert_eq!(m.workspace_bytes_held(), 0, "nothing kept before a prefill");
+        let run = |x: &[u32]| {
+            m.prefill(x, &mut m.new_state(), LogitsMode::All, &mut Probe::off())
+                .unwrap()
+        };
+        run(&ids(150, 3));
+        let held = m.workspace_bytes_held();
+        let planned =
+            kl_model::plan::workspace_bytes(m.config(), 64, false, rayon::current_num_threads());
+        assert!(
+            held > 0 && held as u64 <= planned,
+            "{form:?}: {held} bytes kept, planned {planned}"
+        );
+        let warm = run(&ids(130, 4));
+        m.release_workspaces();
+        assert_eq!(m.workspace_bytes_held(), 0, "released");
+        let cold = {
+            let m2 = load_form(64, form);
+            m2.prefill(
+                &ids(130, 4),
+                &mut m2.new_state(),
+                LogitsMode::All,
+                &mut Probe::off(),
+            )
+            .unwrap()
+        };
+        assert_eq!(warm, cold, "{form:?}: a kept workspace changed the logits");
+    }
+}
