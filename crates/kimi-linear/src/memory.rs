@@ -6,6 +6,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kl_model::plan::{self, Footprint, PlanRequest};
 use kl_model::{CacheDtype, KimiLinear, SequenceState};
 use std::io::IsTerminal;
+use std::num::NonZeroUsize;
 
 /// Memory flags of `run` and `chat`.
 #[derive(clap::Args, Debug, Clone)]
@@ -17,7 +18,7 @@ pub struct MemoryArgs {
     /// 512, or for many experts enough that each sees about 64 rows a chunk: 2048 for the
     /// released model]
     #[arg(long)]
-    pub prefill_chunk: Option<usize>,
+    pub prefill_chunk: Option<NonZeroUsize>,
     /// mla_prefill attention in prefill: auto (fewer FLOPs per chunk), absorbed, expanded.
     #[arg(long, default_value = "auto")]
     pub mla_prefill: String,
@@ -37,7 +38,7 @@ impl MemoryArgs {
     pub fn options(&self) -> Result<kl_model::ModelOptions> {
         Ok(kl_model::ModelOptions {
             cache_dtype: parse_cache_dtype(&self.cache_dtype)?,
-            prefill_chunk: self.prefill_chunk.map_or(0, |c| c.max(1)),
+            prefill_chunk: self.prefill_chunk.map_or(0, NonZeroUsize::get),
             mla_prefill: parse_mla_prefill(&self.mla_prefill)?,
             ..Default::default()
         })

@@ -429,6 +429,13 @@ fn errors_are_clear_and_exit_1() {
         &["run", "--model", &m, "--prompt", "x", "--top-p", "0"],
         &["top-p"],
     );
+    // A zero prefill chunk is a usage error (it had been taken as one token per chunk).
+    for cmd in ["run", "bench", "forward", "plan"] {
+        let out = run(&[cmd, "--model", &m, "--prefill-chunk", "0"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
+        assert!(err.contains("--prefill-chunk"), "{cmd}: {err}");
+    }
     // A failed chat command is reported, the chat goes on, and the exit status says so.
     let out = with_stdin(
         &["chat", "--model", &m, "-n", "2"],

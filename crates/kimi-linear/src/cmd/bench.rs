@@ -20,6 +20,7 @@ use anyhow::{bail, Context, Result};
 use kl_kernels::roofline::Roofline;
 use kl_model::{KimiLinear, LayerState, LogitsMode, ModelOptions, Probe, SequenceState};
 use serde_json::json;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -48,7 +49,7 @@ pub struct Args {
     /// 512, or for many experts enough that each sees about 64 rows a chunk: 2048 for the
     /// released model]
     #[arg(long)]
-    prefill_chunk: Option<usize>,
+    prefill_chunk: Option<NonZeroUsize>,
     /// mla_prefill attention in prefill: auto (fewer FLOPs per chunk), absorbed, expanded.
     #[arg(long, default_value = "auto")]
     mla_prefill: String,
@@ -222,7 +223,7 @@ fn keyed<R>(
 pub fn run(a: Args) -> Result<()> {
     let opts = ModelOptions {
         cache_dtype: parse_cache_dtype(&a.cache_dtype)?,
-        prefill_chunk: a.prefill_chunk.map_or(0, |c| c.max(1)),
+        prefill_chunk: a.prefill_chunk.map_or(0, NonZeroUsize::get),
         mla_prefill: parse_mla_prefill(&a.mla_prefill)?,
         ..Default::default()
     };

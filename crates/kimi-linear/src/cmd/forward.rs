@@ -9,6 +9,7 @@ use crate::output::{Decl, OutputFile};
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 use kl_model::{KimiLinear, LogitsMode, ModelOptions, Probe, RouterWeights};
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 
 /// MoE combine-weight convention.
@@ -39,7 +40,7 @@ pub struct Args {
     /// chunk, `[chunk, vocab]` f32, so it does not take the larger chunk `run` picks for many
     /// experts]
     #[arg(long)]
-    prefill_chunk: Option<usize>,
+    prefill_chunk: Option<NonZeroUsize>,
     /// mla_prefill attention in prefill: auto (fewer FLOPs per chunk), absorbed, expanded.
     #[arg(long, default_value = "auto")]
     mla_prefill: String,
@@ -77,7 +78,7 @@ pub fn run(a: Args) -> Result<()> {
         },
         prefill_chunk: a
             .prefill_chunk
-            .map_or(kl_model::DEFAULT_PREFILL_CHUNK, |c| c.max(1)),
+            .map_or(kl_model::DEFAULT_PREFILL_CHUNK, NonZeroUsize::get),
         cache_dtype: parse_cache_dtype(&a.cache_dtype)?,
         mla_prefill: parse_mla_prefill(&a.mla_prefill)?,
     };

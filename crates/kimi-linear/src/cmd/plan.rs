@@ -4,6 +4,7 @@ use crate::memory::{footprint_rows, human, parse_cache_dtype, parse_tokens};
 use anyhow::{bail, Context, Result};
 use kl_config::{presets, ModelConfig};
 use kl_model::plan::{self, PlanRequest};
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 
 /// Flags of `plan`.
@@ -27,7 +28,7 @@ pub struct Args {
     /// Prefill chunk the workspace is planned for [default: what `run` would use: 512, or for
     /// many experts enough that each sees about 64 rows a chunk]
     #[arg(long)]
-    prefill_chunk: Option<usize>,
+    prefill_chunk: Option<NonZeroUsize>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -75,7 +76,10 @@ pub fn run(a: Args) -> Result<()> {
     let req = PlanRequest {
         context,
         cache_dtype,
-        prefill_chunk: kl_model::prefill_chunk_for(&cfg, a.prefill_chunk.map_or(0, |c| c.max(1))),
+        prefill_chunk: kl_model::prefill_chunk_for(
+            &cfg,
+            a.prefill_chunk.map_or(0, NonZeroUsize::get),
+        ),
         all_logits: false,
         threads: rayon::current_num_threads(),
     };
