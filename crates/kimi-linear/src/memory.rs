@@ -127,7 +127,7 @@ fn fit_prefill_chunk(session: &mut kl_engine::Session, context: usize, budget: u
 
 /// The plan request of `context` tokens for `model` as its options stand (its cache dtype and
 /// prefill chunk) on this pool's threads.
-fn plan_request(model: &KimiLinear, context: usize, all_logits: bool) -> PlanRequest {
+pub fn plan_request(model: &KimiLinear, context: usize, all_logits: bool) -> PlanRequest {
     let opts = model.options();
     PlanRequest {
         context,

@@ -381,13 +381,7 @@ pub fn run(a: Args) -> Result<()> {
             .max()
             .unwrap_or(0),
     );
-    let req = kl_model::plan::PlanRequest {
-        context: max_ctx,
-        cache_dtype: opts.cache_dtype,
-        prefill_chunk: model.options().prefill_chunk,
-        all_logits: false,
-        threads,
-    };
+    let req = crate::memory::plan_request(&model, max_ctx, false);
     let planned =
         kl_model::plan::plan(model.config(), model.resident_weight_bytes(), req).total_bytes;
     if a.json {
