@@ -4,47 +4,36 @@
 //! the current token, tap `0` the token `W-1` steps back. The state holds the last `W-1` raw inputs,
 //! oldest first, so a call on consecutive pieces equals one call on the whole sequence.
 //!
+//! The taps come as `[W, C]` (tap-major: a layer transposes PyTorch's `[C, 1, W]` once, at
+//! load), so each output row is `W` vectorised multiply–add passes over contiguous channels.
 //! [`conv1d_causal_silu`] runs blocks of output rows in parallel (each row reads only the inputs
-//! before it). A block first copies the taps into a `[W, C]` buffer (per thread, kept between
-//! calls), so that each output row is `W` vectorised multiply–add passes over contiguous
-//! channels; every output element is the sum over taps in tap order, then SiLU
+//! before it); every output element is the sum over taps in tap order, then SiLU
 //! ([`crate::activation::silu_inplace`]), as in [`conv1d_causal_silu_reference`].
 
 use crate::activation::{silu, silu_inplace};
-use std::cell::RefCell;
 
-thread_local! {
-    /// Each thread's `[W, C]` copy of the taps.
-    static TAPS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// `x` `[T, C]` (raw, pre-conv), `weight` `[C, W]`, `state` `[W-1, C]` (oldest row first; zeros at
-/// the start of a sequence). Writes `out` `[T, C]` = SiLU(conv) and updates `state` to the last
-/// `W-1` inputs.
+/// `x` `[T, C]` (raw, pre-conv), `taps` `[W, C]` (row `W-1` multiplies the current token),
+/// `state` `[W-1, C]` (oldest row first; zeros at the start of a sequence). Writes `out` `[T, C]`
+/// = SiLU(conv) and updates `state` to the last `W-1` inputs.
 pub fn conv1d_causal_silu(
     x: &[f32],
     c: usize,
-    weight: &[f32],
+    taps: &[f32],
     w: usize,
     state: &mut [f32],
     out: &mut [f32],
 ) {
-    check(x, c, weight, w, state, out);
+    check(x, c, taps, w, state, out);
     let st: &[f32] = state;
     crate::par::rows_mut(out, c, 32, |r0, rows| {
-        TAPS.with(|cell| {
-            let mut taps = cell.borrow_mut();
-            taps.resize(w * c, 0.0);
-            // [C, W] → [W, C].
-            crate::transpose::transpose(weight, c, w, w, &mut taps, c);
-            #[cfg(target_arch = "x86_64")]
-            if crate::cpu::features().avx2_fma {
-                // SAFETY: AVX2 checked; the body is safe code compiled 8 lanes wide.
-                unsafe { conv_rows_avx2(x, st, c, w, &taps, r0, rows) };
-                return;
-            }
-            conv_rows(x, st, c, w, &taps, r0, rows);
-        });
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::features().avx2_fma {
+            // SAFETY: AVX2 checked; the body is safe code compiled 8 lanes wide.
+            unsafe { conv_rows_avx2(x, st, c, w, taps, r0, rows) };
+            silu_inplace(rows);
+            return;
+        }
+        conv_rows(x, st, c, w, taps, r0, rows);
         silu_inplace(rows);
     });
     push_state(x, c, w, state);
@@ -54,12 +43,12 @@ pub fn conv1d_causal_silu(
 pub fn conv1d_causal_silu_reference(
     x: &[f32],
     c: usize,
-    weight: &[f32],
+    taps: &[f32],
     w: usize,
     state: &mut [f32],
     out: &mut [f32],
 ) {
-    check(x, c, weight, w, state, out);
+    check(x, c, taps, w, state, out);
     let t = x.len() / c;
     for ti in 0..t {
         let o = &mut out[ti * c..(ti + 1) * c];
@@ -67,7 +56,7 @@ pub fn conv1d_causal_silu_reference(
         for j in 0..w {
             let r = input_row(x, state, c, w, ti + j);
             for ch in 0..c {
-                o[ch] += weight[ch * w + j] * r[ch];
+                o[ch] += taps[j * c + ch] * r[ch];
             }
         }
         for v in o.iter_mut() {
@@ -77,9 +66,9 @@ pub fn conv1d_causal_silu_reference(
     push_state(x, c, w, state);
 }
 
-fn check(x: &[f32], c: usize, weight: &[f32], w: usize, state: &[f32], out: &[f32]) {
+fn check(x: &[f32], c: usize, taps: &[f32], w: usize, state: &[f32], out: &[f32]) {
     assert!(c > 0 && w > 0, "conv1d: zero channels or taps");
-    assert_eq!(weight.len(), c * w, "conv1d: weight is not [C, W]");
+    assert_eq!(taps.len(), w * c, "conv1d: taps are not [W, C]");
     assert_eq!(state.len(), (w - 1) * c, "conv1d: state is not [W-1, C]");
     assert_eq!(x.len(), out.len(), "conv1d: x and out lengths differ");
     assert_eq!(x.len() % c, 0, "conv1d: x is not [T, C]");

@@ -134,7 +134,8 @@ pub struct Kda {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
-    /// Conv weights `[P, W]` for q, k, v (f32).
+    /// Conv taps for q, k, v, tap-major `[W, P]` (f32; the checkpoint's `[P, 1, W]` transposed
+    /// at load, the layout `conv1d_causal_silu` reads).
     conv: [Vec<f32>; 3],
     a_log: Vec<f32>,
     dt_bias: Vec<f32>,
@@ -158,7 +159,12 @@ impl Kda {
     ) -> Result<Self, WeightsError> {
         let (p, k, h, w) = (dims.proj(), dims.head_dim, dims.num_heads, dims.conv_kernel);
         let lin = |n: &str, r, c| Linear::load(ckpt, &format!("{prefix}{n}"), r, c);
-        let conv = |n: &str| -> Result<Vec<f32>, WeightsError> { Ok(lin(n, p, w)?.to_f32_vec()) };
+        let conv = |n: &str| -> Result<Vec<f32>, WeightsError> {
+            let pw = lin(n, p, w)?.to_f32_vec();
+            let mut taps = vec![0.0; w * p];
+            kl_kernels::transpose::transpose(&pw, p, w, w, &mut taps, p);
+            Ok(taps)
+        };
         Ok(Kda {
             dims,
             eps,

@@ -15,9 +15,10 @@
 //! One loaded model can therefore serve any number of sequences, and a sequence snapshot is a
 //! clone of its state.
 //!
-//! **Format adaptation** happens once, in each block's `load`: conv weights `[P,1,W]` are read
-//! as `[P,W]` f32, `A_log` `[1,1,H,1]` as `[H]`, and MLA's `kv_b_proj` key half is transposed per
-//! head into `W_UKᵀ` (same dtype) for weight absorption. Nothing is re-interpreted at run time.
+//! **Format adaptation** happens once, in each block's `load`: conv weights `[P,1,W]` become
+//! tap-major `[W,P]` f32 (the layout the convolution kernel reads), `A_log` `[1,1,H,1]` is read
+//! as `[H]`, and MLA's `kv_b_proj` key half is transposed per head into `W_UKᵀ` (same dtype) for
+//! weight absorption. Nothing is re-interpreted at run time.
 //!
 //! **Scratch.** Every forward also takes a [`Scratch`] from which it borrows its temporaries
 //! and to which it returns them, so a decode step allocates nothing once warmed up.
