@@ -10,7 +10,7 @@ use kl_kernels::activation::{
 };
 use kl_kernels::conv1d::{conv1d_causal_silu, conv1d_causal_silu_reference};
 use kl_kernels::kda::{kda_gate, kda_gate_reference};
-use kl_kernels::norm::{rms_norm_gated, rms_norm_gated_reference};
+use kl_kernels::norm::{rms_norm, rms_norm_gated, rms_norm_gated_reference, rms_norm_reference};
 
 /// Inputs across the interesting ranges: around 0, the softplus threshold 20, large of both
 /// signs, tiny, and ±0.
@@ -167,6 +167,34 @@ fn rms_norm_gated_matches_reference() {
         rms_norm_gated(&x, &gate, &w, 1e-5, &mut a);
         rms_norm_gated_reference(&x, &gate, &w, 1e-5, &mut b);
         assert_near("rms_norm_gated", &a, &b, 5e-7, 1e-30, &gate);
+    }
+}
+
+/// RMSNorm against its plain twin at odd widths (SIMD tails) and row counts (the parallel
+/// split), f32 and bf16 weights; each row's bits do not depend on the rows beside it.
+#[test]
+fn rms_norm_matches_reference_row_by_row() {
+    let mut rng = Rng::new(16);
+    for (rows, d) in [(1, 5), (3, 64), (130, 17), (67, 1027)] {
+        let x = rng.vec(rows * d, 2.0);
+        let w = rng.vec(d, 1.0);
+        let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let (mut a, mut b) = (vec![0.0; rows * d], vec![0.0; rows * d]);
+        rms_norm(&x, &w, 1e-6, &mut a);
+        rms_norm_reference(&x, &w, 1e-6, &mut b);
+        assert_near("rms_norm", &a, &b, 2e-6, 1e-30, &x);
+        rms_norm(&x, &wb, 1e-6, &mut a);
+        rms_norm_reference(&x, &wb, 1e-6, &mut b);
+        assert_near("rms_norm bf16", &a, &b, 2e-6, 1e-30, &x);
+        for r in [0, rows / 2, rows - 1] {
+            let mut one = vec![0.0; d];
+            rms_norm(&x[r * d..(r + 1) * d], &wb, 1e-6, &mut one);
+            assert_eq!(
+                one,
+                a[r * d..(r + 1) * d],
+                "row {r} of {rows} alone, width {d}"
+            );
+        }
     }
 }
 
