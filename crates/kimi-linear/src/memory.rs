@@ -19,7 +19,7 @@ pub struct MemoryArgs {
     /// released model]
     #[arg(long)]
     pub prefill_chunk: Option<NonZeroUsize>,
-    /// mla_prefill attention in prefill: auto (fewer FLOPs per chunk), absorbed, expanded.
+    /// mla_prefill attention in prefill: auto (per chunk, by FLOPs), absorbed, expanded.
     #[arg(long, default_value = "auto")]
     pub mla_prefill: String,
     /// Refuse before any work, or stop cleanly during the run, beyond this much memory: 16GiB, 800MB.

@@ -50,7 +50,7 @@ pub struct Args {
     /// released model]
     #[arg(long)]
     prefill_chunk: Option<NonZeroUsize>,
-    /// mla_prefill attention in prefill: auto (fewer FLOPs per chunk), absorbed, expanded.
+    /// mla_prefill attention in prefill: auto (per chunk, by FLOPs), absorbed, expanded.
     #[arg(long, default_value = "auto")]
     mla_prefill: String,
     /// Runs of each measurement: every prefill length and every block of `--gen-tokens` decode

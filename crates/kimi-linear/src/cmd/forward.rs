@@ -41,7 +41,7 @@ pub struct Args {
     /// experts]
     #[arg(long)]
     prefill_chunk: Option<NonZeroUsize>,
-    /// mla_prefill attention in prefill: auto (fewer FLOPs per chunk), absorbed, expanded.
+    /// mla_prefill attention in prefill: auto (per chunk, by FLOPs), absorbed, expanded.
     #[arg(long, default_value = "auto")]
     mla_prefill: String,
     /// Latent cache dtype: f32 (default here: exact parity with the reference), bf16, fp8.
