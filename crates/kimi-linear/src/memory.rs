@@ -15,8 +15,8 @@ pub struct MemoryArgs {
     #[arg(long, default_value = "bf16")]
     pub cache_dtype: String,
     /// Tokens per prefill chunk (activation memory depends on it, not on the prompt) [default:
-    /// 512, or for many experts enough that each sees about 64 rows a chunk: 2048 for the
-    /// released model]
+    /// 2048 for a model with MLA layers, as every Kimi Linear model; else 512, or for many
+    /// experts enough that each sees about 64 rows a chunk]
     #[arg(long)]
     pub prefill_chunk: Option<NonZeroUsize>,
     /// mla_prefill attention in prefill: auto (per chunk, by FLOPs), absorbed, expanded.
@@ -93,7 +93,7 @@ impl MemoryArgs {
 }
 
 /// With the automatic prefill chunk and a memory budget: when the larger chunk chosen for a
-/// model's many experts (`kl_model::auto_prefill_chunk`) keeps `context` tokens from fitting
+/// model's MLA layers or many experts (`kl_model::auto_prefill_chunk`) keeps `context` tokens from fitting
 /// `budget`, take the largest of its halvings, down to the default 512, that fits, and say so on
 /// stderr. Nothing changes when the chunk already fits or when none does (the budget check then
 /// reports it).
@@ -118,7 +118,7 @@ fn fit_prefill_chunk(session: &mut kl_engine::Session, context: usize, budget: u
         if session.set_prefill_chunk(c) {
             eprintln!(
                 "note: prefill chunks of {c} tokens: the memory budget {} leaves no room for the \
-                 {chosen} chosen for this model's experts",
+                 {chosen} chosen for this model",
                 human(budget)
             );
         }
@@ -268,7 +268,7 @@ pub fn apply_budget(
                 None => msg.push_str("not even an empty context fits: the weights and workspace alone exceed the budget"),
             }
             if req.prefill_chunk > kl_model::DEFAULT_PREFILL_CHUNK {
-                // The chunk chosen for many experts plans a larger workspace; say so when the
+                // The larger automatic chunk plans a larger workspace; say so when the
                 // default chunk would fit.
                 let small = PlanRequest {
                     prefill_chunk: kl_model::DEFAULT_PREFILL_CHUNK,

@@ -95,7 +95,7 @@ fn plan_prefill_chunk_flag_sets_the_workspace() {
     assert!(auto["workspace_bytes"].as_u64() > small["workspace_bytes"].as_u64());
     assert_eq!(
         json(&["plan", "--preset", "mini", "--context", "4K", "--json"])["prefill_chunk"],
-        512
+        2048
     );
 }
 
@@ -111,6 +111,8 @@ fn budget_refusal_lists_parts_and_largest_context() {
         "2000",
         "--cache-dtype",
         "f32",
+        "--prefill-chunk",
+        "512",
         "--json",
     ]);
     let (total, cache) = (

@@ -201,36 +201,35 @@ fn snapshots_round_trip_bit_exactly() {
     }
 }
 
-/// The prefill chunk when none is asked for: 512 for `mini`, the 16-expert benchmark shape and
-/// a dense model; 2048 for the released model's 256 experts (top 8), so that each expert sees
-/// about 64 rows of a chunk; 0 resolves to it in a built model and in a plan, and an explicit
-/// chunk is kept.
+/// The prefill chunk when none is asked for: 2048 for any model with MLA layers (every Kimi
+/// Linear config: `mini`, the 16-expert benchmark shape, the released model); without them, 512,
+/// or for a mixture of many experts enough that each expert sees about 64 rows of a chunk. 0
+/// resolves to it in a built model and in a plan, and an explicit chunk is kept.
 #[test]
-fn prefill_chunk_is_chosen_by_experts_per_chunk() {
+fn prefill_chunk_is_chosen_by_mla_and_experts_per_chunk() {
     let released = ModelConfig::from_raw(presets::kimi_linear_48b_a3b()).unwrap();
     assert_eq!(kl_model::auto_prefill_chunk(&released), 2048);
     let mini = ModelConfig::from_raw(presets::mini()).unwrap();
-    assert_eq!(kl_model::auto_prefill_chunk(&mini), 512);
+    assert_eq!(kl_model::auto_prefill_chunk(&mini), 2048);
     let mut raw = presets::kimi_linear_48b_a3b();
     raw.num_experts = Some(16);
     let sixteen = ModelConfig::from_raw(raw).unwrap();
-    assert_eq!(kl_model::auto_prefill_chunk(&sixteen), 512);
-    // 64 experts, top 6: rounded up to a power of two; 1024 experts: capped.
-    let mut raw = presets::kimi_linear_48b_a3b();
-    (raw.num_experts, raw.num_experts_per_token) = (Some(64), Some(6));
-    let c = ModelConfig::from_raw(raw).unwrap();
-    assert_eq!(
-        kl_model::auto_prefill_chunk(&c),
-        1024,
-        "64·64/6 = 683 → 1024"
-    );
-    let mut raw = presets::kimi_linear_48b_a3b();
-    raw.num_experts = Some(1024);
-    let c = ModelConfig::from_raw(raw).unwrap();
-    assert_eq!(
-        kl_model::auto_prefill_chunk(&c),
-        kl_model::MAX_AUTO_PREFILL_CHUNK
-    );
+    assert_eq!(kl_model::auto_prefill_chunk(&sixteen), 2048);
+    // Without MLA layers the experts decide: 16 experts (top 8) keep 512; 64 experts, top 6:
+    // rounded up to a power of two; 1024 experts: capped.
+    let no_mla = |experts: usize, top_k: usize| {
+        let mut raw = presets::kimi_linear_48b_a3b();
+        let n = raw.num_hidden_layers;
+        raw.linear_attn_config.kda_layers = (1..=n).collect();
+        raw.linear_attn_config.full_attn_layers = Vec::new();
+        (raw.num_experts, raw.num_experts_per_token) = (Some(experts), Some(top_k));
+        let c = ModelConfig::from_raw(raw).unwrap();
+        assert_eq!(c.num_mla_layers(), 0);
+        kl_model::auto_prefill_chunk(&c)
+    };
+    assert_eq!(no_mla(16, 8), 512);
+    assert_eq!(no_mla(64, 6), 1024, "64·64/6 = 683 → 1024");
+    assert_eq!(no_mla(1024, 8), kl_model::MAX_AUTO_PREFILL_CHUNK);
     assert_eq!(kl_model::prefill_chunk_for(&released, 300), 300);
 
     // In a plan: 0 plans for the automatic chunk.
@@ -251,7 +250,7 @@ fn prefill_chunk_is_chosen_by_experts_per_chunk() {
             > plan::plan(&released, 0, req(1 << 17, CacheDtype::Bf16)).workspace_bytes
     );
 
-    // In a built model: the tiny model (few experts) resolves 0 to 512 and keeps 128.
-    assert_eq!(tiny(CacheDtype::F32, 0).options().prefill_chunk, 512);
+    // In a built model: the tiny model (MLA layers) resolves 0 to 2048 and keeps 128.
+    assert_eq!(tiny(CacheDtype::F32, 0).options().prefill_chunk, 2048);
     assert_eq!(tiny(CacheDtype::F32, 128).options().prefill_chunk, 128);
 }

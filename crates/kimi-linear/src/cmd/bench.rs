@@ -46,8 +46,8 @@ pub struct Args {
     #[arg(long, default_value = "bf16")]
     cache_dtype: String,
     /// Tokens per prefill chunk (activation memory depends on it, not on the prompt) [default:
-    /// 512, or for many experts enough that each sees about 64 rows a chunk: 2048 for the
-    /// released model]
+    /// 2048 for a model with MLA layers, as every Kimi Linear model; else 512, or for many
+    /// experts enough that each sees about 64 rows a chunk]
     #[arg(long)]
     prefill_chunk: Option<NonZeroUsize>,
     /// mla_prefill attention in prefill: auto (per chunk, by FLOPs), absorbed, expanded.

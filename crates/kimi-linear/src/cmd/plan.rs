@@ -25,8 +25,8 @@ pub struct Args {
     /// Weight dtype for presets: bf16, f16, f32, fp8 (ignored with --model).
     #[arg(long, default_value = "bf16")]
     weights_dtype: String,
-    /// Prefill chunk the workspace is planned for [default: what `run` would use: 512, or for
-    /// many experts enough that each sees about 64 rows a chunk]
+    /// Prefill chunk the workspace is planned for [default: what `run` would use: 2048 for a
+    /// model with MLA layers; else 512, or for many experts enough that each sees about 64 rows]
     #[arg(long)]
     prefill_chunk: Option<NonZeroUsize>,
     /// Print one JSON object.
