@@ -220,7 +220,7 @@ fn prefill_chunk_is_chosen_by_mla_and_experts_per_chunk() {
     let no_mla = |experts: usize, top_k: usize| {
         let mut raw = presets::kimi_linear_48b_a3b();
         let n = raw.num_hidden_layers;
-        raw.linear_attn_config.kda_layers = (1..=n).collect();
+        raw.linear_attn_config.kda_layers = (1..=n as i64).collect();
         raw.linear_attn_config.full_attn_layers = Vec::new();
         (raw.num_experts, raw.num_experts_per_token) = (Some(experts), Some(top_k));
         let c = ModelConfig::from_raw(raw).unwrap();
