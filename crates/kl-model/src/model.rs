@@ -342,9 +342,17 @@ impl KimiLinear {
     }
 
     /// Change run-time options (router convention, cache dtype of new states, prefill chunk: 0
-    /// picks [`auto_prefill_chunk`] again).
+    /// picks [`auto_prefill_chunk`] again). A new prefill chunk frees the kept workspaces, which
+    /// were sized for the old one (a smaller chunk is how a memory budget is met).
     pub fn set_options(&mut self, opts: ModelOptions) {
-        self.opts = opts.resolved(&self.cfg);
+        let opts = opts.resolved(&self.cfg);
+        if opts.prefill_chunk != self.opts.prefill_chunk {
+            self.workspaces
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+        }
+        self.opts = opts;
     }
 
     /// Bytes of the checkpoint's tensor data.

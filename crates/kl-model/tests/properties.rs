@@ -314,6 +314,31 @@ fn kept_prefill_workspace_changes_nothing() {
         let warm = run(&ids(130, 4));
         m.release_workspaces();
         assert_eq!(m.workspace_bytes_held(), 0, "released");
+        // A new prefill chunk frees them too (they were sized for the old one); the same chunk
+        // keeps them.
+        let mut m3 = load_form(64, form);
+        m3.prefill(
+            &ids(150, 3),
+            &mut m3.new_state(),
+            LogitsMode::Last,
+            &mut Probe::off(),
+        )
+        .unwrap();
+        let opts = m3.options();
+        m3.set_options(opts);
+        assert!(
+            m3.workspace_bytes_held() > 0,
+            "{form:?}: the same chunk keeps them"
+        );
+        m3.set_options(ModelOptions {
+            prefill_chunk: 32,
+            ..opts
+        });
+        assert_eq!(
+            m3.workspace_bytes_held(),
+            0,
+            "{form:?}: a new chunk frees them"
+        );
         let cold = {
             let m2 = load_form(64, form);
             m2.prefill(
