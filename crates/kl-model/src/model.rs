@@ -107,7 +107,8 @@ impl ModelOptions {
     }
 }
 
-/// The prefill chunk of a model without experts, or with few: 512 tokens.
+/// The prefill chunk of a model without MLA layers and without many experts, and the smallest
+/// that `run` and `chat` halve the automatic chunk to under a memory budget: 512 tokens.
 pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
 /// Rows that each routed expert should see in a prefill chunk, on average, for [`auto_prefill_chunk`].
