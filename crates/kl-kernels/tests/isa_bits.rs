@@ -27,6 +27,12 @@ fn compare_with_avx2(test: &str, values: &[f32]) -> bool {
     compare_with_child(test, values, ("KL_NO_AVX512", "1"))
 }
 
+/// [`compare_with_child`] for a switch that this process has `on`: the child runs with `env` set
+/// the other way (`0` or `1`).
+fn compare_with_flipped(test: &str, values: &[f32], env: &str, on: bool) -> bool {
+    compare_with_child(test, values, (env, if on { "0" } else { "1" }))
+}
+
 /// [`compare_with_avx2`] for a child run with environment variable `env.0` set to `env.1`.
 fn compare_with_child(test: &str, values: &[f32], env: (&str, &str)) -> bool {
     let line = format!("BITS {}", hex(values));
@@ -115,15 +121,11 @@ fn kda_chunked_bits_do_not_depend_on_avx512() {
 #[test]
 fn kda_chunked_bits_do_not_depend_on_nontemporal() {
     let all = kda_bits(32, &[(150, 2, 20, 36), (130, 3, 64, 64)]);
-    let other = if kl_kernels::cpu::features().nontemporal {
-        "0"
-    } else {
-        "1"
-    };
-    compare_with_child(
+    compare_with_flipped(
         "kda_chunked_bits_do_not_depend_on_nontemporal",
         &all,
-        ("KL_NONTEMPORAL", other),
+        "KL_NONTEMPORAL",
+        kl_kernels::cpu::features().nontemporal,
     );
 }
 
@@ -160,15 +162,11 @@ fn latent_attention_bits_do_not_depend_on_register_widening() {
         (9, 16, 16, 13),
     ];
     let all = attention_bits(23, &shapes, SEGMENT + 141, 5);
-    let other = if kl_kernels::cpu::features().widen_in_registers {
-        "0"
-    } else {
-        "1"
-    };
-    compare_with_child(
+    compare_with_flipped(
         "latent_attention_bits_do_not_depend_on_register_widening",
         &all,
-        ("KL_WIDEN_IN_REGISTERS", other),
+        "KL_WIDEN_IN_REGISTERS",
+        kl_kernels::cpu::features().widen_in_registers,
     );
 }
 
