@@ -97,32 +97,45 @@ fn env_choice(name: &str, default: fn() -> bool) -> bool {
 
 /// Features of the running CPU (detected on first call), narrowed by `KL_NO_SIMD=1` (none) and
 /// `KL_NO_AVX512=1` (no AVX-512).
+///
+/// Inlined: kernels ask once per register tile (the decode matrix–vector product about 40 000
+/// times a `mini` token), so after the first call this is one load and a test; the detection
+/// itself stays out of line.
+#[inline]
 pub fn features() -> Features {
     static F: OnceLock<Features> = OnceLock::new();
-    *F.get_or_init(|| {
-        let off = env_flag("KL_NO_SIMD");
-        #[cfg(target_arch = "x86_64")]
-        {
-            if !off {
-                let avx2_fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-                let avx512f =
-                    avx2_fma && is_x86_feature_detected!("avx512f") && !env_flag("KL_NO_AVX512");
-                return Features {
-                    avx2_fma,
-                    avx512f,
-                    nontemporal: env_choice("KL_NONTEMPORAL", vendor_is_amd),
-                    widen_in_registers: env_choice("KL_WIDEN_IN_REGISTERS", vendor_is_amd),
-                };
-            }
+    match F.get() {
+        Some(f) => *f,
+        None => *F.get_or_init(detect),
+    }
+}
+
+/// What [`features`] reports, detected (once).
+#[cold]
+#[inline(never)]
+fn detect() -> Features {
+    let off = env_flag("KL_NO_SIMD");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !off {
+            let avx2_fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            let avx512f =
+                avx2_fma && is_x86_feature_detected!("avx512f") && !env_flag("KL_NO_AVX512");
+            return Features {
+                avx2_fma,
+                avx512f,
+                nontemporal: env_choice("KL_NONTEMPORAL", vendor_is_amd),
+                widen_in_registers: env_choice("KL_WIDEN_IN_REGISTERS", vendor_is_amd),
+            };
         }
-        let _ = off;
-        Features {
-            avx2_fma: false,
-            avx512f: false,
-            nontemporal: false,
-            widen_in_registers: false,
-        }
-    })
+    }
+    let _ = off;
+    Features {
+        avx2_fma: false,
+        avx512f: false,
+        nontemporal: false,
+        widen_in_registers: false,
+    }
 }
 
 /// Whether the CPU's vendor string (CPUID leaf 0) is AMD's.
