@@ -53,6 +53,13 @@ impl MlaPrefill {
 /// Keys per block of the expanded form.
 const EXPAND_BLOCK: usize = 256;
 
+/// The first of `t` queries at positions `p0..p0 + t` that sees any key of the block starting
+/// at position `k0`: the queries before it lie before the block (it is in their future), so
+/// the expanded form skips them and [`Mla::attention_flops`] does not count them.
+fn first_query_seeing(k0: usize, p0: usize, t: usize) -> usize {
+    k0.saturating_sub(p0).min(t)
+}
+
 /// Per-thread buffers of one head's expanded attention over one key block.
 #[derive(Default)]
 struct HeadBufs {
@@ -99,6 +106,20 @@ mod tests {
             b.fit(EXPAND_BLOCK, t, qk, dv);
             let held = b.k.len() + b.vt.len() + b.s.len() + b.pv.len();
             assert_eq!(held, expanded_scratch_floats(t, qk, dv));
+        }
+    }
+
+    /// The first query that sees a key block, against its definition: the queries before it
+    /// (at positions `p0 + i`) all lie before the block's first key `k0`, and it does not.
+    #[test]
+    fn first_query_seeing_matches_its_definition() {
+        for t in [1usize, 2, 7, 256, 300] {
+            for p0 in [0usize, 1, 255, 256, 1000] {
+                for k0 in (0..p0 + t).step_by(EXPAND_BLOCK) {
+                    let before = (0..t).take_while(|&i| p0 + i < k0).count();
+                    assert_eq!(first_query_seeing(k0, p0, t), before, "{t} {p0} {k0}");
+                }
+            }
         }
     }
 }
@@ -400,17 +421,15 @@ impl Mla {
             v_head: dv,
             ..
         } = self.dims;
+        // (query, key) pairs scored: whole blocks, for the queries that see any of the block.
+        let scored: u64 = (0..n.div_ceil(EXPAND_BLOCK))
+            .map(|i| (EXPAND_BLOCK * (t - first_query_seeing(i * EXPAND_BLOCK, n - t, t))) as u64)
+            .sum();
         let (t, n, h, r, dn, dr, dv) = (
             t as u64, n as u64, h as u64, r as u64, dn as u64, dr as u64, dv as u64,
         );
         let pairs = t * (n - t) + t * (t + 1) / 2;
         let absorbed = pairs * h * 2 * (2 * r + dr);
-        // (query, key) pairs scored: whole blocks, for the queries that see any of the block.
-        let b = EXPAND_BLOCK as u64;
-        let p0 = n - t;
-        let scored: u64 = (0..n.div_ceil(b))
-            .map(|i| b * (t - (i * b).saturating_sub(p0).min(t)))
-            .sum();
         let expanded = (n - t) * r * h * (dn + dv) * 2 + scored * h * 2 * (dn + dr + dv);
         (absorbed, expanded)
     }
@@ -517,7 +536,7 @@ impl Mla {
                         // Queries before `i0` see none of this block (it lies in their future):
                         // they are skipped, not scored and masked. Row `i - i0` of `s` and `pv`
                         // is query `i`'s.
-                        let i0 = k0.saturating_sub(p0).min(t);
+                        let i0 = first_query_seeing(k0, p0, t);
                         let tq = t - i0;
                         let qrows = &qh[(hh * t + i0) * qk..(hh + 1) * t * qk];
                         let (s, pv) = (&mut s[..tq * nb], &mut pv[..tq * dv]);
