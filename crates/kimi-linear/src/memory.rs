@@ -19,9 +19,8 @@ pub struct MemoryArgs {
     /// experts enough that each sees about 64 rows a chunk]
     #[arg(long)]
     pub prefill_chunk: Option<NonZeroUsize>,
-    /// mla_prefill attention in prefill: auto (per chunk, by FLOPs), absorbed, expanded.
-    #[arg(long, default_value = "auto")]
-    pub mla_prefill: String,
+    #[command(flatten)]
+    pub mla: MlaPrefillArgs,
     /// Refuse before any work, or stop cleanly during the run, beyond this much memory: 16GiB, 800MB.
     #[arg(long)]
     pub memory_budget: Option<String>,
@@ -39,7 +38,7 @@ impl MemoryArgs {
         Ok(kl_model::ModelOptions {
             cache_dtype: parse_cache_dtype(&self.cache_dtype)?,
             prefill_chunk: self.prefill_chunk.map_or(0, NonZeroUsize::get),
-            mla_prefill: parse_mla_prefill(&self.mla_prefill)?,
+            mla_prefill: self.mla.mla_prefill.into(),
             ..Default::default()
         })
     }
@@ -196,11 +195,35 @@ pub fn parse_cache_dtype(s: &str) -> Result<CacheDtype> {
         .with_context(|| format!("unknown cache dtype `{s}`: expected bf16, f32 or fp8"))
 }
 
-/// Parse `--mla-prefill`.
-pub fn parse_mla_prefill(s: &str) -> Result<kl_model::MlaPrefill> {
-    kl_model::MlaPrefill::parse(s).with_context(|| {
-        format!("unknown --mla-prefill `{s}`: expected auto, absorbed or expanded")
-    })
+/// `--mla-prefill`, one flag for every command that prefills (`bench`, `forward`, `run`, `chat`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct MlaPrefillArgs {
+    /// How MLA layers attend during prefill: `auto` takes, per chunk, the form with fewer FLOPs
+    /// (expanded where it saves a third); `absorbed` scores every head against the latent cache
+    /// rows; `expanded` rebuilds per-head keys and values from them. Decode is always absorbed.
+    #[arg(long, value_enum, default_value_t = MlaPrefillArg::Auto)]
+    pub mla_prefill: MlaPrefillArg,
+}
+
+/// The values of `--mla-prefill` ([`kl_model::MlaPrefill`]).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlaPrefillArg {
+    /// Per chunk, by FLOPs.
+    Auto,
+    /// Weight absorption.
+    Absorbed,
+    /// Per-head keys and values from `kv_b_proj`.
+    Expanded,
+}
+
+impl From<MlaPrefillArg> for kl_model::MlaPrefill {
+    fn from(a: MlaPrefillArg) -> Self {
+        match a {
+            MlaPrefillArg::Auto => kl_model::MlaPrefill::Auto,
+            MlaPrefillArg::Absorbed => kl_model::MlaPrefill::Absorbed,
+            MlaPrefillArg::Expanded => kl_model::MlaPrefill::Expanded,
+        }
+    }
 }
 
 /// Human-readable bytes (binary units).

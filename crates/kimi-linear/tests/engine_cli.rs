@@ -436,6 +436,15 @@ fn errors_are_clear_and_exit_1() {
         assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
         assert!(err.contains("--prefill-chunk"), "{cmd}: {err}");
     }
+    // An unknown attention form is a usage error that names the flag and lists the forms, in
+    // every command that takes it.
+    for cmd in ["run", "chat", "bench", "forward"] {
+        let out = run(&[cmd, "--model", &m, "--mla-prefill", "dense"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
+        assert!(err.contains("--mla-prefill"), "{cmd}: {err}");
+        assert!(err.contains("auto, absorbed, expanded"), "{cmd}: {err}");
+    }
     // A failed chat command is reported, the chat goes on, and the exit status says so.
     let out = with_stdin(
         &["chat", "--model", &m, "-n", "2"],

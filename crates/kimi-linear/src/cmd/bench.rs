@@ -15,7 +15,7 @@
 //!   of each pair (`roofline_measured` in `--json` has both), so that a measurement that lands
 //!   in a slow minute of a shared machine cannot inflate them.
 
-use crate::memory::{human, parse_cache_dtype, parse_mla_prefill, peak_rss_bytes};
+use crate::memory::{human, parse_cache_dtype, peak_rss_bytes, MlaPrefillArgs};
 use anyhow::{bail, Context, Result};
 use kl_kernels::roofline::Roofline;
 use kl_model::{KimiLinear, LayerState, LogitsMode, ModelOptions, Probe, SequenceState};
@@ -50,9 +50,8 @@ pub struct Args {
     /// experts enough that each sees about 64 rows a chunk]
     #[arg(long)]
     prefill_chunk: Option<NonZeroUsize>,
-    /// mla_prefill attention in prefill: auto (per chunk, by FLOPs), absorbed, expanded.
-    #[arg(long, default_value = "auto")]
-    mla_prefill: String,
+    #[command(flatten)]
+    mla: MlaPrefillArgs,
     /// Runs of each measurement: every prefill length and every block of `--gen-tokens` decode
     /// steps is timed this many times; the median run is reported, with the best and the range
     /// (on a shared machine the spread is the neighbours', not the engine's).
@@ -224,7 +223,7 @@ pub fn run(a: Args) -> Result<()> {
     let opts = ModelOptions {
         cache_dtype: parse_cache_dtype(&a.cache_dtype)?,
         prefill_chunk: a.prefill_chunk.map_or(0, NonZeroUsize::get),
-        mla_prefill: parse_mla_prefill(&a.mla_prefill)?,
+        mla_prefill: a.mla.mla_prefill.into(),
         ..Default::default()
     };
     if a.repeat == 0 {

@@ -2,8 +2,8 @@
 
 use crate::ids::read_ids;
 use crate::memory::{
-    apply_budget, human, parse_cache_dtype, parse_mla_prefill, parse_size, parse_tokens,
-    peak_rss_bytes, progress_bar,
+    apply_budget, human, parse_cache_dtype, parse_size, parse_tokens, peak_rss_bytes, progress_bar,
+    MlaPrefillArgs,
 };
 use crate::output::{Decl, OutputFile};
 use anyhow::{Context, Result};
@@ -41,9 +41,8 @@ pub struct Args {
     /// experts]
     #[arg(long)]
     prefill_chunk: Option<NonZeroUsize>,
-    /// mla_prefill attention in prefill: auto (per chunk, by FLOPs), absorbed, expanded.
-    #[arg(long, default_value = "auto")]
-    mla_prefill: String,
+    #[command(flatten)]
+    mla: MlaPrefillArgs,
     /// Latent cache dtype: f32 (default here: exact parity with the reference), bf16, fp8.
     #[arg(long, default_value = "f32")]
     cache_dtype: String,
@@ -80,7 +79,7 @@ pub fn run(a: Args) -> Result<()> {
             .prefill_chunk
             .map_or(kl_model::DEFAULT_PREFILL_CHUNK, NonZeroUsize::get),
         cache_dtype: parse_cache_dtype(&a.cache_dtype)?,
-        mla_prefill: parse_mla_prefill(&a.mla_prefill)?,
+        mla_prefill: a.mla.mla_prefill.into(),
     };
     let budget = a.memory_budget.as_deref().map(parse_size).transpose()?;
     let max_context = a.max_context.as_deref().map(parse_tokens).transpose()?;
