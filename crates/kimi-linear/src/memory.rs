@@ -11,9 +11,9 @@ use std::num::NonZeroUsize;
 /// Memory flags of `run` and `chat`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct MemoryArgs {
-    /// Latent cache dtype: bf16, f32, fp8.
-    #[arg(long, default_value = "bf16")]
-    pub cache_dtype: String,
+    /// Latent cache dtype.
+    #[arg(long, value_enum, default_value_t = CacheDtypeArg::Bf16)]
+    pub cache_dtype: CacheDtypeArg,
     /// Tokens per prefill chunk (activation memory depends on it, not on the prompt) [default:
     /// 2048 for a model with MLA layers, as every Kimi Linear model; else 512, or for many
     /// experts enough that each sees about 64 rows a chunk]
@@ -36,7 +36,7 @@ impl MemoryArgs {
     /// Model options from the flags.
     pub fn options(&self) -> Result<kl_model::ModelOptions> {
         Ok(kl_model::ModelOptions {
-            cache_dtype: parse_cache_dtype(&self.cache_dtype)?,
+            cache_dtype: self.cache_dtype.into(),
             prefill_chunk: self.prefill_chunk.map_or(0, NonZeroUsize::get),
             mla_prefill: self.mla.mla_prefill.into(),
             ..Default::default()
@@ -189,10 +189,26 @@ pub fn parse_tokens(s: &str) -> Result<usize> {
         .with_context(|| format!("token count `{s}` is too large"))
 }
 
-/// Parse a cache dtype name.
-pub fn parse_cache_dtype(s: &str) -> Result<CacheDtype> {
-    CacheDtype::parse(s)
-        .with_context(|| format!("unknown cache dtype `{s}`: expected bf16, f32 or fp8"))
+/// The values of `--cache-dtype` ([`CacheDtype`]).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheDtypeArg {
+    /// Two bytes a value (7.9 GiB at 1M tokens for the released model).
+    Bf16,
+    /// Four bytes a value: exact parity with an f32 reference.
+    F32,
+    /// One byte a value (e4m3) and two f32 scales a row.
+    #[value(alias = "fp8-e4m3")]
+    Fp8,
+}
+
+impl From<CacheDtypeArg> for CacheDtype {
+    fn from(a: CacheDtypeArg) -> Self {
+        match a {
+            CacheDtypeArg::Bf16 => CacheDtype::Bf16,
+            CacheDtypeArg::F32 => CacheDtype::F32,
+            CacheDtypeArg::Fp8 => CacheDtype::Fp8,
+        }
+    }
 }
 
 /// `--mla-prefill`, one flag for every command that prefills (`bench`, `forward`, `run`, `chat`).

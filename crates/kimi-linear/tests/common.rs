@@ -83,6 +83,23 @@ pub fn expect_error(args: &[&str], needles: &[&str]) -> String {
     err
 }
 
+/// Run and expect a usage error (clap's exit 2, no panic) whose stderr contains every `needle`:
+/// what a flag outside its closed set of values gets.
+pub fn expect_usage_error(args: &[&str], needles: &[&str]) -> String {
+    let out = run(args);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "expected exit 2 for {args:?}; stderr: {err}"
+    );
+    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr for {args:?} lacks `{n}`: {err}");
+    }
+    err
+}
+
 /// Split a safetensors file into (header JSON, data).
 pub fn read_st(path: &Path) -> (serde_json::Map<String, serde_json::Value>, Vec<u8>) {
     let b = std::fs::read(path).unwrap();

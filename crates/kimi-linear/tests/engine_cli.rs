@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{build_dir_fixture, expect_error, run, shared, temp_dir, TestDir};
+use common::{build_dir_fixture, expect_error, expect_usage_error, run, shared, temp_dir, TestDir};
 use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -431,19 +431,18 @@ fn errors_are_clear_and_exit_1() {
     );
     // A zero prefill chunk is a usage error (it had been taken as one token per chunk).
     for cmd in ["run", "bench", "forward", "plan"] {
-        let out = run(&[cmd, "--model", &m, "--prefill-chunk", "0"]);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
-        assert!(err.contains("--prefill-chunk"), "{cmd}: {err}");
+        expect_usage_error(
+            &[cmd, "--model", &m, "--prefill-chunk", "0"],
+            &["--prefill-chunk"],
+        );
     }
     // An unknown attention form is a usage error that names the flag and lists the forms, in
     // every command that takes it.
     for cmd in ["run", "chat", "bench", "forward"] {
-        let out = run(&[cmd, "--model", &m, "--mla-prefill", "dense"]);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
-        assert!(err.contains("--mla-prefill"), "{cmd}: {err}");
-        assert!(err.contains("auto, absorbed, expanded"), "{cmd}: {err}");
+        expect_usage_error(
+            &[cmd, "--model", &m, "--mla-prefill", "dense"],
+            &["--mla-prefill", "auto, absorbed, expanded"],
+        );
     }
     // A failed chat command is reported, the chat goes on, and the exit status says so.
     let out = with_stdin(

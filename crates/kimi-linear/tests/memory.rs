@@ -226,7 +226,7 @@ fn cache_dtype_flag() {
             String::from_utf8_lossy(&o.stderr)
         );
     }
-    expect_error(
+    expect_usage_error(
         &[
             "forward",
             "--model",
@@ -238,7 +238,7 @@ fn cache_dtype_flag() {
             "--output",
             "x",
         ],
-        &["int3", "bf16, f32 or fp8"],
+        &["--cache-dtype", "int3", "bf16, f32, fp8"],
     );
 }
 
@@ -433,10 +433,13 @@ fn bench_json_reports_every_field() {
     );
     let rss = v["peak_rss_bytes"].as_u64().unwrap();
     assert!(rss > 1 << 20, "{v}");
-    expect_error(
-        &["bench", "--model", t, "--depth-fill", "sideways"],
-        &["--depth-fill", "sideways"],
-    );
+    // Closed sets of values are usage errors (exit 2) that name the flag and list the values.
+    for (flag, bad, values) in [
+        ("--depth-fill", "sideways", "prefill, random"),
+        ("--cache-dtype", "f64", "bf16, f32, fp8"),
+    ] {
+        expect_usage_error(&["bench", "--model", t, flag, bad], &[flag, bad, values]);
+    }
     expect_error(
         &["bench", "--model", t, "--repeat", "0"],
         &["--repeat", "0"],

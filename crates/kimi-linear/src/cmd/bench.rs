@@ -15,7 +15,7 @@
 //!   of each pair (`roofline_measured` in `--json` has both), so that a measurement that lands
 //!   in a slow minute of a shared machine cannot inflate them.
 
-use crate::memory::{human, parse_cache_dtype, peak_rss_bytes, MlaPrefillArgs};
+use crate::memory::{human, peak_rss_bytes, CacheDtypeArg, MlaPrefillArgs};
 use anyhow::{bail, Context, Result};
 use kl_kernels::roofline::Roofline;
 use kl_model::{KimiLinear, LayerState, LogitsMode, ModelOptions, Probe, SequenceState};
@@ -23,6 +23,16 @@ use serde_json::json;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Instant;
+
+/// How `bench` reaches a decode depth.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DepthFill {
+    /// A real prefill of random token ids (what a user's context costs to build).
+    Prefill,
+    /// Random latent rows and state written straight into the cache (fast; decode reads the
+    /// same bytes either way).
+    Random,
+}
 
 /// Flags of `bench`.
 #[derive(clap::Args)]
@@ -39,12 +49,12 @@ pub struct Args {
     /// Context depths at which decode is measured (comma-separated).
     #[arg(long, default_value = "0", value_delimiter = ',')]
     depth: Vec<usize>,
-    /// How a decode depth is reached: `prefill` (real) or `random` (random latent rows).
-    #[arg(long, default_value = "prefill")]
-    depth_fill: String,
-    /// Latent cache dtype: bf16, f32, fp8.
-    #[arg(long, default_value = "bf16")]
-    cache_dtype: String,
+    /// How a decode depth is reached.
+    #[arg(long, value_enum, default_value_t = DepthFill::Prefill)]
+    depth_fill: DepthFill,
+    /// Latent cache dtype.
+    #[arg(long, value_enum, default_value_t = CacheDtypeArg::Bf16)]
+    cache_dtype: CacheDtypeArg,
     /// Tokens per prefill chunk (activation memory depends on it, not on the prompt) [default:
     /// 2048 for a model with MLA layers, as every Kimi Linear model; else 512, or for many
     /// experts enough that each sees about 64 rows a chunk]
@@ -221,19 +231,13 @@ fn keyed<R>(
 /// Run `bench`.
 pub fn run(a: Args) -> Result<()> {
     let opts = ModelOptions {
-        cache_dtype: parse_cache_dtype(&a.cache_dtype)?,
+        cache_dtype: a.cache_dtype.into(),
         prefill_chunk: a.prefill_chunk.map_or(0, NonZeroUsize::get),
         mla_prefill: a.mla.mla_prefill.into(),
         ..Default::default()
     };
     if a.repeat == 0 {
         bail!("--repeat 0: expected at least one run of each measurement");
-    }
-    if a.depth_fill != "prefill" && a.depth_fill != "random" {
-        bail!(
-            "unknown --depth-fill `{}`: expected prefill or random",
-            a.depth_fill
-        );
     }
     let model = KimiLinear::load(&a.model, opts)
         .with_context(|| format!("cannot load model from {}", a.model.display()))?;
@@ -317,7 +321,7 @@ pub fn run(a: Args) -> Result<()> {
         let mut st = model.new_state();
         let mut next = 1u32;
         if depth > 0 {
-            if a.depth_fill == "random" {
+            if a.depth_fill == DepthFill::Random {
                 random_fill(&model, &mut st, depth);
             } else {
                 let l = model.prefill(

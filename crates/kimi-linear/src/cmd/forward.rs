@@ -2,7 +2,7 @@
 
 use crate::ids::read_ids;
 use crate::memory::{
-    apply_budget, human, parse_cache_dtype, parse_size, parse_tokens, peak_rss_bytes, progress_bar,
+    apply_budget, human, parse_size, parse_tokens, peak_rss_bytes, progress_bar, CacheDtypeArg,
     MlaPrefillArgs,
 };
 use crate::output::{Decl, OutputFile};
@@ -43,9 +43,9 @@ pub struct Args {
     prefill_chunk: Option<NonZeroUsize>,
     #[command(flatten)]
     mla: MlaPrefillArgs,
-    /// Latent cache dtype: f32 (default here: exact parity with the reference), bf16, fp8.
-    #[arg(long, default_value = "f32")]
-    cache_dtype: String,
+    /// Latent cache dtype (f32 by default here: exact parity with the reference).
+    #[arg(long, value_enum, default_value_t = CacheDtypeArg::F32)]
+    cache_dtype: CacheDtypeArg,
     /// Refuse (before any work) or stop (during the run) beyond this much memory: 16GiB, 800MB.
     #[arg(long)]
     memory_budget: Option<String>,
@@ -78,7 +78,7 @@ pub fn run(a: Args) -> Result<()> {
         prefill_chunk: a
             .prefill_chunk
             .map_or(kl_model::DEFAULT_PREFILL_CHUNK, NonZeroUsize::get),
-        cache_dtype: parse_cache_dtype(&a.cache_dtype)?,
+        cache_dtype: a.cache_dtype.into(),
         mla_prefill: a.mla.mla_prefill.into(),
     };
     let budget = a.memory_budget.as_deref().map(parse_size).transpose()?;

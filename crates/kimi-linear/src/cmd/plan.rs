@@ -1,11 +1,25 @@
 //! `kimi-linear plan`: the memory a context costs, before downloading or loading anything.
 
-use crate::memory::{footprint_rows, human, parse_cache_dtype, parse_tokens};
+use crate::memory::{footprint_rows, human, parse_tokens, CacheDtypeArg};
 use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
 use kl_config::{presets, ModelConfig};
 use kl_model::plan::{self, PlanRequest};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
+
+/// Stored weight dtypes a preset can be planned for.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightsDtype {
+    /// Two bytes a weight (the released checkpoint).
+    Bf16,
+    /// Two bytes a weight.
+    F16,
+    /// Four bytes a weight.
+    F32,
+    /// One byte a weight.
+    Fp8,
+}
 
 /// Flags of `plan`.
 #[derive(clap::Args)]
@@ -19,12 +33,12 @@ pub struct Args {
     /// Context length: 1M, 128K, 1048576.
     #[arg(long)]
     context: String,
-    /// Latent cache dtype: bf16, f32, fp8.
-    #[arg(long, default_value = "bf16")]
-    cache_dtype: String,
-    /// Weight dtype for presets: bf16, f16, f32, fp8 (ignored with --model).
-    #[arg(long, default_value = "bf16")]
-    weights_dtype: String,
+    /// Latent cache dtype.
+    #[arg(long, value_enum, default_value_t = CacheDtypeArg::Bf16)]
+    cache_dtype: CacheDtypeArg,
+    /// Weight dtype for presets (ignored with --model).
+    #[arg(long, value_enum, default_value_t = WeightsDtype::Bf16)]
+    weights_dtype: WeightsDtype,
     /// Prefill chunk the workspace is planned for [default: what `run` would use: 2048 for a
     /// model with MLA layers; else 512, or for many experts enough that each sees about 64 rows]
     #[arg(long)]
@@ -37,7 +51,7 @@ pub struct Args {
 /// Run `plan`.
 pub fn run(a: Args) -> Result<()> {
     let context = parse_tokens(&a.context)?;
-    let cache_dtype = parse_cache_dtype(&a.cache_dtype)?;
+    let cache_dtype: kl_model::CacheDtype = a.cache_dtype.into();
     let (cfg, weights, source) = match (&a.model, &a.preset) {
         (Some(dir), _) => {
             let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
@@ -58,18 +72,21 @@ pub fn run(a: Args) -> Result<()> {
                 )
             })?;
             let cfg = ModelConfig::from_raw(raw)?;
-            let el: u64 = match a.weights_dtype.as_str() {
-                "bf16" | "f16" => 2,
-                "f32" => 4,
-                "fp8" => 1,
-                other => bail!("unknown --weights-dtype `{other}`: expected bf16, f16, f32 or fp8"),
+            let el: u64 = match a.weights_dtype {
+                WeightsDtype::Bf16 | WeightsDtype::F16 => 2,
+                WeightsDtype::F32 => 4,
+                WeightsDtype::Fp8 => 1,
             };
             let params: u64 = kl_weights::expected_tensors(&cfg)
                 .iter()
                 .map(|t| t.numel() as u64)
                 .sum();
             let w = params * el + plan::derived_weight_bytes(&cfg, el as usize);
-            (cfg, w, format!("preset {p} ({} weights)", a.weights_dtype))
+            let name = a
+                .weights_dtype
+                .to_possible_value()
+                .expect("no skipped values");
+            (cfg, w, format!("preset {p} ({} weights)", name.get_name()))
         }
         (None, None) => bail!("give --model DIR or --preset NAME"),
     };
