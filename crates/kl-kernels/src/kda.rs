@@ -49,7 +49,7 @@
 use crate::activation::{softplus_scaled, softplus_scaled_reference};
 use crate::dense::{exp_inplace, forward_subst_blocked, gemm, gemm_ptr, mul_exp_diff, MatA, Mode};
 use crate::par::SendPtr;
-use crate::simd::{axpy, prefetch_l1, stream_copy, stream_fence};
+use crate::simd::{prefetch_l1, stream_copy, stream_fence};
 use crate::transpose::transpose;
 use rayon::prelude::*;
 
@@ -119,7 +119,14 @@ fn check(
     }
 }
 
-/// Token-by-token recurrence (decode path and reference).
+/// Token-by-token recurrence: the decode path (its plain twin is [`kda_chunked_reference`]).
+///
+/// Each head's step is two passes over its state, each row once: decay it and subtract its
+/// share of `Sᵀk` from `u` (which starts as `v`); then add `k uᵀ` to it and its share of `Sᵀq`
+/// to the output. On the SIMD paths the body is compiled for the CPU's widest instruction set
+/// and accumulates with fused multiply–adds (a multiply and an add for the columns past the
+/// last multiple of 8, as [`crate::simd::axpy`] does, whose three calls a row it replaces), so
+/// the AVX2 and AVX-512 builds give the same bits; the portable build multiplies and adds.
 #[allow(clippy::too_many_arguments)]
 pub fn kda_recurrent(
     s: KdaShape,
@@ -133,61 +140,137 @@ pub fn kda_recurrent(
 ) {
     check(s, q, k, v, g, beta, state, Some(out));
     let KdaShape { t, h, k: kd, v: vd } = s;
-    let op = SendPtr(out.as_mut_ptr());
-    let per_head = |hi: usize, st: &mut [f32]| {
-        let mut u = [0f32; 512];
-        let mut ubuf;
-        let u: &mut [f32] = if vd <= 512 {
-            &mut u[..vd]
-        } else {
-            ubuf = vec![0f32; vd];
-            &mut ubuf
-        };
-        for ti in 0..t {
-            let base = (ti * h + hi) * kd;
-            let (qt, kt, gt) = (
-                &q[base..base + kd],
-                &k[base..base + kd],
-                &g[base..base + kd],
-            );
-            let vt = &v[(ti * h + hi) * vd..(ti * h + hi + 1) * vd];
-            let b = beta[ti * h + hi];
-            // S ← Diag(e^g) S; p = Sᵀk accumulated in u as −p.
-            u.copy_from_slice(vt);
-            for d in 0..kd {
-                let row = &mut st[d * vd..(d + 1) * vd];
-                let e = gt[d].exp();
-                for x in row.iter_mut() {
-                    *x *= e;
-                }
-                axpy(-kt[d], row, u);
-            }
-            for x in u.iter_mut() {
-                *x *= b;
-            }
-            // S += k uᵀ; o = Sᵀ q.
-            // SAFETY: (ti, hi) output row is written only by head hi.
-            let o = unsafe { std::slice::from_raw_parts_mut(op.get().add((ti * h + hi) * vd), vd) };
-            o.fill(0.0);
-            for d in 0..kd {
-                let row = &mut st[d * vd..(d + 1) * vd];
-                axpy(kt[d], u, row);
-                axpy(qt[d], row, o);
-            }
-        }
+    let x = StepInputs {
+        s,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        out: SendPtr(out.as_mut_ptr()),
     };
     // Heads in parallel from 64 × 64 states on: `mini`'s decode step (16 such heads, 256 KiB of
     // state read and written twice) had run on one thread while the other waited; on two
     // threads its decode gained about 5% (median of eight alternations, 201 → 212 tok/s).
     if h == 1 || t * kd * vd < 1 << 12 {
         for (hi, st) in state.chunks_exact_mut(kd * vd).enumerate() {
-            per_head(hi, st);
+            recurrent_head_isa(&x, hi, st);
         }
     } else {
         state
             .par_chunks_exact_mut(kd * vd)
             .enumerate()
-            .for_each(|(hi, st)| per_head(hi, st));
+            .for_each(|(hi, st)| recurrent_head_isa(&x, hi, st));
+    }
+}
+
+/// One [`kda_recurrent`] call's inputs and output, shared by its head tasks.
+#[derive(Clone, Copy)]
+struct StepInputs<'a> {
+    s: KdaShape,
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    g: &'a [f32],
+    beta: &'a [f32],
+    /// `out`: each head task writes only its own rows.
+    out: SendPtr<f32>,
+}
+
+/// [`recurrent_head`] for the widest instruction set the CPU has.
+fn recurrent_head_isa(x: &StepInputs, hi: usize, st: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    match crate::cpu::features().isa() {
+        // SAFETY: AVX-512F (and AVX2+FMA) checked; the body is safe code compiled for it.
+        crate::cpu::Isa::Avx512 => unsafe { return recurrent_head_avx512(x, hi, st) },
+        // SAFETY: AVX2+FMA checked.
+        crate::cpu::Isa::Avx2 => unsafe { return recurrent_head_avx2(x, hi, st) },
+        crate::cpu::Isa::Portable => {}
+    }
+    recurrent_head::<false>(x, hi, st)
+}
+
+/// `recurrent_head::<true>` compiled for one instruction set.
+macro_rules! recurrent_head_for {
+    ($name:ident, $features:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(x: &StepInputs, hi: usize, st: &mut [f32]) {
+            recurrent_head::<true>(x, hi, st)
+        }
+    };
+}
+recurrent_head_for!(recurrent_head_avx2, "avx2,fma");
+recurrent_head_for!(recurrent_head_avx512, "avx512f,avx2,fma");
+
+/// `y + a·x`: fused where `FMA` (the SIMD builds), else a multiply and an add.
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, x: f32, y: f32) -> f32 {
+    if FMA {
+        a.mul_add(x, y)
+    } else {
+        y + a * x
+    }
+}
+
+/// Head `hi`'s tokens, one after the other, on its state `st` (`[K, V]`). `FMA`: columns below
+/// the last multiple of 8 accumulate with fused multiply–adds (see [`kda_recurrent`]).
+#[inline(always)]
+fn recurrent_head<const FMA: bool>(x: &StepInputs, hi: usize, st: &mut [f32]) {
+    let KdaShape { t, h, k: kd, v: vd } = x.s;
+    // Columns accumulated the fused way (all of them but a tail, as `simd::axpy` splits them).
+    let vf = if FMA { vd / 8 * 8 } else { 0 };
+    let mut ubuf = [0f32; 512];
+    let mut uvec;
+    let u: &mut [f32] = if vd <= 512 {
+        &mut ubuf[..vd]
+    } else {
+        uvec = vec![0f32; vd];
+        &mut uvec
+    };
+    for ti in 0..t {
+        let base = (ti * h + hi) * kd;
+        let (qt, kt, gt) = (
+            &x.q[base..base + kd],
+            &x.k[base..base + kd],
+            &x.g[base..base + kd],
+        );
+        let b = x.beta[ti * h + hi];
+        // S ← Diag(e^g) S, and u = v − Sᵀk, row by row.
+        u.copy_from_slice(&x.v[(ti * h + hi) * vd..(ti * h + hi + 1) * vd]);
+        for (row, (&gd, &kd_)) in st.chunks_exact_mut(vd).zip(gt.iter().zip(kt)) {
+            let e = gd.exp();
+            let nk = -kd_;
+            let (rf, rt) = row.split_at_mut(vf);
+            let (uf, ut) = u.split_at_mut(vf);
+            for (r, uu) in rf.iter_mut().zip(uf.iter_mut()) {
+                *r *= e;
+                *uu = madd::<FMA>(nk, *r, *uu);
+            }
+            for (r, uu) in rt.iter_mut().zip(ut.iter_mut()) {
+                *r *= e;
+                *uu += nk * *r;
+            }
+        }
+        for y in u.iter_mut() {
+            *y *= b;
+        }
+        // S += k uᵀ and o = Sᵀq, row by row.
+        // SAFETY: the (ti, hi) output row is written only by head hi's task.
+        let o = unsafe { std::slice::from_raw_parts_mut(x.out.get().add((ti * h + hi) * vd), vd) };
+        o.fill(0.0);
+        for (row, (&kd_, &qd)) in st.chunks_exact_mut(vd).zip(kt.iter().zip(qt)) {
+            let (rf, rt) = row.split_at_mut(vf);
+            let (of, ot) = o.split_at_mut(vf);
+            for ((r, &uu), oo) in rf.iter_mut().zip(&u[..vf]).zip(of.iter_mut()) {
+                *r = madd::<FMA>(kd_, uu, *r);
+                *oo = madd::<FMA>(qd, *r, *oo);
+            }
+            for ((r, &uu), oo) in rt.iter_mut().zip(&u[vf..]).zip(ot.iter_mut()) {
+                *r += kd_ * uu;
+                *oo += qd * *r;
+            }
+        }
     }
 }
 

@@ -10,7 +10,7 @@ mod common;
 use common::{bf16_rows, kda_inputs, Rng};
 use half::bf16;
 use kl_kernels::attention::{latent_attention, LatentAttnShape, SEGMENT};
-use kl_kernels::kda::{kda_chunked, KdaShape};
+use kl_kernels::kda::{kda_chunked, kda_recurrent, KdaShape};
 use std::process::Command;
 
 /// Bits of `x` as one line of hex words.
@@ -73,9 +73,15 @@ fn kda_bits(seed: u64, shapes: &[(usize, usize, usize, usize)]) -> Vec<f32> {
     let mut all = Vec::new();
     for &(t, h, k, v) in shapes {
         let s = KdaShape { t, h, k, v };
-        let [q, kk, vv, g, beta, mut st] = kda_inputs(&mut rng, s);
+        let [q, kk, vv, g, beta, st0] = kda_inputs(&mut rng, s);
         let mut out = vec![0f32; t * h * v];
+        let mut st = st0.clone();
         kda_chunked(s, &q, &kk, &vv, &g, &beta, &mut st, &mut out);
+        all.extend_from_slice(&out);
+        all.extend_from_slice(&st);
+        // The recurrent (decode) form too: its fused accumulation and its tail columns.
+        let mut st = st0;
+        kda_recurrent(s, &q, &kk, &vv, &g, &beta, &mut st, &mut out);
         all.extend_from_slice(&out);
         all.extend_from_slice(&st);
     }
