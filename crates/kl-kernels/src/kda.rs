@@ -7,7 +7,9 @@
 //! (paper Eq. 1; spec §5.2). `q` and `k` arrive L2-normalised, `q` already scaled by `K^-1/2`;
 //! `g ≤ 0` is the log-decay from the gate.
 //!
-//! - [`kda_recurrent`] is the token loop: the decode form and the reference.
+//! - [`kda_recurrent`] is the token loop, the decode form: per head two passes over the state
+//!   a token (decay and `Sᵀk`; update and output), compiled for the CPU's widest instruction
+//!   set. [`kda_chunked_reference`] is the same recurrence written plainly, the twin of both.
 //! - [`kda_chunked`] is the chunkwise-parallel (WY / UT-transform) form used for prefill
 //!   (spec §5.3, fla `naive_chunk_kda`): within a chunk of `C = 64` tokens,
 //!   `Γ = cumsum g`, `A_kk[i,j] = β_i Σ_d k_i k_j e^{Γ_i−Γ_j}` (j<i), `W = (I+A_kk)⁻¹ Diag(β)(e^Γ⊙K)`,
