@@ -69,29 +69,23 @@ pub fn run(args: &[&str]) -> Output {
 
 /// Run and expect a clean failure (exit 1, no panic) whose stderr contains every `needle`.
 pub fn expect_error(args: &[&str], needles: &[&str]) -> String {
-    let out = run(args);
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "expected exit 1 for {args:?}; stderr: {err}"
-    );
-    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr for {args:?} lacks `{n}`: {err}");
-    }
-    err
+    expect_exit(1, args, needles)
 }
 
 /// Run and expect a usage error (clap's exit 2, no panic) whose stderr contains every `needle`:
 /// what a flag outside its closed set of values gets.
 pub fn expect_usage_error(args: &[&str], needles: &[&str]) -> String {
+    expect_exit(2, args, needles)
+}
+
+/// Run and expect exit status `code`, no panic, and every `needle` in stderr.
+fn expect_exit(code: i32, args: &[&str], needles: &[&str]) -> String {
     let out = run(args);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(
         out.status.code(),
-        Some(2),
-        "expected exit 2 for {args:?}; stderr: {err}"
+        Some(code),
+        "expected exit {code} for {args:?}; stderr: {err}"
     );
     assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
     for n in needles {

@@ -142,14 +142,14 @@ pub fn kda_recurrent(
 ) {
     check(s, q, k, v, g, beta, state, Some(out));
     let KdaShape { t, h, k: kd, v: vd } = s;
-    let x = StepInputs {
+    let x = Inputs {
         s,
         q,
         k,
         v,
         g,
         beta,
-        out: SendPtr(out.as_mut_ptr()),
+        out: Some(SendPtr(out.as_mut_ptr())),
     };
     // Heads in parallel from 64 × 64 states on: `mini`'s decode step (16 such heads, 256 KiB of
     // state read and written twice) had run on one thread while the other waited; on two
@@ -166,21 +166,8 @@ pub fn kda_recurrent(
     }
 }
 
-/// One [`kda_recurrent`] call's inputs and output, shared by its head tasks.
-#[derive(Clone, Copy)]
-struct StepInputs<'a> {
-    s: KdaShape,
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
-    g: &'a [f32],
-    beta: &'a [f32],
-    /// `out`: each head task writes only its own rows.
-    out: SendPtr<f32>,
-}
-
 /// [`recurrent_head`] for the widest instruction set the CPU has.
-fn recurrent_head_isa(x: &StepInputs, hi: usize, st: &mut [f32]) {
+fn recurrent_head_isa(x: &Inputs, hi: usize, st: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     match crate::cpu::features().isa() {
         // SAFETY: AVX-512F (and AVX2+FMA) checked; the body is safe code compiled for it.
@@ -197,7 +184,7 @@ macro_rules! recurrent_head_for {
     ($name:ident, $features:literal) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
-        unsafe fn $name(x: &StepInputs, hi: usize, st: &mut [f32]) {
+        unsafe fn $name(x: &Inputs, hi: usize, st: &mut [f32]) {
             recurrent_head::<true>(x, hi, st)
         }
     };
@@ -218,7 +205,7 @@ fn madd<const FMA: bool>(a: f32, x: f32, y: f32) -> f32 {
 /// Head `hi`'s tokens, one after the other, on its state `st` (`[K, V]`). `FMA`: columns below
 /// the last multiple of 8 accumulate with fused multiply–adds (see [`kda_recurrent`]).
 #[inline(always)]
-fn recurrent_head<const FMA: bool>(x: &StepInputs, hi: usize, st: &mut [f32]) {
+fn recurrent_head<const FMA: bool>(x: &Inputs, hi: usize, st: &mut [f32]) {
     let KdaShape { t, h, k: kd, v: vd } = x.s;
     // Columns accumulated the fused way (all of them but a tail, as `simd::axpy` splits them).
     let vf = if FMA { vd / 8 * 8 } else { 0 };
@@ -258,8 +245,9 @@ fn recurrent_head<const FMA: bool>(x: &StepInputs, hi: usize, st: &mut [f32]) {
             *y *= b;
         }
         // S += k uᵀ and o = Sᵀq, row by row.
+        let out = x.out.expect("kda_recurrent always writes its outputs");
         // SAFETY: the (ti, hi) output row is written only by head hi's task.
-        let o = unsafe { std::slice::from_raw_parts_mut(x.out.get().add((ti * h + hi) * vd), vd) };
+        let o = unsafe { std::slice::from_raw_parts_mut(out.get().add((ti * h + hi) * vd), vd) };
         o.fill(0.0);
         for (row, (&kd_, &qd)) in st.chunks_exact_mut(vd).zip(kt.iter().zip(qt)) {
             let (rf, rt) = row.split_at_mut(vf);
@@ -608,7 +596,8 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// One [`kda_chunked`] call's shape, inputs and output, shared by its head tasks.
+/// One [`kda_chunked`] or [`kda_recurrent`] call's shape, inputs and output, shared by its head
+/// tasks.
 #[derive(Clone, Copy)]
 struct Inputs<'a> {
     s: KdaShape,
