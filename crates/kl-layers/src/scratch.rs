@@ -36,12 +36,8 @@ impl Scratch {
     /// largest size ever asked of its position, so that the held total could exceed the largest
     /// set of buffers in use at once several times over.)
     pub fn take(&mut self, n: usize) -> Vec<f32> {
-        let mut v = match best_fit(&self.f, n) {
-            Some(i) => self.f.swap_remove(i),
-            None => Vec::new(),
-        };
-        v.clear();
-        v.resize(n, 0.0);
+        let mut v = self.take_for_write(n);
+        v.fill(0.0);
         v
     }
 
@@ -55,11 +51,8 @@ impl Scratch {
             Some(i) => self.f.swap_remove(i),
             None => Vec::new(),
         };
-        if v.len() >= n {
-            v.truncate(n);
-        } else {
-            v.resize(n, 0.0);
-        }
+        // Cut to `n`, or grown with zeros.
+        v.resize(n, 0.0);
         v
     }
 
