@@ -66,8 +66,8 @@ fn compare_with_child(test: &str, values: &[f32], env: (&str, &str)) -> bool {
     false
 }
 
-/// The outputs and final states of [`kda_chunked`] on random inputs of each `(T, H, K, V)`,
-/// one after the other (all finite).
+/// The outputs and final states of [`kda_chunked`], then of [`kda_recurrent`], on random inputs
+/// of each `(T, H, K, V)`, one after the other (all finite).
 fn kda_bits(seed: u64, shapes: &[(usize, usize, usize, usize)]) -> Vec<f32> {
     let mut rng = Rng::new(seed);
     let mut all = Vec::new();
@@ -116,10 +116,10 @@ fn attention_bits(
 }
 
 #[test]
-fn kda_chunked_bits_do_not_depend_on_avx512() {
+fn kda_bits_do_not_depend_on_avx512() {
     // Column counts below, at and past the 16- and 32-lane tiles; rows past the 8-row tiles.
     let all = kda_bits(31, &[(150, 2, 20, 36), (70, 1, 128, 128), (9, 3, 17, 47)]);
-    compare_with_avx2("kda_chunked_bits_do_not_depend_on_avx512", &all);
+    compare_with_avx2("kda_bits_do_not_depend_on_avx512", &all);
 }
 
 /// The KDA chunk kernel's outputs are the same bits whether they are streamed to their rows
