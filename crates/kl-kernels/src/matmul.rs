@@ -24,10 +24,10 @@
 //!     broadcast to both halves. The `x` rows are read in place when `K` is a multiple of 8
 //!     (packed, with a zeroed tail, otherwise); the next `x` block is prefetched while the
 //!     current one is swept. A task with at most
-//!     `SLICE_MAX_ROWS` (32) `x` rows — an expert of the released model, which sees about 16
-//!     rows of a 512-token chunk, or a short prompt — packs its panel one (8-row group, `K`
+//!     `SLICE_MAX_ROWS` (128) `x` rows — an expert of the released model, which sees about 64
+//!     rows of a 2048-token chunk, or a short prompt — packs its panel one (8-row group, `K`
 //!     block) slice at a time into L1 and sweeps every `x` block over it, instead of writing the
-//!     whole panel to L2 for two or three sweeps: the same tiles, the same bits.
+//!     whole panel to L2 for a few sweeps: the same tiles, the same bits.
 //!
 //! **Batch invariance.** Every output element is accumulated in one canonical order that depends
 //! only on `K`: one 8-lane accumulator, lane `l` summing `x[k]·w[k]` for `k ≡ l (mod 8)` in
@@ -444,14 +444,17 @@ const NR: usize = 3;
 /// panel's rows stream past them from L2.
 const KC: usize = 1024;
 
-/// Per-thread scratch of the prefill path (grows to the largest panel seen, ≤ ~1 MiB).
+/// Per-thread scratch of the prefill path (grows to the largest panel seen, ≤ ~1 MiB; on the
+/// AVX-512 path, when `K` is not a multiple of 8, also to a slice task's packed x rows, at most
+/// `SLICE_MAX_ROWS · (K + 16 · K blocks)` floats).
 #[derive(Default)]
 struct Scratch {
     /// Widened weight panel `[rows, ldp]` (`ldp ≥ K`, padded so rows do not alias in L1).
     panel: Vec<f32>,
     /// Saved accumulators between K blocks: `[rows / NR][MR·NR][8]`.
     part: Vec<f32>,
-    /// The current `MR × K-block` of x, packed with a padded stride.
+    /// The current `MR × K-block` of x, packed with a padded stride (every block of a slice
+    /// task's x rows, on the AVX-512 path).
     xpack: Vec<f32>,
 }
 
@@ -578,8 +581,20 @@ fn prefill<R: Rows + ?Sized>(
 
 /// Most x rows for which a task of the AVX-512 prefill path packs its panel a slice at a time
 /// into L1 instead of whole into L2 (see `prefill_wide`).
+///
+/// A slice is swept by every x block of the task, so each sweep reads the task's x rows of one
+/// `K` block (at most `128 · 768 · 4` bytes = 384 KiB here) from L2; a whole panel (up to 768
+/// KiB) is written to L2 once and read by each x block. `cargo bench`'s expert products (80
+/// distinct matrices from memory, two threads, alternating on the Zen 5 VM) favour slices up
+/// to 128 rows and panels from 192 on: 64 × 2304 × 1024 70–71% → 81–82% of the FMA peak,
+/// 64 × 1024 × 2304 72–73% → 83–85%, 128 × 1024 × 2304 79–81% → 87–88%, 96 and
+/// 128 × 2304 × 1024 within the noise; 256 × 2304 × 1024 80% with panels against 75–77% with
+/// slices. In the model (from 32 rows, the experts' share of a 512-token chunk): 128-token
+/// prompts 8–10% faster on `mini` and 7% on the 48B shape, every product of them a slice task
+/// now; the 256-expert model's 4096-token prefill (about 64 rows an expert) 1–2% on the best
+/// runs. The bits are the same either way.
 #[cfg(target_arch = "x86_64")]
-const SLICE_MAX_ROWS: usize = 32;
+const SLICE_MAX_ROWS: usize = 128;
 
 /// Largest K block of the AVX-512 prefill path: the `x512::MR` packed x rows of a block
 /// (`MR·KC·4` bytes) stay in L1 while the panel streams past them.
@@ -706,9 +721,9 @@ fn prefill_wide<R: Rows + ?Sized>(x: &[f32], w: &R, y: &mut [f32], t: usize, k: 
             let in_place = k.is_multiple_of(8);
             let ldxp = cb * 8 + 16;
             if t1 - t0 <= SLICE_MAX_ROWS {
-                // Few x rows: a whole packed panel would be written to L2 to be read by two or
-                // three x blocks. Instead each (group, K block) slice of it (`cb·NP·16` floats,
-                // 24 KiB) is packed into L1 and swept by every x block at once. The x blocks
+                // Few x rows (see SLICE_MAX_ROWS): rather than a whole packed panel written to L2
+                // and read back by each x block, each (group, K block) slice of it (`cb·NP·16`
+                // floats, 24 KiB) is packed into L1 and swept by every x block at once. The x blocks
                 // are packed once per task when they cannot be read in place.
                 let xbs = (t1 - t0).div_ceil(MR);
                 let pan = aligned_window(panel, cb * NP * 16);

@@ -69,6 +69,9 @@ fn matmul_isa_paths_agree_bitwise() {
         };
         let wide = run(Isa::Avx512, t, x);
         let narrow = run(Isa::Avx2, t, x);
+        // On one thread a product is one task per panel, all its rows: the AVX-512 path's whole
+        // panels past `SLICE_MAX_ROWS` (128) x rows, whatever the machine's thread count.
+        let serial = kl_kernels::par::serial(|| run(Isa::Avx512, t, x));
         let default = {
             let mut y = vec![0f32; t * n];
             matmul(x, w, &mut y, t, k, n);
@@ -79,6 +82,12 @@ fn matmul_isa_paths_agree_bitwise() {
             let at = format!("{name} t={t} k={k} n={n} element ({}, {})", i / n, i % n);
             assert_eq!(a.to_bits(), b.to_bits(), "{at}: AVX-512 {a} vs AVX2 {b}");
             assert_eq!(a.to_bits(), c.to_bits(), "{at}: AVX-512 {a} vs matmul {c}");
+            let d = serial[i];
+            assert_eq!(
+                a.to_bits(),
+                d.to_bits(),
+                "{at}: AVX-512 {a} vs one thread {d}"
+            );
         }
         for r in 0..t {
             let row = run(Isa::Avx512, 1, &x[r * k..(r + 1) * k]);
@@ -111,6 +120,10 @@ fn matmul_isa_paths_agree_bitwise() {
         (23, 2000, 9),
         (13, 2304, 16),
         (11, 1024, 10),
+        // More x rows than a slice task takes (whole panels; two of them on one thread), and
+        // a slice task of more than one x block per K block.
+        (300, 1000, 200),
+        (100, 1001, 45),
     ] {
         let mut x = rng.vec(t * k, 1.0);
         // Signed zeros: a row of −0 and a row a third of −0 (sums of zeros, zero-padded tails).
@@ -491,7 +504,14 @@ fn kda_chunked_rows_are_causal_bitwise() {
 #[test]
 fn matmul_serial_equals_parallel_bitwise() {
     let mut rng = Rng::new(21);
-    for (t, k, n) in [(9, 33, 7), (37, 130, 401), (70, 1000, 200)] {
+    // The last: more x rows than a slice task takes (whole panels, in both runs on up to two
+    // threads).
+    for (t, k, n) in [
+        (9, 33, 7),
+        (37, 130, 401),
+        (70, 1000, 200),
+        (300, 1000, 200),
+    ] {
         let x = rng.vec(t * k, 1.0);
         let w: Vec<bf16> = rng
             .vec(n * k, 0.1)
