@@ -372,10 +372,14 @@ fn gemv<R: Rows + ?Sized>(
     // 8.87 → 10.13 tok/s; `mini` 154 → 167, 185 → 206), where 2 and 4 rows gained less; with
     // weights already in L3 the 3 chains of FMAs are about 10% slower than 6 (`cargo bench`'s
     // hot row), which decode, streaming from memory, never sees. The bits do not depend on it.
+    // Three x rows take three W rows, not four: a 3 × 4 tile's 12 accumulators, 4 weight
+    // registers and the x register are one more than AVX2's 16 registers, and with the spill a
+    // 3-row product ran at a fixed 9.5–9.8 ms (`cargo bench`'s experts from memory, Zen 5 VM)
+    // where 3 × 3 tiles stream like 2 or 4 rows do: 5.6–8.7 ms, with the memory's phase.
     let (nr, mr) = match t {
         1 => (3, 1),
         2 => (4, 2),
-        3 => (4, 3),
+        3 => (3, 3),
         _ => (3, 4),
     };
     let threads = crate::par::threads();
