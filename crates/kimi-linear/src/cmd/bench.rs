@@ -1,7 +1,8 @@
 //! `kimi-linear bench`: prefill and decode speed on a model, quoted against the machine's
 //! measured roofline (FMA GFLOP/s, memory stream GB/s).
 //!
-//! - Prefill at each `--prompt-tokens` length: a fresh sequence, one timed prefill of random ids.
+//! - Prefill at each `--prompt-tokens` length: a fresh sequence, one timed prefill of random ids
+//!   (the time includes making the sequence's state, whose pages a first prompt faults in).
 //!   Fraction of the FMA peak = (matmul + KDA + attention FLOPs) / time / peak. The
 //!   compute-bound matrix products are also quoted alone: their FLOPs over the wall time during
 //!   which any of them ran (a `kl_kernels::matmul` tally), against the peak, and that time's
@@ -278,11 +279,13 @@ pub fn run(a: Args) -> Result<()> {
             continue;
         }
         let ids = random_ids(t, vocab, t as u64);
-        // Each run prefills a fresh sequence; keep (seconds, product tally) per run.
+        // Each run prefills a fresh sequence; keep (seconds, product tally) per run. Making the
+        // state is timed too: it faults in the KDA state's pages, which a first prompt pays for
+        // either way.
         let mut timed = Vec::new();
         for _ in 0..a.repeat {
-            let mut st = model.new_state();
             let start = Instant::now();
+            let mut st = model.new_state();
             kl_kernels::matmul::tally_start();
             model.prefill(&ids, &mut st, LogitsMode::Last, &mut Probe::off())?;
             let mm = kl_kernels::matmul::tally_stop();
