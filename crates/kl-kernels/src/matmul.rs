@@ -7,8 +7,10 @@
 //!   rows are split across threads; a group of rows (3 for a single `x` row, the decode case) is
 //!   streamed once in its stored dtype (bf16 and f16 widened in registers), with the group two
 //!   on prefetched (non-temporal on AMD: each weight line is read once per token), and dotted
-//!   against every `x` row. It stays on AVX2 even where AVX-512 is available: it is bound by
-//!   memory bandwidth, not by the vector width.
+//!   against every `x` row. Up to 4 `x` rows it stays on AVX2 even where AVX-512 is available:
+//!   it is bound by memory bandwidth, not by the vector width. 5 to 8 `x` rows take a 16-lane
+//!   tile there (two W rows a register, the same bits), which widens each weight once for all
+//!   of them.
 //! - **Many rows** (prefill): a compute-bound product. A panel of `W` rows is widened once into a
 //!   thread-local f32 buffer (never the whole matrix, ~768 KiB so it stays in L2) and multiplied
 //!   against blocks of `x` rows with a register-blocked microkernel. `K` goes in blocks, the `x`
@@ -60,6 +62,12 @@ use std::time::Instant;
 
 /// Row count up to which the matrix–vector path is used.
 pub const GEMV_MAX_ROWS: usize = 8;
+
+/// W rows per tile of the 16-lane matrix–vector path (5 to 8 x rows, AVX-512).
+#[cfg(target_arch = "x86_64")]
+const WIDE_GEMV_ROWS: usize = x512::GEMV_ROWS;
+#[cfg(not(target_arch = "x86_64"))]
+const WIDE_GEMV_ROWS: usize = 4;
 
 /// Plain `y[t][n] = Σ_k x[t][k]·w[n][k]`.
 pub fn matmul_reference<W: Elem>(x: &[f32], w: &[W], y: &mut [f32], t: usize, k: usize, n: usize) {
@@ -316,7 +324,7 @@ fn run_path<R: Rows + ?Sized>(
         return crate::amx::matmul_bf16(x, wb, y, t, k, n);
     }
     if t <= GEMV_MAX_ROWS {
-        gemv(simd, x, w, y, t, k, n);
+        gemv(simd, isa == Isa::Avx512, x, w, y, t, k, n);
     } else {
         #[cfg(target_arch = "x86_64")]
         if simd && isa == Isa::Avx512 {
@@ -356,9 +364,12 @@ unsafe fn tile_dyn<R: Rows + ?Sized>(
     portable::tile_dyn::<R>(mr, nr, xp, ldx, wp, ldw, k, yp, ldy)
 }
 
-/// Decode: weight rows split across threads, each group of `nr` rows streamed once.
+/// Decode: weight rows split across threads, each group of `nr` rows streamed once. `wide`:
+/// the CPU has AVX-512 and the caller allows it (5 to 8 x rows then take the 16-lane tile).
+#[allow(clippy::too_many_arguments)]
 fn gemv<R: Rows + ?Sized>(
     simd: bool,
+    wide: bool,
     x: &[f32],
     w: &R,
     y: &mut [f32],
@@ -376,7 +387,15 @@ fn gemv<R: Rows + ?Sized>(
     // registers and the x register are one more than AVX2's 16 registers, and with the spill a
     // 3-row product ran at a fixed 9.5–9.8 ms (`cargo bench`'s experts from memory, Zen 5 VM)
     // where 3 × 3 tiles stream like 2 or 4 rows do: 5.6–8.7 ms, with the memory's phase.
+    // Five to eight x rows, where the CPU has AVX-512: one pass of the 16-lane tile over 4 W
+    // rows (`x512::gemv_tile`, the same bits), instead of two passes of the AVX2 tile that
+    // widen every W element twice and ran compute-bound: `cargo bench`'s experts from memory
+    // (2304 × 1024, three alternations) 5 and 6 rows 12.2–13.0 → 9.1–11.5 ms, 7 and 8 rows
+    // 13.4–15.4 → 12.4–13.6 (4 rows, memory-bound: 8.5–11.8). With 8 rows the product's
+    // FLOPs alone take most of the time its bytes do, and the two barely overlap.
+    let wide = cfg!(target_arch = "x86_64") && simd && wide && (5..=8).contains(&t);
     let (nr, mr) = match t {
+        _ if wide => (WIDE_GEMV_ROWS, t),
         1 => (3, 1),
         2 => (4, 2),
         3 => (3, 3),
@@ -410,7 +429,28 @@ fn gemv<R: Rows + ?Sized>(
                 };
                 let mr_here = mr.min(t - tb);
                 // SAFETY: rows nb..nb+nr_here of W and tb..tb+mr_here of x hold k elements;
-                // y elements (tb.., nb..) belong to this task only.
+                // y elements (tb.., nb..) belong to this task only; `wide` only where the CPU
+                // has AVX-512 (x86-64).
+                #[cfg(target_arch = "x86_64")]
+                if wide {
+                    unsafe {
+                        x512::gemv_tile_dyn::<R::L>(
+                            mr_here,
+                            x.as_ptr().add(tb * k),
+                            k,
+                            wd.as_ptr().add(nb * k),
+                            k,
+                            nr_here,
+                            k,
+                            yp.get().add(tb * n + nb),
+                            n,
+                            pf,
+                        );
+                    }
+                    tb += mr_here;
+                    continue;
+                }
+                // SAFETY: as above.
                 unsafe {
                     tile_dyn::<R>(
                         simd,
@@ -1279,14 +1319,19 @@ mod x512 {
         }
     }
 
+    /// `[lo | hi]` in one register.
+    #[inline(always)]
+    unsafe fn pair(lo: __m256, hi: __m256) -> __m512 {
+        _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+            _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
+            _mm256_castps_pd(hi),
+        ))
+    }
+
     /// `[lo | hi]` into the 64-byte aligned slot `dst`.
     #[inline(always)]
     unsafe fn store_pair(dst: *mut f32, lo: __m256, hi: __m256) {
-        let v = _mm512_insertf64x4::<1>(
-            _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
-            _mm256_castps_pd(hi),
-        );
-        _mm512_store_pd(dst as *mut f64, v);
+        _mm512_store_ps(dst, pair(lo, hi));
     }
 
     /// The `whole` 8-column chunks of the row pair at `s0`, `s1` (`s1` unread and its half zero
@@ -1555,6 +1600,131 @@ mod x512 {
             4 => by_np!(4),
             5 => by_np!(5),
             6 => by_np!(6),
+            _ => unreachable!("{mr} x rows"),
+        }
+    }
+    /// W rows per matrix–vector tile (two pairs).
+    pub const GEMV_ROWS: usize = 4;
+
+    /// Matrix–vector tile for 5 to 8 x rows (`MR`): the W rows are widened in registers from
+    /// their stored rows, two to a 512-bit register (`[W[j][k..k+8] | W[j+1][k..k+8]]`), with
+    /// each x row's 8 columns broadcast to both halves, so every half is exactly an 8-lane
+    /// accumulator of the AVX2 tile (the same fused multiply–adds on the same operands, the same
+    /// zero-padded tail step, the same reduction tree): the same bits, with every W element
+    /// widened once for all `MR` rows instead of once per 4 (two or more passes of the AVX2
+    /// tile, which ran compute-bound there). `nrows ≤ GEMV_ROWS` rows are valid; the others are
+    /// read from row 0 and dropped. `pf`, when non-null, is the next block of W rows, prefetched
+    /// a line per step as in the AVX2 tile.
+    ///
+    /// # Safety
+    /// `MR` x rows of `k` floats at `xp`, `ldx` apart; `nrows` W rows of `k` elements at `wp`,
+    /// `ldw` apart; `y` elements `(r, j)` at `yp + r·ldy + j` writable for `r < MR`, `j <
+    /// nrows`; the CPU has AVX-512F, AVX2, FMA (and F16C for f16).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn gemv_tile<L: Load, const MR: usize>(
+        xp: *const f32,
+        ldx: usize,
+        wp: *const L::E,
+        ldw: usize,
+        nrows: usize,
+        k: usize,
+        yp: *mut f32,
+        ldy: usize,
+        pf: *const u8,
+    ) {
+        const NPG: usize = GEMV_ROWS / 2;
+        let row = |j: usize| if j < nrows { wp.add(j * ldw) } else { wp };
+        let rows: [*const L::E; GEMV_ROWS] = std::array::from_fn(row);
+        let mut acc = [[_mm512_setzero_ps(); NPG]; MR];
+        let pf_step = GEMV_ROWS * 8 * std::mem::size_of::<L::E>();
+        let nta = crate::cpu::features().nontemporal;
+        let mut pfp = pf;
+        let k8 = k & !7;
+        let mut i = 0;
+        while i < k8 {
+            if !pfp.is_null() {
+                let mut o = 0;
+                while o < pf_step {
+                    if nta {
+                        _mm_prefetch::<_MM_HINT_NTA>(pfp.add(o) as *const i8);
+                    } else {
+                        _mm_prefetch::<_MM_HINT_T1>(pfp.add(o) as *const i8);
+                    }
+                    o += 64;
+                }
+                pfp = pfp.add(pf_step);
+            }
+            let wv: [__m512; NPG] = std::array::from_fn(|p| {
+                pair(
+                    L::load8(rows[2 * p].add(i)),
+                    L::load8(rows[2 * p + 1].add(i)),
+                )
+            });
+            for (r, a) in acc.iter_mut().enumerate() {
+                let x8 = _mm256_loadu_pd(xp.add(r * ldx + i) as *const f64);
+                let xv = _mm512_castpd_ps(_mm512_broadcast_f64x4(x8));
+                for p in 0..NPG {
+                    a[p] = _mm512_fmadd_ps(xv, wv[p], a[p]);
+                }
+            }
+            i += 8;
+        }
+        if k8 < k {
+            let m = k - k8;
+            let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(m as i32), idx);
+            let wv: [__m512; NPG] = std::array::from_fn(|p| {
+                pair(
+                    L::load_tail(rows[2 * p].add(k8), m),
+                    L::load_tail(rows[2 * p + 1].add(k8), m),
+                )
+            });
+            for (r, a) in acc.iter_mut().enumerate() {
+                let x8 = _mm256_maskload_ps(xp.add(r * ldx + k8), mask);
+                let xv = pair(x8, x8);
+                for p in 0..NPG {
+                    a[p] = _mm512_fmadd_ps(xv, wv[p], a[p]);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (p, v) in a.iter().enumerate() {
+                let lo = _mm512_castps512_ps256(*v);
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(*v)));
+                for (h, half) in [lo, hi].into_iter().enumerate() {
+                    let j = 2 * p + h;
+                    if j < nrows {
+                        *yp.add(r * ldy + j) = super::x86::hsum(half);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`gemv_tile`] for `mr` in 5..=8 x rows.
+    ///
+    /// # Safety
+    /// As [`gemv_tile`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn gemv_tile_dyn<L: Load>(
+        mr: usize,
+        xp: *const f32,
+        ldx: usize,
+        wp: *const L::E,
+        ldw: usize,
+        nrows: usize,
+        k: usize,
+        yp: *mut f32,
+        ldy: usize,
+        pf: *const u8,
+    ) {
+        match mr {
+            5 => gemv_tile::<L, 5>(xp, ldx, wp, ldw, nrows, k, yp, ldy, pf),
+            6 => gemv_tile::<L, 6>(xp, ldx, wp, ldw, nrows, k, yp, ldy, pf),
+            7 => gemv_tile::<L, 7>(xp, ldx, wp, ldw, nrows, k, yp, ldy, pf),
+            8 => gemv_tile::<L, 8>(xp, ldx, wp, ldw, nrows, k, yp, ldy, pf),
             _ => unreachable!("{mr} x rows"),
         }
     }

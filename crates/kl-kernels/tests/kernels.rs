@@ -124,6 +124,13 @@ fn matmul_isa_paths_agree_bitwise() {
         // a slice task of more than one x block per K block.
         (300, 1000, 200),
         (100, 1001, 45),
+        // 5 to 8 x rows: the 16-lane matrix–vector tile (W rows in pairs, a last tile of 1 to
+        // 3 rows, column tails).
+        (5, 67, 5),
+        (6, 200, 37),
+        (7, 1025, 13),
+        (8, 33, 9),
+        (8, 2304, 16),
     ] {
         let mut x = rng.vec(t * k, 1.0);
         // Signed zeros: a row of −0 and a row a third of −0 (sums of zeros, zero-padded tails).
