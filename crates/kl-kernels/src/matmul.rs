@@ -1086,6 +1086,29 @@ mod x86 {
         }
     }
 
+    /// Prefetch the `step` bytes at `*pf` (non-temporal where `nta`, else into L2) and move
+    /// `*pf` past them; nothing for a null `*pf`. One step of a matrix–vector tile's prefetch of
+    /// the next block of W rows.
+    ///
+    /// # Safety
+    /// A non-null `*pf` plus `step` stays inside (or one past) the block being prefetched.
+    #[inline(always)]
+    pub unsafe fn prefetch_step(pf: &mut *const u8, step: usize, nta: bool) {
+        if pf.is_null() {
+            return;
+        }
+        let mut o = 0;
+        while o < step {
+            if nta {
+                _mm_prefetch::<_MM_HINT_NTA>(pf.add(o) as *const i8);
+            } else {
+                _mm_prefetch::<_MM_HINT_T1>(pf.add(o) as *const i8);
+            }
+            o += 64;
+        }
+        *pf = pf.add(step);
+    }
+
     /// Fixed reduction tree `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))` (same as the portable one).
     #[inline(always)]
     pub unsafe fn hsum(v: __m256) -> f32 {
@@ -1130,18 +1153,7 @@ mod x86 {
         let k8 = k1 & !7;
         let mut i = k0;
         while i < k8 {
-            if !pfp.is_null() {
-                let mut o = 0;
-                while o < pf_step {
-                    if nta {
-                        _mm_prefetch::<_MM_HINT_NTA>(pfp.add(o) as *const i8);
-                    } else {
-                        _mm_prefetch::<_MM_HINT_T1>(pfp.add(o) as *const i8);
-                    }
-                    o += 64;
-                }
-                pfp = pfp.add(pf_step);
-            }
+            prefetch_step(&mut pfp, pf_step, nta);
             let mut wv = [_mm256_setzero_ps(); NR];
             for (j, v) in wv.iter_mut().enumerate() {
                 *v = L::load8(wp.add(j * ldw + i));
@@ -1156,8 +1168,7 @@ mod x86 {
         }
         if k8 < k1 {
             let m = k1 - k8;
-            let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(m as i32), idx);
+            let mask = crate::activation::x86::mask(m);
             let mut wv = [_mm256_setzero_ps(); NR];
             for (j, v) in wv.iter_mut().enumerate() {
                 *v = L::load_tail(wp.add(j * ldw + k8), m);
@@ -1643,18 +1654,7 @@ mod x512 {
         let k8 = k & !7;
         let mut i = 0;
         while i < k8 {
-            if !pfp.is_null() {
-                let mut o = 0;
-                while o < pf_step {
-                    if nta {
-                        _mm_prefetch::<_MM_HINT_NTA>(pfp.add(o) as *const i8);
-                    } else {
-                        _mm_prefetch::<_MM_HINT_T1>(pfp.add(o) as *const i8);
-                    }
-                    o += 64;
-                }
-                pfp = pfp.add(pf_step);
-            }
+            super::x86::prefetch_step(&mut pfp, pf_step, nta);
             let wv: [__m512; NPG] = std::array::from_fn(|p| {
                 pair(
                     L::load8(rows[2 * p].add(i)),
@@ -1672,8 +1672,7 @@ mod x512 {
         }
         if k8 < k {
             let m = k - k8;
-            let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(m as i32), idx);
+            let mask = crate::activation::x86::mask(m);
             let wv: [__m512; NPG] = std::array::from_fn(|p| {
                 pair(
                     L::load_tail(rows[2 * p].add(k8), m),
