@@ -209,6 +209,7 @@ fn recurrent_head<const FMA: bool>(x: &Inputs, hi: usize, st: &mut [f32]) {
     let KdaShape { t, h, k: kd, v: vd } = x.s;
     // Columns accumulated the fused way (all of them but a tail, as `simd::axpy` splits them).
     let vf = if FMA { vd / 8 * 8 } else { 0 };
+    let out = x.out.expect("kda_recurrent always writes its outputs");
     let mut ubuf = [0f32; 512];
     let mut uvec;
     let u: &mut [f32] = if vd <= 512 {
@@ -245,7 +246,6 @@ fn recurrent_head<const FMA: bool>(x: &Inputs, hi: usize, st: &mut [f32]) {
             *y *= b;
         }
         // S += k uᵀ and o = Sᵀq, row by row.
-        let out = x.out.expect("kda_recurrent always writes its outputs");
         // SAFETY: the (ti, hi) output row is written only by head hi's task.
         let o = unsafe { std::slice::from_raw_parts_mut(out.get().add((ti * h + hi) * vd), vd) };
         o.fill(0.0);

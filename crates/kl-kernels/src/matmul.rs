@@ -63,10 +63,7 @@ use std::time::Instant;
 /// Row count up to which the matrix–vector path is used.
 pub const GEMV_MAX_ROWS: usize = 8;
 
-/// W rows per tile of the 16-lane matrix–vector path (5 to 8 x rows, AVX-512).
-#[cfg(target_arch = "x86_64")]
-const WIDE_GEMV_ROWS: usize = x512::GEMV_ROWS;
-#[cfg(not(target_arch = "x86_64"))]
+/// W rows per tile of the 16-lane matrix–vector path (5 to 8 x rows, AVX-512): two pairs.
 const WIDE_GEMV_ROWS: usize = 4;
 
 /// Plain `y[t][n] = Σ_k x[t][k]·w[n][k]`.
@@ -1614,8 +1611,6 @@ mod x512 {
             _ => unreachable!("{mr} x rows"),
         }
     }
-    /// W rows per matrix–vector tile (two pairs).
-    pub const GEMV_ROWS: usize = 4;
 
     /// Matrix–vector tile for 5 to 8 x rows (`MR`): the W rows are widened in registers from
     /// their stored rows, two to a 512-bit register (`[W[j][k..k+8] | W[j+1][k..k+8]]`), with
@@ -1623,9 +1618,9 @@ mod x512 {
     /// accumulator of the AVX2 tile (the same fused multiply–adds on the same operands, the same
     /// zero-padded tail step, the same reduction tree): the same bits, with every W element
     /// widened once for all `MR` rows instead of once per 4 (two or more passes of the AVX2
-    /// tile, which ran compute-bound there). `nrows ≤ GEMV_ROWS` rows are valid; the others are
-    /// read from row 0 and dropped. `pf`, when non-null, is the next block of W rows, prefetched
-    /// a line per step as in the AVX2 tile.
+    /// tile, which ran compute-bound there). `nrows ≤ WIDE_GEMV_ROWS` rows are valid; the
+    /// others are read from row 0 and dropped. `pf`, when non-null, is the next block of W rows,
+    /// prefetched a line per step as in the AVX2 tile.
     ///
     /// # Safety
     /// `MR` x rows of `k` floats at `xp`, `ldx` apart; `nrows` W rows of `k` elements at `wp`,
@@ -1644,11 +1639,12 @@ mod x512 {
         ldy: usize,
         pf: *const u8,
     ) {
-        const NPG: usize = GEMV_ROWS / 2;
+        use super::WIDE_GEMV_ROWS as ROWS;
+        const NPG: usize = ROWS / 2;
         let row = |j: usize| if j < nrows { wp.add(j * ldw) } else { wp };
-        let rows: [*const L::E; GEMV_ROWS] = std::array::from_fn(row);
+        let rows: [*const L::E; ROWS] = std::array::from_fn(row);
         let mut acc = [[_mm512_setzero_ps(); NPG]; MR];
-        let pf_step = GEMV_ROWS * 8 * std::mem::size_of::<L::E>();
+        let pf_step = ROWS * 8 * std::mem::size_of::<L::E>();
         let nta = crate::cpu::features().nontemporal;
         let mut pfp = pf;
         let k8 = k & !7;
