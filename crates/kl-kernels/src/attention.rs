@@ -21,12 +21,14 @@
 //! exactly its own tiles, in the same order, so sharing changes no bit (15–20% faster than a
 //! tile per query, in-process).
 //!
-//! Key rows reach the tile kernels in one of three ways: an f32 store is read in place; with
-//! AVX-512 on AMD cores, a bf16 store whose widths split into whole register loads is read as
-//! stored and widened in registers (`Bf16Keys`, 3–18% faster than widening each tile on the
-//! Zen 5 VM); any other store is widened into an f32 tile first. Widening is exact and every
-//! kernel runs the same FMA sequence on the same values, so all three give the same bits.
+//! Key rows reach the f32 tile kernels as f32: an f32 store is read in place, any other (fp8, or
+//! bf16 rows of odd width) is widened into an f32 tile first; widening bf16 is exact. A bf16
+//! store whose rows split into column pairs (every Kimi shape) takes the bf16 products of
+//! [`crate::attention_bf16`] instead: the query and the probabilities rounded to bf16,
+//! `vdpbf16ps` where the CPU has AVX512-BF16 and its FMA emulation, to the same bits,
+//! elsewhere. Decode and prefill run the same tile code either way.
 
+use crate::attention_bf16 as bf16;
 use crate::par::SendPtr;
 use crate::simd::dot_f32;
 pub use crate::simd::Prefetch;
@@ -299,6 +301,8 @@ struct TileBufs {
     /// The queries re-laid out in head pairs for the AVX-512 score kernel, one after the other
     /// (up to [`QBLOCK`] of them).
     qpair: Vec<f32>,
+    /// A tile's probabilities in bf16 key pairs (`attention_bf16::pack_probs`).
+    pk: Vec<u32>,
     /// The AMX kernel's scratch (empty unless it runs).
     amx: crate::amx_attention::Bufs,
 }
@@ -309,6 +313,7 @@ impl TileBufs {
             tile: Vec::new(),
             scores: Vec::new(),
             qpair: Vec::new(),
+            pk: Vec::new(),
             amx: crate::amx_attention::Bufs::new(),
         }
     }
@@ -321,6 +326,8 @@ impl TileBufs {
         grow(&mut self.tile, TILE * dk);
         grow(&mut self.scores, h * TILE);
         grow(&mut self.qpair, qpair_len(h, dk));
+        self.pk
+            .reserve(bf16::packed_probs_len(h, TILE).saturating_sub(self.pk.len()));
         if amx {
             self.amx.reserve(s);
         }
@@ -331,6 +338,8 @@ impl TileBufs {
 struct Decode {
     parts: Vec<Partial>,
     total: Partial,
+    /// The query packed for the bf16 products (`attention_bf16::pack_query`), when they run.
+    qbf: Vec<u32>,
     /// Tile buffers, one per pool thread (indexed by `rayon::current_thread_index`), sized on the
     /// calling thread before the parallel loop so that which worker runs which segment never
     /// decides when memory is allocated.
@@ -341,6 +350,7 @@ thread_local! {
     static DECODE: RefCell<Decode> = RefCell::new(Decode {
         parts: Vec::new(),
         total: Partial::new(0, 0),
+        qbf: Vec::new(),
         bufs: Vec::new(),
     });
 }
@@ -351,119 +361,70 @@ fn wide() -> bool {
     f.avx2_fma && f.avx512f
 }
 
-/// Whether the AVX-512 kernels read a bf16 cache's rows as stored instead of widening each tile
-/// into f32 first (same bits either way; the callers check AVX-512): where
-/// [`crate::cpu::Features::widen_in_registers`] says so (AMD), for every shape whose rows split
-/// into whole register loads, `Dk` a multiple of 8 and `Dv` of 16.
-///
-/// Widening in registers costs a shuffle and a shift per key load, in every block of heads and
-/// for every query of a prefill block, where a widened tile is written once and read back from
-/// L2 (72 KiB for `mini`'s 64 keys, 144 KiB for the released model's, more than L1). On the
-/// Zen 5 VM reading as stored measured faster for both shapes, decode and prefill
-/// (docs/performance.md). The Intel VM had measured an earlier in-register widening (by
-/// unpacks, four heads to a register) 5–15% slower for 32 heads, where 512-bit shuffles share a
-/// port with the FMAs; this one was not measured there.
-fn direct_bf16(s: LatentAttnShape) -> bool {
-    crate::cpu::features().widen_in_registers && s.dk.is_multiple_of(8) && s.dv.is_multiple_of(16)
+/// [`tile_scores`] over the `n` f32 key rows `keys` of a tile (a store read in place or the
+/// widened tile), on the AVX-512 kernels where they run; `qpair` is the query laid out by
+/// [`pair_heads`] (which only they read).
+#[allow(clippy::too_many_arguments)]
+fn scores_f32(
+    keys: &[f32],
+    qpair: &[f32],
+    q: &[f32],
+    h: usize,
+    dk: usize,
+    n: usize,
+    scale: f32,
+    scores: &mut [f32],
+    pf: &mut Prefetch,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if wide() {
+        // SAFETY: AVX-512F, AVX2 and FMA checked; `qpair` laid out by `pair_heads`; the key
+        // view checks its length.
+        unsafe {
+            x86::tile_scores512(
+                qpair,
+                q,
+                h,
+                dk,
+                x86::F32Keys::new(keys, n, dk),
+                n,
+                scale,
+                scores,
+                pf,
+            )
+        };
+        return;
+    }
+    let _ = qpair;
+    tile_scores(q, h, dk, &keys[..n * dk], n, scale, scores, pf)
 }
 
-/// One tile's key rows: f32 (a store read in place, or the widened tile) or bf16 as stored.
-#[derive(Clone, Copy)]
-enum TileKeys<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a [half::bf16]),
+/// [`tile_pv`] over the `n` f32 key rows `keys` of a tile, on the AVX-512 kernels where they
+/// run.
+fn pv_f32(keys: &[f32], p: &[f32], h: usize, n: usize, dk: usize, dv: usize, acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if wide() {
+        // SAFETY: AVX-512F, AVX2 and FMA checked; the key view checks its length.
+        unsafe { x86::tile_pv512(p, h, n, x86::F32Keys::new(keys, n, dk), dk, dv, acc) };
+        return;
+    }
+    tile_pv(p, h, n, &keys[..n * dk], dk, dv, acc)
 }
 
-impl TileKeys<'_> {
-    fn len(self) -> usize {
-        match self {
-            TileKeys::F32(k) => k.len(),
-            TileKeys::Bf16(k) => k.len(),
-        }
-    }
-
-    /// [`tile_scores`] over these `n` keys; `qpair` is the query laid out by [`pair_heads`]
-    /// (used by the AVX-512 kernels, which are the only ones that read bf16 rows).
-    #[allow(clippy::too_many_arguments)]
-    fn scores(
-        self,
-        qpair: &[f32],
-        q: &[f32],
-        h: usize,
-        dk: usize,
-        n: usize,
-        scale: f32,
-        scores: &mut [f32],
-        pf: &mut Prefetch,
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        if wide() {
-            // SAFETY: AVX-512F, AVX2 and FMA checked; `qpair` laid out by `pair_heads`; the key
-            // views check their lengths.
-            unsafe {
-                match self {
-                    TileKeys::F32(k) => x86::tile_scores512(
-                        qpair,
-                        q,
-                        h,
-                        dk,
-                        x86::F32Keys::new(k, n, dk),
-                        n,
-                        scale,
-                        scores,
-                        pf,
-                    ),
-                    TileKeys::Bf16(k) => x86::tile_scores512(
-                        qpair,
-                        q,
-                        h,
-                        dk,
-                        x86::Bf16Keys::new(k, n, dk),
-                        n,
-                        scale,
-                        scores,
-                        pf,
-                    ),
-                }
-            }
-            return;
-        }
-        let _ = qpair;
-        match self {
-            TileKeys::F32(k) => tile_scores(q, h, dk, &k[..n * dk], n, scale, scores, pf),
-            TileKeys::Bf16(_) => unreachable!("bf16 rows are read in place only with AVX-512"),
-        }
-    }
-
-    /// [`tile_pv`] over these `n` keys.
-    fn pv(self, p: &[f32], h: usize, n: usize, dk: usize, dv: usize, acc: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if wide() {
-            // SAFETY: AVX-512F, AVX2 and FMA checked; the key views check their lengths.
-            unsafe {
-                match self {
-                    TileKeys::F32(k) => {
-                        x86::tile_pv512(p, h, n, x86::F32Keys::new(k, n, dk), dk, dv, acc)
-                    }
-                    TileKeys::Bf16(k) => {
-                        x86::tile_pv512(p, h, n, x86::Bf16Keys::new(k, n, dk), dk, dv, acc)
-                    }
-                }
-            }
-            return;
-        }
-        match self {
-            TileKeys::F32(k) => tile_pv(p, h, n, &k[..n * dk], dk, dv, acc),
-            TileKeys::Bf16(_) => unreachable!("bf16 rows are read in place only with AVX-512"),
-        }
-    }
+/// Whether attention of shape `s` over `rows` runs the bf16 products of
+/// [`crate::attention_bf16`] (a bf16 store and whole column pairs; the AMX kernel, where it is
+/// switched on, still takes its shapes first).
+fn bf16_products<R: KeyRows + ?Sized>(s: LatentAttnShape, rows: &R) -> bool {
+    rows.rows() > 0 && rows.bf16_rows(0, 1).is_some() && bf16::takes(s.dk)
 }
 
-/// Visit keys `k0..k1` for one query `qrow` `[H, Dk]`, updating `p`, with `bufs` as scratch.
+/// Visit keys `k0..k1` for one query `qrow` `[H, Dk]`, updating `p`, with `bufs` as scratch;
+/// `qbf` is the query packed for the bf16 products where they run (else empty).
 #[allow(clippy::too_many_arguments)]
 fn attend_range<R: KeyRows + ?Sized>(
     s: LatentAttnShape,
     qrow: &[f32],
+    qbf: &[u32],
     rows: &R,
     k0: usize,
     k1: usize,
@@ -471,9 +432,11 @@ fn attend_range<R: KeyRows + ?Sized>(
     p: &mut Partial,
     bufs: &mut TileBufs,
 ) {
+    let qb: &[&[u32]] = if qbf.is_empty() { &[] } else { &[qbf] };
     attend_queries(
         s,
         &[qrow],
+        qb,
         rows,
         k0,
         &[k1],
@@ -487,11 +450,13 @@ fn attend_range<R: KeyRows + ?Sized>(
 /// visits keys `k0..k1s[i]` and updates `ps[i]`. Each key tile is widened once and scored by
 /// every query that reaches it; a query's tiles are exactly those it would visit alone (a tile
 /// ends at the next storage boundary, `TILE` keys on, or its own `k1`), so its bits do not
-/// depend on the others.
+/// depend on the others. `qbf` holds the queries packed for the bf16 products
+/// ([`bf16_products`]), or nothing where the f32 products run.
 #[allow(clippy::too_many_arguments)]
 fn attend_queries<R: KeyRows + ?Sized>(
     s: LatentAttnShape,
     qrows: &[&[f32]],
+    qbf: &[&[u32]],
     rows: &R,
     k0: usize,
     k1s: &[usize],
@@ -524,9 +489,66 @@ fn attend_queries<R: KeyRows + ?Sized>(
         tile,
         scores,
         qpair,
+        pk,
         ..
     } = bufs;
     let wide = wide();
+    if !qbf.is_empty() {
+        debug_assert_eq!(qbf.len(), qrows.len());
+        // The products' own order needs the denormal flush on every path (attention_bf16).
+        let _flush = crate::cpu::FlushDenormals::new();
+        let native = bf16::native_products();
+        let end = k1s.iter().copied().max().unwrap_or(k0);
+        let mut j = k0;
+        while j < end {
+            let want = TILE.min(end - j);
+            // The instruction reads the rows as stored, its emulation widened into f32.
+            let stored = rows
+                .bf16_rows(j, want)
+                .expect("attention: bf16 products over a store that holds bf16");
+            let n = stored.len() / dk;
+            if !native {
+                tile.resize(TILE * dk, 0.0);
+                let m = rows.widen(j, want, tile);
+                debug_assert_eq!(m, n);
+            }
+            let mut pf = Prefetch::default();
+            rows.spans(j + n, TILE.min(end - j - n), &mut pf);
+            for (qi, &k1) in k1s.iter().enumerate() {
+                if k1 <= j {
+                    continue;
+                }
+                let n = n.min(k1 - j);
+                let p = &mut ps[qi];
+                scores.resize(h * n, 0.0);
+                if native {
+                    bf16::tile_scores(qbf[qi], h, dk, stored, n, scale, scores, &mut pf);
+                } else {
+                    let t = &tile[..n * dk];
+                    bf16::tile_scores_widened(qbf[qi], h, dk, t, n, scale, scores, &mut pf);
+                }
+                for hh in 0..h {
+                    let row = &mut scores[hh * n..(hh + 1) * n];
+                    let corr = softmax_update(row, &mut p.m[hh], &mut p.l[hh]);
+                    if corr != 1.0 {
+                        for a in p.acc[hh * dv..(hh + 1) * dv].iter_mut() {
+                            *a *= corr;
+                        }
+                    }
+                }
+                if native {
+                    pk.resize(bf16::packed_probs_len(h, n), 0);
+                    bf16::pack_probs(scores, h, n, pk);
+                    bf16::tile_pv(pk, h, n, stored, dk, dv, &mut p.acc);
+                } else {
+                    bf16::round_probs(&mut scores[..h * n]);
+                    pv_f32(&tile[..n * dk], scores, h, n, dk, dv, &mut p.acc);
+                }
+            }
+            j += n;
+        }
+        return;
+    }
     let ql = qpair_len(h, dk);
     if wide {
         qpair.resize(qrows.len() * ql, 0.0);
@@ -535,20 +557,16 @@ fn attend_queries<R: KeyRows + ?Sized>(
         }
     }
     let end = k1s.iter().copied().max().unwrap_or(k0);
-    let direct = wide && direct_bf16(s);
     let mut j = k0;
     while j < end {
-        // An f32 store is read in place, and so is a bf16 one by the AVX-512 kernels where
-        // `direct_bf16` says so; any other is widened into the tile.
+        // An f32 store is read in place; any other is widened into the tile.
         let want = TILE.min(end - j);
-        let keys = if let Some(stored) = rows.f32_rows(j, want) {
-            TileKeys::F32(stored)
-        } else if let Some(stored) = direct.then(|| rows.bf16_rows(j, want)).flatten() {
-            TileKeys::Bf16(stored)
+        let keys: &[f32] = if let Some(stored) = rows.f32_rows(j, want) {
+            stored
         } else {
             tile.resize(TILE * dk, 0.0);
             let n = rows.widen(j, want, tile);
-            TileKeys::F32(&tile[..n * dk])
+            &tile[..n * dk]
         };
         let n = keys.len() / dk;
         // The next tile's rows come from memory while this one is scored.
@@ -567,7 +585,7 @@ fn attend_queries<R: KeyRows + ?Sized>(
             } else {
                 &[]
             };
-            keys.scores(qp, qrow, h, dk, n, scale, scores, &mut pf);
+            scores_f32(keys, qp, qrow, h, dk, n, scale, scores, &mut pf);
             for hh in 0..h {
                 let row = &mut scores[hh * n..(hh + 1) * n];
                 let corr = softmax_update(row, &mut p.m[hh], &mut p.l[hh]);
@@ -577,7 +595,7 @@ fn attend_queries<R: KeyRows + ?Sized>(
                     }
                 }
             }
-            keys.pv(scores, h, n, dk, dv, &mut p.acc);
+            pv_f32(keys, scores, h, n, dk, dv, &mut p.acc);
         }
         j += n;
     }
@@ -643,9 +661,12 @@ fn qpair_len(h: usize, dk: usize) -> usize {
 
 /// Floats that each thread holds while it runs prefill attention of shape `s` on the FMA
 /// kernels (for memory planning): a block of [`QBLOCK`] queries' running and per-segment
-/// softmax states, the widened key tile, one query's scores and the queries in head pairs.
+/// softmax states, the widened key tile, one query's scores and the queries in head pairs (or
+/// packed for the bf16 products, 4-byte words like the floats).
 pub fn prefill_scratch_floats(s: LatentAttnShape) -> usize {
-    2 * QBLOCK * partial_floats(s) + tile_bufs_floats(s, QBLOCK)
+    2 * QBLOCK * partial_floats(s)
+        + tile_bufs_floats(s, QBLOCK)
+        + QBLOCK * bf16::packed_query_len(s.h, s.dk)
 }
 
 /// Floats of one [`Partial`] of shape `s`: the running max and sum per head, and the output.
@@ -654,18 +675,22 @@ fn partial_floats(s: LatentAttnShape) -> usize {
 }
 
 /// Floats of a [`TileBufs`] (FMA kernels) for `queries` queries of shape `s`: the widened key
-/// tile, one query's scores, and the queries in head pairs.
+/// tile, one query's scores, the queries in head pairs, and the tile's probabilities packed
+/// for the bf16 products.
 fn tile_bufs_floats(s: LatentAttnShape, queries: usize) -> usize {
-    TILE * s.dk + s.h * TILE + queries * qpair_len(s.h, s.dk)
+    TILE * s.dk + s.h * TILE + queries * qpair_len(s.h, s.dk) + bf16::packed_probs_len(s.h, TILE)
 }
 
 /// Floats that decode with latent attention of shape `s` keeps between steps (for memory
 /// planning), at any context: the calling thread's partial softmax states (at most a [`WAVE`]
-/// of segments' and the running total) and, for each of `threads` pool threads, a key tile, a
-/// tile's scores and the query in head pairs. The AMX kernel's buffers, where it runs, come on
-/// top ([`crate::amx_attention::scratch_bytes`] per thread).
+/// of segments' and the running total, the query packed for the bf16 products) and, for each of
+/// `threads` pool threads, a key tile, a tile's scores and the query in head pairs. The AMX
+/// kernel's buffers, where it runs, come on top ([`crate::amx_attention::scratch_bytes`] per
+/// thread).
 pub fn decode_scratch_floats(s: LatentAttnShape, threads: usize) -> usize {
-    (WAVE + 1) * partial_floats(s) + threads * tile_bufs_floats(s, 1)
+    (WAVE + 1) * partial_floats(s)
+        + bf16::packed_query_len(s.h, s.dk)
+        + threads * tile_bufs_floats(s, 1)
 }
 
 /// Causal latent attention. `q` `[Tq, H, Dk]`, `blocks` each `[block_rows, Dk]`, `n_keys` keys in
@@ -716,17 +741,30 @@ pub fn latent_attention_rows<R: KeyRows + ?Sized>(
             // parallel region) gets fresh buffers instead of the busy ones.
             let mut fresh;
             let mut guard = cell.try_borrow_mut();
-            let Decode { parts, total, bufs } = match guard.as_deref_mut() {
+            let Decode {
+                parts,
+                total,
+                qbf,
+                bufs,
+            } = match guard.as_deref_mut() {
                 Ok(d) => d,
                 Err(_) => {
                     fresh = Decode {
                         parts: Vec::new(),
                         total: Partial::new(h, dv),
+                        qbf: Vec::new(),
                         bufs: Vec::new(),
                     };
                     &mut fresh
                 }
             };
+            // The query packed once for every segment, where the bf16 products run.
+            qbf.clear();
+            if bf16_products(s, rows) {
+                qbf.resize(bf16::packed_query_len(h, dk), 0);
+                bf16::pack_query(q, h, dk, qbf);
+            }
+            let qbf = &qbf[..];
             let wave = nseg.min(WAVE);
             while parts.len() < wave {
                 parts.push(Partial::new(h, dv));
@@ -748,7 +786,7 @@ pub fn latent_attention_rows<R: KeyRows + ?Sized>(
                 let (k0, k1) = (si * SEGMENT, ((si + 1) * SEGMENT).min(n_keys));
                 let i = rayon::current_thread_index().unwrap_or(0) % bufs.len();
                 let mut b = bufs[i].lock().unwrap_or_else(|e| e.into_inner());
-                attend_range(s, q, rows, k0, k1, scale, p, &mut b);
+                attend_range(s, q, qbf, rows, k0, k1, scale, p, &mut b);
             };
             // Waves of at most WAVE segments, each merged in order into the total before the
             // next one runs: the order of the merges is the segments', whatever the wave size.
@@ -777,14 +815,23 @@ pub fn latent_attention_rows<R: KeyRows + ?Sized>(
     // does, so a query's result does not depend on how many queries share the call.
     let op = SendPtr(out.as_mut_ptr());
     let fresh = || std::array::from_fn::<Partial, QBLOCK, _>(|_| Partial::new(h, dv));
+    let bf = bf16_products(s, rows);
+    let qbl = if bf { bf16::packed_query_len(h, dk) } else { 0 };
     (0..tq.div_ceil(QBLOCK)).into_par_iter().for_each_init(
-        || (fresh(), fresh(), TileBufs::new()),
-        |(ps, segs, bufs), b| {
+        || (fresh(), fresh(), TileBufs::new(), Vec::new()),
+        |(ps, segs, bufs, qbf), b| {
             let (i0, i1) = (b * QBLOCK, ((b + 1) * QBLOCK).min(tq));
             let nq = i1 - i0;
             // Query i sees keys 0..lim(i); the limits grow with i.
             let lim = |i: usize| n_keys - tq + i + 1;
             let qrow = |i: usize| &q[i * h * dk..(i + 1) * h * dk];
+            // The block's queries packed once for all segments, where the bf16 products run.
+            qbf.resize(nq * qbl, 0);
+            if bf {
+                for (i, dst) in (i0..i1).zip(qbf.chunks_exact_mut(qbl)) {
+                    bf16::pack_query(qrow(i), h, dk, dst);
+                }
+            }
             for p in &mut ps[..nq] {
                 p.reset();
             }
@@ -802,7 +849,12 @@ pub fn latent_attention_rows<R: KeyRows + ?Sized>(
                 for seg in segs.iter_mut() {
                     seg.reset();
                 }
-                attend_queries(s, &qs[..m], rows, k0, &k1s[..m], scale, segs, bufs);
+                let qb: [&[u32]; QBLOCK] = std::array::from_fn(|j| {
+                    let i = (first + j).min(i1 - 1) - i0;
+                    &qbf[i * qbl..(i + 1) * qbl]
+                });
+                let qb = if bf { &qb[..m] } else { &[][..] };
+                attend_queries(s, &qs[..m], qb, rows, k0, &k1s[..m], scale, segs, bufs);
                 for (p, seg) in ps[first - i0..nq].iter_mut().zip(segs.iter()) {
                     p.merge(seg, dv);
                 }
@@ -1157,23 +1209,11 @@ mod x86 {
         _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
     }
 
-    /// Where the 512-bit tile kernels read the key rows of a tile (`[n, dk]`, row `x`, column
-    /// `col`): a widened f32 tile ([`F32Keys`]) or the bf16 rows as stored ([`Bf16Keys`]),
-    /// widened in registers. Widening is exact, so both give every kernel the same values and
-    /// the same bits.
+    /// The key rows of a tile as the 512-bit tile kernels read them (`[n, dk]` f32: a store read
+    /// in place or the widened tile; row `x`, column `col`).
     ///
     /// Every method is unsafe for the same reasons: `x` must be below the `n` rows the view was
     /// made for, the columns read must lie within `dk`, and the CPU must have AVX-512F.
-    pub trait Keys: Copy {
-        /// Columns `col..col + 8` of row `x` in both halves of a register.
-        unsafe fn bcast8(self, x: usize, col: usize) -> __m512;
-        /// Columns `col..col + 16` of row `x`.
-        unsafe fn load16(self, x: usize, col: usize) -> __m512;
-        /// Column `col` of row `x`.
-        unsafe fn get(self, x: usize, col: usize) -> f32;
-    }
-
-    /// A widened tile of f32 rows.
     #[derive(Clone, Copy)]
     pub struct F32Keys {
         p: *const f32,
@@ -1192,61 +1232,23 @@ mod x86 {
                 dk,
             }
         }
-    }
 
-    impl Keys for F32Keys {
+        /// Columns `col..col + 8` of row `x` in both halves of a register.
         #[inline(always)]
         unsafe fn bcast8(self, x: usize, col: usize) -> __m512 {
             bcast8(self.p.add(x * self.dk + col))
         }
+
+        /// Columns `col..col + 16` of row `x`.
         #[inline(always)]
         unsafe fn load16(self, x: usize, col: usize) -> __m512 {
             _mm512_loadu_ps(self.p.add(x * self.dk + col))
         }
+
+        /// Column `col` of row `x`.
         #[inline(always)]
         unsafe fn get(self, x: usize, col: usize) -> f32 {
             *self.p.add(x * self.dk + col)
-        }
-    }
-
-    /// bf16 rows as stored, widened in registers (a bf16 is the high half of its f32).
-    #[derive(Clone, Copy)]
-    pub struct Bf16Keys {
-        p: *const u16,
-        dk: usize,
-    }
-
-    impl Bf16Keys {
-        /// The first `n` rows of width `dk` of `rows`.
-        pub fn new(rows: &[half::bf16], n: usize, dk: usize) -> Self {
-            assert!(
-                rows.len() >= n * dk,
-                "attention: rows shorter than the tile"
-            );
-            Bf16Keys {
-                p: rows.as_ptr().cast(),
-                dk,
-            }
-        }
-    }
-
-    impl Keys for Bf16Keys {
-        /// 16 bytes broadcast to both 128-bit halves of a 256-bit register, zero-extended to
-        /// 16 dwords (the 8 values twice), shifted into the high halves.
-        #[inline(always)]
-        unsafe fn bcast8(self, x: usize, col: usize) -> __m512 {
-            let b =
-                _mm256_broadcastsi128_si256(_mm_loadu_si128(self.p.add(x * self.dk + col).cast()));
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)))
-        }
-        #[inline(always)]
-        unsafe fn load16(self, x: usize, col: usize) -> __m512 {
-            let b = _mm256_loadu_si256(self.p.add(x * self.dk + col).cast());
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)))
-        }
-        #[inline(always)]
-        unsafe fn get(self, x: usize, col: usize) -> f32 {
-            f32::from_bits(u32::from(*self.p.add(x * self.dk + col)) << 16)
         }
     }
 
@@ -1284,10 +1286,10 @@ mod x86 {
     /// heads of a pair for one key, so each lane runs exactly the AVX2 kernel's FMA sequence.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn score_block512<K: Keys, const HP: usize, const XB: usize>(
+    unsafe fn score_block512<const HP: usize, const XB: usize>(
         qpp: *const f32,
         qp: *const f32,
-        keys: K,
+        keys: F32Keys,
         h: usize,
         dk: usize,
         hp0: usize,
@@ -1351,12 +1353,12 @@ mod x86 {
     /// keys. `qpair` is the query laid out by `super::pair_heads`, `q` the plain one (tails).
     #[target_feature(enable = "avx512f,avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile_scores512<K: Keys>(
+    pub unsafe fn tile_scores512(
         qpair: &[f32],
         q: &[f32],
         h: usize,
         dk: usize,
-        keys: K,
+        keys: F32Keys,
         n: usize,
         scale: f32,
         scores: &mut [f32],
@@ -1378,7 +1380,7 @@ mod x86 {
                 macro_rules! go {
                     ($( ($a:literal, $b:literal) ),*) => {
                         match (pb, xb) {
-                            $( ($a, $b) => score_block512::<K, $a, $b>(
+                            $( ($a, $b) => score_block512::<$a, $b>(
                                 qpp, qp, keys, h, dk, p0, x0, n, scale, sp
                             ), )*
                             _ => unreachable!(),
@@ -1413,9 +1415,9 @@ mod x86 {
     /// the AVX2 kernel's sequence: every element summed over the keys in order).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn pv_block512<K: Keys, const HB: usize, const CV: usize>(
+    unsafe fn pv_block512<const HB: usize, const CV: usize>(
         pp: *const f32,
-        keys: K,
+        keys: F32Keys,
         ap: *mut f32,
         n: usize,
         dv: usize,
@@ -1450,9 +1452,9 @@ mod x86 {
     /// [`pv_block512`] over every block of up to 8 heads, for columns `c0..c0 + 16·CV`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn pv_strip512<K: Keys, const CV: usize>(
+    unsafe fn pv_strip512<const CV: usize>(
         pp: *const f32,
-        keys: K,
+        keys: F32Keys,
         ap: *mut f32,
         h: usize,
         n: usize,
@@ -1463,14 +1465,14 @@ mod x86 {
         while h0 < h {
             let hb = (h - h0).min(8);
             match hb {
-                8 => pv_block512::<K, 8, CV>(pp, keys, ap, n, dv, h0, c0),
-                7 => pv_block512::<K, 7, CV>(pp, keys, ap, n, dv, h0, c0),
-                6 => pv_block512::<K, 6, CV>(pp, keys, ap, n, dv, h0, c0),
-                5 => pv_block512::<K, 5, CV>(pp, keys, ap, n, dv, h0, c0),
-                4 => pv_block512::<K, 4, CV>(pp, keys, ap, n, dv, h0, c0),
-                3 => pv_block512::<K, 3, CV>(pp, keys, ap, n, dv, h0, c0),
-                2 => pv_block512::<K, 2, CV>(pp, keys, ap, n, dv, h0, c0),
-                _ => pv_block512::<K, 1, CV>(pp, keys, ap, n, dv, h0, c0),
+                8 => pv_block512::<8, CV>(pp, keys, ap, n, dv, h0, c0),
+                7 => pv_block512::<7, CV>(pp, keys, ap, n, dv, h0, c0),
+                6 => pv_block512::<6, CV>(pp, keys, ap, n, dv, h0, c0),
+                5 => pv_block512::<5, CV>(pp, keys, ap, n, dv, h0, c0),
+                4 => pv_block512::<4, CV>(pp, keys, ap, n, dv, h0, c0),
+                3 => pv_block512::<3, CV>(pp, keys, ap, n, dv, h0, c0),
+                2 => pv_block512::<2, CV>(pp, keys, ap, n, dv, h0, c0),
+                _ => pv_block512::<1, CV>(pp, keys, ap, n, dv, h0, c0),
             }
             h0 += hb;
         }
@@ -1482,11 +1484,11 @@ mod x86 {
     /// then one strip of 32 or 16 columns; the columns past the last multiple of 16 by the
     /// AVX2 kernel.
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub unsafe fn tile_pv512<K: Keys>(
+    pub unsafe fn tile_pv512(
         p: &[f32],
         h: usize,
         n: usize,
-        keys: K,
+        keys: F32Keys,
         dk: usize,
         dv: usize,
         acc: &mut [f32],
@@ -1497,15 +1499,15 @@ mod x86 {
         // in L1 while every head block reads it.
         let mut c0 = 0;
         while c0 + 48 <= dv {
-            pv_strip512::<K, 3>(pp, keys, ap, h, n, dv, c0);
+            pv_strip512::<3>(pp, keys, ap, h, n, dv, c0);
             c0 += 48;
         }
         if c0 + 32 <= dv {
-            pv_strip512::<K, 2>(pp, keys, ap, h, n, dv, c0);
+            pv_strip512::<2>(pp, keys, ap, h, n, dv, c0);
             c0 += 32;
         }
         if c0 + 16 <= dv {
-            pv_strip512::<K, 1>(pp, keys, ap, h, n, dv, c0);
+            pv_strip512::<1>(pp, keys, ap, h, n, dv, c0);
             c0 += 16;
         }
         // Columns past the last multiple of 16: scalar, each summed over the keys in order

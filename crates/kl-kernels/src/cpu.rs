@@ -5,8 +5,9 @@
 //! - `KL_NO_AVX512=1` forces the AVX2 paths where AVX-512 kernels exist (they give the same bits,
 //!   so this only changes speed; used to compare the two);
 //! - `KL_NONTEMPORAL=0` or `1` turns the non-temporal memory hints ([`Features::nontemporal`])
-//!   off or on whatever the vendor, and `KL_WIDEN_IN_REGISTERS=0` or `1` the same for
-//!   [`Features::widen_in_registers`] (the same bits either way).
+//!   off or on whatever the vendor (the same bits either way);
+//! - `KL_NO_AVX512BF16=1` runs latent attention's bf16 products on their FMA emulation instead
+//!   of the AVX512-BF16 instruction (the same bits; [`Features::avx512bf16`]).
 
 use std::sync::OnceLock;
 
@@ -17,18 +18,17 @@ pub struct Features {
     pub avx2_fma: bool,
     /// AVX-512F (x86-64); only set together with `avx2_fma`.
     pub avx512f: bool,
+    /// AVX512-BF16 with AVX512-BW (`vdpbf16ps`, `vcvtne2ps2bf16`); only set together with
+    /// `avx512f`. Latent attention over a bf16 cache uses it for its products
+    /// ([`crate::attention_bf16`]); without it the same products are emulated with FMAs, to the
+    /// same bits.
+    pub avx512bf16: bool,
     /// Non-temporal memory hints for data touched once: decode's weight rows are prefetched
     /// with `prefetchnta` instead of into L2 (`prefetcht1`), and the KDA chunk kernel streams
     /// its output rows (`simd::stream_copy`) instead of computing them in place. Set on AMD
     /// cores, where they measured 2–10% and 4–5% faster on the Zen 5 VM; the Intel VM's Xeon
     /// had measured both slower (25–50% and 2–7%; docs/performance.md).
     pub nontemporal: bool,
-    /// Latent attention reads a bf16 cache's rows as stored and widens them in registers (a
-    /// zero-extension and a shift per key load) instead of widening each tile into f32 first.
-    /// Set on AMD cores, where it measured 3–18% faster on the Zen 5 VM; the Intel VM had
-    /// measured an earlier such kernel 5–15% slower for 32 heads (its 512-bit shuffles share
-    /// a port with the FMAs), so other CPUs keep the widened tile.
-    pub widen_in_registers: bool,
 }
 
 /// The instruction sets the kernels are written for, narrowest first.
@@ -95,8 +95,8 @@ fn env_choice(name: &str, default: fn() -> bool) -> bool {
     }
 }
 
-/// Features of the running CPU (detected on first call), narrowed by `KL_NO_SIMD=1` (none) and
-/// `KL_NO_AVX512=1` (no AVX-512).
+/// Features of the running CPU (detected on first call), narrowed by `KL_NO_SIMD=1` (none),
+/// `KL_NO_AVX512=1` (no AVX-512) and `KL_NO_AVX512BF16=1` (no AVX512-BF16).
 ///
 /// Inlined: kernels ask once per register tile (the decode matrix–vector product about 40 000
 /// times a `mini` token), so after the first call this is one load and a test; the detection
@@ -121,11 +121,15 @@ fn detect() -> Features {
             let avx2_fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
             let avx512f =
                 avx2_fma && is_x86_feature_detected!("avx512f") && !env_flag("KL_NO_AVX512");
+            let avx512bf16 = avx512f
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512bf16")
+                && !env_flag("KL_NO_AVX512BF16");
             return Features {
                 avx2_fma,
                 avx512f,
+                avx512bf16,
                 nontemporal: env_choice("KL_NONTEMPORAL", vendor_is_amd),
-                widen_in_registers: env_choice("KL_WIDEN_IN_REGISTERS", vendor_is_amd),
             };
         }
     }
@@ -133,8 +137,8 @@ fn detect() -> Features {
     Features {
         avx2_fma: false,
         avx512f: false,
+        avx512bf16: false,
         nontemporal: false,
-        widen_in_registers: false,
     }
 }
 
@@ -153,7 +157,7 @@ fn vendor_is_amd() -> bool {
 }
 
 /// A one-line description, e.g. for `bench` output: the architecture, the instruction sets, the
-/// vendor-chosen paths (`nontemporal`, `widen-in-registers`; see [`Features`]) and `amx` when
+/// vendor-chosen path (`nontemporal`; see [`Features`]) and `amx` when
 /// the opt-in AMX products are on ([`crate::amx::enabled`]).
 pub fn describe() -> String {
     let f = features();
@@ -164,11 +168,11 @@ pub fn describe() -> String {
     if f.avx512f {
         s.push("avx512f".into());
     }
+    if f.avx512bf16 {
+        s.push("avx512bf16".into());
+    }
     if f.nontemporal {
         s.push("nontemporal".into());
-    }
-    if f.widen_in_registers {
-        s.push("widen-in-registers".into());
     }
     if crate::amx::enabled() {
         s.push("amx".into());

@@ -25,22 +25,26 @@
 //! **Speed.** The compute-bound kernels are register-blocked (prefill matmul: 6 × 4 tiles of
 //! row-pair 16-lane accumulators on AVX-512, 4 × 3 tiles of 8-lane ones on AVX2, over an
 //! L2-resident f32 panel, K-blocked for L1; KDA: 8 × 32 / 6 × 16 tiles of small dense products,
-//! see the private `dense` module; latent attention: head-pair × key blocks, or on AMX tiles
-//! with the opt-in switch, [`amx_attention`]); decode matmul
+//! see the private `dense` module; latent attention: head-pair × key blocks over f32 keys,
+//! 16 heads × 16 keys of `vdpbf16ps` products over a bf16 cache ([`attention_bf16`]), or AMX
+//! tiles with the opt-in switch, [`amx_attention`]); decode matmul
 //! streams bf16 weights in register-width groups with software prefetch. [`roofline`] measures
 //! the machine's FMA peak (at the widest ISA in use) and read bandwidth so that
 //! `cargo bench -p kl-kernels` can quote each kernel as a fraction of it.
 //!
 //! **CPU features** are detected once at run time ([`cpu::features`]); one binary uses AVX-512F
-//! or AVX2+FMA where present and falls back to portable code elsewhere (including aarch64).
-//! Every AVX-512 kernel computes exactly the bits of its AVX2 twin (each 16-lane register holds
-//! two 8-lane accumulators), so `KL_NO_AVX512=1` changes speed only.
+//! (with AVX512-BF16 for bf16 attention products) or AVX2+FMA where present and falls back to
+//! portable code elsewhere (including aarch64). Every AVX-512 kernel computes exactly the bits of
+//! its AVX2 twin (each 16-lane register holds two 8-lane accumulators), and the AVX512-BF16
+//! products exactly those of their FMA emulation, so `KL_NO_AVX512=1` and
+//! `KL_NO_AVX512BF16=1` change speed only.
 #![deny(missing_docs)]
 
 pub mod activation;
 pub mod amx;
 pub mod amx_attention;
 pub mod attention;
+pub mod attention_bf16;
 pub mod conv1d;
 pub mod cpu;
 mod dense;

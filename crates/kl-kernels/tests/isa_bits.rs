@@ -1,6 +1,6 @@
 //! Kernels with an AVX-512 path give exactly the bits of their AVX2 path; the KDA chunk kernel
-//! gives the same bits with and without its non-temporal stores, and latent attention with and
-//! without widening a bf16 cache in registers.
+//! gives the same bits with and without its non-temporal stores, and latent attention over a
+//! bf16 cache on the AVX512-BF16 instruction or its FMA emulation.
 //!
 //! The ISA is chosen once per process, so each test recomputes its case in a child process of
 //! this test binary with `KL_NO_AVX512=1` and compares the printed bits with its own. On a CPU
@@ -154,25 +154,27 @@ fn latent_attention_bits_do_not_depend_on_avx512() {
     compare_with_avx2("latent_attention_bits_do_not_depend_on_avx512", &all);
 }
 
-/// Latent attention over a bf16 cache gives the same bits whether its rows are widened in
-/// registers or into an f32 tile (`KL_WIDEN_IN_REGISTERS`): the child takes the other way.
+/// Latent attention over a bf16 cache gives the same bits on the AVX512-BF16 products as on
+/// their FMA emulation (`KL_NO_AVX512BF16`): the child takes the other way. (Without the
+/// instruction both runs emulate.)
 #[test]
-fn latent_attention_bits_do_not_depend_on_register_widening() {
-    // Widths that split into whole register loads (the only ones widened in registers),
-    // `mini`'s and the released model's among them; odd head counts; storage blocks that end
-    // inside tiles; decode and prefill.
+fn latent_attention_bits_do_not_depend_on_avx512bf16() {
+    // Head counts around the 16-head groups and the 32-head pairs of groups, widths with pair
+    // tails past the 32-column strips and a lone last key in a tile, `mini`'s and the released
+    // model's rows; storage blocks that end inside tiles; decode and prefill.
     let shapes = [
         (17, 288, 256, 77),
-        (5, 576, 512, 256),
+        (32, 576, 512, 256),
+        (33, 46, 40, 100),
         (3, 40, 32, 100),
         (9, 16, 16, 13),
     ];
-    let all = attention_bits(23, &shapes, SEGMENT + 141, 5);
+    let all = attention_bits(24, &shapes, SEGMENT + 141, 5);
     compare_with_flipped(
-        "latent_attention_bits_do_not_depend_on_register_widening",
+        "latent_attention_bits_do_not_depend_on_avx512bf16",
         &all,
-        "KL_WIDEN_IN_REGISTERS",
-        kl_kernels::cpu::features().widen_in_registers,
+        "KL_NO_AVX512BF16",
+        !kl_kernels::cpu::features().avx512bf16,
     );
 }
 

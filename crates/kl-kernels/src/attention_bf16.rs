@@ -1,0 +1,1027 @@
+//! bf16 products for latent attention over a bf16 cache.
+//!
+//! Under weight absorption every head scores the whole cached row and sums the first `Dv`
+//! columns of it (spec §6.3), so decode at depth is `H·(Dk + Dv)` multiply-adds per cached key
+//! and compute-bound on the FMA units (docs/performance.md). When the cache is bf16, its side of
+//! both products is already bf16; rounding the other side to bf16 too (the query for the
+//! scores, the probabilities for `P·V`, as bf16 inference and flash attention do) lets CPUs with
+//! AVX512-BF16 take 32 multiply-adds per instruction (`vdpbf16ps`) instead of 16, with no
+//! widening of the keys at all.
+//!
+//! **Numerics.** Products of two bf16 values are exact in f32, so the only roundings are the
+//! inputs' (`q` and `P` to bf16, round-to-nearest-even, as `vcvtne2ps2bf16` does: [`round_bf16`])
+//! and the f32 sums, in a fixed order:
+//! - **Scores**: each head and key sums its column pairs in order into one f32, the product of
+//!   column `2i + 1` and then that of column `2i` (`vdpbf16ps`'s order within a pair), then
+//!   times `scale`. The kernel holds 16 heads in a register (the query transposed into column
+//!   pairs, each key's pair broadcast), so no lane sums are needed, and transposes each 16 × 16
+//!   block of scores into the `[H, n]` layout once.
+//! - **`P·V`**: every output element sums its keys in order, one product at a time: the FMA
+//!   kernels of [`crate::attention`] fed with the rounded probabilities, which is what
+//!   `vdpbf16ps` computes on value rows interleaved in key pairs (`x` in the high half).
+//!
+//! `vdpbf16ps` treats bf16 denormals as zero and flushes denormal sums to zero, so every path
+//! runs under [`crate::cpu::FlushDenormals`]; with it the AVX2 emulation (two FMAs per pair)
+//! gives exactly the instruction's bits (checked on random and denormal inputs, the AMD Zen 5
+//! VM). The portable code runs the same products in the same order without the flush.
+//!
+//! Against the f32 products the scores move by about 2⁻⁹ of their terms' size and the output
+//! by less: the logits of the golden model move by about as much as a bf16 cache already moves
+//! them (docs/memory.md). An f32 or fp8 cache keeps the exact f32 products.
+
+use crate::simd::Prefetch;
+use half::bf16;
+
+/// Whether the AVX512-BF16 kernels run (else the emulation, to the same bits).
+fn native() -> bool {
+    crate::cpu::features().avx512bf16
+}
+
+/// Whether a key width takes the bf16 products: whole column pairs.
+pub fn takes(dk: usize) -> bool {
+    dk > 0 && dk.is_multiple_of(2)
+}
+
+/// Heads rounded up to whole 16-lane groups.
+fn padded_heads(h: usize) -> usize {
+    h.div_ceil(16) * 16
+}
+
+/// The bf16 bits of `x` as `vcvtne2ps2bf16` rounds it: to nearest even, a denormal input to a
+/// zero of its sign, a NaN to a quiet NaN.
+#[inline]
+pub fn round_bf16(x: f32) -> u16 {
+    let u = x.to_bits();
+    if u & 0x7f80_0000 == 0 {
+        return ((u >> 16) & 0x8000) as u16;
+    }
+    if u & 0x7fff_ffff > 0x7f80_0000 {
+        return ((u >> 16) | 0x40) as u16;
+    }
+    (u.wrapping_add(0x7fff + ((u >> 16) & 1)) >> 16) as u16
+}
+
+/// `x` rounded to bf16 by [`round_bf16`], as an f32.
+#[inline]
+pub fn round_f32(x: f32) -> f32 {
+    f32::from_bits(u32::from(round_bf16(x)) << 16)
+}
+
+/// f32 value of the bf16 in the low (`lo = true`) or high half of a pair.
+#[inline]
+fn half_of(pair: u32, lo: bool) -> f32 {
+    f32::from_bits(if lo { pair << 16 } else { pair & 0xffff_0000 })
+}
+
+/// Dwords of one query packed by [`pack_query`]: `Dk/2 × ⌈H/16⌉·16`.
+pub fn packed_query_len(h: usize, dk: usize) -> usize {
+    dk / 2 * padded_heads(h)
+}
+
+/// `q` `[H, Dk]` rounded to bf16 and transposed into column pairs: dword `i·Hp + h`
+/// (`Hp` = `H` rounded up to a multiple of 16, the extra heads zero) holds head `h`'s column
+/// `2i` in its low half and `2i + 1` in its high half, so that one 16-lane load holds a column
+/// pair of 16 heads.
+pub fn pack_query(q: &[f32], h: usize, dk: usize, out: &mut [u32]) {
+    let hp = padded_heads(h);
+    assert!(takes(dk) && q.len() >= h * dk && out.len() >= packed_query_len(h, dk));
+    for (i, row) in out[..packed_query_len(h, dk)]
+        .chunks_exact_mut(hp)
+        .enumerate()
+    {
+        for (hh, d) in row.iter_mut().enumerate() {
+            *d = if hh < h {
+                let c = &q[hh * dk + 2 * i..];
+                u32::from(round_bf16(c[0])) | u32::from(round_bf16(c[1])) << 16
+            } else {
+                0
+            };
+        }
+    }
+}
+
+/// Round a tile's probabilities `[H, n]` to bf16 in place (as f32), for the FMA `P·V` kernels.
+pub fn round_probs(p: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::features().avx2_fma {
+        // SAFETY: AVX2 checked.
+        unsafe { x86::round_probs(p) };
+        return;
+    }
+    for x in p.iter_mut() {
+        *x = round_f32(*x);
+    }
+}
+
+/// Whether the scores and `P·V` of a tile run on the AVX512-BF16 instruction ([`tile_scores`],
+/// [`pack_probs`], [`tile_pv`], reading the bf16 rows as stored); otherwise they run on the
+/// FMA emulation over the rows widened into f32 ([`tile_scores_widened`], [`round_probs`] and
+/// the FMA `P·V` kernels), to the same bits.
+pub fn native_products() -> bool {
+    native()
+}
+
+/// `scores[h·n + x] = scale · q_h · key_x` for the `n` bf16 key rows `keys` (`[n, Dk]`) of a
+/// tile, in the order of the module's numerics, on AVX512-BF16 ([`native_products`]); `qp` is
+/// the query packed by [`pack_query`]. Prefetches `pf`'s lines over the tile.
+#[allow(clippy::too_many_arguments)]
+pub fn tile_scores(
+    qp: &[u32],
+    h: usize,
+    dk: usize,
+    keys: &[bf16],
+    n: usize,
+    scale: f32,
+    scores: &mut [f32],
+    pf: &mut Prefetch,
+) {
+    assert!(native(), "attention_bf16::tile_scores needs AVX512-BF16");
+    assert!(takes(dk) && qp.len() >= packed_query_len(h, dk));
+    assert!(keys.len() >= n * dk && scores.len() >= h * n);
+    #[cfg(target_arch = "x86_64")]
+    if n > 0 {
+        // SAFETY: AVX512-BF16, -BW and -F checked; lengths checked above.
+        unsafe { x86::tile_scores512(qp, h, dk, keys, n, scale, scores, pf) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (scale, pf);
+}
+
+/// [`tile_scores`] emulated with FMAs over the same rows widened into f32 (`tile`, `[n, Dk]`;
+/// widening bf16 is exact): two FMAs per column pair, the high column first, which under
+/// [`crate::cpu::FlushDenormals`] gives the instruction's bits. AVX-512F, AVX2 or portable.
+#[allow(clippy::too_many_arguments)]
+pub fn tile_scores_widened(
+    qp: &[u32],
+    h: usize,
+    dk: usize,
+    tile: &[f32],
+    n: usize,
+    scale: f32,
+    scores: &mut [f32],
+    pf: &mut Prefetch,
+) {
+    assert!(takes(dk) && qp.len() >= packed_query_len(h, dk));
+    assert!(tile.len() >= n * dk && scores.len() >= h * n);
+    if n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let f = crate::cpu::features();
+        if f.avx2_fma && f.avx512f {
+            // SAFETY: AVX-512F checked; lengths checked above.
+            unsafe { x86::tile_scores_wide(qp, h, dk, tile, n, scale, scores, pf) };
+            return;
+        }
+        if f.avx2_fma {
+            // SAFETY: AVX2 and FMA checked; lengths checked above.
+            unsafe { x86::tile_scores(qp, h, dk, tile, n, scale, scores, pf) };
+            return;
+        }
+    }
+    tile_scores_portable(qp, h, dk, tile, n, scale, scores, pf);
+}
+
+/// Portable [`tile_scores_widened`]: the same products and order (denormals as the FPU
+/// treats them).
+#[allow(clippy::too_many_arguments)]
+fn tile_scores_portable(
+    qp: &[u32],
+    h: usize,
+    dk: usize,
+    tile: &[f32],
+    n: usize,
+    scale: f32,
+    scores: &mut [f32],
+    pf: &mut Prefetch,
+) {
+    let hp = padded_heads(h);
+    let quota = pf.lines().div_ceil(h.max(1));
+    for hh in 0..h {
+        pf.step(quota);
+        for x in 0..n {
+            let row = &tile[x * dk..(x + 1) * dk];
+            let mut a = 0f32;
+            for i in 0..dk / 2 {
+                let qv = qp[i * hp + hh];
+                a = half_of(qv, false).mul_add(row[2 * i + 1], a);
+                a = half_of(qv, true).mul_add(row[2 * i], a);
+            }
+            scores[hh * n + x] = scale * a;
+        }
+    }
+}
+
+/// Dwords of a tile's probabilities packed by [`pack_probs`]: `H × ⌈n/2⌉`.
+pub fn packed_probs_len(h: usize, n: usize) -> usize {
+    h * n.div_ceil(2)
+}
+
+/// A tile's probabilities `p` `[H, n]` rounded to bf16 in key pairs: dword `h·⌈n/2⌉ + i` holds
+/// key `2i` in its high half and key `2i + 1` (zero past `n`) in its low half. AVX512-BF16 only.
+pub fn pack_probs(p: &[f32], h: usize, n: usize, out: &mut [u32]) {
+    assert!(native() && p.len() >= h * n && out.len() >= packed_probs_len(h, n));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX512-BF16 and -F checked; lengths checked above.
+    unsafe {
+        x86::pack_probs(p, h, n, out)
+    };
+}
+
+/// `acc[h·dv + c] += Σ_x P̃[h, x] · keys[x·dk + c]` over the `n` bf16 rows of a tile, each element
+/// summed over `x` in order: AVX512-BF16 on value rows interleaved in key pairs. `pk` holds the
+/// rounded probabilities packed by [`pack_probs`]. Run under [`crate::cpu::FlushDenormals`].
+#[allow(clippy::too_many_arguments)]
+pub fn tile_pv(
+    pk: &[u32],
+    h: usize,
+    n: usize,
+    keys: &[bf16],
+    dk: usize,
+    dv: usize,
+    acc: &mut [f32],
+) {
+    assert!(native() && pk.len() >= packed_probs_len(h, n));
+    assert!(keys.len() >= n * dk && acc.len() >= h * dv && dv <= dk);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX512-BF16, -BW and -F checked; lengths checked above.
+    unsafe {
+        x86::tile_pv512(pk, h, n, keys, dk, dv, acc)
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use crate::simd::Prefetch;
+    use half::bf16;
+    use std::arch::x86_64::*;
+
+    /// [`super::round_probs`] on 8 lanes: the scalar rounding's integer steps (inputs are
+    /// probabilities, but NaN and denormals take the same path as there).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn round_probs(p: &mut [f32]) {
+        let n8 = p.len() / 8 * 8;
+        let pp = p.as_mut_ptr();
+        let exp = _mm256_set1_epi32(0x7f80_0000);
+        let abs = _mm256_set1_epi32(0x7fff_ffff);
+        let one = _mm256_set1_epi32(1);
+        let bias = _mm256_set1_epi32(0x7fff);
+        let hi = _mm256_set1_epi32(0xffff_0000u32 as i32);
+        let sign = _mm256_set1_epi32(0x8000_0000u32 as i32);
+        let quiet = _mm256_set1_epi32(0x0040_0000);
+        let mut i = 0;
+        while i < n8 {
+            let u = _mm256_loadu_si256(pp.add(i).cast());
+            let r = _mm256_and_si256(
+                _mm256_add_epi32(
+                    u,
+                    _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32::<16>(u), one)),
+                ),
+                hi,
+            );
+            let denormal = _mm256_cmpeq_epi32(_mm256_and_si256(u, exp), _mm256_setzero_si256());
+            let nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs), exp);
+            let r = _mm256_blendv_epi8(r, _mm256_and_si256(u, sign), denormal);
+            let r = _mm256_blendv_epi8(r, _mm256_and_si256(_mm256_or_si256(u, quiet), hi), nan);
+            _mm256_storeu_si256(pp.add(i).cast(), r);
+            i += 8;
+        }
+        for x in &mut p[n8..] {
+            *x = super::round_f32(*x);
+        }
+    }
+
+    /// Column pairs of a score block between two prefetch ticks.
+    const PF_PAIRS: usize = 8;
+
+    /// Transpose of a 16 × 16 block of f32 (`r[i]` lane `j` → result `j` lane `i`).
+    #[inline(always)]
+    unsafe fn transpose16(r: &[__m512; 16]) -> [__m512; 16] {
+        let mut a = [_mm512_setzero_ps(); 16];
+        for k in 0..8 {
+            a[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+            a[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+        }
+        // b[4k + c], 128-bit block L: rows 4k..4k+4 of column 4L + c.
+        let mut b = [_mm512_setzero_ps(); 16];
+        for k in 0..4 {
+            let pd = |v: __m512| _mm512_castps_pd(v);
+            let (x0, x1, x2, x3) = (
+                pd(a[4 * k]),
+                pd(a[4 * k + 1]),
+                pd(a[4 * k + 2]),
+                pd(a[4 * k + 3]),
+            );
+            b[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(x0, x2));
+            b[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(x0, x2));
+            b[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(x1, x3));
+            b[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(x1, x3));
+        }
+        let mut out = [_mm512_setzero_ps(); 16];
+        for c in 0..4 {
+            let u = _mm512_shuffle_f32x4::<0b10_00_10_00>(b[c], b[4 + c]);
+            let v = _mm512_shuffle_f32x4::<0b11_01_11_01>(b[c], b[4 + c]);
+            let u2 = _mm512_shuffle_f32x4::<0b10_00_10_00>(b[8 + c], b[12 + c]);
+            let v2 = _mm512_shuffle_f32x4::<0b11_01_11_01>(b[8 + c], b[12 + c]);
+            out[c] = _mm512_shuffle_f32x4::<0b10_00_10_00>(u, u2);
+            out[8 + c] = _mm512_shuffle_f32x4::<0b11_01_11_01>(u, u2);
+            out[4 + c] = _mm512_shuffle_f32x4::<0b10_00_10_00>(v, v2);
+            out[12 + c] = _mm512_shuffle_f32x4::<0b11_01_11_01>(v, v2);
+        }
+        out
+    }
+
+    /// Scale and store a block's accumulators (`acc[g·X + x]`: 16 heads of group `g0 + g` for
+    /// key `x0 + x`, of which `xb` are real) into `scores` `[H, n]`, through one 16 × 16
+    /// transpose.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn store_block<const G: usize, const X: usize>(
+        acc: &[__m512; 16],
+        h: usize,
+        g0: usize,
+        x0: usize,
+        xb: usize,
+        n: usize,
+        scale: f32,
+        sp: *mut f32,
+    ) {
+        // Row `l` of the transpose: head `l` of each group, keys in lanes `g·X + x`.
+        let t = transpose16(acc);
+        let vs = _mm512_set1_ps(scale);
+        let m = (1u32 << xb) - 1;
+        for (l, tl) in t.iter().enumerate() {
+            let r = _mm512_mul_ps(vs, *tl);
+            for g in 0..G {
+                let hh = 16 * (g0 + g) + l;
+                if hh < h {
+                    // Lanes g·X.. go to the head's row at x0 (the base moved back by g·X lanes,
+                    // which the mask never touches).
+                    let base = sp.wrapping_add(hh * n + x0).wrapping_sub(g * X);
+                    _mm512_mask_storeu_ps(base, ((m << (g * X)) & 0xffff) as __mmask16, r);
+                }
+            }
+        }
+    }
+
+    /// Scores of `G` groups of 16 heads (from group `g0`) × `X` keys (`G·X = 16`, from key `x0`;
+    /// `xb ≤ X` of them real, the others rereading the last): accumulator `g·X + x` holds key
+    /// `x`'s scores for the group's 16 heads, one `vdpbf16ps` per column pair, the pair
+    /// broadcast from the bf16 key row.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn score_block512<const G: usize, const X: usize>(
+        qt: *const u32,
+        hp: usize,
+        h: usize,
+        kp: *const u16,
+        dk: usize,
+        g0: usize,
+        x0: usize,
+        xb: usize,
+        n: usize,
+        scale: f32,
+        sp: *mut f32,
+        pf: &mut Prefetch,
+    ) {
+        let rows: [*const u32; X] =
+            std::array::from_fn(|x| kp.add((x0 + x.min(xb - 1)) * dk).cast::<u32>());
+        let mut acc = [_mm512_setzero_ps(); 16];
+        for i in 0..dk / 2 {
+            if i % PF_PAIRS == 0 {
+                pf.tick();
+            }
+            let mut q = [_mm512_setzero_si512(); G];
+            for (g, qg) in q.iter_mut().enumerate() {
+                *qg = _mm512_loadu_si512(qt.add(i * hp + 16 * (g0 + g)).cast());
+            }
+            for (x, row) in rows.iter().enumerate() {
+                let k = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
+                    row.add(i).read_unaligned() as i32,
+                ));
+                for (g, qg) in q.iter().enumerate() {
+                    acc[g * X + x] = _mm512_dpbf16_ps(
+                        acc[g * X + x],
+                        std::mem::transmute::<__m512i, __m512bh>(*qg),
+                        k,
+                    );
+                }
+            }
+        }
+        store_block::<G, X>(&acc, h, g0, x0, xb, n, scale, sp);
+    }
+
+    /// [`score_block512`] emulated over the widened f32 rows (AVX-512F): per column pair the
+    /// query's 16 high and 16 low halves split out of the packed words, the key's two columns
+    /// broadcast, two FMAs per accumulator (the high column first).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn score_block_wide<const G: usize, const X: usize>(
+        qt: *const u32,
+        hp: usize,
+        h: usize,
+        tp: *const f32,
+        dk: usize,
+        g0: usize,
+        x0: usize,
+        xb: usize,
+        n: usize,
+        scale: f32,
+        sp: *mut f32,
+        pf: &mut Prefetch,
+    ) {
+        let rows: [*const f32; X] = std::array::from_fn(|x| tp.add((x0 + x.min(xb - 1)) * dk));
+        let himask = _mm512_set1_epi32(0xffff_0000u32 as i32);
+        let mut acc = [_mm512_setzero_ps(); 16];
+        for i in 0..dk / 2 {
+            if i % PF_PAIRS == 0 {
+                pf.tick();
+            }
+            let mut qo = [_mm512_setzero_ps(); G];
+            let mut qe = [_mm512_setzero_ps(); G];
+            for g in 0..G {
+                let w = _mm512_loadu_si512(qt.add(i * hp + 16 * (g0 + g)).cast());
+                qo[g] = _mm512_castsi512_ps(_mm512_and_si512(w, himask));
+                qe[g] = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w));
+            }
+            for (x, row) in rows.iter().enumerate() {
+                let ko = _mm512_set1_ps(*row.add(2 * i + 1));
+                let ke = _mm512_set1_ps(*row.add(2 * i));
+                for g in 0..G {
+                    let a = _mm512_fmadd_ps(qo[g], ko, acc[g * X + x]);
+                    acc[g * X + x] = _mm512_fmadd_ps(qe[g], ke, a);
+                }
+            }
+        }
+        store_block::<G, X>(&acc, h, g0, x0, xb, n, scale, sp);
+    }
+
+    /// Runs `block(g0, x0, xb, pf)` over a tile's blocks: pairs of 16-head groups × 8 keys,
+    /// then a last single group × 16 keys, with `pf`'s lines paced over every block's column
+    /// pairs.
+    #[inline(always)]
+    fn for_blocks(
+        h: usize,
+        dk: usize,
+        n: usize,
+        pf: &mut Prefetch,
+        mut block: impl FnMut(bool, usize, usize, usize, &mut Prefetch),
+    ) {
+        let groups = super::padded_heads(h) / 16;
+        let blocks = groups / 2 * n.div_ceil(8) + groups % 2 * n.div_ceil(16);
+        pf.pace(blocks * (dk / 2).div_ceil(PF_PAIRS));
+        let mut g0 = 0;
+        while g0 < groups {
+            let pair = groups - g0 >= 2;
+            let xs = if pair { 8 } else { 16 };
+            let mut x0 = 0;
+            while x0 < n {
+                let xb = (n - x0).min(xs);
+                block(pair, g0, x0, xb, pf);
+                x0 += xb;
+            }
+            g0 += if pair { 2 } else { 1 };
+        }
+    }
+
+    /// [`super::tile_scores`] on AVX512-BF16: blocks of 16 heads × 16 keys (or 32 × 8), one
+    /// product per broadcast key pair and 16 heads, no lane sums; the query's column pairs
+    /// (`Dk/2` × 64 bytes per 16 heads) stay in L1.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile_scores512(
+        qp: &[u32],
+        h: usize,
+        dk: usize,
+        keys: &[bf16],
+        n: usize,
+        scale: f32,
+        scores: &mut [f32],
+        pf: &mut Prefetch,
+    ) {
+        let hp = super::padded_heads(h);
+        let (qpp, kp, sp) = (
+            qp.as_ptr(),
+            keys.as_ptr().cast::<u16>(),
+            scores.as_mut_ptr(),
+        );
+        for_blocks(h, dk, n, pf, |pair, g0, x0, xb, pf| {
+            if pair {
+                score_block512::<2, 8>(qpp, hp, h, kp, dk, g0, x0, xb, n, scale, sp, pf);
+            } else {
+                score_block512::<1, 16>(qpp, hp, h, kp, dk, g0, x0, xb, n, scale, sp, pf);
+            }
+        });
+    }
+
+    /// [`super::tile_scores_widened`] on AVX-512F: [`tile_scores512`]'s blocks, two FMAs per
+    /// column pair.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile_scores_wide(
+        qp: &[u32],
+        h: usize,
+        dk: usize,
+        tile: &[f32],
+        n: usize,
+        scale: f32,
+        scores: &mut [f32],
+        pf: &mut Prefetch,
+    ) {
+        let hp = super::padded_heads(h);
+        let (qpp, tp, sp) = (qp.as_ptr(), tile.as_ptr(), scores.as_mut_ptr());
+        for_blocks(h, dk, n, pf, |pair, g0, x0, xb, pf| {
+            if pair {
+                score_block_wide::<2, 8>(qpp, hp, h, tp, dk, g0, x0, xb, n, scale, sp, pf);
+            } else {
+                score_block_wide::<1, 16>(qpp, hp, h, tp, dk, g0, x0, xb, n, scale, sp, pf);
+            }
+        });
+    }
+
+    /// One AVX2 block: `G` groups of 8 heads (from head `h0`) × `X` keys (from `x0`, `xb` of
+    /// them real), two FMAs per column pair, then stored lane by lane.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn score_block8<const G: usize, const X: usize>(
+        qt: *const u32,
+        hp: usize,
+        h: usize,
+        tp: *const f32,
+        dk: usize,
+        h0: usize,
+        x0: usize,
+        xb: usize,
+        n: usize,
+        scale: f32,
+        sp: *mut f32,
+        pf: &mut Prefetch,
+    ) {
+        let rows: [*const f32; X] = std::array::from_fn(|x| tp.add((x0 + x.min(xb - 1)) * dk));
+        let himask = _mm256_set1_epi32(0xffff_0000u32 as i32);
+        let mut acc = [[_mm256_setzero_ps(); X]; G];
+        for i in 0..dk / 2 {
+            if i % PF_PAIRS == 0 {
+                pf.tick();
+            }
+            let mut qo = [_mm256_setzero_ps(); G];
+            let mut qe = [_mm256_setzero_ps(); G];
+            for g in 0..G {
+                let w = _mm256_loadu_si256(qt.add(i * hp + h0 + 8 * g).cast());
+                qo[g] = _mm256_castsi256_ps(_mm256_and_si256(w, himask));
+                qe[g] = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w));
+            }
+            for (x, row) in rows.iter().enumerate() {
+                let ko = _mm256_broadcast_ss(&*row.add(2 * i + 1));
+                let ke = _mm256_broadcast_ss(&*row.add(2 * i));
+                for g in 0..G {
+                    let a = _mm256_fmadd_ps(qo[g], ko, acc[g][x]);
+                    acc[g][x] = _mm256_fmadd_ps(qe[g], ke, a);
+                }
+            }
+        }
+        let mut out = [0f32; 8];
+        for (g, ag) in acc.iter().enumerate() {
+            for (x, a) in ag.iter().enumerate().take(xb) {
+                _mm256_storeu_ps(out.as_mut_ptr(), *a);
+                for (l, o) in out.iter().enumerate() {
+                    let hh = h0 + 8 * g + l;
+                    if hh < h {
+                        *sp.add(hh * n + x0 + x) = scale * o;
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`super::tile_scores_widened`] on AVX2: blocks of 16 heads × 4 keys (two FMAs per
+    /// column pair for each 8 heads, the key's two columns broadcast once for both), a last
+    /// 8 heads × 8 keys.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile_scores(
+        qp: &[u32],
+        h: usize,
+        dk: usize,
+        tile: &[f32],
+        n: usize,
+        scale: f32,
+        scores: &mut [f32],
+        pf: &mut Prefetch,
+    ) {
+        let hp = super::padded_heads(h);
+        let (qpp, tp, sp) = (qp.as_ptr(), tile.as_ptr(), scores.as_mut_ptr());
+        let groups = h.div_ceil(8);
+        let blocks = groups / 2 * n.div_ceil(5) + groups % 2 * n.div_ceil(10);
+        pf.pace(blocks * (dk / 2).div_ceil(PF_PAIRS));
+        let mut h0 = 0;
+        while h0 < h {
+            let pair = h - h0 > 8;
+            let xs = if pair { 5 } else { 10 };
+            let mut x0 = 0;
+            while x0 < n {
+                let xb = (n - x0).min(xs);
+                if pair {
+                    score_block8::<2, 5>(qpp, hp, h, tp, dk, h0, x0, xb, n, scale, sp, pf);
+                } else {
+                    score_block8::<1, 10>(qpp, hp, h, tp, dk, h0, x0, xb, n, scale, sp, pf);
+                }
+                x0 += xb;
+            }
+            h0 += if pair { 16 } else { 8 };
+        }
+    }
+
+    /// [`super::pack_probs`]: 32 probabilities per `vcvtne2ps2bf16`, each pair's halves then
+    /// swapped (key `2i` high) by a 16-bit rotate.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn pack_probs(p: &[f32], h: usize, n: usize, out: &mut [u32]) {
+        let pw = n.div_ceil(2);
+        for hh in 0..h {
+            let (src, dst) = (p.as_ptr().add(hh * n), out.as_mut_ptr().add(hh * pw));
+            let mut x = 0;
+            while x < n {
+                let left = n - x;
+                let m0 = (((1u32 << left.min(16)) - 1) | if left >= 16 { 0xffff } else { 0 })
+                    as __mmask16;
+                let m1 = if left > 16 {
+                    ((1u64 << (left - 16).min(16)) - 1) as __mmask16
+                } else {
+                    0
+                };
+                let lo = _mm512_maskz_loadu_ps(m0, src.add(x));
+                let hi = _mm512_maskz_loadu_ps(m1, src.add(x + 16));
+                let v = _mm512_rol_epi32::<16>(std::mem::transmute::<__m512bh, __m512i>(
+                    _mm512_cvtne2ps_pbh(hi, lo),
+                ));
+                let dm = ((1u32 << left.div_ceil(2).min(16)) - 1) as __mmask16;
+                _mm512_mask_storeu_epi32(dst.add(x / 2).cast(), dm, v);
+                x += 32;
+            }
+        }
+    }
+
+    /// Permuted column order of a 32-column strip (interleaving unpacks) → natural, for the
+    /// low (`cols 0..16`) or high (`16..32`) register.
+    #[inline(always)]
+    unsafe fn unpermute(lo: __m512, hi: __m512) -> (__m512, __m512) {
+        let i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+        let i1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+        (
+            _mm512_permutex2var_ps(lo, i0, hi),
+            _mm512_permutex2var_ps(lo, i1, hi),
+        )
+    }
+
+    /// `HB` heads × one 32-column strip at `c0` over all `n` keys: accumulators in the
+    /// unpacks' column order (`lo`: columns 0–3, 8–11, 16–19, 24–27 of the strip; `hi` the
+    /// others), one `vdpbf16ps` per head and register per key pair, then the odd last key by
+    /// one FMA.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pv_strip<const HB: usize>(
+        pk: *const u32,
+        pw: usize,
+        kp: *const u16,
+        dk: usize,
+        n: usize,
+        ap: *mut f32,
+        dv: usize,
+        h0: usize,
+        c0: usize,
+    ) {
+        let mut r = [[_mm512_setzero_ps(); 2]; HB];
+        for (hi, rh) in r.iter_mut().enumerate() {
+            let a = ap.add((h0 + hi) * dv + c0);
+            let (n0, n1) = (_mm512_loadu_ps(a), _mm512_loadu_ps(a.add(16)));
+            rh[0] = _mm512_shuffle_f32x4::<0b10_00_10_00>(n0, n1);
+            rh[1] = _mm512_shuffle_f32x4::<0b11_01_11_01>(n0, n1);
+        }
+        let mut x = 0;
+        while x + 2 <= n {
+            let r0 = _mm512_loadu_si512(kp.add(x * dk + c0).cast());
+            let r1 = _mm512_loadu_si512(kp.add((x + 1) * dk + c0).cast());
+            // Dword = key x (high half) and key x + 1 (low half) of one column.
+            let vl = std::mem::transmute::<__m512i, __m512bh>(_mm512_unpacklo_epi16(r1, r0));
+            let vh = std::mem::transmute::<__m512i, __m512bh>(_mm512_unpackhi_epi16(r1, r0));
+            for (hi, rh) in r.iter_mut().enumerate() {
+                let e = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
+                    *pk.add((h0 + hi) * pw + x / 2) as i32,
+                ));
+                rh[0] = _mm512_dpbf16_ps(rh[0], vl, e);
+                rh[1] = _mm512_dpbf16_ps(rh[1], vh, e);
+            }
+            x += 2;
+        }
+        if x < n {
+            // The odd last key, widened into the same column order.
+            let rl = _mm512_loadu_si512(kp.add(x * dk + c0).cast());
+            let z = _mm512_setzero_si512();
+            let wl = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, rl));
+            let wh = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, rl));
+            for (hi, rh) in r.iter_mut().enumerate() {
+                let e = _mm512_set1_ps(f32::from_bits(
+                    *pk.add((h0 + hi) * pw + x / 2) & 0xffff_0000,
+                ));
+                rh[0] = _mm512_fmadd_ps(e, wl, rh[0]);
+                rh[1] = _mm512_fmadd_ps(e, wh, rh[1]);
+            }
+        }
+        for (hi, rh) in r.iter().enumerate() {
+            let (n0, n1) = unpermute(rh[0], rh[1]);
+            let a = ap.add((h0 + hi) * dv + c0);
+            _mm512_storeu_ps(a, n0);
+            _mm512_storeu_ps(a.add(16), n1);
+        }
+    }
+
+    /// [`super::tile_pv`]: 32-column strips in blocks of up to 8 heads (16 accumulators, two
+    /// value registers per key pair), the columns past the last strip one FMA per key.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn tile_pv512(
+        pk: &[u32],
+        h: usize,
+        n: usize,
+        keys: &[bf16],
+        dk: usize,
+        dv: usize,
+        acc: &mut [f32],
+    ) {
+        let pw = n.div_ceil(2);
+        let (pp, kp, ap) = (pk.as_ptr(), keys.as_ptr().cast::<u16>(), acc.as_mut_ptr());
+        let c32 = dv / 32 * 32;
+        let mut c0 = 0;
+        while c0 < c32 {
+            let mut h0 = 0;
+            while h0 < h {
+                let hb = (h - h0).min(8);
+                match hb {
+                    8 => pv_strip::<8>(pp, pw, kp, dk, n, ap, dv, h0, c0),
+                    7 => pv_strip::<7>(pp, pw, kp, dk, n, ap, dv, h0, c0),
+                    6 => pv_strip::<6>(pp, pw, kp, dk, n, ap, dv, h0, c0),
+                    5 => pv_strip::<5>(pp, pw, kp, dk, n, ap, dv, h0, c0),
+                    4 => pv_strip::<4>(pp, pw, kp, dk, n, ap, dv, h0, c0),
+                    3 => pv_strip::<3>(pp, pw, kp, dk, n, ap, dv, h0, c0),
+                    2 => pv_strip::<2>(pp, pw, kp, dk, n, ap, dv, h0, c0),
+                    _ => pv_strip::<1>(pp, pw, kp, dk, n, ap, dv, h0, c0),
+                }
+                h0 += hb;
+            }
+            c0 += 32;
+        }
+        // Columns past the last strip: one FMA per key, in order.
+        for hh in 0..h {
+            for c in c32..dv {
+                let mut a = *ap.add(hh * dv + c);
+                for x in 0..n {
+                    let d = *pp.add(hh * pw + x / 2);
+                    let e = f32::from_bits(if x % 2 == 0 { d & 0xffff_0000 } else { d << 16 });
+                    let v = f32::from_bits(u32::from(*kp.add(x * dk + c)) << 16);
+                    a = e.mul_add(v, a);
+                }
+                *ap.add(hh * dv + c) = a;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// xorshift values: mostly ordinary magnitudes, some denormal, zero, infinite or NaN bits.
+    fn values(n: usize, seed: u64, odd: bool) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                let u = s as u32;
+                match (s >> 40) % 16 {
+                    0 if odd => f32::from_bits(u & 0x807f_ffff),
+                    1 if odd => f32::from_bits(u | 0x7f80_0000),
+                    2 if odd => 0.0,
+                    _ => (u as f32 / u32::MAX as f32 - 0.5) * 3.0,
+                }
+            })
+            .collect()
+    }
+
+    fn bf16s(x: &[f32]) -> Vec<bf16> {
+        x.iter().map(|&v| bf16::from_f32(v)).collect()
+    }
+
+    /// Normal values round as `half` rounds them (to nearest even); denormals go to a zero of
+    /// their sign and NaN stays NaN.
+    #[test]
+    fn rounding_is_round_to_nearest_even_with_denormals_flushed() {
+        for x in values(10_000, 3, true) {
+            let r = round_bf16(x);
+            if x.is_nan() {
+                assert!(round_f32(x).is_nan());
+            } else if x != 0.0 && x.abs() < f32::MIN_POSITIVE {
+                assert_eq!(r, ((x.to_bits() >> 16) & 0x8000) as u16, "{x:e}");
+            } else {
+                assert_eq!(r, bf16::from_f32(x).to_bits(), "{x:e}");
+            }
+        }
+    }
+
+    /// The vector rounding of probabilities gives the scalar bits at every length (tails).
+    #[test]
+    fn round_probs_matches_scalar_rounding() {
+        for n in [1usize, 7, 8, 9, 31, 64, 100] {
+            let x = values(n, n as u64 + 5, true);
+            let mut v = x.clone();
+            round_probs(&mut v);
+            for (a, b) in v.iter().zip(&x) {
+                assert_eq!(a.to_bits(), round_f32(*b).to_bits(), "n {n}, {b:e}");
+            }
+        }
+    }
+
+    /// A score by hand: pairs in order, the high half first, from the packed query.
+    fn score_by_hand(q: &[f32], row: &[bf16], scale: f32) -> f32 {
+        let mut a = 0f32;
+        for i in 0..row.len() / 2 {
+            a = round_f32(q[2 * i + 1]).mul_add(row[2 * i + 1].to_f32(), a);
+            a = round_f32(q[2 * i]).mul_add(row[2 * i].to_f32(), a);
+        }
+        scale * a
+    }
+
+    /// Every path's scores are the hand-written order's bits (ordinary values: no flush
+    /// needed), at head counts around the 8- and 16-head groups, pair tails and key tails.
+    #[test]
+    fn scores_on_every_path_equal_the_pairwise_order() {
+        for (h, dk, n) in [
+            (1, 2, 1),
+            (5, 30, 7),
+            (16, 288, 64),
+            (17, 64, 17),
+            (32, 576, 9),
+            (33, 46, 33),
+            (8, 8, 15),
+        ] {
+            let q = values(h * dk, h as u64 * 7 + dk as u64, false);
+            let keys = bf16s(&values(n * dk, n as u64 + 11, false));
+            let mut qp = vec![0u32; packed_query_len(h, dk)];
+            pack_query(&q, h, dk, &mut qp);
+            let mut want = vec![0f32; h * n];
+            for hh in 0..h {
+                for x in 0..n {
+                    want[hh * n + x] =
+                        score_by_hand(&q[hh * dk..(hh + 1) * dk], &keys[x * dk..(x + 1) * dk], 0.3);
+                }
+            }
+            let tile: Vec<f32> = keys.iter().map(|k| k.to_f32()).collect();
+            let mut paths: Vec<(&str, Vec<f32>)> = Vec::new();
+            let mut run = |name, f: &dyn Fn(&mut [f32], &mut Prefetch)| {
+                let mut s = vec![f32::NAN; h * n];
+                f(&mut s, &mut Prefetch::default());
+                paths.push((name, s));
+            };
+            run("portable", &|s, pf| {
+                tile_scores_portable(&qp, h, dk, &tile, n, 0.3, s, pf)
+            });
+            run("widened", &|s, pf| {
+                tile_scores_widened(&qp, h, dk, &tile, n, 0.3, s, pf)
+            });
+            #[cfg(target_arch = "x86_64")]
+            {
+                let f = crate::cpu::features();
+                if f.avx2_fma {
+                    run("avx2", &|s, pf| {
+                        // SAFETY: AVX2 and FMA checked.
+                        unsafe { x86::tile_scores(&qp, h, dk, &tile, n, 0.3, s, pf) }
+                    });
+                }
+                if f.avx512f {
+                    run("avx512f", &|s, pf| {
+                        // SAFETY: AVX-512F checked.
+                        unsafe { x86::tile_scores_wide(&qp, h, dk, &tile, n, 0.3, s, pf) }
+                    });
+                }
+                if f.avx512bf16 {
+                    run("avx512bf16", &|s, pf| {
+                        tile_scores(&qp, h, dk, &keys, n, 0.3, s, pf)
+                    });
+                }
+            }
+            for (name, got) in &paths {
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{name}: h {h}, dk {dk}, n {n}");
+            }
+        }
+    }
+
+    /// Under the flush, the AVX2 emulation gives the instruction's bits on denormal and tiny
+    /// inputs too (keys and queries with denormal bf16 values, sums that underflow).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn emulation_matches_the_instruction_on_denormals() {
+        let f = crate::cpu::features();
+        if !(f.avx512bf16 && f.avx2_fma) {
+            return;
+        }
+        let (h, dk, n) = (16, 64, 16);
+        let tiny = |x: Vec<f32>| -> Vec<f32> {
+            x.into_iter()
+                .enumerate()
+                .map(|(i, v)| if i % 3 == 0 { v * 1e-38 } else { v * 1e-19 })
+                .collect()
+        };
+        let q = tiny(values(h * dk, 41, false));
+        let keys = bf16s(&tiny(values(n * dk, 43, false)));
+        let mut qp = vec![0u32; packed_query_len(h, dk)];
+        pack_query(&q, h, dk, &mut qp);
+        let tile: Vec<f32> = keys.iter().map(|k| k.to_f32()).collect();
+        let _flush = crate::cpu::FlushDenormals::new();
+        let mut a = vec![0f32; h * n];
+        tile_scores(&qp, h, dk, &keys, n, 1.0, &mut a, &mut Prefetch::default());
+        for wide in [false, true] {
+            let mut b = vec![0f32; h * n];
+            // SAFETY: AVX-512F (hence AVX2 and FMA) checked with AVX512-BF16.
+            unsafe {
+                if wide {
+                    x86::tile_scores_wide(
+                        &qp,
+                        h,
+                        dk,
+                        &tile,
+                        n,
+                        1.0,
+                        &mut b,
+                        &mut Prefetch::default(),
+                    );
+                } else {
+                    x86::tile_scores(&qp, h, dk, &tile, n, 1.0, &mut b, &mut Prefetch::default());
+                }
+            }
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "wide {wide}"
+            );
+        }
+        assert!(a.contains(&0.0) && a.iter().any(|&x| x != 0.0));
+    }
+
+    /// `P·V` on the instruction equals one FMA per key in order with the rounded
+    /// probabilities (what the FMA kernels compute), at odd key counts (a lone last key),
+    /// head counts around the 8-head blocks and value widths with tails past the 32-column
+    /// strips; the packed probabilities hold the rounded values.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn pv_on_the_instruction_equals_fmas_in_key_order() {
+        if !native() {
+            return;
+        }
+        for (h, n, dk, dv) in [
+            (16, 64, 288, 256),
+            (9, 17, 64, 48),
+            (3, 1, 40, 40),
+            (17, 33, 66, 66),
+        ] {
+            let p: Vec<f32> = values(h * n, 9 + n as u64, false)
+                .iter()
+                .map(|x| x.abs() / 1.5)
+                .collect();
+            let keys = bf16s(&values(n * dk, 19, false));
+            let acc0 = values(h * dv, 23, false);
+            let mut pk = vec![0u32; packed_probs_len(h, n)];
+            pack_probs(&p, h, n, &mut pk);
+            for hh in 0..h {
+                for x in 0..n {
+                    let d = pk[hh * n.div_ceil(2) + x / 2];
+                    let got = half_of(d, x % 2 == 1);
+                    assert_eq!(got.to_bits(), round_f32(p[hh * n + x]).to_bits());
+                }
+            }
+            let mut got = acc0.clone();
+            {
+                let _flush = crate::cpu::FlushDenormals::new();
+                tile_pv(&pk, h, n, &keys, dk, dv, &mut got);
+            }
+            let mut want = acc0.clone();
+            for hh in 0..h {
+                for c in 0..dv {
+                    let mut a = want[hh * dv + c];
+                    for x in 0..n {
+                        a = round_f32(p[hh * n + x]).mul_add(keys[x * dk + c].to_f32(), a);
+                    }
+                    want[hh * dv + c] = a;
+                }
+            }
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "h {h}, n {n}, dk {dk}, dv {dv}");
+        }
+    }
+}
