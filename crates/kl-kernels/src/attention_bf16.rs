@@ -371,7 +371,7 @@ mod x86 {
     /// broadcast from the bf16 key row.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn score_block512<const G: usize, const X: usize>(
+    unsafe fn score_block512<const G: usize, const X: usize, const KD: usize>(
         qt: *const u32,
         hp: usize,
         h: usize,
@@ -385,8 +385,12 @@ mod x86 {
         sp: *mut f32,
         pf: &mut Prefetch,
     ) {
+        // With the width known at compile time (`KD`, a whole block), every key's pair is one
+        // base register and a constant displacement; else one pointer per key (spilled).
+        debug_assert!(KD == 0 || (KD == dk && xb == X));
         let rows: [*const u32; X] =
             std::array::from_fn(|x| kp.add((x0 + x.min(xb - 1)) * dk).cast::<u32>());
+        let base = kp.add(x0 * dk);
         let mut acc = [_mm512_setzero_ps(); 16];
         for i in 0..dk / 2 {
             if i % PF_PAIRS == 0 {
@@ -397,9 +401,12 @@ mod x86 {
                 *qg = _mm512_loadu_si512(qt.add(i * hp + 16 * (g0 + g)).cast());
             }
             for (x, row) in rows.iter().enumerate() {
-                let k = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
-                    row.add(i).read_unaligned() as i32,
-                ));
+                let pair = if KD > 0 {
+                    base.add(x * KD + 2 * i).cast::<u32>().read_unaligned()
+                } else {
+                    row.add(i).read_unaligned()
+                };
+                let k = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pair as i32));
                 for (g, qg) in q.iter().enumerate() {
                     acc[g * X + x] = _mm512_dpbf16_ps(
                         acc[g * X + x],
@@ -507,10 +514,26 @@ mod x86 {
             scores.as_mut_ptr(),
         );
         for_blocks(h, dk, n, pf, |pair, g0, x0, xb, pf| {
+            macro_rules! go {
+                ($g:literal, $x:literal) => {
+                    match (dk, xb == $x) {
+                        // Kimi Linear's released row (512 + 64) and `mini`'s (256 + 32).
+                        (576, true) => score_block512::<$g, $x, 576>(
+                            qpp, hp, h, kp, dk, g0, x0, xb, n, scale, sp, pf,
+                        ),
+                        (288, true) => score_block512::<$g, $x, 288>(
+                            qpp, hp, h, kp, dk, g0, x0, xb, n, scale, sp, pf,
+                        ),
+                        _ => score_block512::<$g, $x, 0>(
+                            qpp, hp, h, kp, dk, g0, x0, xb, n, scale, sp, pf,
+                        ),
+                    }
+                };
+            }
             if pair {
-                score_block512::<2, 8>(qpp, hp, h, kp, dk, g0, x0, xb, n, scale, sp, pf);
+                go!(2, 8)
             } else {
-                score_block512::<1, 16>(qpp, hp, h, kp, dk, g0, x0, xb, n, scale, sp, pf);
+                go!(1, 16)
             }
         });
     }
