@@ -7,6 +7,9 @@
 //!   ([`crate::cpu::Features::isa`]), i.e. 16-lane AVX-512 FMAs when the AVX-512 matmul prefill
 //!   kernel is active (`KL_NO_AVX512=1` measures AVX2, `KL_NO_SIMD=1` the portable loop).
 //!   [`measure_fma_gflops`] is its GFLOP/s alone.
+//! - [`measure_bf16_dot_gflops`] does the same with `vdpbf16ps` (16 lanes of two bf16
+//!   multiply-adds each, 64 flops an instruction) where the CPU has AVX512-BF16: the ceiling of
+//!   latent attention's bf16 products ([`crate::attention_bf16`]), about twice the FMA peak.
 //! - [`measure_stream_gbps`] sums an f32 buffer of 256 MiB (or twice the last-level cache if that
 //!   is larger, at most 1 GiB: see [`stream_bytes`]) split across threads, each thread reading
 //!   its part as 2, 4 or 8 sequential streams advanced together (which is fastest depends on
@@ -86,15 +89,28 @@ pub struct Roofline {
     pub fma: FmaPeak,
     /// Stream read bandwidth, GB/s.
     pub stream_gbps: f64,
+    /// The bf16 dot-product peak ([`measure_bf16_dot_gflops`]), where latent attention's bf16
+    /// products run on it (AVX512-BF16); `None` elsewhere.
+    pub bf16_dot_gflops: Option<f64>,
 }
 
 impl Roofline {
-    /// Measure both figures with `threads` threads (about 0.5–1.5 s).
+    /// Measure every figure with `threads` threads (about 0.5–1.5 s).
     pub fn measure(threads: usize) -> Roofline {
         let fma = measure_fma(threads);
         Roofline {
             fma,
             stream_gbps: measure_stream_gbps(threads),
+            bf16_dot_gflops: measure_bf16_dot_gflops(threads),
+        }
+    }
+
+    /// The peak that latent attention's FLOPs run against: the bf16 dot-product peak where its
+    /// bf16 products run on it (`bf16_cache`: the cache holds bf16), else the FMA peak.
+    pub fn attention_gflops(&self, bf16_cache: bool) -> f64 {
+        match self.bf16_dot_gflops {
+            Some(g) if bf16_cache => g,
+            _ => self.fma.gflops,
         }
     }
 
@@ -106,9 +122,58 @@ impl Roofline {
                 isa: self.fma.isa,
             },
             stream_gbps: self.stream_gbps.max(other.stream_gbps),
+            bf16_dot_gflops: match (self.bf16_dot_gflops, other.bf16_dot_gflops) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            },
         }
     }
 }
+
+/// Peak bf16 dot-product throughput with `threads` threads, in GFLOP/s (two flops per bf16
+/// multiply-add): independent chains of `vdpbf16ps` like [`measure_fma`]'s, where the CPU has
+/// AVX512-BF16 and the kernels use it ([`crate::cpu::Features::avx512bf16`]); `None` elsewhere.
+pub fn measure_bf16_dot_gflops(threads: usize) -> Option<f64> {
+    if !crate::cpu::features().avx512bf16 {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let threads = threads.max(1);
+        // SAFETY (both calls): AVX512-BF16 checked above.
+        let run = |iters| unsafe { x86::bf16_dot_loop(iters) };
+        let mut iters = 1u64 << 16;
+        loop {
+            let t = Instant::now();
+            black_box(run(iters));
+            if t.elapsed() > Duration::from_millis(20) || iters > 1 << 34 {
+                let per = t.elapsed().as_secs_f64() / iters as f64;
+                iters = ((0.06 / per) as u64).max(1);
+                break;
+            }
+            iters *= 2;
+        }
+        let mut best = 0f64;
+        for _ in 0..4 {
+            let secs = run_threads(threads, |_| {
+                black_box(run(iters));
+            });
+            let flops = (threads as u64 * iters * (BF16_CHAINS * 64) as u64) as f64;
+            best = best.max(flops / secs / 1e9);
+        }
+        Some(best)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = threads;
+        None
+    }
+}
+
+/// Independent accumulator chains of the bf16 dot-product probe (`vdpbf16ps` has a longer
+/// latency than an FMA).
+#[cfg(target_arch = "x86_64")]
+const BF16_CHAINS: usize = 16;
 
 /// [`measure_fma`]'s GFLOP/s alone.
 pub fn measure_fma_gflops(threads: usize) -> f64 {
@@ -337,6 +402,25 @@ mod x86 {
         _mm512_reduce_add_ps(s)
     }
 
+    /// `iters` rounds of `BF16_CHAINS` independent `vdpbf16ps` (values that stay finite).
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn bf16_dot_loop(iters: u64) -> f32 {
+        // bf16 1.0 and a tiny step, so the sums grow slowly and stay finite.
+        let a = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi16(black_box(0x3f80)));
+        let b = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi16(black_box(0x2f80)));
+        let mut acc = [_mm512_set1_ps(1.0); super::BF16_CHAINS];
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm512_dpbf16_ps(*v, a, b);
+            }
+        }
+        let mut s = _mm512_setzero_ps();
+        for v in acc {
+            s = _mm512_add_ps(s, v);
+        }
+        _mm512_reduce_add_ps(s)
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn sum_streams<const S: usize>(x: &[f32], part: usize) -> f32 {
         let p = x.as_ptr();
@@ -424,5 +508,10 @@ mod tests {
         assert!(gbps.is_finite() && gbps > 0.0, "{gbps}");
         let fma = measure_fma(1);
         assert!(fma.gflops.is_finite() && fma.gflops > 0.0, "{fma:?}");
+        let bf16 = measure_bf16_dot_gflops(1);
+        assert_eq!(bf16.is_some(), crate::cpu::features().avx512bf16);
+        if let Some(g) = bf16 {
+            assert!(g.is_finite() && g > 0.0, "{g}");
+        }
     }
 }

@@ -19,7 +19,9 @@
 use crate::memory::{human, peak_rss_bytes, CacheDtypeArg, MlaPrefillArgs};
 use anyhow::{bail, Context, Result};
 use kl_kernels::roofline::Roofline;
-use kl_model::{KimiLinear, LayerState, LogitsMode, ModelOptions, Probe, SequenceState};
+use kl_model::{
+    CacheDtype, KimiLinear, LayerState, LogitsMode, ModelOptions, Probe, SequenceState,
+};
 use serde_json::json;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -195,19 +197,25 @@ struct DecodeRow {
     tps: f64,
     gbps: f64,
     gflops: f64,
-    /// Bytes and FLOPs of one token (for the roofline).
+    /// Bytes and FLOPs of one token (for the roofline), and the attention's share of the FLOPs.
     bytes: f64,
     flops: f64,
+    attn_flops: f64,
+    /// Whether the attention runs bf16 products (a bf16 cache): its FLOPs then count against
+    /// the bf16 dot-product peak where the machine has one.
+    bf16_cache: bool,
 }
 
 impl DecodeRow {
     /// Bytes per second over the stream bandwidth; roofline time over measured time, the
     /// roofline being the slower of the token's bytes at stream bandwidth and its FLOPs at the
-    /// FMA peak; and which of the two that is.
+    /// FMA peak (the attention's at the bf16 dot-product peak where its bf16 products run on
+    /// one, [`Roofline::attention_gflops`]); and which of the two that is.
     fn against(&self, roof: Roofline) -> (f64, f64, &'static str) {
         let (t_mem, t_fma) = (
             self.bytes / (roof.stream_gbps * 1e9),
-            self.flops / (roof.fma.gflops * 1e9),
+            (self.flops - self.attn_flops) / (roof.fma.gflops * 1e9)
+                + self.attn_flops / (roof.attention_gflops(self.bf16_cache) * 1e9),
         );
         let bound = if t_fma > t_mem { "compute" } else { "memory" };
         (
@@ -356,7 +364,8 @@ pub fn run(a: Args) -> Result<()> {
         let ctx = depth + n * a.repeat as usize / 2;
         let c = model.token_cost(ctx);
         let bytes = (c.weight_bytes + c.state_bytes + c.cache_bytes) as f64;
-        let flops = (c.matmul_flops + c.attn_flops_per_key * ctx as u64) as f64;
+        let attn_flops = (c.attn_flops_per_key * ctx as u64) as f64;
+        let flops = c.matmul_flops as f64 + attn_flops;
         let gbps = bytes * tps / 1e9;
         decode_rows.push(DecodeRow {
             depth,
@@ -366,6 +375,8 @@ pub fn run(a: Args) -> Result<()> {
             gflops: flops * tps / 1e9,
             bytes,
             flops,
+            attn_flops,
+            bf16_cache: opts.cache_dtype == CacheDtype::Bf16,
         });
     }
     // Before the second roofline measurement, whose buffer would count in it.
@@ -401,9 +412,11 @@ pub fn run(a: Args) -> Result<()> {
             "fma_gflops": roofline.map(|r| r.fma.gflops),
             "fma_isa": roofline.map(|r| r.fma.isa.name()),
             "stream_gbps": roofline.map(|r| r.stream_gbps),
+            "bf16_dot_gflops": roofline.and_then(|r| r.bf16_dot_gflops),
             "roofline_measured": measured.map(|(b, a)| json!({
                 "fma_gflops": [b.fma.gflops, a.fma.gflops],
                 "stream_gbps": [b.stream_gbps, a.stream_gbps],
+                "bf16_dot_gflops": [b.bf16_dot_gflops, a.bf16_dot_gflops],
             })),
             "repeat": a.repeat,
             "prefill_tokens_per_s": keyed(&prefill_rows, |r| r.t, |r| json!(r.tps)),
@@ -442,6 +455,12 @@ pub fn run(a: Args) -> Result<()> {
             b.stream_gbps,
             a.stream_gbps
         );
+        if let Some(g) = roof.bf16_dot_gflops {
+            println!(
+                "          bf16 dot products (vdpbf16ps, latent attention over a bf16 cache) \
+                 {g:.1} GFLOP/s"
+            );
+        }
     }
     for r in &prefill_rows {
         let of = if let Some(roof) = roofline {
@@ -509,6 +528,7 @@ mod tests {
                 isa: kl_kernels::cpu::Isa::Portable,
             },
             stream_gbps,
+            bf16_dot_gflops: None,
         }
     }
 
@@ -525,6 +545,8 @@ mod tests {
             gflops: 50.0,
             bytes: 1e9,
             flops: 10e9,
+            attn_flops: 8e9,
+            bf16_cache: true,
         };
         let (bw, of_roof, bound) = row.against(roof(400.0, 20.0));
         assert!((bw - 0.25).abs() < 1e-12 && (of_roof - 0.25).abs() < 1e-12);
@@ -532,5 +554,20 @@ mod tests {
         let (bw, of_roof, bound) = row.against(roof(100.0, 20.0));
         assert!((bw - 0.25).abs() < 1e-12 && (of_roof - 0.5).abs() < 1e-12);
         assert_eq!(bound, "compute");
+        // The attention's 8 GFLOP at a bf16 dot-product peak of 400 GFLOP/s: 20 + 20 ms, under
+        // the bytes' 50 ms again.
+        let with_bf16 = Roofline {
+            bf16_dot_gflops: Some(400.0),
+            ..roof(100.0, 20.0)
+        };
+        let (_, of_roof, bound) = row.against(with_bf16);
+        assert!((of_roof - 0.25).abs() < 1e-12 && bound == "memory");
+        // An f32 cache keeps the FMA peak for its attention.
+        let f32_row = DecodeRow {
+            bf16_cache: false,
+            runs: Runs::new(vec![5.0]),
+            ..row
+        };
+        assert_eq!(f32_row.against(with_bf16).2, "compute");
     }
 }
