@@ -365,17 +365,83 @@ mod x86 {
         }
     }
 
+    /// How a 512-bit score block reads a column pair and multiplies it into 16 heads: the
+    /// instruction on the bf16 rows as stored ([`Native`]), or its emulation on the rows
+    /// widened into f32 ([`Emulated`]); the same bits under the denormal flush.
+    trait Pairs {
+        /// A key row's element: `u16` (bf16 bits) or `f32`.
+        type Elem;
+        /// One column pair of 16 heads' query.
+        type Q: Copy;
+        /// One column pair of a key, broadcast.
+        type K: Copy;
+        /// The pair at `p` (16 packed words, one per head).
+        unsafe fn query(p: *const u32) -> Self::Q;
+        /// The pair whose even column is at `p`.
+        unsafe fn key(p: *const Self::Elem) -> Self::K;
+        /// `acc` plus the pair's two products, the odd column's first.
+        unsafe fn mac(acc: __m512, q: Self::Q, k: Self::K) -> __m512;
+    }
+
+    /// `vdpbf16ps` on the bf16 rows (AVX512-BF16).
+    struct Native;
+
+    impl Pairs for Native {
+        type Elem = u16;
+        type Q = __m512bh;
+        type K = __m512bh;
+        #[inline(always)]
+        unsafe fn query(p: *const u32) -> __m512bh {
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p.cast()))
+        }
+        #[inline(always)]
+        unsafe fn key(p: *const u16) -> __m512bh {
+            let pair = p.cast::<u32>().read_unaligned() as i32;
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pair))
+        }
+        #[inline(always)]
+        unsafe fn mac(acc: __m512, q: __m512bh, k: __m512bh) -> __m512 {
+            _mm512_dpbf16_ps(acc, q, k)
+        }
+    }
+
+    /// Two FMAs a pair on the widened rows (AVX-512F): the query's high and low halves split
+    /// out of the packed words, the key's two columns broadcast.
+    struct Emulated;
+
+    impl Pairs for Emulated {
+        type Elem = f32;
+        type Q = (__m512, __m512);
+        type K = (__m512, __m512);
+        #[inline(always)]
+        unsafe fn query(p: *const u32) -> (__m512, __m512) {
+            let w = _mm512_loadu_si512(p.cast());
+            let himask = _mm512_set1_epi32(0xffff_0000u32 as i32);
+            (
+                _mm512_castsi512_ps(_mm512_and_si512(w, himask)),
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w)),
+            )
+        }
+        #[inline(always)]
+        unsafe fn key(p: *const f32) -> (__m512, __m512) {
+            (_mm512_set1_ps(*p.add(1)), _mm512_set1_ps(*p))
+        }
+        #[inline(always)]
+        unsafe fn mac(acc: __m512, q: (__m512, __m512), k: (__m512, __m512)) -> __m512 {
+            _mm512_fmadd_ps(q.1, k.1, _mm512_fmadd_ps(q.0, k.0, acc))
+        }
+    }
+
     /// Scores of `G` groups of 16 heads (from group `g0`) × `X` keys (`G·X = 16`, from key `x0`;
     /// `xb ≤ X` of them real, the others rereading the last): accumulator `g·X + x` holds key
-    /// `x`'s scores for the group's 16 heads, one `vdpbf16ps` per column pair, the pair
-    /// broadcast from the bf16 key row.
+    /// `x`'s scores for the group's 16 heads, one pair product per column pair.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn score_block512<const G: usize, const X: usize, const KD: usize>(
+    unsafe fn score_block<P: Pairs, const G: usize, const X: usize, const KD: usize>(
         qt: *const u32,
         hp: usize,
         h: usize,
-        kp: *const u16,
+        kp: *const P::Elem,
         dk: usize,
         g0: usize,
         x0: usize,
@@ -388,94 +454,46 @@ mod x86 {
         // With the width known at compile time (`KD`, a whole block), every key's pair is one
         // base register and a constant displacement; else one pointer per key (spilled).
         debug_assert!(KD == 0 || (KD == dk && xb == X));
-        let rows: [*const u32; X] =
-            std::array::from_fn(|x| kp.add((x0 + x.min(xb - 1)) * dk).cast::<u32>());
+        let rows: [*const P::Elem; X] = std::array::from_fn(|x| kp.add((x0 + x.min(xb - 1)) * dk));
         let base = kp.add(x0 * dk);
         let mut acc = [_mm512_setzero_ps(); 16];
         for i in 0..dk / 2 {
             if i % PF_PAIRS == 0 {
                 pf.tick();
             }
-            let mut q = [_mm512_setzero_si512(); G];
-            for (g, qg) in q.iter_mut().enumerate() {
-                *qg = _mm512_loadu_si512(qt.add(i * hp + 16 * (g0 + g)).cast());
-            }
+            let q: [P::Q; G] = std::array::from_fn(|g| P::query(qt.add(i * hp + 16 * (g0 + g))));
             for (x, row) in rows.iter().enumerate() {
-                let pair = if KD > 0 {
-                    base.add(x * KD + 2 * i).cast::<u32>().read_unaligned()
+                let k = P::key(if KD > 0 {
+                    base.add(x * KD + 2 * i)
                 } else {
-                    row.add(i).read_unaligned()
-                };
-                let k = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pair as i32));
+                    row.add(2 * i)
+                });
                 for (g, qg) in q.iter().enumerate() {
-                    acc[g * X + x] = _mm512_dpbf16_ps(
-                        acc[g * X + x],
-                        std::mem::transmute::<__m512i, __m512bh>(*qg),
-                        k,
-                    );
+                    acc[g * X + x] = P::mac(acc[g * X + x], *qg, k);
                 }
             }
         }
         store_block::<G, X>(&acc, h, g0, x0, xb, n, scale, sp);
     }
 
-    /// [`score_block512`] emulated over the widened f32 rows (AVX-512F): per column pair the
-    /// query's 16 high and 16 low halves split out of the packed words, the key's two columns
-    /// broadcast, two FMAs per accumulator (the high column first).
+    /// A tile's score blocks: pairs of 16-head groups × 8 keys, then a last single group × 16
+    /// keys, with `pf`'s lines paced over every block's column pairs; the released and `mini`
+    /// row widths (576, 288) compiled as constants.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn score_block_wide<const G: usize, const X: usize>(
-        qt: *const u32,
-        hp: usize,
+    unsafe fn score_blocks<P: Pairs>(
+        qp: &[u32],
         h: usize,
-        tp: *const f32,
         dk: usize,
-        g0: usize,
-        x0: usize,
-        xb: usize,
+        kp: *const P::Elem,
         n: usize,
         scale: f32,
-        sp: *mut f32,
+        scores: &mut [f32],
         pf: &mut Prefetch,
     ) {
-        let rows: [*const f32; X] = std::array::from_fn(|x| tp.add((x0 + x.min(xb - 1)) * dk));
-        let himask = _mm512_set1_epi32(0xffff_0000u32 as i32);
-        let mut acc = [_mm512_setzero_ps(); 16];
-        for i in 0..dk / 2 {
-            if i % PF_PAIRS == 0 {
-                pf.tick();
-            }
-            let mut qo = [_mm512_setzero_ps(); G];
-            let mut qe = [_mm512_setzero_ps(); G];
-            for g in 0..G {
-                let w = _mm512_loadu_si512(qt.add(i * hp + 16 * (g0 + g)).cast());
-                qo[g] = _mm512_castsi512_ps(_mm512_and_si512(w, himask));
-                qe[g] = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w));
-            }
-            for (x, row) in rows.iter().enumerate() {
-                let ko = _mm512_set1_ps(*row.add(2 * i + 1));
-                let ke = _mm512_set1_ps(*row.add(2 * i));
-                for g in 0..G {
-                    let a = _mm512_fmadd_ps(qo[g], ko, acc[g * X + x]);
-                    acc[g * X + x] = _mm512_fmadd_ps(qe[g], ke, a);
-                }
-            }
-        }
-        store_block::<G, X>(&acc, h, g0, x0, xb, n, scale, sp);
-    }
-
-    /// Runs `block(g0, x0, xb, pf)` over a tile's blocks: pairs of 16-head groups × 8 keys,
-    /// then a last single group × 16 keys, with `pf`'s lines paced over every block's column
-    /// pairs.
-    #[inline(always)]
-    fn for_blocks(
-        h: usize,
-        dk: usize,
-        n: usize,
-        pf: &mut Prefetch,
-        mut block: impl FnMut(bool, usize, usize, usize, &mut Prefetch),
-    ) {
-        let groups = super::padded_heads(h) / 16;
+        let hp = super::padded_heads(h);
+        let (qt, sp) = (qp.as_ptr(), scores.as_mut_ptr());
+        let groups = hp / 16;
         let blocks = groups / 2 * n.div_ceil(8) + groups % 2 * n.div_ceil(16);
         pf.pace(blocks * (dk / 2).div_ceil(PF_PAIRS));
         let mut g0 = 0;
@@ -485,7 +503,26 @@ mod x86 {
             let mut x0 = 0;
             while x0 < n {
                 let xb = (n - x0).min(xs);
-                block(pair, g0, x0, xb, pf);
+                macro_rules! go {
+                    ($g:literal, $x:literal) => {
+                        match (dk, xb == $x) {
+                            (576, true) => score_block::<P, $g, $x, 576>(
+                                qt, hp, h, kp, dk, g0, x0, xb, n, scale, sp, pf,
+                            ),
+                            (288, true) => score_block::<P, $g, $x, 288>(
+                                qt, hp, h, kp, dk, g0, x0, xb, n, scale, sp, pf,
+                            ),
+                            _ => score_block::<P, $g, $x, 0>(
+                                qt, hp, h, kp, dk, g0, x0, xb, n, scale, sp, pf,
+                            ),
+                        }
+                    };
+                }
+                if pair {
+                    go!(2, 8)
+                } else {
+                    go!(1, 16)
+                }
                 x0 += xb;
             }
             g0 += if pair { 2 } else { 1 };
@@ -507,35 +544,8 @@ mod x86 {
         scores: &mut [f32],
         pf: &mut Prefetch,
     ) {
-        let hp = super::padded_heads(h);
-        let (qpp, kp, sp) = (
-            qp.as_ptr(),
-            keys.as_ptr().cast::<u16>(),
-            scores.as_mut_ptr(),
-        );
-        for_blocks(h, dk, n, pf, |pair, g0, x0, xb, pf| {
-            macro_rules! go {
-                ($g:literal, $x:literal) => {
-                    match (dk, xb == $x) {
-                        // Kimi Linear's released row (512 + 64) and `mini`'s (256 + 32).
-                        (576, true) => score_block512::<$g, $x, 576>(
-                            qpp, hp, h, kp, dk, g0, x0, xb, n, scale, sp, pf,
-                        ),
-                        (288, true) => score_block512::<$g, $x, 288>(
-                            qpp, hp, h, kp, dk, g0, x0, xb, n, scale, sp, pf,
-                        ),
-                        _ => score_block512::<$g, $x, 0>(
-                            qpp, hp, h, kp, dk, g0, x0, xb, n, scale, sp, pf,
-                        ),
-                    }
-                };
-            }
-            if pair {
-                go!(2, 8)
-            } else {
-                go!(1, 16)
-            }
-        });
+        let kp = keys.as_ptr().cast::<u16>();
+        score_blocks::<Native>(qp, h, dk, kp, n, scale, scores, pf);
     }
 
     /// [`super::tile_scores_widened`] on AVX-512F: [`tile_scores512`]'s blocks, two FMAs per
@@ -552,15 +562,7 @@ mod x86 {
         scores: &mut [f32],
         pf: &mut Prefetch,
     ) {
-        let hp = super::padded_heads(h);
-        let (qpp, tp, sp) = (qp.as_ptr(), tile.as_ptr(), scores.as_mut_ptr());
-        for_blocks(h, dk, n, pf, |pair, g0, x0, xb, pf| {
-            if pair {
-                score_block_wide::<2, 8>(qpp, hp, h, tp, dk, g0, x0, xb, n, scale, sp, pf);
-            } else {
-                score_block_wide::<1, 16>(qpp, hp, h, tp, dk, g0, x0, xb, n, scale, sp, pf);
-            }
-        });
+        score_blocks::<Emulated>(qp, h, dk, tile.as_ptr(), n, scale, scores, pf);
     }
 
     /// One AVX2 block: `G` groups of 8 heads (from head `h0`) × `X` keys (from `x0`, `xb` of

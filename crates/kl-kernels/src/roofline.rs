@@ -53,12 +53,20 @@ pub fn measure_fma(threads: usize) -> FmaPeak {
 /// says which was used), e.g. `Isa::Avx2` for the peak of the AVX2-only kernels.
 pub fn measure_fma_isa(threads: usize, isa: Isa) -> FmaPeak {
     let isa = isa.min(crate::cpu::features().isa());
+    let flops = (CHAINS * isa.f32_lanes() * 2) as f64;
+    let gflops = peak_gflops(threads, flops, |iters| fma_loop(isa, iters));
+    FmaPeak { gflops, isa }
+}
+
+/// The best of four timed runs of `kernel(iters)` on each of `threads` threads (≥ 1), in
+/// GFLOP/s for `flops` per iteration: `iters` is calibrated on one thread so that a run lasts
+/// about 60 ms.
+fn peak_gflops(threads: usize, flops: f64, kernel: impl Fn(u64) -> f32 + Sync) -> f64 {
     let threads = threads.max(1);
-    // Calibrate the iteration count on one thread so each timed run lasts ~60 ms.
     let mut iters = 1u64 << 16;
     loop {
         let t = Instant::now();
-        black_box(fma_loop(isa, iters));
+        black_box(kernel(iters));
         if t.elapsed() > Duration::from_millis(20) || iters > 1 << 34 {
             let per = t.elapsed().as_secs_f64() / iters as f64;
             iters = ((0.06 / per) as u64).max(1);
@@ -69,12 +77,11 @@ pub fn measure_fma_isa(threads: usize, isa: Isa) -> FmaPeak {
     let mut best = 0f64;
     for _ in 0..4 {
         let secs = run_threads(threads, |_| {
-            black_box(fma_loop(isa, iters));
+            black_box(kernel(iters));
         });
-        let flops = (threads as u64 * iters * (CHAINS * isa.f32_lanes() * 2) as u64) as f64;
-        best = best.max(flops / secs / 1e9);
+        best = best.max(threads as f64 * iters as f64 * flops / secs / 1e9);
     }
-    FmaPeak { gflops: best, isa }
+    best
 }
 
 /// One measurement of the roofline: the FMA peak ([`measure_fma`]) and the stream bandwidth
@@ -139,29 +146,11 @@ pub fn measure_bf16_dot_gflops(threads: usize) -> Option<f64> {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let threads = threads.max(1);
-        // SAFETY (both calls): AVX512-BF16 checked above.
-        let run = |iters| unsafe { x86::bf16_dot_loop(iters) };
-        let mut iters = 1u64 << 16;
-        loop {
-            let t = Instant::now();
-            black_box(run(iters));
-            if t.elapsed() > Duration::from_millis(20) || iters > 1 << 34 {
-                let per = t.elapsed().as_secs_f64() / iters as f64;
-                iters = ((0.06 / per) as u64).max(1);
-                break;
-            }
-            iters *= 2;
-        }
-        let mut best = 0f64;
-        for _ in 0..4 {
-            let secs = run_threads(threads, |_| {
-                black_box(run(iters));
-            });
-            let flops = (threads as u64 * iters * (BF16_CHAINS * 64) as u64) as f64;
-            best = best.max(flops / secs / 1e9);
-        }
-        Some(best)
+        let flops = (BF16_CHAINS * 64) as f64;
+        // SAFETY: AVX512-BF16 checked above.
+        Some(peak_gflops(threads, flops, |iters| unsafe {
+            x86::bf16_dot_loop(iters)
+        }))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -395,9 +384,15 @@ mod x86 {
                 *v = _mm512_fmadd_ps(*v, a, b);
             }
         }
+        sum512(&acc)
+    }
+
+    /// The sum of every lane of `acc` (what the probe loops return, so no chain is dead code).
+    #[inline(always)]
+    unsafe fn sum512(acc: &[__m512]) -> f32 {
         let mut s = _mm512_setzero_ps();
         for v in acc {
-            s = _mm512_add_ps(s, v);
+            s = _mm512_add_ps(s, *v);
         }
         _mm512_reduce_add_ps(s)
     }
@@ -414,11 +409,7 @@ mod x86 {
                 *v = _mm512_dpbf16_ps(*v, a, b);
             }
         }
-        let mut s = _mm512_setzero_ps();
-        for v in acc {
-            s = _mm512_add_ps(s, v);
-        }
-        _mm512_reduce_add_ps(s)
+        sum512(&acc)
     }
 
     #[target_feature(enable = "avx2,fma")]

@@ -137,10 +137,11 @@ fn kda_chunked_bits_do_not_depend_on_nontemporal() {
 
 #[test]
 fn latent_attention_bits_do_not_depend_on_avx512() {
-    // Odd head counts (a half-empty head pair, a partial 8-head block), widths with tails past
-    // the 8-, 16-, 32- and 48-column blocks (the tile widened into f32), widths without tails
-    // (the bf16 rows read as stored on AMD) including `mini`'s and the released model's; several
-    // segments and a partial tile; decode and prefill.
+    // Over the bf16 cache every shape here (whole column pairs) takes the bf16 products: on
+    // AVX512-BF16 where the CPU has it, and the child's AVX2 emulation. Odd head counts (a
+    // partial 8- or 16-head group), value widths with tails past the 16- and 32-column strips,
+    // `mini`'s and the released model's rows; several segments and a partial tile; decode and
+    // prefill.
     let shapes = [
         (7, 44, 40, 256),
         (3, 20, 17, 256),
