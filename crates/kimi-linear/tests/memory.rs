@@ -332,6 +332,24 @@ fn bench_quotes_the_higher_of_two_roofline_measurements() {
         assert!(m.iter().all(|x| *x > 0.0 && x.is_finite()), "{v}");
         assert_eq!(v[key].as_f64(), Some(m[0].max(m[1])), "{v}");
     }
+    // The bf16 dot-product peak: measured twice where the bf16 attention products run on the
+    // instruction, null (both times) elsewhere.
+    let dot = &v["roofline_measured"]["bf16_dot_gflops"];
+    if kl_kernels::cpu::features().avx512bf16 {
+        let m = numbers(dot, "roofline_measured.bf16_dot_gflops", &v);
+        assert!(
+            m.len() == 2 && m.iter().all(|x| *x > 0.0 && x.is_finite()),
+            "{v}"
+        );
+        assert_eq!(v["bf16_dot_gflops"].as_f64(), Some(m[0].max(m[1])), "{v}");
+    } else {
+        assert!(v["bf16_dot_gflops"].is_null(), "{v}");
+        assert!(
+            dot.as_array()
+                .is_some_and(|a| a.iter().all(|x| x.is_null())),
+            "{v}"
+        );
+    }
     let f = v["prefill_fraction_of_fma_peak"]["17"]
         .as_f64()
         .expect("fraction");
@@ -423,7 +441,7 @@ fn bench_json_reports_every_field() {
     }
     // Without a roofline measurement the roofline figures are null, never made up.
     assert!(
-        v["fma_gflops"].is_null() && v["stream_gbps"].is_null(),
+        v["fma_gflops"].is_null() && v["stream_gbps"].is_null() && v["bf16_dot_gflops"].is_null(),
         "{v}"
     );
     assert!(v["roofline_measured"].is_null(), "{v}");
