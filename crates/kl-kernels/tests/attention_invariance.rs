@@ -80,7 +80,8 @@ fn real_width_rows_match_reference() {
 
 /// Decode past one wave of segments (`WAVE`), and past two with a partial last wave: the single
 /// query's output equals the same query's row in a prefill call (which merges its segments one
-/// by one) bit for bit, on 1 and 3 threads, and the plain twin to f32 rounding.
+/// by one) bit for bit, on 1 and 3 threads, and the plain twin to f32 rounding; the same over
+/// the rows stored as bf16 (the bf16 products).
 #[test]
 fn decode_across_waves_equals_prefill_bitwise() {
     use kl_kernels::attention::{latent_attention_reference, WAVE};
@@ -113,6 +114,28 @@ fn decode_across_waves_equals_prefill_bitwise() {
         latent_attention_reference(s, last, &blocks, block_rows, n_keys, 0.3, &mut r);
         let d = common::max_abs_diff(want, &r);
         assert!(d < 1e-4, "{n_keys} keys: reference differs by {d}");
+        // The same rows stored as bf16 take the bf16 products, with the same wave logic.
+        let store16: Vec<half::bf16> = store.iter().map(|&x| half::bf16::from_f32(x)).collect();
+        let blocks16: Vec<&[half::bf16]> = store16.chunks(block_rows * s.dk).collect();
+        let mut pre16 = vec![0f32; tq * s.h * s.dv];
+        latent_attention(s, &q, &blocks16, block_rows, n_keys, 0.3, &mut pre16);
+        let want16 = &pre16[s.h * s.dv..];
+        for threads in [1usize, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut one = vec![0f32; s.h * s.dv];
+            pool.install(|| {
+                latent_attention(s, last, &blocks16, block_rows, n_keys, 0.3, &mut one)
+            });
+            assert_eq!(one, want16, "bf16, {n_keys} keys, {threads} threads");
+        }
+        let d = common::max_abs_diff(want16, want);
+        assert!(
+            d < 1e-2,
+            "{n_keys} keys: bf16 products differ from f32 by {d}"
+        );
     }
 }
 
