@@ -21,12 +21,13 @@
 //! exactly its own tiles, in the same order, so sharing changes no bit (15–20% faster than a
 //! tile per query, in-process).
 //!
-//! Key rows reach the f32 tile kernels as f32: an f32 store is read in place, any other (fp8, or
-//! bf16 rows of odd width) is widened into an f32 tile first; widening bf16 is exact. A bf16
-//! store whose rows split into column pairs (every Kimi shape) takes the bf16 products of
-//! [`crate::attention_bf16`] instead: the query and the probabilities rounded to bf16,
-//! `vdpbf16ps` where the CPU has AVX512-BF16 and its FMA emulation, to the same bits,
-//! elsewhere. Decode and prefill run the same tile code either way.
+//! Key rows reach the f32 tile kernels as f32: an f32 store is read in place, bf16 rows of odd
+//! width are widened into an f32 tile first (exactly). A bf16 store whose rows split into column
+//! pairs (every Kimi shape), and an fp8 one ([`KeyRows::bf16_products`]: its widened rows are
+//! rounded to bf16), take the bf16 products of [`crate::attention_bf16`] instead: the query and
+//! the probabilities rounded to bf16, `vdpbf16ps` where the CPU has AVX512-BF16 and its FMA
+//! emulation, to the same bits, elsewhere. Decode and prefill run the same tile code either
+//! way.
 
 use crate::attention_bf16 as bf16;
 use crate::par::SendPtr;
@@ -83,6 +84,12 @@ pub trait KeyRows: Sync {
     fn f32_rows(&self, r0: usize, n: usize) -> Option<&[f32]> {
         let _ = (r0, n);
         None
+    }
+    /// Whether attention over these rows runs the bf16 products ([`crate::attention_bf16`]):
+    /// by default where the rows are bf16 as stored ([`bf16_rows`](Self::bf16_rows)); a store
+    /// whose widened rows are to be rounded to bf16 first (fp8 with row scales) says so too.
+    fn bf16_products(&self) -> bool {
+        self.rows() > 0 && self.bf16_rows(0, 1).is_some()
     }
 }
 
@@ -303,6 +310,9 @@ struct TileBufs {
     qpair: Vec<f32>,
     /// A tile's probabilities in bf16 key pairs (`attention_bf16::pack_probs`).
     pk: Vec<u32>,
+    /// Key rows rounded to bf16 for the instruction where the store is not bf16 (fp8) `[TILE,
+    /// Dk]`.
+    tile16: Vec<half::bf16>,
     /// The AMX kernel's scratch (empty unless it runs).
     amx: crate::amx_attention::Bufs,
 }
@@ -314,6 +324,7 @@ impl TileBufs {
             scores: Vec::new(),
             qpair: Vec::new(),
             pk: Vec::new(),
+            tile16: Vec::new(),
             amx: crate::amx_attention::Bufs::new(),
         }
     }
@@ -328,6 +339,8 @@ impl TileBufs {
         grow(&mut self.qpair, qpair_len(h, dk));
         self.pk
             .reserve(bf16::packed_probs_len(h, TILE).saturating_sub(self.pk.len()));
+        self.tile16
+            .reserve((TILE * dk).saturating_sub(self.tile16.len()));
         if amx {
             self.amx.reserve(s);
         }
@@ -415,7 +428,7 @@ fn pv_f32(keys: &[f32], p: &[f32], h: usize, n: usize, dk: usize, dv: usize, acc
 /// [`crate::attention_bf16`] (a bf16 store and whole column pairs; the AMX kernel, where it is
 /// switched on, still takes its shapes first).
 fn bf16_products<R: KeyRows + ?Sized>(s: LatentAttnShape, rows: &R) -> bool {
-    rows.rows() > 0 && rows.bf16_rows(0, 1).is_some() && bf16::takes(s.dk)
+    rows.bf16_products() && bf16::takes(s.dk)
 }
 
 /// Visit keys `k0..k1` for one query `qrow` `[H, Dk]`, updating `p`, with `bufs` as scratch;
@@ -490,6 +503,7 @@ fn attend_queries<R: KeyRows + ?Sized>(
         scores,
         qpair,
         pk,
+        tile16,
         ..
     } = bufs;
     let wide = wide();
@@ -502,16 +516,30 @@ fn attend_queries<R: KeyRows + ?Sized>(
         let mut j = k0;
         while j < end {
             let want = TILE.min(end - j);
-            // The instruction reads the rows as stored, its emulation widened into f32.
-            let stored = rows
-                .bf16_rows(j, want)
-                .expect("attention: bf16 products over a store that holds bf16");
-            let n = stored.len() / dk;
-            if !native {
-                tile.resize(TILE * dk, 0.0);
-                let m = rows.widen(j, want, tile);
-                debug_assert_eq!(m, n);
-            }
+            // The instruction reads bf16 rows as stored; the emulation, and any store that is
+            // not bf16 as stored (fp8, its widened rows rounded to bf16 here), read them
+            // widened into f32, and the instruction then their bf16 bits.
+            let stored = rows.bf16_rows(j, want);
+            let n = match stored {
+                Some(st) if native => st.len() / dk,
+                _ => {
+                    tile.resize(TILE * dk, 0.0);
+                    let n = rows.widen(j, want, tile);
+                    if stored.is_none() && !native {
+                        bf16::round_in_place(&mut tile[..n * dk]);
+                    }
+                    n
+                }
+            };
+            let stored: &[half::bf16] = match stored {
+                Some(st) if native => st,
+                _ if native => {
+                    tile16.resize(TILE * dk, half::bf16::ZERO);
+                    bf16::narrow_rounded(&tile[..n * dk], &mut tile16[..n * dk]);
+                    &tile16[..n * dk]
+                }
+                _ => &[],
+            };
             let mut pf = Prefetch::default();
             rows.spans(j + n, TILE.min(end - j - n), &mut pf);
             for (qi, &k1) in k1s.iter().enumerate() {
@@ -541,7 +569,7 @@ fn attend_queries<R: KeyRows + ?Sized>(
                     bf16::pack_probs(scores, h, n, pk);
                     bf16::tile_pv(pk, h, n, stored, dk, dv, &mut p.acc);
                 } else {
-                    bf16::round_probs(&mut scores[..h * n]);
+                    bf16::round_in_place(&mut scores[..h * n]);
                     pv_f32(&tile[..n * dk], scores, h, n, dk, dv, &mut p.acc);
                 }
             }
@@ -675,10 +703,14 @@ fn partial_floats(s: LatentAttnShape) -> usize {
 }
 
 /// Floats of a [`TileBufs`] (FMA kernels) for `queries` queries of shape `s`: the widened key
-/// tile, one query's scores, the queries in head pairs, and the tile's probabilities packed
-/// for the bf16 products.
+/// tile, one query's scores, the queries in head pairs, and for the bf16 products the tile's
+/// probabilities packed and its rows in bf16 (half a float each).
 fn tile_bufs_floats(s: LatentAttnShape, queries: usize) -> usize {
-    TILE * s.dk + s.h * TILE + queries * qpair_len(s.h, s.dk) + bf16::packed_probs_len(s.h, TILE)
+    TILE * s.dk
+        + s.h * TILE
+        + queries * qpair_len(s.h, s.dk)
+        + bf16::packed_probs_len(s.h, TILE)
+        + (TILE * s.dk).div_ceil(2)
 }
 
 /// Floats that decode with latent attention of shape `s` keeps between steps (for memory

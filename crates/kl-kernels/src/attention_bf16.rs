@@ -27,7 +27,9 @@
 //!
 //! Against the f32 products the scores move by about 2⁻⁹ of their terms' size and the output
 //! by less: the logits of the golden model move by about as much as a bf16 cache already moves
-//! them (docs/memory.md). An f32 or fp8 cache keeps the exact f32 products.
+//! them (docs/memory.md). An fp8 cache takes the same products over its rows widened and rounded
+//! to bf16 (each code times its row scale, one more rounding of about 2⁻⁹ on values that carry
+//! 4 significant bits); an f32 cache keeps the exact f32 products.
 
 use crate::simd::Prefetch;
 use half::bf16;
@@ -100,12 +102,13 @@ pub fn pack_query(q: &[f32], h: usize, dk: usize, out: &mut [u32]) {
     }
 }
 
-/// Round a tile's probabilities `[H, n]` to bf16 in place (as f32), for the FMA `P·V` kernels.
-pub fn round_probs(p: &mut [f32]) {
+/// Round values to bf16 in place (as f32, by [`round_bf16`]): a tile's probabilities for the
+/// FMA `P·V` kernels, or the widened rows of a store that is not bf16 as stored (fp8).
+pub fn round_in_place(p: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::features().avx2_fma {
         // SAFETY: AVX2 checked.
-        unsafe { x86::round_probs(p) };
+        unsafe { x86::round_in_place(p) };
         return;
     }
     for x in p.iter_mut() {
@@ -115,7 +118,7 @@ pub fn round_probs(p: &mut [f32]) {
 
 /// Whether the scores and `P·V` of a tile run on the AVX512-BF16 instruction ([`tile_scores`],
 /// [`pack_probs`], [`tile_pv`], reading the bf16 rows as stored); otherwise they run on the
-/// FMA emulation over the rows widened into f32 ([`tile_scores_widened`], [`round_probs`] and
+/// FMA emulation over the rows widened into f32 ([`tile_scores_widened`], [`round_in_place`] and
 /// the FMA `P·V` kernels), to the same bits.
 pub fn native_products() -> bool {
     native()
@@ -213,6 +216,21 @@ fn tile_scores_portable(
     }
 }
 
+/// `src` rounded to bf16 by [`round_bf16`] into `dst`: the same values [`round_in_place`]
+/// leaves, as bf16 bits (32 values a `vcvtne2ps2bf16` where the CPU has AVX512-BF16).
+pub fn narrow_rounded(src: &[f32], dst: &mut [bf16]) {
+    assert!(dst.len() >= src.len());
+    #[cfg(target_arch = "x86_64")]
+    if native() {
+        // SAFETY: AVX512-BF16, -BW and -F checked; `dst` holds `src.len()` values.
+        unsafe { x86::narrow_rounded(src, dst) };
+        return;
+    }
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = bf16::from_bits(round_bf16(x));
+    }
+}
+
 /// Dwords of a tile's probabilities packed by [`pack_probs`]: `H × ⌈n/2⌉`.
 pub fn packed_probs_len(h: usize, n: usize) -> usize {
     h * n.div_ceil(2)
@@ -257,10 +275,10 @@ mod x86 {
     use half::bf16;
     use std::arch::x86_64::*;
 
-    /// [`super::round_probs`] on 8 lanes: the scalar rounding's integer steps (inputs are
-    /// probabilities, but NaN and denormals take the same path as there).
+    /// [`super::round_in_place`] on 8 lanes: the scalar rounding's integer steps (NaN and
+    /// denormals take the same path as there).
     #[target_feature(enable = "avx2")]
-    pub unsafe fn round_probs(p: &mut [f32]) {
+    pub unsafe fn round_in_place(p: &mut [f32]) {
         let n8 = p.len() / 8 * 8;
         let pp = p.as_mut_ptr();
         let exp = _mm256_set1_epi32(0x7f80_0000);
@@ -658,6 +676,28 @@ mod x86 {
         }
     }
 
+    /// [`super::narrow_rounded`]: 32 values a conversion, the tail masked.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn narrow_rounded(src: &[f32], dst: &mut [bf16]) {
+        let (n, sp, dp) = (src.len(), src.as_ptr(), dst.as_mut_ptr().cast::<u16>());
+        let mut i = 0;
+        while i < n {
+            let left = n - i;
+            let m0 = ((1u32 << left.min(16)) - 1) as __mmask16;
+            let m1 = if left > 16 {
+                ((1u32 << (left - 16).min(16)) - 1) as __mmask16
+            } else {
+                0
+            };
+            let lo = _mm512_maskz_loadu_ps(m0, sp.add(i));
+            let hi = _mm512_maskz_loadu_ps(m1, sp.add(i + 16));
+            let v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+            let m = ((1u64 << left.min(32)) - 1) as __mmask32;
+            _mm512_mask_storeu_epi16(dp.add(i).cast(), m, v);
+            i += 32;
+        }
+    }
+
     /// [`super::pack_probs`]: 32 probabilities per `vcvtne2ps2bf16`, each pair's halves then
     /// swapped (key `2i` high) by a 16-bit rotate.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
@@ -854,16 +894,21 @@ mod tests {
         }
     }
 
-    /// The vector rounding of probabilities gives the scalar bits at every length (tails).
+    /// The vector rounding in place, and the rounding into bf16 bits, give the scalar bits at
+    /// every length (tails).
     #[test]
-    fn round_probs_matches_scalar_rounding() {
-        for n in [1usize, 7, 8, 9, 31, 64, 100] {
+    fn round_in_place_matches_scalar_rounding() {
+        for n in [1usize, 7, 8, 9, 16, 17, 31, 32, 33, 64, 100] {
             let x = values(n, n as u64 + 5, true);
             let mut v = x.clone();
-            round_probs(&mut v);
-            for (a, b) in v.iter().zip(&x) {
+            round_in_place(&mut v);
+            let mut w = vec![bf16::ZERO; n + 1];
+            narrow_rounded(&x, &mut w[..n]);
+            for ((a, b), c) in v.iter().zip(&x).zip(&w) {
                 assert_eq!(a.to_bits(), round_f32(*b).to_bits(), "n {n}, {b:e}");
+                assert_eq!(c.to_bits(), round_bf16(*b), "narrow, n {n}, {b:e}");
             }
+            assert_eq!(w[n], bf16::ZERO, "narrow wrote past its values");
         }
     }
 

@@ -179,6 +179,56 @@ fn latent_attention_bits_do_not_depend_on_avx512bf16() {
     );
 }
 
+/// Rows that are not bf16 as stored but take the bf16 products (as an fp8 cache does): f32
+/// values in 100-row blocks, widened as they are and rounded to bf16 by the attention.
+struct Rounded {
+    rows: Vec<f32>,
+    dk: usize,
+}
+
+impl kl_kernels::attention::KeyRows for Rounded {
+    fn rows(&self) -> usize {
+        self.rows.len() / self.dk
+    }
+    fn widen(&self, r0: usize, n: usize, dst: &mut [f32]) -> usize {
+        let n = n.min(100 - r0 % 100).min(self.rows() - r0);
+        dst[..n * self.dk].copy_from_slice(&self.rows[r0 * self.dk..(r0 + n) * self.dk]);
+        n
+    }
+    fn bf16_products(&self) -> bool {
+        true
+    }
+}
+
+/// Such rows give the same bits on the instruction (rounded, then narrowed) as on the
+/// emulation (rounded in the widened tile): the child takes the other way.
+#[test]
+fn rounded_rows_bits_do_not_depend_on_avx512bf16() {
+    use kl_kernels::attention::latent_attention_rows;
+    let mut rng = Rng::new(25);
+    let mut all = Vec::new();
+    for (h, dk, dv) in [(17, 288, 256), (5, 46, 40)] {
+        let s = LatentAttnShape { h, dk, dv };
+        let rows = Rounded {
+            rows: rng.vec((SEGMENT + 141) * dk, 1.0),
+            dk,
+        };
+        for tq in [1, 5] {
+            let q = rng.vec(tq * h * dk, 1.5);
+            let mut o = vec![0f32; tq * h * dv];
+            latent_attention_rows(s, &q, &rows, 0.15, &mut o);
+            all.extend_from_slice(&o);
+        }
+    }
+    assert!(all.iter().all(|x| x.is_finite()));
+    compare_with_flipped(
+        "rounded_rows_bits_do_not_depend_on_avx512bf16",
+        &all,
+        "KL_NO_AVX512BF16",
+        !kl_kernels::cpu::features().avx512bf16,
+    );
+}
+
 #[test]
 fn softmax_update_bits_do_not_depend_on_avx512() {
     use kl_kernels::attention::softmax_update;
