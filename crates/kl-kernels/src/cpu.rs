@@ -253,7 +253,9 @@ fn write_mxcsr(v: u32) {
 
 #[cfg(test)]
 mod tests {
+    #[cfg(target_arch = "x86_64")]
     use super::FlushDenormals;
+    #[cfg(target_arch = "x86_64")]
     use std::hint::black_box;
 
     /// The vendor test reads the vendor the kernel reports (Linux's `/proc/cpuinfo`).
