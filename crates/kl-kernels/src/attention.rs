@@ -85,6 +85,15 @@ pub trait KeyRows: Sync {
         let _ = (r0, n);
         None
     }
+    /// Up to `n` rows starting at row `r0` widened and rounded to bf16 into `dst` (`[n, dk]`),
+    /// stopping early as [`widen`](Self::widen) does, for a store that takes the bf16 products
+    /// without holding bf16 ([`bf16_products`](Self::bf16_products)): the values that widening
+    /// and rounding by [`crate::attention_bf16::round_bf16`] give. `None` (the default) where
+    /// the store has no such path; the attention then widens into f32 and rounds there.
+    fn widen_bf16(&self, r0: usize, n: usize, dst: &mut [half::bf16]) -> Option<usize> {
+        let _ = (r0, n, dst);
+        None
+    }
     /// Whether attention over these rows runs the bf16 products ([`crate::attention_bf16`]):
     /// by default where the rows are bf16 as stored ([`bf16_rows`](Self::bf16_rows)); a store
     /// whose widened rows are to be rounded to bf16 first (fp8 with row scales) says so too.
@@ -520,8 +529,16 @@ fn attend_queries<R: KeyRows + ?Sized>(
             // not bf16 as stored (fp8, its widened rows rounded to bf16 here), read them
             // widened into f32, and the instruction then their bf16 bits.
             let stored = rows.bf16_rows(j, want);
-            let n = match stored {
-                Some(st) if native => st.len() / dk,
+            // A store that rounds its own rows to bf16 (fp8), for the instruction.
+            let direct = if native && stored.is_none() {
+                tile16.resize(TILE * dk, half::bf16::ZERO);
+                rows.widen_bf16(j, want, tile16)
+            } else {
+                None
+            };
+            let n = match (stored, direct) {
+                (Some(st), _) if native => st.len() / dk,
+                (_, Some(n)) => n,
                 _ => {
                     tile.resize(TILE * dk, 0.0);
                     let n = rows.widen(j, want, tile);
@@ -534,8 +551,10 @@ fn attend_queries<R: KeyRows + ?Sized>(
             let stored: &[half::bf16] = match stored {
                 Some(st) if native => st,
                 _ if native => {
-                    tile16.resize(TILE * dk, half::bf16::ZERO);
-                    bf16::narrow_rounded(&tile[..n * dk], &mut tile16[..n * dk]);
+                    if direct.is_none() {
+                        tile16.resize(TILE * dk, half::bf16::ZERO);
+                        bf16::narrow_rounded(&tile[..n * dk], &mut tile16[..n * dk]);
+                    }
                     &tile16[..n * dk]
                 }
                 _ => &[],

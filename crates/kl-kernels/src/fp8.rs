@@ -67,6 +67,23 @@ pub fn decode_scaled(src: &[u8], scale: f32, dst: &mut [f32]) {
     })
 }
 
+/// [`decode_scaled`] rounded to bf16 by [`crate::attention_bf16::round_bf16`] (what latent
+/// attention's bf16 products read from an fp8 cache), written as bf16 bits: the same values as
+/// decoding into f32 and rounding there, without the f32 copy.
+pub fn decode_scaled_bf16(src: &[u8], scale: f32, dst: &mut [half::bf16]) {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "fp8::decode_scaled_bf16: lengths differ"
+    );
+    widest(|| {
+        for (o, &c) in dst.iter_mut().zip(src) {
+            let v = decode_bits_branchless(c) * scale;
+            *o = half::bf16::from_bits(crate::attention_bf16::round_bf16(v));
+        }
+    })
+}
+
 /// `f` compiled for the widest vector instruction set the CPU has (the same safe code; only the
 /// width its loops vectorise to changes, and element-wise operations give the same bits at any
 /// width).
@@ -252,6 +269,27 @@ mod tests {
                 table()[c as usize].to_bits(),
                 "code {c:#04x}"
             );
+        }
+    }
+
+    /// Decoding into bf16 gives, for every code and several scales (one that makes some values
+    /// denormal), at lengths around the vector widths, exactly the bits of decoding into f32 and
+    /// rounding there (what the attention's emulation does).
+    #[test]
+    fn decode_into_bf16_equals_decode_then_round() {
+        let codes: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
+        for scale in [1.0f32, 3.7e-3, 1.234_567, 1e-40] {
+            for len in [1usize, 15, 16, 17, 33, 64, 512] {
+                let src = &codes[..len];
+                let mut f = vec![0f32; len];
+                decode_scaled(src, scale, &mut f);
+                let mut h = vec![half::bf16::ZERO; len];
+                decode_scaled_bf16(src, scale, &mut h);
+                for ((a, b), c) in h.iter().zip(&f).zip(src) {
+                    let want = crate::attention_bf16::round_bf16(*b);
+                    assert_eq!(a.to_bits(), want, "code {c:#04x}, scale {scale:e}");
+                }
+            }
         }
     }
 }

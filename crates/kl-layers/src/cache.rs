@@ -365,11 +365,17 @@ struct Fp8Rows<'a> {
     n_rows: usize,
 }
 
-impl KeyRows for Fp8Rows<'_> {
-    fn rows(&self) -> usize {
-        self.n_rows
-    }
-    fn widen(&self, r0: usize, n: usize, dst: &mut [f32]) -> usize {
+impl Fp8Rows<'_> {
+    /// Up to `n` rows from `r0` (stopping at the end of `r0`'s block) decoded into `dst` by
+    /// `decode` (codes, scale, out), each row's two parts (latent, rope) with their own scale;
+    /// returns the rows written.
+    fn decode<T>(
+        &self,
+        r0: usize,
+        n: usize,
+        dst: &mut [T],
+        decode: impl Fn(&[u8], f32, &mut [T]),
+    ) -> usize {
         let (b, r) = (r0 / BLOCK_ROWS, r0 % BLOCK_ROWS);
         let n = n.min(BLOCK_ROWS - r).min(self.n_rows - r0);
         let (codes, scales) = &self.blocks[b];
@@ -378,11 +384,22 @@ impl KeyRows for Fp8Rows<'_> {
             let row = r + i;
             let src = &codes[row * dk..(row + 1) * dk];
             let d = &mut dst[i * dk..(i + 1) * dk];
-            // The two parts of the row (latent, rope), each with its own scale.
-            fp8::decode_scaled(&src[..split], scales[row * 2], &mut d[..split]);
-            fp8::decode_scaled(&src[split..], scales[row * 2 + 1], &mut d[split..]);
+            decode(&src[..split], scales[row * 2], &mut d[..split]);
+            decode(&src[split..], scales[row * 2 + 1], &mut d[split..]);
         }
         n
+    }
+}
+
+impl KeyRows for Fp8Rows<'_> {
+    fn rows(&self) -> usize {
+        self.n_rows
+    }
+    fn widen(&self, r0: usize, n: usize, dst: &mut [f32]) -> usize {
+        self.decode(r0, n, dst, fp8::decode_scaled)
+    }
+    fn widen_bf16(&self, r0: usize, n: usize, dst: &mut [bf16]) -> Option<usize> {
+        Some(self.decode(r0, n, dst, fp8::decode_scaled_bf16))
     }
     /// fp8 rows take latent attention's bf16 products, widened (each code times its row scale)
     /// and rounded to bf16: e4m3 carries 4 significant bits, so the rounding adds about 2⁻⁹
