@@ -586,7 +586,7 @@ fn attend_queries<R: KeyRows + ?Sized>(
                 if native {
                     pk.resize(bf16::packed_probs_len(h, n), 0);
                     bf16::pack_probs(scores, h, n, pk);
-                    bf16::tile_pv(pk, h, n, stored, dk, dv, &mut p.acc);
+                    bf16::tile_pv(pk, h, n, stored, dk, dv, &mut p.acc, &mut pf);
                 } else {
                     bf16::round_in_place(&mut scores[..h * n]);
                     pv_f32(&tile[..n * dk], scores, h, n, dk, dv, &mut p.acc);
