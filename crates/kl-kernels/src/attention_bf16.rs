@@ -1,4 +1,4 @@
-//! bf16 products for latent attention over a bf16 cache.
+//! bf16 products for latent attention over a bf16 (or fp8) cache.
 //!
 //! Under weight absorption every head scores the whole cached row and sums the first `Dv`
 //! columns of it (spec §6.3), so decode at depth is `H·(Dk + Dv)` multiply-adds per cached key
@@ -21,9 +21,10 @@
 //!   `vdpbf16ps` computes on value rows interleaved in key pairs (`x` in the high half).
 //!
 //! `vdpbf16ps` treats bf16 denormals as zero and flushes denormal sums to zero, so every path
-//! runs under [`crate::cpu::FlushDenormals`]; with it the AVX2 emulation (two FMAs per pair)
-//! gives exactly the instruction's bits (checked on random and denormal inputs, the AMD Zen 5
-//! VM). The portable code runs the same products in the same order without the flush.
+//! runs under [`crate::cpu::FlushDenormals`]; with it the FMA emulation (two FMAs per pair, on
+//! AVX-512F or AVX2, over the rows widened into f32) gives exactly the instruction's bits
+//! (checked on random and denormal inputs, the AMD Zen 5 VM). The portable code runs the same
+//! products in the same order without the flush.
 //!
 //! Against the f32 products the scores move by about 2⁻⁹ of their terms' size and the output
 //! by less: the logits of the golden model move by about as much as a bf16 cache already moves
