@@ -85,6 +85,7 @@ fn real_width_rows_match_reference() {
 #[test]
 fn decode_across_waves_equals_prefill_bitwise() {
     use kl_kernels::attention::{latent_attention_reference, WAVE};
+    use kl_kernels::Elem;
     let mut rng = Rng::new(13);
     let s = LatentAttnShape {
         h: 3,
@@ -92,46 +93,45 @@ fn decode_across_waves_equals_prefill_bitwise() {
         dv: 16,
     };
     let block_rows = 256;
-    for n_keys in [WAVE * SEGMENT + 1, 2 * WAVE * SEGMENT + 700] {
-        let store = rng.vec(n_keys.div_ceil(block_rows) * block_rows * s.dk, 1.0);
-        let blocks: Vec<&[f32]> = store.chunks(block_rows * s.dk).collect();
-        let tq = 2;
-        let q = rng.vec(tq * s.h * s.dk, 1.5);
-        let mut pre = vec![0f32; tq * s.h * s.dv];
-        latent_attention(s, &q, &blocks, block_rows, n_keys, 0.3, &mut pre);
-        let last = &q[s.h * s.dk..];
-        let want = &pre[s.h * s.dv..];
+    // The last query's row of a two-query prefill, checked against that query decoded alone
+    // on 1 and 3 threads.
+    fn last_row<C: Elem>(
+        s: LatentAttnShape,
+        q: &[f32],
+        blocks: &[&[C]],
+        block_rows: usize,
+        n_keys: usize,
+    ) -> Vec<f32> {
+        let mut pre = vec![0f32; 2 * s.h * s.dv];
+        latent_attention(s, q, blocks, block_rows, n_keys, 0.3, &mut pre);
+        let want = pre[s.h * s.dv..].to_vec();
         for threads in [1usize, 3] {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .unwrap();
             let mut one = vec![0f32; s.h * s.dv];
-            pool.install(|| latent_attention(s, last, &blocks, block_rows, n_keys, 0.3, &mut one));
+            let last = &q[s.h * s.dk..];
+            pool.install(|| latent_attention(s, last, blocks, block_rows, n_keys, 0.3, &mut one));
             assert_eq!(one, want, "{n_keys} keys, {threads} threads");
         }
+        want
+    }
+    for n_keys in [WAVE * SEGMENT + 1, 2 * WAVE * SEGMENT + 700] {
+        let store = rng.vec(n_keys.div_ceil(block_rows) * block_rows * s.dk, 1.0);
+        let blocks: Vec<&[f32]> = store.chunks(block_rows * s.dk).collect();
+        let q = rng.vec(2 * s.h * s.dk, 1.5);
+        let want = last_row(s, &q, &blocks, block_rows, n_keys);
         let mut r = vec![0f32; s.h * s.dv];
+        let last = &q[s.h * s.dk..];
         latent_attention_reference(s, last, &blocks, block_rows, n_keys, 0.3, &mut r);
-        let d = common::max_abs_diff(want, &r);
+        let d = common::max_abs_diff(&want, &r);
         assert!(d < 1e-4, "{n_keys} keys: reference differs by {d}");
         // The same rows stored as bf16 take the bf16 products, with the same wave logic.
         let store16: Vec<half::bf16> = store.iter().map(|&x| half::bf16::from_f32(x)).collect();
         let blocks16: Vec<&[half::bf16]> = store16.chunks(block_rows * s.dk).collect();
-        let mut pre16 = vec![0f32; tq * s.h * s.dv];
-        latent_attention(s, &q, &blocks16, block_rows, n_keys, 0.3, &mut pre16);
-        let want16 = &pre16[s.h * s.dv..];
-        for threads in [1usize, 3] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            let mut one = vec![0f32; s.h * s.dv];
-            pool.install(|| {
-                latent_attention(s, last, &blocks16, block_rows, n_keys, 0.3, &mut one)
-            });
-            assert_eq!(one, want16, "bf16, {n_keys} keys, {threads} threads");
-        }
-        let d = common::max_abs_diff(want16, want);
+        let want16 = last_row(s, &q, &blocks16, block_rows, n_keys);
+        let d = common::max_abs_diff(&want16, &want);
         assert!(
             d < 1e-2,
             "{n_keys} keys: bf16 products differ from f32 by {d}"
