@@ -273,6 +273,8 @@ pub fn tile_pv(
     unsafe {
         x86::tile_pv512(pk, h, n, keys, dk, dv, acc, pf)
     };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = pf;
 }
 
 #[cfg(target_arch = "x86_64")]
