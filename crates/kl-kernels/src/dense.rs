@@ -110,24 +110,32 @@ pub(crate) unsafe fn gemm_ptr(
         return;
     }
     let _ = features;
-    let mut acc = vec![0f32; n];
+    // Portable: each element summed over `p` in order into a stack block of columns (no
+    // allocation, so decode stays allocation-free on the portable path too), then applied.
+    const BLOCK: usize = 64;
+    let mut acc = [0f32; BLOCK];
     for i in 0..m {
-        acc.fill(0.0);
-        for p in 0..kk {
-            let av = a.data[i * a.rs + p * a.cs];
-            for (r, bv) in acc.iter_mut().zip(&b[p * ldb..p * ldb + n]) {
-                *r += av * bv;
-            }
-        }
         let cr = row(i);
-        match mode {
-            Mode::Set => cr.copy_from_slice(&acc),
-            Mode::Add => cr.iter_mut().zip(&acc).for_each(|(c, r)| *c += r),
-            Mode::Sub => cr.iter_mut().zip(&acc).for_each(|(c, r)| *c -= r),
-            Mode::ScaleAdd(sc) => cr
-                .iter_mut()
-                .zip(&acc)
-                .for_each(|(c, r)| *c = *c * sc[i] + r),
+        for j0 in (0..n).step_by(BLOCK) {
+            let w = BLOCK.min(n - j0);
+            let acc = &mut acc[..w];
+            acc.fill(0.0);
+            for p in 0..kk {
+                let av = a.data[i * a.rs + p * a.cs];
+                for (r, bv) in acc.iter_mut().zip(&b[p * ldb + j0..p * ldb + j0 + w]) {
+                    *r += av * bv;
+                }
+            }
+            let cb = &mut cr[j0..j0 + w];
+            match mode {
+                Mode::Set => cb.copy_from_slice(acc),
+                Mode::Add => cb.iter_mut().zip(acc.iter()).for_each(|(c, r)| *c += r),
+                Mode::Sub => cb.iter_mut().zip(acc.iter()).for_each(|(c, r)| *c -= r),
+                Mode::ScaleAdd(sc) => cb
+                    .iter_mut()
+                    .zip(acc.iter())
+                    .for_each(|(c, r)| *c = *c * sc[i] + r),
+            }
         }
     }
 }
