@@ -273,6 +273,19 @@ impl Partial {
         self.acc.fill(0.0);
     }
 
+    /// One tile's softmax step for every head: `scores` `[H, n]` become the probabilities
+    /// ([`softmax_update`] per head's row) and each head's output is rescaled by its correction.
+    fn softmax_tile(&mut self, scores: &mut [f32], n: usize, dv: usize) {
+        for (hh, row) in scores.chunks_exact_mut(n).enumerate() {
+            let corr = softmax_update(row, &mut self.m[hh], &mut self.l[hh]);
+            if corr != 1.0 {
+                for a in self.acc[hh * dv..(hh + 1) * dv].iter_mut() {
+                    *a *= corr;
+                }
+            }
+        }
+    }
+
     /// Fold `other` into `self`.
     fn merge(&mut self, other: &Partial, dv: usize) {
         for hh in 0..self.m.len() {
@@ -342,14 +355,14 @@ impl TileBufs {
     /// `amx`, for the AMX kernel too). Decode reserves this; prefill's buffers grow as needed.
     fn reserve(&mut self, s: LatentAttnShape, amx: bool) {
         let LatentAttnShape { h, dk, .. } = s;
-        let grow = |v: &mut Vec<f32>, n: usize| v.reserve(n.saturating_sub(v.len()));
+        fn grow<T>(v: &mut Vec<T>, n: usize) {
+            v.reserve(n.saturating_sub(v.len()));
+        }
         grow(&mut self.tile, TILE * dk);
         grow(&mut self.scores, h * TILE);
         grow(&mut self.qpair, qpair_len(h, dk));
-        self.pk
-            .reserve(bf16::packed_probs_len(h, TILE).saturating_sub(self.pk.len()));
-        self.tile16
-            .reserve((TILE * dk).saturating_sub(self.tile16.len()));
+        grow(&mut self.pk, bf16::packed_probs_len(h, TILE));
+        grow(&mut self.tile16, TILE * dk);
         if amx {
             self.amx.reserve(s);
         }
@@ -525,39 +538,31 @@ fn attend_queries<R: KeyRows + ?Sized>(
         let mut j = k0;
         while j < end {
             let want = TILE.min(end - j);
-            // The instruction reads bf16 rows as stored; the emulation, and any store that is
-            // not bf16 as stored (fp8, its widened rows rounded to bf16 here), read them
-            // widened into f32, and the instruction then their bf16 bits.
             let stored = rows.bf16_rows(j, want);
-            // A store that rounds its own rows to bf16 (fp8), for the instruction.
-            let direct = if native && stored.is_none() {
-                tile16.resize(TILE * dk, half::bf16::ZERO);
-                rows.widen_bf16(j, want, tile16)
-            } else {
-                None
-            };
-            let n = match (stored, direct) {
-                (Some(st), _) if native => st.len() / dk,
-                (_, Some(n)) => n,
-                _ => {
-                    tile.resize(TILE * dk, 0.0);
-                    let n = rows.widen(j, want, tile);
-                    if stored.is_none() && !native {
-                        bf16::round_in_place(&mut tile[..n * dk]);
-                    }
-                    n
-                }
-            };
-            let stored: &[half::bf16] = match stored {
-                Some(st) if native => st,
-                _ if native => {
-                    if direct.is_none() {
+            // The rows as the products read them: for the instruction bf16, as stored or (a
+            // store that is not bf16, fp8) rounded into `tile16`; for the emulation widened
+            // into f32 in `tile`, rounded to bf16 values where the store is not bf16.
+            let (n, keys16): (usize, &[half::bf16]) = if native {
+                match stored {
+                    Some(st) => (st.len() / dk, st),
+                    None => {
                         tile16.resize(TILE * dk, half::bf16::ZERO);
-                        bf16::narrow_rounded(&tile[..n * dk], &mut tile16[..n * dk]);
+                        let n = rows.widen_bf16(j, want, tile16).unwrap_or_else(|| {
+                            tile.resize(TILE * dk, 0.0);
+                            let n = rows.widen(j, want, tile);
+                            bf16::narrow_rounded(&tile[..n * dk], &mut tile16[..n * dk]);
+                            n
+                        });
+                        (n, &tile16[..n * dk])
                     }
-                    &tile16[..n * dk]
                 }
-                _ => &[],
+            } else {
+                tile.resize(TILE * dk, 0.0);
+                let n = rows.widen(j, want, tile);
+                if stored.is_none() {
+                    bf16::round_in_place(&mut tile[..n * dk]);
+                }
+                (n, &[])
             };
             let mut pf = Prefetch::default();
             rows.spans(j + n, TILE.min(end - j - n), &mut pf);
@@ -569,24 +574,16 @@ fn attend_queries<R: KeyRows + ?Sized>(
                 let p = &mut ps[qi];
                 scores.resize(h * n, 0.0);
                 if native {
-                    bf16::tile_scores(qbf[qi], h, dk, stored, n, scale, scores, &mut pf);
+                    bf16::tile_scores(qbf[qi], h, dk, keys16, n, scale, scores, &mut pf);
                 } else {
                     let t = &tile[..n * dk];
                     bf16::tile_scores_widened(qbf[qi], h, dk, t, n, scale, scores, &mut pf);
                 }
-                for hh in 0..h {
-                    let row = &mut scores[hh * n..(hh + 1) * n];
-                    let corr = softmax_update(row, &mut p.m[hh], &mut p.l[hh]);
-                    if corr != 1.0 {
-                        for a in p.acc[hh * dv..(hh + 1) * dv].iter_mut() {
-                            *a *= corr;
-                        }
-                    }
-                }
+                p.softmax_tile(&mut scores[..h * n], n, dv);
                 if native {
                     pk.resize(bf16::packed_probs_len(h, n), 0);
                     bf16::pack_probs(scores, h, n, pk);
-                    bf16::tile_pv(pk, h, n, stored, dk, dv, &mut p.acc, &mut pf);
+                    bf16::tile_pv(pk, h, n, keys16, dk, dv, &mut p.acc, &mut pf);
                 } else {
                     bf16::round_in_place(&mut scores[..h * n]);
                     pv_f32(&tile[..n * dk], scores, h, n, dk, dv, &mut p.acc);
@@ -633,15 +630,7 @@ fn attend_queries<R: KeyRows + ?Sized>(
                 &[]
             };
             scores_f32(keys, qp, qrow, h, dk, n, scale, scores, &mut pf);
-            for hh in 0..h {
-                let row = &mut scores[hh * n..(hh + 1) * n];
-                let corr = softmax_update(row, &mut p.m[hh], &mut p.l[hh]);
-                if corr != 1.0 {
-                    for a in p.acc[hh * dv..(hh + 1) * dv].iter_mut() {
-                        *a *= corr;
-                    }
-                }
-            }
+            p.softmax_tile(&mut scores[..h * n], n, dv);
             pv_f32(keys, scores, h, n, dk, dv, &mut p.acc);
         }
         j += n;

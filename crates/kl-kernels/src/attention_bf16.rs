@@ -35,11 +35,6 @@
 use crate::simd::Prefetch;
 use half::bf16;
 
-/// Whether the AVX512-BF16 kernels run (else the emulation, to the same bits).
-fn native() -> bool {
-    crate::cpu::features().avx512bf16
-}
-
 /// Whether a key width takes the bf16 products: whole column pairs.
 pub fn takes(dk: usize) -> bool {
     dk > 0 && dk.is_multiple_of(2)
@@ -122,7 +117,7 @@ pub fn round_in_place(p: &mut [f32]) {
 /// FMA emulation over the rows widened into f32 ([`tile_scores_widened`], [`round_in_place`] and
 /// the FMA `P·V` kernels), to the same bits.
 pub fn native_products() -> bool {
-    native()
+    crate::cpu::features().avx512bf16
 }
 
 /// `scores[h·n + x] = scale · q_h · key_x` for the `n` bf16 key rows `keys` (`[n, Dk]`) of a
@@ -141,7 +136,10 @@ pub fn tile_scores(
     scores: &mut [f32],
     pf: &mut Prefetch,
 ) {
-    assert!(native(), "attention_bf16::tile_scores needs AVX512-BF16");
+    assert!(
+        native_products(),
+        "attention_bf16::tile_scores needs AVX512-BF16"
+    );
     assert!(takes(dk) && qp.len() >= packed_query_len(h, dk));
     assert!(keys.len() >= n * dk && scores.len() >= h * n);
     #[cfg(target_arch = "x86_64")]
@@ -224,7 +222,7 @@ fn tile_scores_portable(
 pub fn narrow_rounded(src: &[f32], dst: &mut [bf16]) {
     assert!(dst.len() >= src.len());
     #[cfg(target_arch = "x86_64")]
-    if native() {
+    if native_products() {
         // SAFETY: AVX512-BF16, -BW and -F checked; `dst` holds `src.len()` values.
         unsafe { x86::narrow_rounded(src, dst) };
         return;
@@ -242,7 +240,7 @@ pub fn packed_probs_len(h: usize, n: usize) -> usize {
 /// A tile's probabilities `p` `[H, n]` rounded to bf16 in key pairs: dword `h·⌈n/2⌉ + i` holds
 /// key `2i` in its high half and key `2i + 1` (zero past `n`) in its low half. AVX512-BF16 only.
 pub fn pack_probs(p: &[f32], h: usize, n: usize, out: &mut [u32]) {
-    assert!(native() && p.len() >= h * n && out.len() >= packed_probs_len(h, n));
+    assert!(native_products() && p.len() >= h * n && out.len() >= packed_probs_len(h, n));
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX512-BF16 and -F checked; lengths checked above.
     unsafe {
@@ -266,7 +264,7 @@ pub fn tile_pv(
     acc: &mut [f32],
     pf: &mut Prefetch,
 ) {
-    assert!(native() && pk.len() >= packed_probs_len(h, n));
+    assert!(native_products() && pk.len() >= packed_probs_len(h, n));
     assert!(keys.len() >= n * dk && acc.len() >= h * dv && dv <= dk);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX512-BF16, -BW and -F checked; lengths checked above.
@@ -648,9 +646,9 @@ mod x86 {
         }
     }
 
-    /// [`super::tile_scores_widened`] on AVX2: blocks of 16 heads × 4 keys (two FMAs per
-    /// column pair for each 8 heads, the key's two columns broadcast once for both), a last
-    /// 8 heads × 8 keys.
+    /// [`super::tile_scores_widened`] on AVX2: blocks of 16 heads × 5 keys (two FMAs per
+    /// column pair for each 8 heads, the key's two columns broadcast once for both; ten
+    /// accumulator chains, as each takes two dependent FMAs a pair), a last 8 heads × 10 keys.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile_scores(
@@ -686,6 +684,17 @@ mod x86 {
         }
     }
 
+    /// The bf16 bits of up to 32 values at `src` (`left` of them real, the rest read as zero
+    /// and never touched), in order in the result's 16-bit words: one `vcvtne2ps2bf16`.
+    #[inline(always)]
+    unsafe fn cvt32(src: *const f32, left: usize) -> __m512i {
+        let m0 = ((1u32 << left.min(16)) - 1) as __mmask16;
+        let m1 = ((1u32 << left.saturating_sub(16).min(16)) - 1) as __mmask16;
+        let lo = _mm512_maskz_loadu_ps(m0, src);
+        let hi = _mm512_maskz_loadu_ps(m1, src.wrapping_add(16));
+        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
+    }
+
     /// [`super::narrow_rounded`]: 32 values a conversion, the tail masked.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub unsafe fn narrow_rounded(src: &[f32], dst: &mut [bf16]) {
@@ -693,17 +702,8 @@ mod x86 {
         let mut i = 0;
         while i < n {
             let left = n - i;
-            let m0 = ((1u32 << left.min(16)) - 1) as __mmask16;
-            let m1 = if left > 16 {
-                ((1u32 << (left - 16).min(16)) - 1) as __mmask16
-            } else {
-                0
-            };
-            let lo = _mm512_maskz_loadu_ps(m0, sp.add(i));
-            let hi = _mm512_maskz_loadu_ps(m1, sp.add(i + 16));
-            let v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
             let m = ((1u64 << left.min(32)) - 1) as __mmask32;
-            _mm512_mask_storeu_epi16(dp.add(i).cast(), m, v);
+            _mm512_mask_storeu_epi16(dp.add(i).cast(), m, cvt32(sp.add(i), left));
             i += 32;
         }
     }
@@ -718,18 +718,7 @@ mod x86 {
             let mut x = 0;
             while x < n {
                 let left = n - x;
-                let m0 = (((1u32 << left.min(16)) - 1) | if left >= 16 { 0xffff } else { 0 })
-                    as __mmask16;
-                let m1 = if left > 16 {
-                    ((1u64 << (left - 16).min(16)) - 1) as __mmask16
-                } else {
-                    0
-                };
-                let lo = _mm512_maskz_loadu_ps(m0, src.add(x));
-                let hi = _mm512_maskz_loadu_ps(m1, src.add(x + 16));
-                let v = _mm512_rol_epi32::<16>(std::mem::transmute::<__m512bh, __m512i>(
-                    _mm512_cvtne2ps_pbh(hi, lo),
-                ));
+                let v = _mm512_rol_epi32::<16>(cvt32(src.add(x), left));
                 let dm = ((1u32 << left.div_ceil(2).min(16)) - 1) as __mmask16;
                 _mm512_mask_storeu_epi32(dst.add(x / 2).cast(), dm, v);
                 x += 32;
@@ -1062,7 +1051,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn pv_on_the_instruction_equals_fmas_in_key_order() {
-        if !native() {
+        if !native_products() {
             return;
         }
         for (h, n, dk, dv) in [

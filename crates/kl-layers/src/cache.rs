@@ -529,24 +529,6 @@ mod tests {
             assert_eq!(e.unwrap_err().kind(), std::io::ErrorKind::UnexpectedEof);
         }
     }
-}
-
-#[cfg(test)]
-mod fp8_attention_tests {
-    use super::*;
-
-    /// xorshift values in `[-scale, scale)`.
-    fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
-            })
-            .collect()
-    }
 
     /// An fp8 cache's attention takes the bf16 products over its rows rounded to bf16: the last
     /// query of a prefill equals that query decoded alone bit for bit (past two segments and
@@ -556,11 +538,15 @@ mod fp8_attention_tests {
     fn fp8_attention_runs_bf16_products_and_decode_equals_prefill() {
         let (width, split, h, dv) = (64, 48, 17, 48);
         let len = 2 * kl_kernels::attention::SEGMENT + 3 * BLOCK_ROWS / 2 + 5;
-        let rows = values(len * width, 7, 1.0);
+        let rows: Vec<f32> = (0..len * width)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 0.002)
+            .collect();
         let mut c = LatentCache::new(width, split, CacheDtype::Fp8);
         c.append(&rows);
         let tq = 3;
-        let q = values(tq * h * width, 11, 0.3);
+        let q: Vec<f32> = (0..tq * h * width)
+            .map(|i| ((i * 104_729 % 997) as f32 - 498.0) * 0.0006)
+            .collect();
         let mut pre = vec![0f32; tq * h * dv];
         c.attend(h, dv, &q, 0.125, &mut pre);
         let mut one = vec![0f32; h * dv];
