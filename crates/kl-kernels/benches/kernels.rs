@@ -26,6 +26,7 @@
 use half::bf16;
 use kl_kernels::attention::{latent_attention, LatentAttnShape};
 use kl_kernels::cpu::Isa;
+use kl_kernels::expanded_bf16::{attend_block, pack_queries, packed_queries_len, BlockBufs};
 use kl_kernels::kda::{kda_chunked, kda_recurrent, KdaShape, CHUNK};
 use kl_kernels::matmul::{matmul, matmul_isa};
 use kl_kernels::roofline::{measure_fma_isa, Roofline};
@@ -420,6 +421,48 @@ fn bench_attention(rows: &Rows, rng: &mut Rng) {
     }
 }
 
+fn bench_expanded(rows: &Rows, rng: &mut Rng) {
+    // The expanded prefill form over a bf16 cache: every head's 2048 queries (a prefill chunk)
+    // against one block of 256 keys they all see (an earlier block), heads in parallel as the
+    // layer runs them; `mini`'s head widths and the released model's.
+    for (h, qk, dv) in [(16usize, 96usize, 64usize), (32, 192, 128)] {
+        let (t, nb) = (2048, 256);
+        let q = rng.vec(t * h * qk, 0.3);
+        let mut qp = vec![0u32; h * packed_queries_len(t, qk)];
+        for (hh, dst) in qp.chunks_exact_mut(packed_queries_len(t, qk)).enumerate() {
+            pack_queries(&q[hh * qk..], h * qk, t, qk, 1.0, dst);
+        }
+        let (k0, v0) = (rng.vec(h * nb * qk, 1.0), rng.vec(h * nb * dv, 1.0));
+        let mut state: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..h)
+            .map(|_| (vec![0f32; t], vec![0f32; t], vec![0f32; t * dv]))
+            .collect();
+        let secs = time(|| {
+            state
+                .par_iter_mut()
+                .enumerate()
+                .for_each(|(hh, (m, l, acc))| {
+                    m.fill(f32::NEG_INFINITY);
+                    l.fill(0.0);
+                    acc.fill(0.0);
+                    let mut k = k0[hh * nb * qk..(hh + 1) * nb * qk].to_vec();
+                    let mut v = v0[hh * nb * dv..(hh + 1) * nb * dv].to_vec();
+                    let qp = &qp[hh * packed_queries_len(t, qk)..];
+                    BUFS.with(|b| {
+                        let b = &mut b.borrow_mut();
+                        attend_block(qp, t, qk, dv, &mut k, &mut v, nb, 0, |_| nb, m, l, acc, b)
+                    });
+                })
+        });
+        let flops = 2.0 * (h * t * nb * (qk + dv)) as f64;
+        let name = format!("expanded attention block H={h} qk={qk} dv={dv} T={t} keys={nb}");
+        rows.flops(&name, secs, flops, Against::Bf16Dot);
+    }
+}
+
+thread_local! {
+    static BUFS: std::cell::RefCell<BlockBufs> = std::cell::RefCell::new(BlockBufs::default());
+}
+
 fn main() {
     let filters: Vec<String> = std::env::args()
         .skip(1)
@@ -446,6 +489,9 @@ fn main() {
     }
     if want("attention") {
         bench_attention(&rows, &mut rng);
+    }
+    if want("expanded") {
+        bench_expanded(&rows, &mut rng);
     }
     let after = Roof::measure(threads);
     let roof = before.max(&after);

@@ -436,7 +436,15 @@ fn scores_f32(
 
 /// [`tile_pv`] over the `n` f32 key rows `keys` of a tile, on the AVX-512 kernels where they
 /// run.
-fn pv_f32(keys: &[f32], p: &[f32], h: usize, n: usize, dk: usize, dv: usize, acc: &mut [f32]) {
+pub(crate) fn pv_f32(
+    keys: &[f32],
+    p: &[f32],
+    h: usize,
+    n: usize,
+    dk: usize,
+    dv: usize,
+    acc: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     if wide() {
         // SAFETY: AVX-512F, AVX2 and FMA checked; the key view checks its length.

@@ -26,8 +26,9 @@
 //! row-pair 16-lane accumulators on AVX-512, 4 × 3 tiles of 8-lane ones on AVX2, over an
 //! L2-resident f32 panel, K-blocked for L1; KDA: 8 × 32 / 6 × 16 tiles of small dense products,
 //! see the private `dense` module; latent attention: head-pair × key blocks over f32 keys,
-//! 16 heads × 16 keys of `vdpbf16ps` products over a bf16 cache ([`attention_bf16`]), or AMX
-//! tiles with the opt-in switch, [`amx_attention`]); decode matmul
+//! 16 heads × 16 keys of `vdpbf16ps` products over a bf16 cache ([`attention_bf16`]; the
+//! expanded prefill form's blocks the same way, 16 queries to a register, [`expanded_bf16`]), or
+//! AMX tiles with the opt-in switch, [`amx_attention`]); decode matmul
 //! streams bf16 weights in register-width groups with software prefetch. [`roofline`] measures
 //! the machine's FMA peak (at the widest ISA in use) and read bandwidth so that
 //! `cargo bench -p kl-kernels` can quote each kernel as a fraction of it.
@@ -49,6 +50,7 @@ pub mod conv1d;
 pub mod cpu;
 mod dense;
 pub mod elem;
+pub mod expanded_bf16;
 pub mod fp8;
 pub mod kda;
 pub mod matmul;

@@ -132,6 +132,12 @@ impl LatentCache {
         }
     }
 
+    /// Whether attention over this cache runs bf16 products (a bf16 or fp8 cache; see
+    /// `kl_kernels::attention_bf16`): decode, the absorbed form and the expanded form alike.
+    pub fn bf16_products(&self) -> bool {
+        self.dtype() != CacheDtype::F32
+    }
+
     fn num_blocks(&self) -> usize {
         match &self.blocks {
             Blocks::F32(b) => b.len(),

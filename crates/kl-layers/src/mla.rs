@@ -1,8 +1,8 @@
 //! Multi-head Latent Attention layer with NoPE (HF `KimiMLAAttention`, spec §6).
 //!
 //! The cache holds, per token, the normalised latent `c = RMSNorm(kv_a[:R])` and the shared key
-//! part `k_pe = kv_a[R:]` — `R + P` values, nothing else. Attention is computed with the
-//! absorbed weights for both prefill and decode (spec §6.3):
+//! part `k_pe = kv_a[R:]` — `R + P` values, nothing else. Decode (and prefill where it is the
+//! cheaper form) computes attention with the absorbed weights (spec §6.3):
 //! ```text
 //! q_lat_h = W_UK_hᵀ q_nope_h            # [R]
 //! score_h(s) = ([q_lat_h ; q_pe_h] · [c_s ; kpe_s]) · (dn + dr)^-½
@@ -10,6 +10,11 @@
 //! o_h = W_UV_h ctx_h                    # [dv]
 //! ```
 //! which is multi-query attention over the cache rows ([`crate::cache::LatentCache::attend`]).
+//! Long prefill chunks take fewer FLOPs in the expanded form: per-head keys `[W_UK c ; k_pe]`
+//! and values `W_UV c` rebuilt from blocks of cache rows through `kv_b_proj`, and ordinary
+//! per-head attention over them ([`MlaPrefill`] chooses per chunk). Over a bf16 or fp8 cache
+//! both forms run bf16 products (`kl_kernels::attention_bf16`, `kl_kernels::expanded_bf16`);
+//! over an f32 cache, exact f32 products.
 //! [`Mla::forward_expanded_reference`] is the naive (expanded K/V) twin used by the tests.
 //!
 //! `q_lora_rank = null` uses `q_proj` directly; a number uses `q_b_proj(RMSNorm(q_a_proj x))` as
@@ -20,6 +25,7 @@ use crate::linear::Linear;
 use crate::{vector, Probe, Scratch};
 use kl_config::MlaDims;
 use kl_kernels::attention::softmax_update;
+use kl_kernels::expanded_bf16::{self, BlockBufs};
 use kl_kernels::norm::rms_norm;
 use kl_kernels::transpose::transpose;
 use kl_weights::{Checkpoint, WeightsError};
@@ -60,17 +66,32 @@ fn first_query_seeing(k0: usize, p0: usize, t: usize) -> usize {
     k0.saturating_sub(p0).min(t)
 }
 
+/// A buffer from the scratch pool viewed as the dwords it holds (packed bf16 pairs).
+fn dwords(v: &mut [f32]) -> &mut [u32] {
+    // SAFETY: f32 and u32 have the same size and alignment, and every bit pattern is valid for
+    // both; the view borrows `v` exclusively.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) }
+}
+
+/// [`dwords`], shared.
+fn words(v: &[f32]) -> &[u32] {
+    // SAFETY: as in `dwords`; a shared borrow of `v`.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) }
+}
+
 /// Per-thread buffers of one head's expanded attention over one key block.
 #[derive(Default)]
 struct HeadBufs {
     /// `[nb, dn + dr]`: the head's keys.
     k: Vec<f32>,
-    /// `[dv, nb]`: the head's values, transposed.
+    /// `[dv, nb]`: the head's values, transposed (f32 products), or `[nb, dv]` (bf16 products).
     vt: Vec<f32>,
-    /// `[T, nb]`: scores, then probabilities.
+    /// `[T, nb]`: scores, then probabilities (f32 products).
     s: Vec<f32>,
-    /// `[T, dv]`: this block's `P · V`.
+    /// `[T, dv]`: this block's `P · V` (f32 products).
     pv: Vec<f32>,
+    /// The bf16 products' buffers.
+    bf: BlockBufs,
 }
 
 thread_local! {
@@ -78,34 +99,53 @@ thread_local! {
 }
 
 impl HeadBufs {
-    /// Size the buffers for a block of `nb ≤ EXPAND_BLOCK` keys and `t` queries.
+    /// Size the buffers for a block of `nb ≤ EXPAND_BLOCK` keys and `t` queries (f32 products).
     fn fit(&mut self, nb: usize, t: usize, qk: usize, dv: usize) {
         self.k.resize(nb * qk, 0.0);
         self.vt.resize(dv * nb, 0.0);
         self.s.resize(t * nb, 0.0);
         self.pv.resize(t * dv, 0.0);
     }
+
+    /// Size the buffers for a block of `nb ≤ EXPAND_BLOCK` keys (bf16 products: no
+    /// per-query buffers here).
+    fn fit_bf16(&mut self, nb: usize, qk: usize, dv: usize) {
+        self.k.resize(nb * qk, 0.0);
+        self.vt.resize(nb * dv, 0.0);
+        self.bf.fit(nb, qk, dv);
+    }
+
+    /// Floats held (bytes / 4, the bf16 buffers' included).
+    #[cfg(test)]
+    fn floats(&self) -> usize {
+        self.k.len() + self.vt.len() + self.s.len() + self.pv.len() + self.bf.held().div_ceil(4)
+    }
 }
 
 /// Floats of the `HeadBufs` that the expanded form keeps on each worker thread, for prefill
 /// chunks of `t` tokens, per-head query/key width `qk` and value width `dv` (for memory
-/// planning: they outlive the call, like the kernels' per-thread scratch).
+/// planning: they outlive the call, like the kernels' per-thread scratch): both products'
+/// buffers, as a process may run both (an f32 cache and a bf16 one).
 pub fn expanded_scratch_floats(t: usize, qk: usize, dv: usize) -> usize {
-    EXPAND_BLOCK * qk + dv * EXPAND_BLOCK + t * EXPAND_BLOCK + t * dv
+    EXPAND_BLOCK * qk
+        + dv * EXPAND_BLOCK
+        + t * EXPAND_BLOCK
+        + t * dv
+        + BlockBufs::bytes(EXPAND_BLOCK, qk, dv).div_ceil(4)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The planner's figure is what a full key block sizes the buffers to.
+    /// The planner's figure is what a full key block sizes the buffers to, for both products.
     #[test]
     fn expanded_scratch_floats_is_a_full_block() {
-        for (t, qk, dv) in [(512, 192, 128), (7, 96, 64), (1, 3, 5)] {
+        for (t, qk, dv) in [(512, 192, 128), (7, 96, 64), (1, 4, 5)] {
             let mut b = HeadBufs::default();
             b.fit(EXPAND_BLOCK, t, qk, dv);
-            let held = b.k.len() + b.vt.len() + b.s.len() + b.pv.len();
-            assert_eq!(held, expanded_scratch_floats(t, qk, dv));
+            b.fit_bf16(EXPAND_BLOCK, qk, dv);
+            assert_eq!(b.floats(), expanded_scratch_floats(t, qk, dv));
         }
     }
 
@@ -488,18 +528,32 @@ impl Mla {
         let n = cache.len();
         let p0 = n - t;
         let scale = self.dims.softmax_scale();
-        // Per-head queries [H, T, dn+dr] (a token's q is [H, dn+dr]), with the softmax scale
-        // folded in (once per query instead of once per score).
-        let mut qh = scratch.take(nh * t * qk);
-        for hh in 0..nh {
-            for i in 0..t {
-                let src = &q[(i * nh + hh) * qk..(i * nh + hh + 1) * qk];
-                let dst = &mut qh[(hh * t + i) * qk..(hh * t + i + 1) * qk];
-                for (d, x) in dst.iter_mut().zip(src) {
-                    *d = x * scale;
+        // Over a bf16 or fp8 cache the attention runs bf16 products (`expanded_bf16`), as
+        // decode and the absorbed form do over such a cache.
+        let bf = cache.bf16_products() && kl_kernels::attention_bf16::takes(qk);
+        // Per-head queries with the softmax scale folded in (once per query instead of once
+        // per score): [H, T, dn+dr] f32 (a token's q is [H, dn+dr]), or each head's packed in
+        // bf16 pairs (half the size), `pl` dwords a head.
+        let pl = expanded_bf16::packed_queries_len(t, qk);
+        let qh = if bf {
+            let mut qh = scratch.take_for_write(nh * pl);
+            for (hh, dst) in qh.chunks_exact_mut(pl).enumerate() {
+                expanded_bf16::pack_queries(&q[hh * qk..], nh * qk, t, qk, scale, dwords(dst));
+            }
+            qh
+        } else {
+            let mut qh = scratch.take(nh * t * qk);
+            for hh in 0..nh {
+                for i in 0..t {
+                    let src = &q[(i * nh + hh) * qk..(i * nh + hh + 1) * qk];
+                    let dst = &mut qh[(hh * t + i) * qk..(hh * t + i + 1) * qk];
+                    for (d, x) in dst.iter_mut().zip(src) {
+                        *d = x * scale;
+                    }
                 }
             }
-        }
+            qh
+        };
         let mut m = scratch.take(nh * t);
         m.fill(f32::NEG_INFINITY);
         let mut l = scratch.take(nh * t);
@@ -523,20 +577,55 @@ impl Mla {
                 .for_each(|(hh, (acc, (m, l)))| {
                     HEAD_BUFS.with(|cell| {
                         let mut bufs = cell.borrow_mut();
-                        bufs.fit(nb, t, qk, dv);
-                        let HeadBufs { k, vt, s, pv } = &mut *bufs;
+                        if bf {
+                            bufs.fit_bf16(nb, qk, dv);
+                        } else {
+                            bufs.fit(nb, t, qk, dv);
+                        }
+                        let HeadBufs {
+                            k,
+                            vt,
+                            s,
+                            pv,
+                            bf: blk,
+                        } = &mut *bufs;
                         for x in 0..nb {
                             let src = &kv[(x * nh + hh) * e..(x * nh + hh + 1) * e];
                             k[x * qk..x * qk + dn].copy_from_slice(&src[..dn]);
                             k[x * qk + dn..(x + 1) * qk]
                                 .copy_from_slice(&rows[x * w + r..(x + 1) * w]);
                         }
+                        let i0 = first_query_seeing(k0, p0, t);
+                        if bf {
+                            // This head's values as rows, then the block in bf16 products:
+                            // query i (position p0 + i) sees keys k0 ..= p0 + i.
+                            for x in 0..nb {
+                                let src = &kv[(x * nh + hh) * e + dn..][..dv];
+                                vt[x * dv..(x + 1) * dv].copy_from_slice(src);
+                            }
+                            let qp = &words(qh)[hh * pl..(hh + 1) * pl];
+                            expanded_bf16::attend_block(
+                                qp,
+                                t,
+                                qk,
+                                dv,
+                                &mut k[..nb * qk],
+                                &mut vt[..nb * dv],
+                                nb,
+                                i0,
+                                |i| p0 + i + 1 - k0,
+                                m,
+                                l,
+                                acc,
+                                blk,
+                            );
+                            return;
+                        }
                         // This head's values, key-major → column-major for the P·V product.
                         transpose(&kv[hh * e + dn..], nb, dv, nh * e, vt, nb);
                         // Queries before `i0` see none of this block (it lies in their future):
                         // they are skipped, not scored and masked. Row `i - i0` of `s` and `pv`
                         // is query `i`'s.
-                        let i0 = first_query_seeing(k0, p0, t);
                         let tq = t - i0;
                         let qrows = &qh[(hh * t + i0) * qk..(hh + 1) * t * qk];
                         let (s, pv) = (&mut s[..tq * nb], &mut pv[..tq * dv]);

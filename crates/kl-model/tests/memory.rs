@@ -6,7 +6,9 @@ use common::*;
 use kl_config::{presets, ModelConfig};
 use kl_model::plan::{self, PlanRequest};
 use kl_model::snapshot::{load_state, save_state};
-use kl_model::{CacheDtype, KimiLinear, LayerState, LogitsMode, ModelError, ModelOptions, Probe};
+use kl_model::{
+    CacheDtype, KimiLinear, LayerState, LogitsMode, MlaPrefill, ModelError, ModelOptions, Probe,
+};
 
 fn req(context: usize, cache_dtype: CacheDtype) -> PlanRequest {
     PlanRequest {
@@ -132,6 +134,35 @@ fn cache_dtypes_stay_within_published_tolerance() {
     eprintln!("cache dtype logit error vs f32: bf16 {bf:e}, fp8 {f8:e}");
     assert!(bf <= 2e-2, "bf16 cache error {bf}");
     assert!(f8 <= 2e-1, "fp8 cache error {f8}");
+    // The expanded prefill form (what long prompts take) runs its own bf16 products
+    // (`kl_kernels::expanded_bf16`); the same bounds, against the f32 cache in the same form.
+    let expanded = |dtype| {
+        let m = KimiLinear::load(
+            &tiny_dir(),
+            ModelOptions {
+                cache_dtype: dtype,
+                prefill_chunk: 512,
+                mla_prefill: MlaPrefill::Expanded,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut st = m.new_state();
+        m.prefill(&prompt, &mut st, LogitsMode::All, &mut Probe::off())
+            .unwrap()
+    };
+    let f32e = expanded(CacheDtype::F32);
+    assert_close(
+        "f32 cache, expanded, vs golden",
+        &f32e,
+        &g["logits"].1,
+        1e-4,
+    );
+    let bf = max_abs_diff(&expanded(CacheDtype::Bf16), &f32e);
+    let f8 = max_abs_diff(&expanded(CacheDtype::Fp8), &f32e);
+    eprintln!("expanded form, cache dtype logit error vs f32: bf16 {bf:e}, fp8 {f8:e}");
+    assert!(bf <= 2e-2, "bf16 cache error, expanded form {bf}");
+    assert!(f8 <= 2e-1, "fp8 cache error, expanded form {f8}");
 }
 
 #[test]

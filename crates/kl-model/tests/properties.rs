@@ -90,12 +90,26 @@ fn odd_config_is_what_we_think() {
 #[test]
 fn split_prefill_anywhere_equals_one_prefill() {
     for form in [MlaPrefill::Absorbed, MlaPrefill::Expanded] {
-        split_prefill_case(form);
+        split_prefill_case(form, CacheDtype::F32);
+    }
+    // Over a bf16 cache both forms run bf16 products (a query's bits never depend on which
+    // other queries share its register group).
+    for form in [MlaPrefill::Absorbed, MlaPrefill::Expanded] {
+        split_prefill_case(form, CacheDtype::Bf16);
     }
 }
 
-fn split_prefill_case(form: MlaPrefill) {
-    let m = load_form(10_000, form);
+fn split_prefill_case(form: MlaPrefill, cache_dtype: CacheDtype) {
+    let m = KimiLinear::load(
+        odd_model_dir(),
+        ModelOptions {
+            prefill_chunk: 10_000,
+            cache_dtype,
+            mla_prefill: form,
+            ..Default::default()
+        },
+    )
+    .expect("loads");
     let x = ids(200, 1);
     let mut st = m.new_state();
     let full = m
@@ -113,7 +127,8 @@ fn split_prefill_case(form: MlaPrefill) {
         );
         assert_eq!(
             a, full,
-            "{form:?} split at {cut}: prefill in two calls must equal one call bit for bit"
+            "{form:?}, {cache_dtype:?} cache, split at {cut}: prefill in two calls must equal one \
+             call bit for bit"
         );
         for (l1, l2) in st.layers.iter().zip(&s2.layers) {
             if let (LayerState::Kda(p), LayerState::Kda(q)) = (l1, l2) {
