@@ -31,6 +31,14 @@ struct Cli {
     /// prompt prefilled whole and in pieces. Also `KL_AMX=1`.
     #[arg(long, global = true)]
     amx: bool,
+    /// Round the activations of prefill matrix products (bf16 weights) to bf16, on CPUs with
+    /// AVX512-BF16 (AMD Zen 4 or later, Intel Sapphire Rapids or later): the products run
+    /// about 1.7 times as fast, the logits move by about 1e-2 (the default keeps f32
+    /// activations and matches an f32 reference to 1e-4), and a prompt prefilled in pieces is
+    /// no longer bit-identical to one prefill. Decode is unchanged. Also
+    /// `KL_BF16_ACTIVATIONS=1`.
+    #[arg(long, global = true)]
+    bf16_activations: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -75,6 +83,13 @@ fn main() {
         eprintln!(
             "error: --amx: this CPU or OS has no AMX-BF16 tiles (Intel Sapphire Rapids or later, \
              on Linux)"
+        );
+        std::process::exit(2);
+    }
+    if cli.bf16_activations && !kl_kernels::bf16_activations::set_enabled(true) {
+        eprintln!(
+            "error: --bf16-activations: this CPU has no AVX512-BF16 (AMD Zen 4 or later, Intel \
+             Sapphire Rapids or later); without it bf16 products are no faster than the default"
         );
         std::process::exit(2);
     }

@@ -105,3 +105,53 @@ fn forward_with_amx_matches_golden_or_is_refused() {
     let r = read_output(&out);
     assert!(max_diff(&r["logits"].2, &g["logits"].2) < 1e-4);
 }
+
+/// `--bf16-activations`: where the CPU has AVX512-BF16 the prefill products round their
+/// activations to bf16 (the logits move off the golden ones by what that costs, and `bench
+/// --json` says the switch is on); elsewhere the flag is refused with a clear message.
+#[test]
+fn forward_with_bf16_activations_runs_or_is_refused() {
+    let (g, dir, ids_path) = golden_inputs("fwd-bf16act");
+    let out = dir.join("out.safetensors");
+    let tiny = tiny_dir();
+    let o = run(&[
+        "--bf16-activations",
+        "forward",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--input-ids",
+        &ids_path,
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    if !kl_kernels::bf16_activations::available() {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("--bf16-activations") && err.contains("AVX512-BF16"),
+            "{err}"
+        );
+        return;
+    }
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = read_output(&out);
+    let d = max_diff(&r["logits"].2, &g["logits"].2);
+    // Off the f32 golden (so the switch took effect), but the same logits (a few flipped
+    // near-ties aside; the model-level test bounds the median and top-1).
+    assert!(d > 1e-3 && d.is_finite(), "{d}");
+    let o = run(&[
+        "--bf16-activations",
+        "bench",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--prompt-tokens",
+        "40",
+        "--gen-tokens",
+        "2",
+        "--no-roofline",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["bf16_activations"], serde_json::json!(true));
+}

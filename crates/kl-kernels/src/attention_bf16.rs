@@ -81,8 +81,19 @@ pub fn packed_query_len(h: usize, dk: usize) -> usize {
 /// `2i` in its low half and `2i + 1` in its high half, so that one 16-lane load holds a column
 /// pair of 16 heads.
 pub fn pack_query(q: &[f32], h: usize, dk: usize, out: &mut [u32]) {
-    let hp = padded_heads(h);
     assert!(takes(dk) && q.len() >= h * dk && out.len() >= packed_query_len(h, dk));
+    #[cfg(target_arch = "x86_64")]
+    if native_products() {
+        // SAFETY: AVX512-BF16, -BW and -F checked; lengths checked above.
+        unsafe { x86::pack_query(q, h, dk, out) };
+        return;
+    }
+    pack_query_scalar(q, h, dk, out);
+}
+
+/// [`pack_query`] one value at a time (the rounding of [`round_bf16`]).
+fn pack_query_scalar(q: &[f32], h: usize, dk: usize, out: &mut [u32]) {
+    let hp = padded_heads(h);
     for (i, row) in out[..packed_query_len(h, dk)]
         .chunks_exact_mut(hp)
         .enumerate()
@@ -695,6 +706,32 @@ mod x86 {
         std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
     }
 
+    /// [`super::pack_query`]: 16 heads × 16 column pairs at a time, each head's 32 values one
+    /// `vcvtne2ps2bf16` (bf16 values in memory order are the column pairs), then a 16 × 16
+    /// transpose of the dwords; heads past `h` and pairs past `Dk/2` masked to zero.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn pack_query(q: &[f32], h: usize, dk: usize, out: &mut [u32]) {
+        let (hp, pairs) = (super::padded_heads(h), dk / 2);
+        let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
+        let mut h0 = 0;
+        while h0 < hp {
+            let mut c0 = 0;
+            while c0 < pairs {
+                let left = pairs - c0;
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (j, rj) in r.iter_mut().enumerate().take(h.saturating_sub(h0)) {
+                    *rj = _mm512_castsi512_ps(cvt32(qp.add((h0 + j) * dk + 2 * c0), 2 * left));
+                }
+                let t = transpose16(&r);
+                for (c, tc) in t.iter().enumerate().take(left.min(16)) {
+                    _mm512_storeu_ps(op.add((c0 + c) * hp + h0).cast(), *tc);
+                }
+                c0 += 16;
+            }
+            h0 += 16;
+        }
+    }
+
     /// [`super::narrow_rounded`]: 32 values a conversion, the tail masked.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub unsafe fn narrow_rounded(src: &[f32], dst: &mut [bf16]) {
@@ -927,6 +964,23 @@ mod tests {
 
     /// Every path's scores are the hand-written order's bits (ordinary values: no flush
     /// needed), at head counts around the 8- and 16-head groups, pair tails and key tails.
+    /// The instruction's packing gives the scalar rounding's bits, special values included,
+    /// at odd head counts and widths (heads and pairs past the ends zero).
+    #[test]
+    fn packed_query_on_the_instruction_equals_the_scalar_packing() {
+        if !native_products() {
+            return;
+        }
+        for (h, dk) in [(1, 2), (17, 34), (40, 96), (16, 578), (64, 1024), (3, 30)] {
+            let q = values(h * dk, 7 + dk as u64, true);
+            let len = packed_query_len(h, dk);
+            let (mut a, mut b) = (vec![7u32; len], vec![9u32; len]);
+            pack_query(&q, h, dk, &mut a);
+            pack_query_scalar(&q, h, dk, &mut b);
+            assert_eq!(a, b, "H={h} Dk={dk}");
+        }
+    }
+
     #[test]
     fn scores_on_every_path_equal_the_pairwise_order() {
         for (h, dk, n) in [

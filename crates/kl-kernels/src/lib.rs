@@ -46,6 +46,7 @@ pub mod amx;
 pub mod amx_attention;
 pub mod attention;
 pub mod attention_bf16;
+pub mod bf16_activations;
 pub mod conv1d;
 pub mod cpu;
 mod dense;

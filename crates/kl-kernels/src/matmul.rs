@@ -90,6 +90,33 @@ pub fn matmul<W: Elem>(x: &[f32], w: &[W], y: &mut [f32], t: usize, k: usize, n:
     matmul_isa(crate::cpu::features().isa(), x, w, y, t, k, n)
 }
 
+/// [`matmul`] with f32 activations whatever [`crate::bf16_activations`] says: for products
+/// whose reference keeps their inputs in f32 (the MoE router's logits, spec §7.2). The same
+/// bits as [`matmul`] with the switch off.
+pub fn matmul_f32_activations<W: Elem>(
+    x: &[f32],
+    w: &[W],
+    y: &mut [f32],
+    t: usize,
+    k: usize,
+    n: usize,
+) {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            F32_ONLY.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(F32_ONLY.with(|c| c.replace(true)));
+    matmul(x, w, y, t, k, n)
+}
+
+thread_local! {
+    /// Set while [`matmul_f32_activations`] runs on this thread (the path is chosen on the
+    /// calling thread, before any task is handed out).
+    static F32_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// [`matmul`] using kernels no wider than `isa` (capped at what [`crate::cpu::features`] allows):
 /// `Isa::Avx2` runs the AVX2 prefill kernel even where the AVX-512 one is available (decode,
 /// `T ≤ GEMV_MAX_ROWS`, is AVX2 either way).
@@ -319,6 +346,22 @@ fn run_path<R: Rows + ?Sized>(
         // SAFETY: `R::E` is `bf16` (checked above), so the slice is reinterpreted as itself.
         let wb = unsafe { std::slice::from_raw_parts(wd.as_ptr().cast::<bf16>(), wd.len()) };
         return crate::amx::matmul_bf16(x, wb, y, t, k, n);
+    }
+    // Opt-in bf16 activations for bf16 weights in prefill (AVX512-BF16; see
+    // `crate::bf16_activations`: decode stays on the f32 kernel).
+    #[cfg(target_arch = "x86_64")]
+    if t > GEMV_MAX_ROWS
+        && simd
+        && isa == Isa::Avx512
+        && TypeId::of::<R::E>() == TypeId::of::<bf16>()
+        && crate::bf16_activations::fits(k)
+        && crate::bf16_activations::enabled()
+        && !F32_ONLY.with(std::cell::Cell::get)
+    {
+        let wd = w.data();
+        // SAFETY: `R::E` is `bf16` (checked above), so the slice is reinterpreted as itself.
+        let wb = unsafe { std::slice::from_raw_parts(wd.as_ptr().cast::<bf16>(), wd.len()) };
+        return crate::bf16_activations::matmul_bf16(x, wb, y, t, k, n);
     }
     if t <= GEMV_MAX_ROWS {
         gemv(simd, isa == Isa::Avx512, x, w, y, t, k, n);

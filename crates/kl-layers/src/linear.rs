@@ -1,7 +1,7 @@
 //! A weight matrix `[N, K]` (PyTorch Linear layout) kept in its stored dtype.
 
 use half::{bf16, f16};
-use kl_kernels::matmul::matmul;
+use kl_kernels::matmul::{matmul, matmul_f32_activations};
 use kl_weights::{Checkpoint, Dtype, Tensor, WeightsError};
 
 #[derive(Clone)]
@@ -33,6 +33,9 @@ pub struct Linear {
     rows: usize,
     cols: usize,
     store: Store,
+    /// Keep this product's activations in f32 under `--bf16-activations` (see
+    /// [`Linear::with_f32_activations`]).
+    f32_activations: bool,
 }
 
 impl Linear {
@@ -57,6 +60,7 @@ impl Linear {
             rows,
             cols,
             store: Store::Mapped(t.clone()),
+            f32_activations: false,
         })
     }
 
@@ -69,7 +73,20 @@ impl Linear {
             Dtype::F16 => Store::F16(it.map(f16::from_f32).collect()),
             Dtype::F32 => Store::F32(it.collect()),
         };
-        Linear { rows, cols, store }
+        Linear {
+            rows,
+            cols,
+            store,
+            f32_activations: false,
+        }
+    }
+
+    /// This product keeps f32 activations even under `--bf16-activations`
+    /// (`kl_kernels::bf16_activations`): for a product the reference computes in f32 (the MoE
+    /// router).
+    pub fn with_f32_activations(mut self) -> Self {
+        self.f32_activations = true;
+        self
     }
 
     /// Output features N.
@@ -146,6 +163,14 @@ impl Linear {
     /// `y[T, n] = x[T, K] · W[r0..r0+n]ᵀ`: a contiguous block of output rows.
     pub fn forward_rows(&self, x: &[f32], t: usize, r0: usize, n: usize, y: &mut [f32]) {
         let (k, a, b) = (self.cols, r0 * self.cols, (r0 + n) * self.cols);
+        if self.f32_activations {
+            match self.view() {
+                MatView::Bf16(w) => matmul_f32_activations(x, &w[a..b], y, t, k, n),
+                MatView::F16(w) => matmul_f32_activations(x, &w[a..b], y, t, k, n),
+                MatView::F32(w) => matmul_f32_activations(x, &w[a..b], y, t, k, n),
+            }
+            return;
+        }
         match self.view() {
             MatView::Bf16(w) => matmul(x, &w[a..b], y, t, k, n),
             MatView::F16(w) => matmul(x, &w[a..b], y, t, k, n),

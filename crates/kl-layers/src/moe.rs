@@ -99,7 +99,9 @@ impl Moe {
         };
         Ok(Moe {
             dims,
-            gate: Linear::load(ckpt, &format!("{prefix}gate.weight"), e, d)?,
+            // Router logits in f32 whatever the switches say (spec §7.2: the reference scores
+            // in fp32).
+            gate: Linear::load(ckpt, &format!("{prefix}gate.weight"), e, d)?.with_f32_activations(),
             bias: vector(ckpt, &format!("{prefix}gate.e_score_correction_bias"), e)?,
             experts,
             shared,

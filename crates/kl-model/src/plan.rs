@@ -153,21 +153,21 @@ pub fn workspace_bytes(cfg: &ModelConfig, chunk: usize, all_logits: bool, thread
         0
     };
     let scratch = threads * (kda_scratch + attn_scratch + mla_scratch) + decode_scratch;
-    // With the opt-in AMX kernels, every thread keeps the packed input of the largest product
-    // it ran: at most a chunk's rows of the widest input of any product.
+    // With the opt-in AMX kernels or bf16 activations, every thread keeps the packed input of
+    // the largest product it ran: at most a chunk's rows of the widest input of any product.
+    let e = cfg.moe.map_or(0, |e| e.expert_width);
+    let widest = [
+        d,
+        cfg.intermediate,
+        e,
+        p,
+        m.num_heads * m.v_head,
+        m.kv_lora_rank,
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(d);
     let amx = if kl_kernels::amx::enabled() {
-        let e = cfg.moe.map_or(0, |e| e.expert_width);
-        let widest = [
-            d,
-            cfg.intermediate,
-            e,
-            p,
-            m.num_heads * m.v_head,
-            m.kv_lora_rank,
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(d);
         // And the tile kernel of latent attention its scratch (a segment's scores and tiles),
         // once for prefill and once more in decode's kept buffers.
         let attn = if has_mla {
@@ -179,7 +179,12 @@ pub fn workspace_bytes(cfg: &ModelConfig, chunk: usize, all_logits: bool, thread
     } else {
         0
     };
-    (4 * (3 * c * d + layer + logits + scratch) + amx) as u64 + RUNTIME_BYTES
+    let bf16_act = if kl_kernels::bf16_activations::enabled() {
+        threads * kl_kernels::bf16_activations::scratch_bytes(c, widest)
+    } else {
+        0
+    };
+    (4 * (3 * c * d + layer + logits + scratch) + amx + bf16_act) as u64 + RUNTIME_BYTES
 }
 
 /// Plan one sequence for a model whose resident weights take `weights_bytes`.

@@ -188,6 +188,16 @@ impl PrefillRow {
             self.matmul_gflops.map(|g| g / roof.fma.gflops),
         )
     }
+
+    /// The matrix products' rate over the peak they run against: the bf16 dot-product peak
+    /// with `--bf16-activations` (where it was measured), else the FMA peak.
+    fn products_of_peak(&self, roof: Roofline) -> Option<f64> {
+        let peak = match roof.bf16_dot_gflops {
+            Some(g) if kl_kernels::bf16_activations::enabled() => g,
+            _ => roof.fma.gflops,
+        };
+        self.matmul_gflops.map(|g| g / peak)
+    }
 }
 
 /// One measured decode depth (its figures from the median run).
@@ -407,6 +417,7 @@ pub fn run(a: Args) -> Result<()> {
             "threads": threads,
             "cpu": kl_kernels::cpu::describe(),
             "amx": kl_kernels::amx::enabled(),
+            "bf16_activations": kl_kernels::bf16_activations::enabled(),
             "cache_dtype": opts.cache_dtype.name(),
             "prefill_chunk": model.options().prefill_chunk,
             "fma_gflops": roofline.map(|r| r.fma.gflops),
@@ -425,6 +436,7 @@ pub fn run(a: Args) -> Result<()> {
             "decode_tokens_per_s_runs": keyed(&decode_rows, |r| r.depth, |r| json!(r.runs.0)),
             "prefill_fraction_of_fma_peak": keyed(&prefill_rows, |r| r.t, |r| json!(roofline.map(|f| r.of_peak(f).0))),
             "prefill_matmul_fraction_of_fma_peak": keyed(&prefill_rows, |r| r.t, |r| json!(roofline.and_then(|f| r.of_peak(f).1))),
+            "prefill_matmul_fraction_of_products_peak": keyed(&prefill_rows, |r| r.t, |r| json!(roofline.and_then(|f| r.products_of_peak(f)))),
             "prefill_matmul_time_share": keyed(&prefill_rows, |r| r.t, |r| json!(r.matmul_share)),
             "decode_fraction_of_bandwidth": keyed(&decode_rows, |r| r.depth, |r| json!(roofline.map(|f| r.against(f).0))),
             "decode_fraction_of_roofline": keyed(&decode_rows, |r| r.depth, |r| json!(roofline.map(|f| r.against(f).1))),
@@ -436,8 +448,19 @@ pub fn run(a: Args) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
+    // The opt-in product paths, named where they run.
+    let switches = [
+        (kl_kernels::amx::enabled(), "  amx"),
+        (
+            kl_kernels::bf16_activations::enabled(),
+            "  bf16 activations",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(on, name)| on.then_some(name))
+    .collect::<String>();
     println!(
-        "model {}  threads {threads}  cpu {}  cache {}  prefill chunk {}",
+        "model {}  threads {threads}  cpu {}  cache {}  prefill chunk {}{switches}",
         a.model.display(),
         kl_kernels::cpu::describe(),
         opts.cache_dtype.name(),
@@ -457,21 +480,28 @@ pub fn run(a: Args) -> Result<()> {
         );
         if let Some(g) = roof.bf16_dot_gflops {
             println!(
-                "          bf16 dot products (vdpbf16ps, latent attention over a bf16 cache) \
-                 {g:.1} GFLOP/s"
+                "          bf16 dot products (vdpbf16ps: attention over a bf16 cache, and the \
+                 matrix products with --bf16-activations) {g:.1} GFLOP/s"
             );
         }
     }
     for r in &prefill_rows {
         let of = if let Some(roof) = roofline {
             let (all, products) = r.of_peak(roof);
-            let products = match products {
-                Some(p) => format!(
+            let bf16_peak =
+                kl_kernels::bf16_activations::enabled() && roof.bf16_dot_gflops.is_some();
+            let products = match (products, r.products_of_peak(roof)) {
+                (Some(_), Some(p)) if bf16_peak => format!(
+                    "matrix products {:.1}% of the bf16 dot peak ({:.0}% of the time)",
+                    p * 100.0,
+                    r.matmul_share * 100.0
+                ),
+                (Some(p), _) => format!(
                     "matrix products {:.1}% of peak ({:.0}% of the time)",
                     p * 100.0,
                     r.matmul_share * 100.0
                 ),
-                None => format!(
+                (None, _) => format!(
                     "no compute-bound matrix products (at most {} tokens take the matrix-vector path)",
                     kl_kernels::matmul::GEMV_MAX_ROWS
                 ),
