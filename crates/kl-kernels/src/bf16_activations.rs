@@ -94,11 +94,19 @@ pub fn scratch_bytes(t: usize, k: usize) -> usize {
     4 * packed_len(t, k) + 4 * GROUP * SLICE
 }
 
+/// [`scratch_bytes`] for [`matmul_bf16_anywhere`], which without the instruction also keeps a
+/// slice of weight rows widened into f32 on every thread that runs a task.
+pub fn anywhere_scratch_bytes(t: usize, k: usize) -> usize {
+    scratch_bytes(t, k) + 4 * SLICE * k
+}
+
 thread_local! {
     /// The calling thread's packed `x` (reused between calls: no allocation once warm).
     static XPACK: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
     /// A task's block of outputs `[GROUP, SLICE]` (reused between calls).
     static OUT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A task's weight slice widened into f32, for the emulation (reused between calls).
+    static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `y = bf16(x)·Wᵀ` with the contract of [`crate::matmul::matmul_reference`] (`x` `[T, K]`,
@@ -108,6 +116,23 @@ thread_local! {
 /// If [`available`] is false, `K` is odd ([`fits`]), or a length is not the shape's.
 pub fn matmul_bf16(x: &[f32], w: &[bf16], y: &mut [f32], t: usize, k: usize, n: usize) {
     assert!(available(), "bf16_activations: this CPU has no AVX512-BF16");
+    products(true, x, w, y, t, k, n)
+}
+
+/// [`matmul_bf16`] on any CPU: the instruction where it is, else its FMA emulation over each
+/// task's weight slice widened into f32 (exact), to the same bits, at the FMA rate. For
+/// products whose inputs are bf16 values and whose outputs are rounded to bf16 at once (the
+/// expanded MLA form's keys and values, `crate::expanded_bf16`), so that every machine
+/// computes the same bits.
+///
+/// # Panics
+/// If `K` is odd ([`fits`]), or a length is not the shape's.
+pub fn matmul_bf16_anywhere(x: &[f32], w: &[bf16], y: &mut [f32], t: usize, k: usize, n: usize) {
+    products(available(), x, w, y, t, k, n)
+}
+
+/// [`matmul_bf16`] on the instruction (`native`) or its emulation.
+fn products(native: bool, x: &[f32], w: &[bf16], y: &mut [f32], t: usize, k: usize, n: usize) {
     assert!(
         fits(k),
         "bf16_activations: K = {k} is not a whole number of pairs"
@@ -162,7 +187,17 @@ pub fn matmul_bf16(x: &[f32], w: &[bf16], y: &mut [f32], t: usize, k: usize, n: 
             let out = &mut out[..tg * nw];
             let qg = &xp_ref[g * gl..(g + 1) * gl];
             let ws = &w[j0 * k..(j0 + nw) * k];
-            bf::tile_scores(qg, tg, k, ws, nw, 1.0, out, &mut Prefetch::default());
+            let pf = &mut Prefetch::default();
+            if native {
+                bf::tile_scores(qg, tg, k, ws, nw, 1.0, out, pf);
+            } else {
+                WIDE.with(|cell| {
+                    let mut wide = cell.borrow_mut();
+                    wide.resize(nw * k, 0.0);
+                    crate::Elem::widen(ws, &mut wide[..]);
+                    bf::tile_scores_widened(qg, tg, k, &wide, nw, 1.0, out, pf);
+                });
+            }
             for (r, row) in out.chunks_exact(nw).enumerate() {
                 // SAFETY: row g0 + r, columns j0..j0 + nw of y lie inside y (its length was
                 // checked) and only this task writes them.
@@ -247,6 +282,36 @@ mod tests {
             let mut one = vec![0f32; n];
             matmul_bf16(&x[(t - 1) * k..], &w, &mut one, 1, k, n);
             assert_eq!(bits(&one), bits(&y[(t - 1) * n..]), "row {} alone", t - 1);
+        }
+    }
+
+    /// The emulation gives the instruction's bits (where the CPU has it), denormal and special
+    /// inputs included, and `matmul_bf16_anywhere` is whichever runs here.
+    #[test]
+    fn emulation_matches_the_instruction() {
+        for (t, k, n) in [(9, 34, 17), (70, 256, 300), (1, 2, 1), (65, 96, 70)] {
+            let mut x = values(t * k, 11 + t as u64);
+            // A denormal, an infinity and a NaN among the activations.
+            x[0] = 1e-39;
+            if x.len() > 5 {
+                x[3] = f32::INFINITY;
+                x[5] = f32::NAN;
+            }
+            let w: Vec<bf16> = values(n * k, 13 + n as u64)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+            let mut e = vec![0f32; t * n];
+            products(false, &x, &w, &mut e, t, k, n);
+            if available() {
+                let mut y = vec![0f32; t * n];
+                products(true, &x, &w, &mut y, t, k, n);
+                assert_eq!(bits(&e), bits(&y), "T={t} K={k} N={n}");
+            }
+            let mut y = vec![0f32; t * n];
+            matmul_bf16_anywhere(&x, &w, &mut y, t, k, n);
+            assert_eq!(bits(&e), bits(&y), "anywhere, T={t} K={k} N={n}");
         }
     }
 }

@@ -18,7 +18,8 @@
 //! (8 lanes over `K`, fixed tail and lane-sum order) in both its decode and prefill paths, so
 //! `y[t, n]` is bit-identical whatever the number of rows, the tiling or the thread count: a
 //! prompt prefilled in pieces gives the same bits as one prefill (unless the opt-in [`amx`]
-//! kernel is switched on: same precision, another summation order). [`kda::kda_chunked`] makes
+//! kernel is switched on: same precision, another summation order; or the opt-in
+//! [`bf16_activations`], which also rounds the activations to bf16). [`kda::kda_chunked`] makes
 //! every output row of a chunk depend only on the rows before it (bitwise), so a partial chunk
 //! recomputed with more rows reproduces its earlier rows.
 //!

@@ -179,8 +179,19 @@ pub fn workspace_bytes(cfg: &ModelConfig, chunk: usize, all_logits: bool, thread
     } else {
         0
     };
+    // bf16 activations keep a chunk's packed rows per thread; the expanded MLA form's
+    // expansion over a bf16 cache (always planned for: the plan does not depend on the cache
+    // dtype here) a block's, and a widened weight slice where the CPU has no AVX512-BF16.
     let bf16_act = if kl_kernels::bf16_activations::enabled() {
         threads * kl_kernels::bf16_activations::scratch_bytes(c, widest)
+    } else {
+        0
+    } + if has_mla {
+        threads
+            * kl_kernels::bf16_activations::anywhere_scratch_bytes(
+                kl_layers::mla::EXPAND_BLOCK,
+                m.kv_lora_rank,
+            )
     } else {
         0
     };
