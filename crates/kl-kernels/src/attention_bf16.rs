@@ -287,7 +287,7 @@ pub fn tile_pv(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use crate::simd::Prefetch;
     use half::bf16;
     use std::arch::x86_64::*;
@@ -332,7 +332,7 @@ mod x86 {
 
     /// Transpose of a 16 × 16 block of f32 (`r[i]` lane `j` → result `j` lane `i`).
     #[inline(always)]
-    unsafe fn transpose16(r: &[__m512; 16]) -> [__m512; 16] {
+    pub(crate) unsafe fn transpose16(r: &[__m512; 16]) -> [__m512; 16] {
         let mut a = [_mm512_setzero_ps(); 16];
         for k in 0..8 {
             a[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);

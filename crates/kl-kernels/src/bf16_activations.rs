@@ -107,6 +107,127 @@ thread_local! {
     static OUT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// A task's weight slice widened into f32, for the emulation (reused between calls).
     static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A task's packed panel block `[KC pairs][NR]` (reused between calls).
+    static PANEL: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{KC, MR, NR};
+    use crate::attention_bf16::x86::transpose16;
+    use half::bf16;
+    use std::arch::x86_64::*;
+
+    /// Pairs `c0..c0 + kc` of weight rows `n0..n0 + nw` into `bp` as `[kc][NR]` dwords (pair
+    /// `p` of the panel's row `j` at `p·NR + j`; rows past `nw` zero): 16 rows × 16 pairs a
+    /// step, one 16 × 16 transpose each.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn pack_panel(
+        w: &[bf16],
+        k: usize,
+        n0: usize,
+        nw: usize,
+        c0: usize,
+        kc: usize,
+        bp: &mut [u32],
+    ) {
+        debug_assert!(kc <= KC && bp.len() >= KC * NR && w.len() >= (n0 + nw) * k);
+        let (wp, op) = (w.as_ptr().cast::<u32>(), bp.as_mut_ptr());
+        let kp = k / 2;
+        for g in 0..NR / 16 {
+            let mut p0 = 0;
+            while p0 < kc {
+                let left = (kc - p0).min(16);
+                let m = ((1u32 << left) - 1) as __mmask16;
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (i, ri) in r.iter_mut().enumerate() {
+                    let j = 16 * g + i;
+                    if j < nw {
+                        let src = wp.add((n0 + j) * kp + c0 + p0);
+                        *ri = _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(m, src.cast()));
+                    }
+                }
+                let tr = transpose16(&r);
+                for (c, v) in tr.iter().enumerate().take(left) {
+                    _mm512_storeu_ps(op.add((p0 + c) * NR + 16 * g).cast(), *v);
+                }
+                p0 += 16;
+            }
+        }
+    }
+
+    /// `mr ≤ MR` rows of `x` (dwords of bf16 pairs, `ldx` apart) against a packed panel block
+    /// of `kc` pairs: `y` columns `0..nw` of those rows continue their sums (`first`: start
+    /// from zero).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn tile(
+        mr: usize,
+        xp: *const u32,
+        ldx: usize,
+        bp: *const u32,
+        kc: usize,
+        y: *mut f32,
+        ldy: usize,
+        nw: usize,
+        first: bool,
+    ) {
+        match mr {
+            6 => tile_n::<6>(xp, ldx, bp, kc, y, ldy, nw, first),
+            5 => tile_n::<5>(xp, ldx, bp, kc, y, ldy, nw, first),
+            4 => tile_n::<4>(xp, ldx, bp, kc, y, ldy, nw, first),
+            3 => tile_n::<3>(xp, ldx, bp, kc, y, ldy, nw, first),
+            2 => tile_n::<2>(xp, ldx, bp, kc, y, ldy, nw, first),
+            _ => tile_n::<1>(xp, ldx, bp, kc, y, ldy, nw, first),
+        }
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_n<const R: usize>(
+        xp: *const u32,
+        ldx: usize,
+        bp: *const u32,
+        kc: usize,
+        y: *mut f32,
+        ldy: usize,
+        nw: usize,
+        first: bool,
+    ) {
+        const { assert!(R <= MR) };
+        let masks: [__mmask16; 4] = std::array::from_fn(|j| {
+            let l = nw.saturating_sub(16 * j).min(16);
+            ((1u32 << l) - 1) as __mmask16
+        });
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        if !first {
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (j, a) in row.iter_mut().enumerate() {
+                    *a = _mm512_maskz_loadu_ps(masks[j], y.add(r * ldy + 16 * j));
+                }
+            }
+        }
+        for p in 0..kc {
+            let b: [__m512bh; 4] = std::array::from_fn(|j| {
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                    bp.add(p * NR + 16 * j).cast(),
+                ))
+            });
+            for (r, row) in acc.iter_mut().enumerate() {
+                let a = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
+                    *xp.add(r * ldx + p) as i32,
+                ));
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = _mm512_dpbf16_ps(*v, b[j], a);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (j, a) in row.iter().enumerate() {
+                _mm512_mask_storeu_ps(y.add(r * ldy + 16 * j), masks[j], *a);
+            }
+        }
+    }
 }
 
 /// `y = bf16(x)·Wᵀ` with the contract of [`crate::matmul::matmul_reference`] (`x` `[T, K]`,
@@ -141,6 +262,104 @@ fn products(native: bool, x: &[f32], w: &[bf16], y: &mut [f32], t: usize, k: usi
     if t == 0 || n == 0 {
         return;
     }
+    // Many rows: weight panels packed once and reused by every row; few (an expert's), the
+    // weights read as stored with the rows on the lanes (packing a panel for a few rows cost
+    // more than it saved). The same bits either way.
+    #[cfg(target_arch = "x86_64")]
+    if native && t >= PANEL_ROWS {
+        return panel_products(x, w, y, t, k, n);
+    }
+    lanes(native, x, w, y, t, k, n)
+}
+
+/// Rows from which the instruction's product packs weight panels.
+const PANEL_ROWS: usize = 128;
+
+/// Rows of `x` per register tile, weight rows per panel (four registers of 16 lanes), and
+/// column pairs per `K` block (a packed panel block of 64 KiB) of the instruction's kernel.
+const MR: usize = 6;
+const NR: usize = 64;
+const KC: usize = 256;
+
+/// The instruction's product: `x` rounded to bf16 once per call (its rows are then column
+/// pairs as they lie), each task packs a panel of 64 weight rows block by block into pairs
+/// on the lanes (`[pairs][64]`), and `MR × 64` register tiles broadcast a row's pair against
+/// them; no transposes on the way out. Each output is one `vdpbf16ps` chain over its pairs in
+/// order (continued across `K` blocks through `y`), so the bits are the twin's.
+#[cfg(target_arch = "x86_64")]
+fn panel_products(x: &[f32], w: &[bf16], y: &mut [f32], t: usize, k: usize, n: usize) {
+    let kp = k / 2;
+    let mut xb = XPACK.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+    if xb.len() < t * kp {
+        xb.resize(t * kp, 0);
+    }
+    {
+        // Rows in blocks of 64, in parallel for many rows.
+        let xbp = SendPtr(xb.as_mut_ptr().cast::<bf16>());
+        let round = |b: usize| {
+            let (r0, r1) = (b * 64, ((b + 1) * 64).min(t));
+            // SAFETY: rows r0..r1 of the buffer (`kp` dwords, `k` bf16 a row) are written by
+            // this task only.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(xbp.get().add(r0 * k), (r1 - r0) * k) };
+            bf::narrow_rounded(&x[r0 * k..r1 * k], dst);
+        };
+        let blocks = t.div_ceil(64);
+        if blocks <= 2 {
+            (0..blocks).for_each(round);
+        } else {
+            crate::par::for_each(blocks, round);
+        }
+    }
+    let xb_ref: &[u32] = &xb[..t * kp];
+    let panels = n.div_ceil(NR);
+    let threads = crate::par::threads();
+    // Token ranges of whole tiles, so that there are at least two tasks a thread.
+    let tiles = t.div_ceil(MR);
+    let t_parts = (2 * threads).div_ceil(panels).clamp(1, tiles);
+    let t_step = tiles.div_ceil(t_parts) * MR;
+    let t_parts = t.div_ceil(t_step);
+    let yp = SendPtr(y.as_mut_ptr());
+    crate::par::for_each(panels * t_parts, |task| {
+        let (pi, ti) = (task / t_parts, task % t_parts);
+        let (n0, nw) = (pi * NR, NR.min(n - pi * NR));
+        let (r0, r1) = (ti * t_step, ((ti + 1) * t_step).min(t));
+        let _flush = crate::cpu::FlushDenormals::new();
+        PANEL.with(|cell| {
+            let mut bp = cell.borrow_mut();
+            if bp.len() < KC * NR {
+                bp.resize(KC * NR, 0);
+            }
+            let mut c0 = 0;
+            while c0 < kp {
+                let kc = KC.min(kp - c0);
+                // SAFETY: AVX512-BF16, -BW and -F checked by the caller (`available`); rows
+                // n0..n0 + nw of w have `k` values; the panel holds KC·NR dwords.
+                unsafe { x86::pack_panel(w, k, n0, nw, c0, kc, &mut bp) };
+                let mut r = r0;
+                while r < r1 {
+                    let mr = MR.min(r1 - r);
+                    // SAFETY: as above; rows r..r + mr of x (pairs c0..c0 + kc) and of y
+                    // (columns n0..n0 + nw) are inside their buffers, and only this task
+                    // writes those outputs.
+                    unsafe {
+                        let xr = xb_ref.as_ptr().add(r * kp + c0);
+                        let yr = yp.get().add(r * n + n0);
+                        x86::tile(mr, xr, kp, bp.as_ptr(), kc, yr, n, nw, c0 == 0)
+                    };
+                    r += mr;
+                }
+                c0 += kc;
+            }
+        });
+    });
+    XPACK.with(|cell| *cell.borrow_mut() = xb);
+}
+
+/// The product through the score kernel of latent attention with the rows in the place of the
+/// heads, on the instruction (`native`: the weights read as stored) or its FMA emulation (each
+/// task's weight slice widened into f32): the same bits as [`panel_products`].
+fn lanes(native: bool, x: &[f32], w: &[bf16], y: &mut [f32], t: usize, k: usize, n: usize) {
     let gl = bf::packed_query_len(GROUP, k);
     let groups = t.div_ceil(GROUP);
     // Taken out of the thread's slot for the call (a task this thread runs while it waits
@@ -267,6 +486,9 @@ mod tests {
             (1, 2, 1),
             (130, 96, 513),
             (64, 1024, 64),
+            (13, 1030, 70),
+            (200, 1030, 70),
+            (128, 64, 1000),
         ] {
             let x = values(t * k, 3 + t as u64);
             let w: Vec<bf16> = values(n * k, 5 + n as u64)
@@ -289,7 +511,13 @@ mod tests {
     /// inputs included, and `matmul_bf16_anywhere` is whichever runs here.
     #[test]
     fn emulation_matches_the_instruction() {
-        for (t, k, n) in [(9, 34, 17), (70, 256, 300), (1, 2, 1), (65, 96, 70)] {
+        for (t, k, n) in [
+            (9, 34, 17),
+            (70, 256, 300),
+            (1, 2, 1),
+            (65, 96, 70),
+            (150, 96, 70),
+        ] {
             let mut x = values(t * k, 11 + t as u64);
             // A denormal, an infinity and a NaN among the activations.
             x[0] = 1e-39;
