@@ -17,12 +17,17 @@
 //! stays on the f32 matrix–vector kernel, so a prompt prefilled in pieces no longer gives the
 //! bits of one prefill (as with the AMX switch, [`crate::amx`]).
 //!
-//! **Layout.** The product is the latent attention score kernel
-//! ([`crate::attention_bf16::tile_scores`]) with tokens in the place of heads: `x` is packed
-//! once per call in groups of 64 tokens (column pairs transposed, 16 tokens to a register), and
-//! each task scores one group against a slice of up to 256 weight rows read as stored (each
-//! row's pair broadcast), so the slice stays in L2 while the groups pass. Tasks are slices ×
-//! groups, at least four per thread where the shape allows.
+//! **Layout.** From 128 rows of `x` (a dense layer's products): `x` rounded to bf16 once per call
+//! (a row of bf16 values is then its column pairs as they lie), each task packs a panel of 64
+//! weight rows, 256 column pairs at a time, into pairs on the lanes (16 × 16 transposes), and
+//! `6 × 64` register tiles broadcast a row's pair against four panel registers; each output's
+//! chain continues across the `K` blocks through `y`. Fewer rows (an expert's): the latent
+//! attention score kernel ([`crate::attention_bf16::tile_scores`]) with the rows in the place of
+//! heads, `x` packed once per call in groups of 64 rows (column pairs transposed, 16 rows to a
+//! register), each task scoring one group against a slice of up to 256 weight rows read as
+//! stored, so no panel is packed for a few rows. Both give every output the same chain, so the
+//! same bits (tested against the twin); the emulation runs the second layout over widened
+//! weight slices.
 //!
 //! Only where the CPU has AVX512-BF16 ([`available`]): elsewhere an emulation would run at the
 //! FMA rate, no faster than the exact default, so the switch is refused. `K` must be even.
