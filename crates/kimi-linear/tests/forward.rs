@@ -77,16 +77,15 @@ fn forward_reproduces_golden_logits_and_greedy_ids() {
     assert!(!r2.contains_key("greedy.generated_ids"));
 }
 
-/// `--amx`: where the CPU and OS have AMX tiles, the prefill products run on them and the logits
-/// still match the golden ones at the same tolerance; elsewhere the flag is refused with a clear
-/// message (never silently ignored).
-#[test]
-fn forward_with_amx_matches_golden_or_is_refused() {
-    let (g, dir, ids_path) = golden_inputs("fwd-amx");
+/// `forward` on the golden prompt with an opt-in switch `flag`: the golden file and the output,
+/// or `None` after checking that a machine without the switch's hardware (`available`) refuses
+/// it with status 2 and a message naming the flag and `needle` (never silently ignoring it).
+fn forward_with_switch(flag: &str, available: bool, needle: &str) -> Option<(Tensors, Tensors)> {
+    let (g, dir, ids_path) = golden_inputs(&format!("fwd{flag}"));
     let out = dir.join("out.safetensors");
     let tiny = tiny_dir();
     let o = run(&[
-        "--amx",
+        flag,
         "forward",
         "--model",
         tiny.to_str().unwrap(),
@@ -95,50 +94,40 @@ fn forward_with_amx_matches_golden_or_is_refused() {
         "--output",
         out.to_str().unwrap(),
     ]);
-    if !kl_kernels::amx::available() {
+    if !available {
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{err}");
-        assert!(err.contains("--amx") && err.contains("AMX-BF16"), "{err}");
-        return;
+        assert!(err.contains(flag) && err.contains(needle), "{err}");
+        return None;
     }
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let r = read_output(&out);
-    assert!(max_diff(&r["logits"].2, &g["logits"].2) < 1e-4);
+    Some((g, read_output(&out)))
+}
+
+/// `--amx`: where the CPU and OS have AMX tiles, the prefill products run on them and the logits
+/// still match the golden ones at the same tolerance; elsewhere the flag is refused.
+#[test]
+fn forward_with_amx_matches_golden_or_is_refused() {
+    let available = kl_kernels::amx::available();
+    if let Some((g, r)) = forward_with_switch("--amx", available, "AMX-BF16") {
+        assert!(max_diff(&r["logits"].2, &g["logits"].2) < 1e-4);
+    }
 }
 
 /// `--bf16-activations`: where the CPU has AVX512-BF16 the prefill products round their
 /// activations to bf16 (the logits move off the golden ones by what that costs, and `bench
-/// --json` says the switch is on); elsewhere the flag is refused with a clear message.
+/// --json` says the switch is on); elsewhere the flag is refused.
 #[test]
 fn forward_with_bf16_activations_runs_or_is_refused() {
-    let (g, dir, ids_path) = golden_inputs("fwd-bf16act");
-    let out = dir.join("out.safetensors");
-    let tiny = tiny_dir();
-    let o = run(&[
-        "--bf16-activations",
-        "forward",
-        "--model",
-        tiny.to_str().unwrap(),
-        "--input-ids",
-        &ids_path,
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    if !kl_kernels::bf16_activations::available() {
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{err}");
-        assert!(
-            err.contains("--bf16-activations") && err.contains("AVX512-BF16"),
-            "{err}"
-        );
+    let available = kl_kernels::bf16_activations::available();
+    let Some((g, r)) = forward_with_switch("--bf16-activations", available, "AVX512-BF16") else {
         return;
-    }
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let r = read_output(&out);
+    };
     let d = max_diff(&r["logits"].2, &g["logits"].2);
     // Off the f32 golden (so the switch took effect), but the same logits (a few flipped
     // near-ties aside; the model-level test bounds the median and top-1).
     assert!(d > 1e-3 && d.is_finite(), "{d}");
+    let tiny = tiny_dir();
     let o = run(&[
         "--bf16-activations",
         "bench",

@@ -50,7 +50,6 @@
 //! ([`crate::amx_attention`], which reuses this module's product block for its scores).
 
 use half::bf16;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 /// Whether this machine and OS can run the tile kernels (detected once: CPUID, then the
@@ -107,35 +106,19 @@ fn detect() -> bool {
     false
 }
 
-/// 0: not decided yet (read `KL_AMX` at the first query); 1: off; 2: on.
-static MODE: AtomicU8 = AtomicU8::new(0);
+/// The switch (`KL_AMX=1`, or [`set_enabled`]).
+static SWITCH: crate::cpu::OptIn = crate::cpu::OptIn::new("KL_AMX");
 
 /// Ask for (or stop) the tile kernels in prefill products. Returns whether they will be used:
 /// `false` when asked for on a machine without them ([`available`]).
 pub fn set_enabled(on: bool) -> bool {
-    let on = on && available();
-    MODE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
-    on
+    SWITCH.set(on, available())
 }
 
 /// Whether prefill products use the tile kernels: [`set_enabled`], or else `KL_AMX=1` in the
 /// environment, on a machine where they are [`available`].
 pub fn enabled() -> bool {
-    match MODE.load(Ordering::Relaxed) {
-        0 => {
-            let want = std::env::var("KL_AMX").map(|v| v == "1").unwrap_or(false);
-            // A concurrent `set_enabled` wins over the environment.
-            let on = want && available();
-            let _ = MODE.compare_exchange(
-                0,
-                if on { 2 } else { 1 },
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
-            MODE.load(Ordering::Relaxed) == 2
-        }
-        m => m == 2,
-    }
+    SWITCH.get(available)
 }
 
 /// Bytes that [`matmul_bf16`] keeps on a calling thread between calls after a product of `t` rows

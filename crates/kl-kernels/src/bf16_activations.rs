@@ -38,7 +38,6 @@ use crate::par::SendPtr;
 use crate::simd::Prefetch;
 use half::bf16;
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Tokens per packed group (the lanes of one score block row).
 const GROUP: usize = 64;
@@ -51,35 +50,19 @@ pub fn available() -> bool {
     bf::native_products()
 }
 
-/// 0: not decided yet (read `KL_BF16_ACTIVATIONS` at the first query); 1: off; 2: on.
-static MODE: AtomicU8 = AtomicU8::new(0);
+/// The switch (`KL_BF16_ACTIVATIONS=1`, or [`set_enabled`]).
+static SWITCH: crate::cpu::OptIn = crate::cpu::OptIn::new("KL_BF16_ACTIVATIONS");
 
 /// Ask for (or stop) bf16 activations in prefill products. Returns whether they will be used:
 /// `false` when asked for on a CPU without AVX512-BF16 ([`available`]).
 pub fn set_enabled(on: bool) -> bool {
-    let on = on && available();
-    MODE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
-    on
+    SWITCH.set(on, available())
 }
 
 /// Whether prefill products on bf16 weights round their activations to bf16: [`set_enabled`],
 /// or else `KL_BF16_ACTIVATIONS=1` in the environment, on a CPU where they are [`available`].
 pub fn enabled() -> bool {
-    match MODE.load(Ordering::Relaxed) {
-        0 => {
-            let want = std::env::var("KL_BF16_ACTIVATIONS").is_ok_and(|v| v == "1");
-            // A concurrent `set_enabled` wins over the environment.
-            let on = want && available();
-            let _ = MODE.compare_exchange(
-                0,
-                if on { 2 } else { 1 },
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
-            MODE.load(Ordering::Relaxed) == 2
-        }
-        m => m == 2,
-    }
+    SWITCH.get(available)
 }
 
 /// Whether [`matmul_bf16`] takes a product with this `K` (whole column pairs).
@@ -463,16 +446,9 @@ pub fn matmul_bf16_reference(x: &[f32], w: &[bf16], y: &mut [f32], t: usize, k: 
 mod tests {
     use super::*;
 
+    /// Uniform in [-1, 1).
     fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
-            })
-            .collect()
+        crate::test_values::uniform(len, seed, 2.0)
     }
 
     /// The kernel gives the twin's bits at odd sizes (groups and slices cut short, one row,

@@ -9,7 +9,55 @@
 //! - `KL_NO_AVX512BF16=1` runs latent attention's bf16 products on their FMA emulation instead
 //!   of the AVX512-BF16 instruction (the same bits; [`Features::avx512bf16`]).
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
+
+/// A process-wide opt-in switch for a kernel path that only some CPUs run and that changes
+/// results (the AMX products, bf16 activations): off unless asked for by [`OptIn::set`] or its
+/// environment variable (`=1`), and never on where the path is not available.
+pub struct OptIn {
+    /// 0: not decided yet (read the environment at the first query); 1: off; 2: on.
+    mode: AtomicU8,
+    env: &'static str,
+}
+
+impl OptIn {
+    /// A switch read from the environment variable `env` until [`set`](Self::set) decides.
+    pub const fn new(env: &'static str) -> Self {
+        OptIn {
+            mode: AtomicU8::new(0),
+            env,
+        }
+    }
+
+    /// Ask for (or stop) the path. Returns whether it will be used: `false` when asked for
+    /// where it is not `available`.
+    pub fn set(&self, on: bool, available: bool) -> bool {
+        let on = on && available;
+        self.mode.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+        on
+    }
+
+    /// Whether the path is on: [`set`](Self::set), or else the environment variable, where it
+    /// is `available` (asked only the first time).
+    pub fn get(&self, available: impl FnOnce() -> bool) -> bool {
+        match self.mode.load(Ordering::Relaxed) {
+            0 => {
+                let want = std::env::var(self.env).is_ok_and(|v| v == "1");
+                // A concurrent `set` wins over the environment.
+                let on = want && available();
+                let _ = self.mode.compare_exchange(
+                    0,
+                    if on { 2 } else { 1 },
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                self.mode.load(Ordering::Relaxed) == 2
+            }
+            m => m == 2,
+        }
+    }
+}
 
 /// The SIMD features the kernels can use on this machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

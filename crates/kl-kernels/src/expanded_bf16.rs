@@ -308,17 +308,7 @@ pub fn attend_block_reference(
 mod tests {
     use super::*;
 
-    fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-            })
-            .collect()
-    }
+    use crate::test_values::uniform as values;
 
     struct Case {
         t: usize,

@@ -332,36 +332,28 @@ fn run_path<R: Rows + ?Sized>(
     n: usize,
 ) {
     let simd = isa >= Isa::Avx2 && R::simd_ok();
-    // Opt-in AMX tiles for bf16 weights in prefill (decode stays on the bandwidth-bound FMA
-    // kernel, which AMX did not match; so batch invariance is lost: see `crate::amx`).
+    // The opt-in prefill paths for bf16 weights (decode stays on the bandwidth-bound FMA
+    // kernel, so batch invariance is lost under either): AMX tiles (`crate::amx`; AMX did not
+    // match it in decode), or bf16 activations (`crate::bf16_activations`; not for the products
+    // marked by `matmul_f32_activations`).
     #[cfg(target_arch = "x86_64")]
     if t > GEMV_MAX_ROWS
         && simd
         && isa == Isa::Avx512
         && TypeId::of::<R::E>() == TypeId::of::<bf16>()
-        && crate::amx::fits(k)
-        && crate::amx::enabled()
     {
         let wd = w.data();
         // SAFETY: `R::E` is `bf16` (checked above), so the slice is reinterpreted as itself.
         let wb = unsafe { std::slice::from_raw_parts(wd.as_ptr().cast::<bf16>(), wd.len()) };
-        return crate::amx::matmul_bf16(x, wb, y, t, k, n);
-    }
-    // Opt-in bf16 activations for bf16 weights in prefill (AVX512-BF16; see
-    // `crate::bf16_activations`: decode stays on the f32 kernel).
-    #[cfg(target_arch = "x86_64")]
-    if t > GEMV_MAX_ROWS
-        && simd
-        && isa == Isa::Avx512
-        && TypeId::of::<R::E>() == TypeId::of::<bf16>()
-        && crate::bf16_activations::fits(k)
-        && crate::bf16_activations::enabled()
-        && !F32_ONLY.with(std::cell::Cell::get)
-    {
-        let wd = w.data();
-        // SAFETY: `R::E` is `bf16` (checked above), so the slice is reinterpreted as itself.
-        let wb = unsafe { std::slice::from_raw_parts(wd.as_ptr().cast::<bf16>(), wd.len()) };
-        return crate::bf16_activations::matmul_bf16(x, wb, y, t, k, n);
+        if crate::amx::fits(k) && crate::amx::enabled() {
+            return crate::amx::matmul_bf16(x, wb, y, t, k, n);
+        }
+        if crate::bf16_activations::fits(k)
+            && crate::bf16_activations::enabled()
+            && !F32_ONLY.with(std::cell::Cell::get)
+        {
+            return crate::bf16_activations::matmul_bf16(x, wb, y, t, k, n);
+        }
     }
     if t <= GEMV_MAX_ROWS {
         gemv(simd, isa == Isa::Avx512, x, w, y, t, k, n);
