@@ -76,10 +76,11 @@ fn packed_len(t: usize, k: usize) -> usize {
 }
 
 /// Bytes that [`matmul_bf16`] keeps on a thread between calls after a product of `t` rows and
-/// `K = k`, for memory planning: the packed `x` (on the calling thread) and one task's scores
-/// (on every thread that runs a task). Each thread keeps its largest.
+/// `K = k`, for memory planning: the packed `x` (on the calling thread; either layout's) and a
+/// task's outputs and packed panel block (on every thread that runs a task). Each thread keeps
+/// its largest.
 pub fn scratch_bytes(t: usize, k: usize) -> usize {
-    4 * packed_len(t, k) + 4 * GROUP * SLICE
+    4 * packed_len(t, k) + 4 * GROUP * SLICE + 4 * KC * NR
 }
 
 /// [`scratch_bytes`] for [`matmul_bf16_anywhere`], which without the instruction also keeps a

@@ -107,6 +107,9 @@ pub fn workspace_bytes(cfg: &ModelConfig, chunk: usize, all_logits: bool, thread
             + m.qk_nope
             + 2 * m.kv_lora_rank
             + m.v_head)
+            // The expanded form's queries packed for bf16 products fill whole 64-query groups
+            // (half the f32 queries' size otherwise).
+            + m.num_heads * kl_kernels::expanded_bf16::GROUP * m.qk_head() / 2
     } else {
         0
     };
