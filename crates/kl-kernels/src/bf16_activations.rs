@@ -262,10 +262,12 @@ fn products(native: bool, x: &[f32], w: &[bf16], y: &mut [f32], t: usize, k: usi
 }
 
 /// Rows from which the instruction's product packs weight panels.
+#[cfg(target_arch = "x86_64")]
 const PANEL_ROWS: usize = 128;
 
 /// Rows of `x` per register tile, weight rows per panel (four registers of 16 lanes), and
 /// column pairs per `K` block (a packed panel block of 64 KiB) of the instruction's kernel.
+#[cfg(target_arch = "x86_64")]
 const MR: usize = 6;
 const NR: usize = 64;
 const KC: usize = 256;
