@@ -32,10 +32,10 @@ struct Cli {
     #[arg(long, global = true)]
     amx: bool,
     /// Round the activations of prefill matrix products (bf16 weights) to bf16, on CPUs with
-    /// AVX512-BF16 (AMD Zen 4 or later, Intel Sapphire Rapids or later): the products run
-    /// about 1.7 times as fast, the logits move by about 1e-2 (the default keeps f32
-    /// activations and matches an f32 reference to 1e-4), and a prompt prefilled in pieces is
-    /// no longer bit-identical to one prefill. Decode is unchanged. Also
+    /// AVX512-BF16 (AMD Zen 4 or later, Intel Sapphire Rapids or later): prefill 1.4-1.8 times
+    /// as fast, and the logits move (a median 0.09 a position on the golden model, whose
+    /// default matches an f32 reference to 1e-4; docs/memory.md); a prompt prefilled in pieces
+    /// is no longer bit-identical to one prefill. Decode is unchanged. Also
     /// `KL_BF16_ACTIVATIONS=1`.
     #[arg(long, global = true)]
     bf16_activations: bool,
