@@ -32,7 +32,7 @@ struct Cli {
     #[arg(long, global = true)]
     amx: bool,
     /// Round the activations of prefill matrix products (bf16 weights) to bf16, on CPUs with
-    /// AVX512-BF16 (AMD Zen 4 or later, Intel Sapphire Rapids or later): prefill 1.4-1.8 times
+    /// AVX512-BF16 (AMD Zen 4 or later, Intel Sapphire Rapids or later): prefill 1.5-1.8 times
     /// as fast, and the logits move (a median 0.09 a position on the golden model, whose
     /// default matches an f32 reference to 1e-4; docs/memory.md); a prompt prefilled in pieces
     /// is no longer bit-identical to one prefill. Decode is unchanged. Also

@@ -133,6 +133,8 @@ mod x86 {
                     let j = 16 * g + i;
                     if j < nw {
                         let src = wp.add((n0 + j) * kp + c0 + p0);
+                        // The row's line four steps on (these rows come from memory once).
+                        _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(64).cast());
                         *ri = _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(m, src.cast()));
                     }
                 }
