@@ -15,7 +15,10 @@
 //! one `attention_bf16::pack_query` block, the group's queries in the role of the heads
 //! there (16 to a register, each key's column pair broadcast), so that one key pair meets 16
 //! or 32 queries per instruction. A group's scores (`GROUP × n` f32, in L2) become its
-//! probabilities and go straight into `P·V` on the value rows, in key order.
+//! probabilities and go straight into `P·V` on the value rows, in key order. The layers build
+//! a block's keys and values through `kv_b_proj` with the same kind of products
+//! ([`crate::bf16_activations::matmul_bf16_anywhere`]: the latent rows are bf16 values, and
+//! their outputs are rounded here at once).
 //!
 //! **Numerics** (the same as [`crate::attention_bf16`]'s): a score sums its column pairs in
 //! order, the odd column's product first; the online softmax is [`softmax_update`] over the
