@@ -54,6 +54,29 @@ fn bf16_activations_stay_within_published_tolerance() {
         return;
     }
     assert!(kl_kernels::bf16_activations::set_enabled(true));
+    // `matmul` now rounds the activations of a bf16 product of more than 8 rows, while
+    // `matmul_f32_activations` (the router's) keeps the exact f32 product's bits (those of the
+    // AVX2 kernels, which the switch does not touch and which equal the AVX-512 ones).
+    {
+        use kl_kernels::matmul::{matmul, matmul_f32_activations, matmul_isa};
+        let (t, k, n) = (40, 96, 70);
+        let x: Vec<f32> = (0..t * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect();
+        let w: Vec<half::bf16> = (0..n * k)
+            .map(|i| half::bf16::from_f32(((i * 53 % 97) as f32 - 48.0) * 0.021))
+            .collect();
+        let (mut exact, mut kept, mut fast) =
+            (vec![0f32; t * n], vec![0f32; t * n], vec![0f32; t * n]);
+        matmul_isa(kl_kernels::cpu::Isa::Avx2, &x, &w, &mut exact, t, k, n);
+        matmul_f32_activations(&x, &w, &mut kept, t, k, n);
+        matmul(&x, &w, &mut fast, t, k, n);
+        assert!(
+            kept == exact,
+            "the router's product must keep f32 activations"
+        );
+        assert!(fast != exact, "the switch must reach `matmul`");
+    }
     let after = plan::plan(m.config(), 0, req).total_bytes;
     assert!(
         after > before,
