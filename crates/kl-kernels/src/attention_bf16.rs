@@ -900,9 +900,7 @@ mod tests {
         let mut s = seed | 1;
         (0..n)
             .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
+                let s = crate::test_values::next(&mut s);
                 let u = s as u32;
                 match (s >> 40) % 16 {
                     0 if odd => f32::from_bits(u & 0x807f_ffff),

@@ -67,16 +67,19 @@ pub use elem::Elem;
 /// Deterministic test inputs shared by the unit tests.
 #[cfg(test)]
 pub(crate) mod test_values {
+    /// One xorshift step of the state `s` (start from an odd seed), returning the new state.
+    pub(crate) fn next(s: &mut u64) -> u64 {
+        *s ^= *s << 13;
+        *s ^= *s >> 7;
+        *s ^= *s << 17;
+        *s
+    }
+
     /// `n` xorshift values, uniform in `[-scale/2, scale/2)`.
     pub(crate) fn uniform(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         let mut s = seed | 1;
         (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-            })
+            .map(|_| ((next(&mut s) >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale)
             .collect()
     }
 }

@@ -101,20 +101,7 @@ pub fn matmul_f32_activations<W: Elem>(
     k: usize,
     n: usize,
 ) {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            F32_ONLY.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(F32_ONLY.with(|c| c.replace(true)));
-    matmul(x, w, y, t, k, n)
-}
-
-thread_local! {
-    /// Set while [`matmul_f32_activations`] runs on this thread (the path is chosen on the
-    /// calling thread, before any task is handed out).
-    static F32_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    matmul_on(crate::cpu::features().isa(), false, x, w, y, t, k, n)
 }
 
 /// [`matmul`] using kernels no wider than `isa` (capped at what [`crate::cpu::features`] allows):
@@ -127,6 +114,22 @@ thread_local! {
 /// multiply–add).
 pub fn matmul_isa<W: Elem>(
     isa: Isa,
+    x: &[f32],
+    w: &[W],
+    y: &mut [f32],
+    t: usize,
+    k: usize,
+    n: usize,
+) {
+    matmul_on(isa, true, x, w, y, t, k, n)
+}
+
+/// [`matmul_isa`], taking the opt-in bf16 activations where they are switched on only if
+/// `bf16_ok`.
+#[allow(clippy::too_many_arguments)]
+fn matmul_on<W: Elem>(
+    isa: Isa,
+    bf16_ok: bool,
     x: &[f32],
     w: &[W],
     y: &mut [f32],
@@ -147,15 +150,15 @@ pub fn matmul_isa<W: Elem>(
     // SAFETY (all three casts): `W` is exactly the type named by the `TypeId` test.
     if id == TypeId::of::<bf16>() {
         let w = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const bf16, w.len()) };
-        run(isa, x, w, y, t, k, n);
+        run(isa, bf16_ok, x, w, y, t, k, n);
     } else if id == TypeId::of::<f32>() {
         let w = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const f32, w.len()) };
-        run(isa, x, w, y, t, k, n);
+        run(isa, bf16_ok, x, w, y, t, k, n);
     } else if id == TypeId::of::<f16>() {
         let w = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const f16, w.len()) };
-        run(isa, x, w, y, t, k, n);
+        run(isa, bf16_ok, x, w, y, t, k, n);
     } else {
-        run(isa, x, &Generic(w), y, t, k, n);
+        run(isa, bf16_ok, x, &Generic(w), y, t, k, n);
     }
 }
 
@@ -298,7 +301,17 @@ pub(crate) fn check_shape(op: &str, x: usize, w: usize, y: usize, t: usize, k: u
 }
 
 /// Dispatch to the decode (gemv) or prefill path.
-fn run<R: Rows + ?Sized>(isa: Isa, x: &[f32], w: &R, y: &mut [f32], t: usize, k: usize, n: usize) {
+#[allow(clippy::too_many_arguments)]
+fn run<R: Rows + ?Sized>(
+    isa: Isa,
+    bf16_ok: bool,
+    x: &[f32],
+    w: &R,
+    y: &mut [f32],
+    t: usize,
+    k: usize,
+    n: usize,
+) {
     if t > GEMV_MAX_ROWS && TALLY_ON.load(Ordering::Relaxed) {
         {
             let mut st = tally_state();
@@ -308,7 +321,7 @@ fn run<R: Rows + ?Sized>(isa: Isa, x: &[f32], w: &R, y: &mut [f32], t: usize, k:
             st.active += 1;
             st.flops += 2 * (t * k * n) as u64;
         }
-        run_path(isa, x, w, y, t, k, n);
+        run_path(isa, bf16_ok, x, w, y, t, k, n);
         let mut st = tally_state();
         st.active -= 1;
         if st.active == 0 {
@@ -317,13 +330,15 @@ fn run<R: Rows + ?Sized>(isa: Isa, x: &[f32], w: &R, y: &mut [f32], t: usize, k:
             }
         }
     } else {
-        run_path(isa, x, w, y, t, k, n);
+        run_path(isa, bf16_ok, x, w, y, t, k, n);
     }
 }
 
 /// [`run`] without the tally.
+#[allow(clippy::too_many_arguments)]
 fn run_path<R: Rows + ?Sized>(
     isa: Isa,
+    bf16_ok: bool,
     x: &[f32],
     w: &R,
     y: &mut [f32],
@@ -334,8 +349,8 @@ fn run_path<R: Rows + ?Sized>(
     let simd = isa >= Isa::Avx2 && R::simd_ok();
     // The opt-in prefill paths for bf16 weights (decode stays on the bandwidth-bound FMA
     // kernel, so batch invariance is lost under either): AMX tiles (`crate::amx`; AMX did not
-    // match it in decode), or bf16 activations (`crate::bf16_activations`; not for the products
-    // marked by `matmul_f32_activations`).
+    // match it in decode), or bf16 activations (`crate::bf16_activations`; not with `bf16_ok`
+    // false, as `matmul_f32_activations` asks).
     #[cfg(target_arch = "x86_64")]
     if t > GEMV_MAX_ROWS
         && simd
@@ -348,13 +363,12 @@ fn run_path<R: Rows + ?Sized>(
         if crate::amx::fits(k) && crate::amx::enabled() {
             return crate::amx::matmul_bf16(x, wb, y, t, k, n);
         }
-        if crate::bf16_activations::fits(k)
-            && crate::bf16_activations::enabled()
-            && !F32_ONLY.with(std::cell::Cell::get)
-        {
+        if bf16_ok && crate::bf16_activations::fits(k) && crate::bf16_activations::enabled() {
             return crate::bf16_activations::matmul_bf16(x, wb, y, t, k, n);
         }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bf16_ok;
     if t <= GEMV_MAX_ROWS {
         gemv(simd, isa == Isa::Avx512, x, w, y, t, k, n);
     } else {

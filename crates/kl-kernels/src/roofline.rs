@@ -112,11 +112,12 @@ impl Roofline {
         }
     }
 
-    /// The peak that latent attention's FLOPs run against: the bf16 dot-product peak where its
-    /// bf16 products run on it (`bf16_cache`: the cache holds bf16), else the FMA peak.
-    pub fn attention_gflops(&self, bf16_cache: bool) -> f64 {
+    /// The peak that FLOPs run against: the bf16 dot-product peak where they are bf16 products
+    /// (`bf16_products`: latent attention over a bf16 cache, prefill products under
+    /// `--bf16-activations`) and the peak was measured, else the FMA peak.
+    pub fn products_gflops(&self, bf16_products: bool) -> f64 {
         match self.bf16_dot_gflops {
-            Some(g) if bf16_cache => g,
+            Some(g) if bf16_products => g,
             _ => self.fma.gflops,
         }
     }

@@ -132,10 +132,11 @@ impl LatentCache {
         }
     }
 
-    /// Whether attention over this cache runs bf16 products (a bf16 or fp8 cache; see
-    /// `kl_kernels::attention_bf16`): decode, the absorbed form and the expanded form alike.
+    /// Whether attention over this cache runs bf16 products (a bf16 or fp8 cache holding rows;
+    /// see `kl_kernels::attention_bf16`): decode, the absorbed form and the expanded form alike.
+    /// The rows' own answer ([`KeyRows::bf16_products`]), which the absorbed form reads too.
     pub fn bf16_products(&self) -> bool {
-        self.dtype() != CacheDtype::F32
+        self.rows_view(|rows| rows.bf16_products())
     }
 
     fn num_blocks(&self) -> usize {
@@ -337,7 +338,7 @@ impl LatentCache {
     }
 
     /// Run `f` with a [`KeyRows`] view of the cached rows.
-    fn rows_view(&self, f: impl FnOnce(&dyn KeyRows)) {
+    fn rows_view<R>(&self, f: impl FnOnce(&dyn KeyRows) -> R) -> R {
         let (dk, n_rows) = (self.width, self.len);
         match &self.blocks {
             Blocks::F32(b) => f(&BlockRows::new(b, BLOCK_ROWS, dk, n_rows)),

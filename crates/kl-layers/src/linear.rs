@@ -163,18 +163,26 @@ impl Linear {
     /// `y[T, n] = x[T, K] · W[r0..r0+n]ᵀ`: a contiguous block of output rows.
     pub fn forward_rows(&self, x: &[f32], t: usize, r0: usize, n: usize, y: &mut [f32]) {
         let (k, a, b) = (self.cols, r0 * self.cols, (r0 + n) * self.cols);
-        if self.f32_activations {
-            match self.view() {
-                MatView::Bf16(w) => matmul_f32_activations(x, &w[a..b], y, t, k, n),
-                MatView::F16(w) => matmul_f32_activations(x, &w[a..b], y, t, k, n),
-                MatView::F32(w) => matmul_f32_activations(x, &w[a..b], y, t, k, n),
+        fn product<W: kl_kernels::Elem>(
+            f32_act: bool,
+            x: &[f32],
+            w: &[W],
+            y: &mut [f32],
+            t: usize,
+            k: usize,
+            n: usize,
+        ) {
+            if f32_act {
+                matmul_f32_activations(x, w, y, t, k, n)
+            } else {
+                matmul(x, w, y, t, k, n)
             }
-            return;
         }
+        let f = self.f32_activations;
         match self.view() {
-            MatView::Bf16(w) => matmul(x, &w[a..b], y, t, k, n),
-            MatView::F16(w) => matmul(x, &w[a..b], y, t, k, n),
-            MatView::F32(w) => matmul(x, &w[a..b], y, t, k, n),
+            MatView::Bf16(w) => product(f, x, &w[a..b], y, t, k, n),
+            MatView::F16(w) => product(f, x, &w[a..b], y, t, k, n),
+            MatView::F32(w) => product(f, x, &w[a..b], y, t, k, n),
         }
     }
 

@@ -189,14 +189,14 @@ impl PrefillRow {
         )
     }
 
-    /// The matrix products' rate over the peak they run against: the bf16 dot-product peak
-    /// with `--bf16-activations` (where it was measured), else the FMA peak.
-    fn products_of_peak(&self, roof: Roofline) -> Option<f64> {
-        let peak = match roof.bf16_dot_gflops {
-            Some(g) if kl_kernels::bf16_activations::enabled() => g,
-            _ => roof.fma.gflops,
-        };
-        self.matmul_gflops.map(|g| g / peak)
+    /// The matrix products' rate over the peak they run against, and that peak's name: the
+    /// bf16 dot-product peak with `--bf16-activations` (where it was measured), else the FMA
+    /// peak.
+    fn products_of_peak(&self, roof: Roofline) -> Option<(f64, &'static str)> {
+        let bf16 = kl_kernels::bf16_activations::enabled() && roof.bf16_dot_gflops.is_some();
+        let name = if bf16 { "the bf16 dot peak" } else { "peak" };
+        self.matmul_gflops
+            .map(|g| (g / roof.products_gflops(bf16), name))
     }
 }
 
@@ -220,12 +220,12 @@ impl DecodeRow {
     /// Bytes per second over the stream bandwidth; roofline time over measured time, the
     /// roofline being the slower of the token's bytes at stream bandwidth and its FLOPs at the
     /// FMA peak (the attention's at the bf16 dot-product peak where its bf16 products run on
-    /// one, [`Roofline::attention_gflops`]); and which of the two that is.
+    /// one, [`Roofline::products_gflops`]); and which of the two that is.
     fn against(&self, roof: Roofline) -> (f64, f64, &'static str) {
         let (t_mem, t_fma) = (
             self.bytes / (roof.stream_gbps * 1e9),
             (self.flops - self.attn_flops) / (roof.fma.gflops * 1e9)
-                + self.attn_flops / (roof.attention_gflops(self.bf16_cache) * 1e9),
+                + self.attn_flops / (roof.products_gflops(self.bf16_cache) * 1e9),
         );
         let bound = if t_fma > t_mem { "compute" } else { "memory" };
         (
@@ -436,7 +436,7 @@ pub fn run(a: Args) -> Result<()> {
             "decode_tokens_per_s_runs": keyed(&decode_rows, |r| r.depth, |r| json!(r.runs.0)),
             "prefill_fraction_of_fma_peak": keyed(&prefill_rows, |r| r.t, |r| json!(roofline.map(|f| r.of_peak(f).0))),
             "prefill_matmul_fraction_of_fma_peak": keyed(&prefill_rows, |r| r.t, |r| json!(roofline.and_then(|f| r.of_peak(f).1))),
-            "prefill_matmul_fraction_of_products_peak": keyed(&prefill_rows, |r| r.t, |r| json!(roofline.and_then(|f| r.products_of_peak(f)))),
+            "prefill_matmul_fraction_of_products_peak": keyed(&prefill_rows, |r| r.t, |r| json!(roofline.and_then(|f| r.products_of_peak(f)).map(|(p, _)| p))),
             "prefill_matmul_time_share": keyed(&prefill_rows, |r| r.t, |r| json!(r.matmul_share)),
             "decode_fraction_of_bandwidth": keyed(&decode_rows, |r| r.depth, |r| json!(roofline.map(|f| r.against(f).0))),
             "decode_fraction_of_roofline": keyed(&decode_rows, |r| r.depth, |r| json!(roofline.map(|f| r.against(f).1))),
@@ -487,21 +487,14 @@ pub fn run(a: Args) -> Result<()> {
     }
     for r in &prefill_rows {
         let of = if let Some(roof) = roofline {
-            let (all, products) = r.of_peak(roof);
-            let bf16_peak =
-                kl_kernels::bf16_activations::enabled() && roof.bf16_dot_gflops.is_some();
-            let products = match (products, r.products_of_peak(roof)) {
-                (Some(_), Some(p)) if bf16_peak => format!(
-                    "matrix products {:.1}% of the bf16 dot peak ({:.0}% of the time)",
+            let (all, _) = r.of_peak(roof);
+            let products = match r.products_of_peak(roof) {
+                Some((p, peak)) => format!(
+                    "matrix products {:.1}% of {peak} ({:.0}% of the time)",
                     p * 100.0,
                     r.matmul_share * 100.0
                 ),
-                (Some(p), _) => format!(
-                    "matrix products {:.1}% of peak ({:.0}% of the time)",
-                    p * 100.0,
-                    r.matmul_share * 100.0
-                ),
-                (None, _) => format!(
+                None => format!(
                     "no compute-bound matrix products (at most {} tokens take the matrix-vector path)",
                     kl_kernels::matmul::GEMV_MAX_ROWS
                 ),
