@@ -330,7 +330,7 @@ fn bench_gemv(rows: &Rows, rng: &mut Rng) {
 }
 
 fn kda_inputs(rng: &mut Rng, s: KdaShape) -> [Vec<f32>; 6] {
-    let KdaShape { t, h, k, v } = s;
+    let KdaShape { t, h, k, v, .. } = s;
     let mut q = rng.vec(t * h * k, 1.0);
     let mut kk = rng.vec(t * h * k, 1.0);
     kl_kernels::norm::l2_normalize_rows(&mut q, k, 1e-6, (k as f32).powf(-0.5));
@@ -347,23 +347,41 @@ fn kda_inputs(rng: &mut Rng, s: KdaShape) -> [Vec<f32>; 6] {
 fn bench_kda(rows: &Rows, rng: &mut Rng) {
     let (h, kd, vd) = (32, 128, 128);
     let t = 1024;
-    let s = KdaShape { t, h, k: kd, v: vd };
+    let s = KdaShape::new(t, h, kd, vd);
     let [q, k, v, g, beta, st0] = kda_inputs(rng, s);
     let mut st = st0.clone();
     let mut o = vec![0f32; t * h * vd];
-    let secs = time(|| {
-        st.copy_from_slice(&st0);
-        kda_chunked(s, &q, &k, &v, &g, &beta, &mut st, &mut o)
-    });
     // Paper Eq. 13 (per head): 6·T·d² + 3·T·C·d + T·C².
     let (tf, d, c) = (t as f64, kd as f64, CHUNK as f64);
     let flops = h as f64 * (6.0 * tf * d * d + 3.0 * tf * c * d + tf * c * c);
-    rows.flops(
-        &format!("kda_chunked H={h} K=V={kd} T={t}"),
-        secs,
-        flops,
-        Against::Fma,
+    // Head-major is the layout the layers give it; token-major is PyTorch's.
+    let hm = s.head_major();
+    let relaid = |x: &[f32], w: usize| {
+        let mut y = vec![0f32; x.len()];
+        kl_kernels::kda::copy_rows(x, s, 0, &mut y, hm, 0, t, w);
+        y
+    };
+    let (qh, kh, vh, gh) = (
+        relaid(&q, kd),
+        relaid(&k, kd),
+        relaid(&v, vd),
+        relaid(&g, kd),
     );
+    for (shape, [q, k, v, g], name) in [
+        (s, [&q, &k, &v, &g], "token-major"),
+        (hm, [&qh, &kh, &vh, &gh], "head-major"),
+    ] {
+        let secs = time(|| {
+            st.copy_from_slice(&st0);
+            kda_chunked(shape, q, k, v, g, &beta, &mut st, &mut o)
+        });
+        rows.flops(
+            &format!("kda_chunked H={h} K=V={kd} T={t} {name}"),
+            secs,
+            flops,
+            Against::Fma,
+        );
+    }
 
     let s1 = KdaShape { t: 1, ..s };
     let (q1, k1, v1, g1, b1) = (

@@ -9,8 +9,10 @@
 //! [`conv1d_causal_silu`] runs blocks of output rows in parallel (each row reads only the inputs
 //! before it); every output element is the sum over taps in tap order, then SiLU
 //! ([`crate::activation::silu_inplace`]), as in [`conv1d_causal_silu_reference`].
+//! [`conv1d_causal_silu_heads`] writes the same rows head-major, for the KDA chunk kernel.
 
 use crate::activation::{silu, silu_inplace};
+use crate::par::SendPtr;
 
 /// `x` `[T, C]` (raw, pre-conv), `taps` `[W, C]` (row `W-1` multiplies the current token),
 /// `state` `[W-1, C]` (oldest row first; zeros at the start of a sequence). Writes `out` `[T, C]`
@@ -37,6 +39,112 @@ pub fn conv1d_causal_silu(
         silu_inplace(rows);
     });
     push_state(x, c, w, state);
+}
+
+/// [`conv1d_causal_silu`] with `out` head-major: `[C / hw, T, hw]`, the `hw` channels from
+/// `h·hw` of token `t` at `(h·T + t)·hw` (the layout [`crate::kda::KdaLayout::HeadMajor`]
+/// names, which the KDA chunk kernel reads fastest). Each row holds the bits of the same
+/// channels of [`conv1d_causal_silu`]'s row `t`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv1d_causal_silu_heads(
+    x: &[f32],
+    c: usize,
+    taps: &[f32],
+    w: usize,
+    hw: usize,
+    state: &mut [f32],
+    out: &mut [f32],
+) {
+    check(x, c, taps, w, state, out);
+    assert!(
+        hw > 0 && c.is_multiple_of(hw),
+        "conv1d: {c} channels are not heads of {hw}"
+    );
+    let st: &[f32] = state;
+    let dst = SendPtr(out.as_mut_ptr());
+    let t = x.len() / c;
+    crate::par::row_blocks(t, 32, |rows| {
+        let heads = Heads { dst, t, hw };
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::features().avx2_fma {
+            // SAFETY: AVX2 checked; `heads` describes `out`, whose rows of tokens `rows` only
+            // this block writes.
+            unsafe { conv_heads_avx2(x, st, c, w, taps, rows, heads) };
+            return;
+        }
+        // SAFETY: as above.
+        unsafe { conv_heads(x, st, c, w, taps, rows, heads) };
+    });
+    push_state(x, c, w, state);
+}
+
+/// A head-major output: `t` tokens, rows `hw` wide.
+#[derive(Clone, Copy)]
+struct Heads {
+    dst: SendPtr<f32>,
+    t: usize,
+    hw: usize,
+}
+
+/// Tokens `rows` of [`conv1d_causal_silu_heads`], each head's row computed in place and SiLU'd.
+///
+/// # Safety
+/// `heads.dst` is a `[C / hw, t, hw]` buffer and no other thread touches the rows of tokens
+/// `rows` in it.
+#[inline(always)]
+unsafe fn conv_heads(
+    x: &[f32],
+    st: &[f32],
+    c: usize,
+    w: usize,
+    taps: &[f32],
+    rows: std::ops::Range<usize>,
+    heads: Heads,
+) {
+    let Heads { dst, t, hw } = heads;
+    // Tiles of tokens, head by head within a tile: each head's rows of a tile are written in
+    // one run (a token at a time across the heads wrote `C / hw` streams of one row each, twice
+    // the token-major convolution's time), and the tile's inputs stay in L2 across its heads.
+    let mut t0 = rows.start;
+    while t0 < rows.end {
+        let t1 = (t0 + CONV_TILE).min(rows.end);
+        for hi in 0..c / hw {
+            for ti in t0..t1 {
+                // SAFETY: the caller's contract (row (hi, ti), `hw` floats).
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(dst.get().add((hi * t + ti) * hw), hw)
+                };
+                o.fill(0.0);
+                for j in 0..w {
+                    let r = &input_row(x, st, c, w, ti + j)[hi * hw..][..hw];
+                    let tp = &taps[j * c + hi * hw..][..hw];
+                    for ((ov, tv), rv) in o.iter_mut().zip(tp).zip(r) {
+                        *ov += tv * rv;
+                    }
+                }
+                silu_inplace(o);
+            }
+        }
+        t0 = t1;
+    }
+}
+
+/// Tokens a tile of [`conv1d_causal_silu_heads`] takes (its inputs: 256 KiB at 4096 channels).
+const CONV_TILE: usize = 16;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn conv_heads_avx2(
+    x: &[f32],
+    st: &[f32],
+    c: usize,
+    w: usize,
+    taps: &[f32],
+    rows: std::ops::Range<usize>,
+    heads: Heads,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { conv_heads(x, st, c, w, taps, rows, heads) }
 }
 
 /// [`conv1d_causal_silu`] as a plain loop with the scalar [`silu`].

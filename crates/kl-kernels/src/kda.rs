@@ -32,21 +32,28 @@
 //!     once per call): rows of exactly 512 bytes put a product's column strip into a quarter of
 //!     the L1 sets.
 //!   - *Inputs read in place* (no gather of the head's rows), each row's inputs fetched into L1
-//!     while the row before it is computed. The products themselves issue no prefetches: a
+//!     while the row before it is computed; head-major rows, in whole pages, for the hardware's
+//!     stream prefetchers. The products themselves issue no prefetches: a
 //!     prefetch of the next chunk's rows (4 KiB or more apart, each a page of its own) paced
 //!     through the register tiles stalled the tiles on a full fill buffer and cost 2–18% more
 //!     than it saved (docs/performance.md).
 //!   - *Outputs streamed* where [`crate::cpu::Features::nontemporal`] says so (AMD): a chunk's
-//!     `O` is computed into the scratch and written to its rows (`H·V` floats apart, each row
-//!     in a page of its own) with non-temporal stores ([`crate::simd::stream_copy`]), so that
-//!     its lines are neither read from memory first nor left to evict the next chunk's inputs:
-//!     4–5% faster on the Zen 5 VM. The Intel VM measured the same 2–7% slower than computing
-//!     `O` straight into its rows, which other CPUs keep doing.
+//!     `O` is computed into the scratch and written to its rows (token-major `H·V` floats
+//!     apart, each row in a page of its own) with non-temporal stores
+//!     ([`crate::simd::stream_copy`]), so that its lines are neither read from memory first nor
+//!     left to evict the next chunk's inputs: 4–5% faster on the Zen 5 VM token-major, the same
+//!     as computing `O` in place head-major. The Intel VM measured streaming 2–7% slower than
+//!     computing `O` straight into its rows (token-major), which other CPUs keep doing.
 //! - [`kda_chunked_state`] is the same form's state update alone (no `O`): what a sequence needs
 //!   to fold rows whose outputs it gave out already into its state.
 //!
-//! Layouts (PyTorch order): `q, k, g` `[T, H, K]`, `v` `[T, H, V]`, `beta` `[T, H]`,
-//! `state` `[H, K, V]`, `out` `[T, H, V]`. Heads run in parallel.
+//! Layouts: `q, k, g` `[T, H, K]`, `v` and `out` `[T, H, V]` (PyTorch's order), or all of
+//! them head-major (`[H, T, ·]`, [`KdaLayout`]: a head's rows consecutive, which the chunked
+//! form reads 5–8% faster, and which the layers' producers write at no cost of their own:
+//! [`kda_gate_heads`], [`crate::conv1d::conv1d_causal_silu_heads`],
+//! [`crate::norm::rms_norm_gated_heads`]); `beta` `[T, H]` and `state` `[H, K, V]` in both.
+//! Both layouts give the same bits. Heads run in parallel. [`kda_chunked_carry`] is the
+//! chunked form for a caller that carries a partial chunk to its next call.
 
 use crate::activation::{softplus_scaled, softplus_scaled_reference};
 use crate::dense::{exp_inplace, forward_subst_blocked, gemm, gemm_ptr, mul_exp_diff, MatA, Mode};
@@ -69,6 +76,96 @@ pub struct KdaShape {
     pub k: usize,
     /// Value width.
     pub v: usize,
+    /// How the rows of `q`, `k`, `g`, `v` and `out` lie (`beta` is `[T, H]` in both).
+    pub layout: KdaLayout,
+}
+
+/// The order of a call's `[token, head]` rows in `q`, `k`, `g`, `v` and `out`.
+///
+/// A chunk of one head reads 64 rows of each input. Token-major (PyTorch's order), those rows
+/// are `H·K` floats apart, each in a page of its own (16 KiB apart at 32 heads of 128), and
+/// the hardware's stream prefetchers, which stop at page boundaries, fetch none of them ahead;
+/// the kernel's own prefetches did not make up for it (docs/performance.md). Head-major, a
+/// head's rows are consecutive: its chunk is 32 KiB of each input in order, and its outputs too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KdaLayout {
+    /// `[T, H, w]`: row `(t, h)` at `(t·H + h)·w`.
+    TokenMajor,
+    /// `[H, T, w]`: row `(t, h)` at `(h·T + t)·w`.
+    HeadMajor,
+}
+
+impl KdaShape {
+    /// A token-major shape.
+    pub fn new(t: usize, h: usize, k: usize, v: usize) -> Self {
+        KdaShape {
+            t,
+            h,
+            k,
+            v,
+            layout: KdaLayout::TokenMajor,
+        }
+    }
+
+    /// The same shape with its rows head-major.
+    pub fn head_major(self) -> Self {
+        KdaShape {
+            layout: KdaLayout::HeadMajor,
+            ..self
+        }
+    }
+
+    /// Offset of row `(ti, hi)` of a tensor of rows `w` floats wide in this shape's layout.
+    #[inline(always)]
+    pub fn row(&self, ti: usize, hi: usize, w: usize) -> usize {
+        match self.layout {
+            KdaLayout::TokenMajor => (ti * self.h + hi) * w,
+            KdaLayout::HeadMajor => (hi * self.t + ti) * w,
+        }
+    }
+
+    /// Floats from one token's row of a head to the next token's, rows `w` floats wide.
+    #[inline(always)]
+    pub fn token_stride(&self, w: usize) -> usize {
+        match self.layout {
+            KdaLayout::TokenMajor => self.h * w,
+            KdaLayout::HeadMajor => w,
+        }
+    }
+}
+
+/// Copies rows `src_t0..src_t0 + n` of every head of `src` (laid out as `src_shape`) to rows
+/// `dst_t0..dst_t0 + n` of `dst` (laid out as `dst_shape`), rows `w` floats wide: a change of
+/// layout, or rows moved between calls' tensors (the layers' chunk carry). Both shapes must
+/// have the same heads.
+#[allow(clippy::too_many_arguments)]
+pub fn copy_rows(
+    src: &[f32],
+    src_shape: KdaShape,
+    src_t0: usize,
+    dst: &mut [f32],
+    dst_shape: KdaShape,
+    dst_t0: usize,
+    n: usize,
+    w: usize,
+) {
+    assert_eq!(src_shape.h, dst_shape.h, "kda copy_rows: heads differ");
+    assert!(
+        src_t0 + n <= src_shape.t && dst_t0 + n <= dst_shape.t,
+        "kda copy_rows: rows out of range"
+    );
+    assert!(
+        src.len() >= src_shape.t * src_shape.h * w && dst.len() >= dst_shape.t * dst_shape.h * w
+    );
+    for hi in 0..src_shape.h {
+        for i in 0..n {
+            let (a, b) = (
+                src_shape.row(src_t0 + i, hi, w),
+                dst_shape.row(dst_t0 + i, hi, w),
+            );
+            dst[b..b + w].copy_from_slice(&src[a..a + w]);
+        }
+    }
 }
 
 /// Gate: `g = −exp(A_log[h]) · softplus(gate_in + dt_bias)` over `[T, H, K]`, in place on `gate`.
@@ -81,6 +178,39 @@ pub fn kda_gate(gate: &mut [f32], a_log: &[f32], dt_bias: &[f32], h: usize, k: u
             for (hi, al) in a_log[..h].iter().enumerate() {
                 let r = hi * k..(hi + 1) * k;
                 softplus_scaled(&mut row[r.clone()], &dt_bias[r], -al.exp());
+            }
+        }
+    });
+}
+
+/// [`kda_gate`] from the gate's projection `gate_in` (`[T, H·K]`) into a head-major `out`
+/// (`[H, T, K]`, [`KdaLayout::HeadMajor`]): the same bits, in the layout the chunk kernel
+/// reads fastest, with no pass of its own for the change.
+pub fn kda_gate_heads(
+    gate_in: &[f32],
+    a_log: &[f32],
+    dt_bias: &[f32],
+    h: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    assert_eq!(
+        gate_in.len() % (h * k),
+        0,
+        "kda_gate_heads: gate_in is not [T, H·K]"
+    );
+    assert_eq!(gate_in.len(), out.len(), "kda_gate_heads: out");
+    let t = gate_in.len() / (h * k);
+    let dst = SendPtr(out.as_mut_ptr());
+    crate::par::row_blocks(t, 32, |rows| {
+        for ti in rows {
+            for (hi, al) in a_log[..h].iter().enumerate() {
+                // SAFETY: row (hi, ti) of `out` (`K` floats inside it: lengths checked), which
+                // only the block of token ti writes.
+                let o =
+                    unsafe { std::slice::from_raw_parts_mut(dst.get().add((hi * t + ti) * k), k) };
+                o.copy_from_slice(&gate_in[(ti * h + hi) * k..][..k]);
+                softplus_scaled(o, &dt_bias[hi * k..(hi + 1) * k], -al.exp());
             }
         }
     });
@@ -109,7 +239,9 @@ fn check(
     state: &[f32],
     out: Option<&[f32]>,
 ) {
-    let KdaShape { t, h, k: kd, v: vd } = s;
+    let KdaShape {
+        t, h, k: kd, v: vd, ..
+    } = s;
     assert_eq!(q.len(), t * h * kd, "kda: q");
     assert_eq!(k.len(), t * h * kd, "kda: k");
     assert_eq!(g.len(), t * h * kd, "kda: g");
@@ -141,7 +273,9 @@ pub fn kda_recurrent(
     out: &mut [f32],
 ) {
     check(s, q, k, v, g, beta, state, Some(out));
-    let KdaShape { t, h, k: kd, v: vd } = s;
+    let KdaShape {
+        t, h, k: kd, v: vd, ..
+    } = s;
     let x = Inputs {
         s,
         q,
@@ -150,6 +284,7 @@ pub fn kda_recurrent(
         g,
         beta,
         out: Some(SendPtr(out.as_mut_ptr())),
+        carry: false,
     };
     // Heads in parallel from 64 × 64 states on: `mini`'s decode step (16 such heads, 256 KiB of
     // state read and written twice) had run on one thread while the other waited; on two
@@ -206,7 +341,9 @@ fn madd<const FMA: bool>(a: f32, x: f32, y: f32) -> f32 {
 /// the last multiple of 8 accumulate with fused multiply–adds (see [`kda_recurrent`]).
 #[inline(always)]
 fn recurrent_head<const FMA: bool>(x: &Inputs, hi: usize, st: &mut [f32]) {
-    let KdaShape { t, h, k: kd, v: vd } = x.s;
+    let KdaShape {
+        t, h, k: kd, v: vd, ..
+    } = x.s;
     // Columns accumulated the fused way (all of them but a tail, as `simd::axpy` splits them).
     let vf = if FMA { vd / 8 * 8 } else { 0 };
     let out = x.out.expect("kda_recurrent always writes its outputs");
@@ -219,7 +356,7 @@ fn recurrent_head<const FMA: bool>(x: &Inputs, hi: usize, st: &mut [f32]) {
         &mut uvec
     };
     for ti in 0..t {
-        let base = (ti * h + hi) * kd;
+        let base = x.s.row(ti, hi, kd);
         let (qt, kt, gt) = (
             &x.q[base..base + kd],
             &x.k[base..base + kd],
@@ -227,7 +364,7 @@ fn recurrent_head<const FMA: bool>(x: &Inputs, hi: usize, st: &mut [f32]) {
         );
         let b = x.beta[ti * h + hi];
         // S ← Diag(e^g) S, and u = v − Sᵀk, row by row.
-        u.copy_from_slice(&x.v[(ti * h + hi) * vd..(ti * h + hi + 1) * vd]);
+        u.copy_from_slice(&x.v[x.s.row(ti, hi, vd)..][..vd]);
         for (row, (&gd, &kd_)) in st.chunks_exact_mut(vd).zip(gt.iter().zip(kt)) {
             let e = gd.exp();
             let nk = -kd_;
@@ -247,7 +384,7 @@ fn recurrent_head<const FMA: bool>(x: &Inputs, hi: usize, st: &mut [f32]) {
         }
         // S += k uᵀ and o = Sᵀq, row by row.
         // SAFETY: the (ti, hi) output row is written only by head hi's task.
-        let o = unsafe { std::slice::from_raw_parts_mut(out.get().add((ti * h + hi) * vd), vd) };
+        let o = unsafe { std::slice::from_raw_parts_mut(out.get().add(x.s.row(ti, hi, vd)), vd) };
         o.fill(0.0);
         for (row, (&kd_, &qd)) in st.chunks_exact_mut(vd).zip(kt.iter().zip(qt)) {
             let (rf, rt) = row.split_at_mut(vf);
@@ -277,12 +414,14 @@ pub fn kda_chunked_reference(
     out: &mut [f32],
 ) {
     check(s, q, k, v, g, beta, state, Some(out));
-    let KdaShape { t, h, k: kd, v: vd } = s;
+    let KdaShape {
+        t, h, k: kd, v: vd, ..
+    } = s;
     for hi in 0..h {
         let st = &mut state[hi * kd * vd..(hi + 1) * kd * vd];
         for ti in 0..t {
-            let base = (ti * h + hi) * kd;
-            let vb = (ti * h + hi) * vd;
+            let base = s.row(ti, hi, kd);
+            let vb = s.row(ti, hi, vd);
             for d in 0..kd {
                 let e = g[base + d].exp();
                 for c in 0..vd {
@@ -518,6 +657,41 @@ pub fn kda_chunked(
             g,
             beta,
             out,
+            carry: false,
+        },
+        state,
+    );
+}
+
+/// [`kda_chunked`] for a sequence that carries its partial chunk: the outputs of all `T` rows,
+/// but `state` advances over the whole chunks only. Rows after the last multiple of [`CHUNK`]
+/// take their outputs from the state at their chunk's start and leave it there, so that the
+/// next call can recompute that chunk with more rows (the layers' chunk carry). Their outputs
+/// and the state are [`kda_chunked`]'s bits on the whole chunks followed by a call on the rest
+/// with a copy of the state; this skips the copy and the partial chunk's state update.
+#[allow(clippy::too_many_arguments)]
+pub fn kda_chunked_carry(
+    s: KdaShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    g: &[f32],
+    beta: &[f32],
+    state: &mut [f32],
+    out: &mut [f32],
+) {
+    check(s, q, k, v, g, beta, state, Some(out));
+    let out = Some(SendPtr(out.as_mut_ptr()));
+    chunked(
+        Inputs {
+            s,
+            q,
+            k,
+            v,
+            g,
+            beta,
+            out,
+            carry: true,
         },
         state,
     );
@@ -545,6 +719,7 @@ pub fn kda_chunked_state(
             g,
             beta,
             out: None,
+            carry: false,
         },
         state,
     );
@@ -609,6 +784,8 @@ struct Inputs<'a> {
     /// `out`, written row by row: each head task writes only its own rows (none: the state
     /// alone is wanted).
     out: Option<SendPtr<f32>>,
+    /// A final partial chunk leaves the state at its start ([`kda_chunked_carry`]).
+    carry: bool,
 }
 
 /// One chunk of one head: the §5.3 equations as small dense products.
@@ -747,14 +924,16 @@ fn chunk_head_body<const STREAM: bool>(
         g,
         beta,
         out,
+        ..
     } = *x;
     let KdaShape {
         h, k: kd, v: vd, ..
     } = s;
     const C: usize = CHUNK;
     let (ldk, ldv) = (sc.ldk, sc.ldv);
-    // Offset of row r of this chunk and head in a [T, H, w] tensor; rows of q and k in place.
-    let at = |r: usize, w: usize| ((t0 + r) * h + hi) * w;
+    // Offset of row r of this chunk and head in a tensor of rows `w` wide; rows of q and k in
+    // place.
+    let at = |r: usize, w: usize| s.row(t0 + r, hi, w);
     let krow = |r: usize| &k[at(r, kd)..][..kd];
     let qrow = |r: usize| &q[at(r, kd)..][..kd];
     let nsub = c.div_ceil(SUB);
@@ -929,7 +1108,7 @@ fn chunk_head_body<const STREAM: bool>(
         let (o, ldo) = if STREAM {
             (sc.o.as_mut_ptr(), ldv)
         } else {
-            (dst, h * vd)
+            (dst, s.token_stride(vd))
         };
         let qa = MatA {
             data: &sc.eq[..c * ldk],
@@ -952,10 +1131,19 @@ fn chunk_head_body<const STREAM: bool>(
             if STREAM {
                 for i in r0..r1 {
                     // SAFETY: as above (row i).
-                    unsafe { stream_copy(dst.add(i * h * vd), &sc.o[i * ldv..i * ldv + vd]) };
+                    unsafe {
+                        stream_copy(
+                            dst.add(i * s.token_stride(vd)),
+                            &sc.o[i * ldv..i * ldv + vd],
+                        )
+                    };
                 }
             }
         }
+    }
+    if x.carry && c < C {
+        // A partial chunk carried to the next call: the state stays at its start.
+        return;
     }
     // S ← Diag(e^{Γ_last}) S + (e^{Γ_last − Γ}⊙K)ᵀ V'; e^{Γ_last − Γ_i} k_i = kinv_i·qf_last·Πρ.
     let last = (c - 1) * kd;

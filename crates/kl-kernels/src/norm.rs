@@ -15,13 +15,19 @@ pub fn rms_norm<W: Elem>(x: &[f32], w: &[W], eps: f32, out: &mut [f32]) {
     crate::par::rows_mut(out, d, 64, |r0, rows| {
         let x = &x[r0 * d..r0 * d + rows.len()];
         for (xr, or) in x.chunks_exact(d).zip(rows.chunks_exact_mut(d)) {
-            let ms = crate::simd::dot_f32(xr, xr) / d as f32;
-            let r = 1.0 / (ms + eps).sqrt();
-            for ((o, xv), wv) in or.iter_mut().zip(xr).zip(w) {
-                *o = wv.to_f32() * (xv * r);
-            }
+            rms_row(xr, w, eps, or);
         }
     });
+}
+
+/// One row of [`rms_norm`].
+#[inline(always)]
+fn rms_row<W: Elem>(xr: &[f32], w: &[W], eps: f32, or: &mut [f32]) {
+    let ms = crate::simd::dot_f32(xr, xr) / w.len() as f32;
+    let r = 1.0 / (ms + eps).sqrt();
+    for ((o, xv), wv) in or.iter_mut().zip(xr).zip(w) {
+        *o = wv.to_f32() * (xv * r);
+    }
 }
 
 /// [`rms_norm`] as a plain loop: one row at a time, the squares summed in order.
@@ -52,6 +58,38 @@ pub fn rms_norm_gated<W: Elem>(x: &[f32], gate: &[f32], w: &[W], eps: f32, out: 
         );
         crate::par::serial(|| rms_norm(x, w, eps, rows));
         mul_sigmoid(rows, gate);
+    });
+}
+
+/// [`rms_norm_gated`] of a head-major `x`: `x` is `[H, T, d]` (the KDA kernel's head-major
+/// output, [`crate::kda::KdaLayout::HeadMajor`]), `gate` and `out` are `[T, H·d]`, `d =
+/// w.len()`. The same bits as [`rms_norm_gated`] on `x` laid out token-major; the change of
+/// layout costs no pass of its own.
+pub fn rms_norm_gated_heads<W: Elem>(
+    x: &[f32],
+    gate: &[f32],
+    w: &[W],
+    eps: f32,
+    h: usize,
+    out: &mut [f32],
+) {
+    let d = w.len();
+    assert_eq!(x.len(), gate.len());
+    assert_eq!(x.len(), out.len());
+    assert_eq!(
+        x.len() % (h * d).max(1),
+        0,
+        "rms_norm_gated_heads: x is not [H, T, d]"
+    );
+    let t = x.len() / (h * d).max(1);
+    crate::par::rows_mut(out, h * d, 32, |r0, rows| {
+        for (i, row) in rows.chunks_exact_mut(h * d).enumerate() {
+            let ti = r0 + i;
+            for (hi, or) in row.chunks_exact_mut(d).enumerate() {
+                rms_row(&x[(hi * t + ti) * d..][..d], w, eps, or);
+            }
+            mul_sigmoid(row, &gate[ti * h * d..][..h * d]);
+        }
     });
 }
 

@@ -126,16 +126,38 @@ pub fn rows_mut(
     body: impl Fn(usize, &mut [f32]) + Sync + Send,
 ) {
     let n = out.len() / row_len.max(1);
-    let threads = threads();
-    if threads == 1 || n < 2 * min_rows.max(1) {
+    let per = block_rows(n, min_rows);
+    if per >= n {
         body(0, out);
         return;
     }
-    // A few blocks per thread, so that a slow thread does not hold the others up.
-    let per = n.div_ceil(4 * threads).max(min_rows);
     out.par_chunks_mut(per * row_len)
         .enumerate()
         .for_each(|(i, rows)| body(i * per, rows));
+}
+
+/// `body(rows)` over blocks of `0..n`, split as [`rows_mut`] splits its rows: for kernels whose
+/// output rows are not one contiguous block each (a head-major output written token by token).
+pub fn row_blocks(n: usize, min_rows: usize, body: impl Fn(std::ops::Range<usize>) + Sync + Send) {
+    let per = block_rows(n, min_rows);
+    if per >= n {
+        body(0..n);
+        return;
+    }
+    (0..n.div_ceil(per))
+        .into_par_iter()
+        .for_each(|i| body(i * per..((i + 1) * per).min(n)));
+}
+
+/// Rows a block of [`rows_mut`] and [`row_blocks`] takes: all `n` of them (one block, on this
+/// thread) with one thread or fewer than `2·min_rows` rows, else a few blocks per thread, so
+/// that a slow thread does not hold the others up.
+fn block_rows(n: usize, min_rows: usize) -> usize {
+    let threads = threads();
+    if threads == 1 || n < 2 * min_rows.max(1) {
+        return n.max(1);
+    }
+    n.div_ceil(4 * threads).max(min_rows)
 }
 
 #[cfg(test)]

@@ -44,7 +44,7 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// Random KDA inputs `[q, k, v, g, β, state]`: l2-normalised q (scaled) and k, log-decays from
 /// weak to very strong (down to −30 per token, exercising the overflow-safe pairwise exponents).
 pub fn kda_inputs(rng: &mut Rng, s: KdaShape) -> [Vec<f32>; 6] {
-    let KdaShape { t, h, k, v } = s;
+    let KdaShape { t, h, k, v, .. } = s;
     let mut q = rng.vec(t * h * k, 1.0);
     let mut kk = rng.vec(t * h * k, 1.0);
     l2_normalize_rows(&mut q, k, 1e-6, (k as f32).powf(-0.5));

@@ -8,9 +8,25 @@ use kl_kernels::activation::{
     mul_sigmoid, sigmoid, sigmoid_inplace, silu, silu_inplace, softplus, softplus_scaled,
     softplus_scaled_reference, swiglu, swiglu_reference,
 };
-use kl_kernels::conv1d::{conv1d_causal_silu, conv1d_causal_silu_reference};
-use kl_kernels::kda::{kda_gate, kda_gate_reference};
-use kl_kernels::norm::{rms_norm, rms_norm_gated, rms_norm_gated_reference, rms_norm_reference};
+use kl_kernels::conv1d::{
+    conv1d_causal_silu, conv1d_causal_silu_heads, conv1d_causal_silu_reference,
+};
+use kl_kernels::kda::{copy_rows, kda_gate, kda_gate_heads, kda_gate_reference, KdaShape};
+use kl_kernels::norm::{
+    rms_norm, rms_norm_gated, rms_norm_gated_heads, rms_norm_gated_reference, rms_norm_reference,
+};
+
+/// `x` (`[T, H, w]`) laid out head-major (`[H, T, w]`).
+fn head_major(x: &[f32], t: usize, h: usize, w: usize) -> Vec<f32> {
+    let s = KdaShape::new(t, h, w, w);
+    let mut y = vec![f32::NAN; x.len()];
+    copy_rows(x, s, 0, &mut y, s.head_major(), 0, t, w);
+    y
+}
+
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
 
 /// Inputs across the interesting ranges: around 0, the softplus threshold 20, large of both
 /// signs, tiny, and ±0.
@@ -126,6 +142,14 @@ fn kda_gate_matches_reference() {
         kda_gate(&mut a, &a_log, &dt_bias, h, k);
         kda_gate_reference(&mut b, &a_log, &dt_bias, h, k);
         assert_near("kda_gate", &a, &b, 4e-7, 1e-37, &x);
+        // Head-major: the same bits, each row where the layout puts it.
+        let mut c = vec![f32::NAN; x.len()];
+        kda_gate_heads(&x, &a_log, &dt_bias, h, k, &mut c);
+        assert_eq!(
+            bits(&c),
+            bits(&head_major(&a, t, h, k)),
+            "kda_gate_heads t {t}"
+        );
     }
 }
 
@@ -134,7 +158,14 @@ fn conv1d_matches_reference_and_splits() {
     let mut rng = Rng::new(14);
     // Kernel widths with gathered taps and one past them; channel counts around the block size;
     // enough rows for the parallel split.
-    for (c, w, t) in [(7, 4, 11), (67, 3, 130), (130, 4, 1), (5, 9, 9), (64, 1, 3)] {
+    for (c, w, t, hw) in [
+        (7, 4, 11, 7),
+        (67, 3, 130, 67),
+        (130, 4, 1, 13),
+        (5, 9, 9, 1),
+        (64, 1, 3, 16),
+        (130, 4, 150, 13),
+    ] {
         let x = rng.vec(t * c, 3.0);
         let wt = rng.vec(c * w, 1.0);
         let st0 = rng.vec((w - 1) * c, 1.0);
@@ -153,13 +184,20 @@ fn conv1d_matches_reference_and_splits() {
         }
         assert_eq!(o1, o3, "conv1d split, c {c} w {w} t {t}");
         assert_eq!(s1, s3);
+        // Head-major: the same bits and state.
+        let mut s4 = st0.clone();
+        let mut o4 = vec![f32::NAN; t * c];
+        conv1d_causal_silu_heads(&x, c, &wt, w, hw, &mut s4, &mut o4);
+        let expect = head_major(&o1, t, c / hw, hw);
+        assert_eq!(bits(&o4), bits(&expect), "conv1d heads, c {c} w {w} t {t}");
+        assert_eq!(s1, s4);
     }
 }
 
 #[test]
 fn rms_norm_gated_matches_reference() {
     let mut rng = Rng::new(15);
-    for (rows, d) in [(1, 5), (3, 64), (300, 17)] {
+    for (rows, d, h) in [(1, 5, 1), (3, 64, 3), (300, 17, 4)] {
         let x = rng.vec(rows * d, 2.0);
         let gate = inputs(&mut rng, rows * d);
         let w = rng.vec(d, 1.0);
@@ -167,6 +205,11 @@ fn rms_norm_gated_matches_reference() {
         rms_norm_gated(&x, &gate, &w, 1e-5, &mut a);
         rms_norm_gated_reference(&x, &gate, &w, 1e-5, &mut b);
         assert_near("rms_norm_gated", &a, &b, 5e-7, 1e-30, &gate);
+        // `x` head-major: the same bits.
+        let mut c = vec![f32::NAN; rows * d];
+        let xh = head_major(&x, rows / h, h, d);
+        rms_norm_gated_heads(&xh, &gate, &w, 1e-5, h, &mut c);
+        assert_eq!(bits(&c), bits(&a), "rms_norm_gated_heads rows {rows} h {h}");
     }
 }
 

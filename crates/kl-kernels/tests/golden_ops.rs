@@ -40,7 +40,7 @@ fn run(m: &HashMap<String, (Vec<usize>, Vec<f32>)>, prefix: &str, init: &str, ch
     let (qs, _) = &m[&format!("{prefix}.q")];
     let (t, h, k) = (qs[1], qs[2], qs[3]);
     let v = m[&format!("{prefix}.v")].0[3];
-    let s = KdaShape { t, h, k, v };
+    let s = KdaShape::new(t, h, k, v);
     let a_log = &m["kda.A_log"].1;
     let dt_bias = &m["kda.dt_bias"].1;
     for b in 0..qs[0] {

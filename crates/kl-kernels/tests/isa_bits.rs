@@ -72,7 +72,7 @@ fn kda_bits(seed: u64, shapes: &[(usize, usize, usize, usize)]) -> Vec<f32> {
     let mut rng = Rng::new(seed);
     let mut all = Vec::new();
     for &(t, h, k, v) in shapes {
-        let s = KdaShape { t, h, k, v };
+        let s = KdaShape::new(t, h, k, v);
         let [q, kk, vv, g, beta, st0] = kda_inputs(&mut rng, s);
         let mut out = vec![0f32; t * h * v];
         let mut st = st0.clone();

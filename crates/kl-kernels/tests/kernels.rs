@@ -6,7 +6,8 @@ use half::{bf16, f16};
 use kl_kernels::attention::{latent_attention, latent_attention_reference, LatentAttnShape};
 use kl_kernels::cpu::Isa;
 use kl_kernels::kda::{
-    kda_chunked, kda_chunked_reference, kda_chunked_state, kda_recurrent, KdaShape,
+    copy_rows, kda_chunked, kda_chunked_carry, kda_chunked_reference, kda_chunked_state,
+    kda_recurrent, KdaShape, CHUNK,
 };
 use kl_kernels::matmul::{matmul, matmul_isa, matmul_reference};
 
@@ -155,7 +156,7 @@ fn kda_chunked_equals_recurrent_at_odd_sizes() {
     let mut rng = Rng::new(2);
     for &t in &[1usize, 63, 64, 65, 200] {
         for &(h, k, v) in &[(1, 5, 3), (3, 12, 20), (2, 33, 17)] {
-            let s = KdaShape { t, h, k, v };
+            let s = KdaShape::new(t, h, k, v);
             let [q, kk, vv, g, beta, st0] = kda_inputs(&mut rng, s);
             let (mut s1, mut s2, mut s3) = (st0.clone(), st0.clone(), st0.clone());
             let (mut o1, mut o2, mut o3) = (
@@ -198,15 +199,102 @@ fn kda_chunked_equals_recurrent_at_odd_sizes() {
     }
 }
 
+/// `x`'s rows as `to` lays them out (`x` laid out as `from`), rows `w` wide.
+fn relaid(x: &[f32], from: KdaShape, to: KdaShape, w: usize) -> Vec<f32> {
+    let mut y = vec![f32::NAN; x.len()];
+    copy_rows(x, from, 0, &mut y, to, 0, from.t, w);
+    y
+}
+
+fn assert_bits(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert_eq!(x.to_bits(), y.to_bits(), "{what} [{i}]: {x} vs {y}");
+    }
+}
+
+/// Head-major rows give the token-major bits in every entry point, and the carry entry point
+/// gives the bits of the whole chunks followed by the rest on a copy of the state.
+#[test]
+fn kda_head_major_and_carry_give_the_same_bits() {
+    let mut rng = Rng::new(5);
+    for &t in &[1usize, 17, 64, 65, 150] {
+        for &(h, k, v) in &[(1, 5, 3), (3, 12, 20), (2, 33, 17)] {
+            let s = KdaShape::new(t, h, k, v);
+            let hm = s.head_major();
+            let [q, kk, vv, g, beta, st0] = kda_inputs(&mut rng, s);
+            let (qh, kh, vh, gh) = (
+                relaid(&q, s, hm, k),
+                relaid(&kk, s, hm, k),
+                relaid(&vv, s, hm, v),
+                relaid(&g, s, hm, k),
+            );
+            let what = format!("t={t} {h}x{k}x{v}");
+            type Entry =
+                fn(KdaShape, &[f32], &[f32], &[f32], &[f32], &[f32], &mut [f32], &mut [f32]);
+            let entries: [(&str, Entry); 4] = [
+                ("chunked", kda_chunked),
+                ("carry", kda_chunked_carry),
+                ("recurrent", kda_recurrent),
+                ("reference", kda_chunked_reference),
+            ];
+            for (name, f) in entries {
+                let (mut st, mut o) = (st0.clone(), vec![0.0; t * h * v]);
+                f(s, &q, &kk, &vv, &g, &beta, &mut st, &mut o);
+                let (mut sth, mut oh) = (st0.clone(), vec![0.0; t * h * v]);
+                f(hm, &qh, &kh, &vh, &gh, &beta, &mut sth, &mut oh);
+                assert_bits(&st, &sth, &format!("{name} state, {what}"));
+                assert_bits(&o, &relaid(&oh, hm, s, v), &format!("{name} out, {what}"));
+            }
+            let mut sth = st0.clone();
+            kda_chunked_state(hm, &kh, &vh, &gh, &beta, &mut sth);
+            let mut st = st0.clone();
+            kda_chunked_state(s, &kk, &vv, &g, &beta, &mut st);
+            assert_bits(&st, &sth, &format!("state only, {what}"));
+
+            // The carry: kda_chunked on the whole chunks, then on the rest with a copy.
+            let full = t / CHUNK * CHUNK;
+            let (mut se, mut oe) = (st0.clone(), vec![0.0; t * h * v]);
+            let (pk, pv) = (full * h * k, full * h * v);
+            if full > 0 {
+                let sh = KdaShape { t: full, ..s };
+                kda_chunked(
+                    sh,
+                    &q[..pk],
+                    &kk[..pk],
+                    &vv[..pv],
+                    &g[..pk],
+                    &beta[..full * h],
+                    &mut se,
+                    &mut oe[..pv],
+                );
+            }
+            if t > full {
+                let sh = KdaShape { t: t - full, ..s };
+                let mut copy = se.clone();
+                kda_chunked(
+                    sh,
+                    &q[pk..],
+                    &kk[pk..],
+                    &vv[pv..],
+                    &g[pk..],
+                    &beta[full * h..],
+                    &mut copy,
+                    &mut oe[pv..],
+                );
+            }
+            let (mut sc, mut oc) = (st0.clone(), vec![0.0; t * h * v]);
+            kda_chunked_carry(hm, &qh, &kh, &vh, &gh, &beta, &mut sc, &mut oc);
+            assert_bits(&se, &sc, &format!("carry state, {what}"));
+            assert_bits(&oe, &relaid(&oc, hm, s, v), &format!("carry out, {what}"));
+        }
+    }
+}
+
 #[test]
 fn kda_split_anywhere_equals_one_call() {
     let mut rng = Rng::new(3);
-    let s = KdaShape {
-        t: 150,
-        h: 2,
-        k: 9,
-        v: 11,
-    };
+    let s = KdaShape::new(150, 2, 9, 11);
     let [q, kk, vv, g, beta, st0] = kda_inputs(&mut rng, s);
     let mut sa = st0.clone();
     let mut oa = vec![0.0; 150 * 2 * 11];
@@ -427,7 +515,7 @@ fn kda_chunked_extreme_decays_match_recurrent() {
         ),
     ];
     for &(t, h, k, v) in &[(200usize, 2usize, 128usize, 128usize), (130, 3, 33, 17)] {
-        let s = KdaShape { t, h, k, v };
+        let s = KdaShape::new(t, h, k, v);
         for (name, gen) in regimes {
             let [q, kk, vv, _, beta, st0] = kda_inputs(&mut rng, s);
             let g: Vec<f32> = (0..t * h * k).map(|i| gen(&mut rng, i % k)).collect();
@@ -462,7 +550,7 @@ fn kda_chunked_rows_are_causal_bitwise() {
     let mut rng = Rng::new(8);
     for &(h, k, v) in &[(2usize, 128usize, 128usize), (3, 33, 17)] {
         let t = 64 + 50;
-        let s = KdaShape { t, h, k, v };
+        let s = KdaShape::new(t, h, k, v);
         let [q, kk, vv, _, beta, st0] = kda_inputs(&mut rng, s);
         // Mild decays, with a burst of very strong ones on some rows of the partial chunk (so
         // that later rows take other paths than earlier ones of the same sub-chunk).

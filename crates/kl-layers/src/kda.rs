@@ -9,14 +9,23 @@
 //! y     = W_o( RMSNorm(o)·w ⊙ sigmoid(W_gb W_ga x) )   # per head
 //! ```
 //! Both gates read the layer input `x` (after `input_layernorm`), not the conv output.
+//!
+//! From the convolutions to the output norm the per-head tensors (`q`, `k`, `v`, `g`, `o`) are
+//! head-major, `[H, T, K]`: the layout in which the chunk kernel reads a head's rows in order
+//! ([`kl_kernels::kda::KdaLayout`]). The convolutions and the gate write it, the output norm
+//! reads it back into token rows for `W_o`, so the change costs no pass of its own; the chunk
+//! carry's rows stay token-major (`[CHUNK−1, H, K]`) and are moved in and out by row.
 
 use crate::linear::Linear;
 use crate::{vector, Mode, Probe, Scratch};
 use kl_config::KdaDims;
 use kl_kernels::activation::sigmoid_inplace;
-use kl_kernels::conv1d::conv1d_causal_silu;
-use kl_kernels::kda::{kda_chunked, kda_chunked_state, kda_gate, kda_recurrent, KdaShape, CHUNK};
-use kl_kernels::norm::{l2_normalize_rows, rms_norm_gated};
+use kl_kernels::conv1d::conv1d_causal_silu_heads;
+use kl_kernels::kda::{
+    copy_rows, kda_chunked_carry, kda_chunked_state, kda_gate_heads, kda_recurrent, KdaLayout,
+    KdaShape, CHUNK,
+};
+use kl_kernels::norm::{l2_normalize_rows, rms_norm_gated_heads};
 use kl_weights::{Checkpoint, WeightsError};
 
 /// Per-sequence state of one KDA layer.
@@ -128,7 +137,7 @@ impl KdaState {
         // Their outputs were given out already: the state alone, with nothing allocated.
         let pd = &self.pending;
         kda_chunked_state(
-            KdaShape { t: n, h, k, v: k },
+            KdaShape::new(n, h, k, k),
             &pd.k[..n * h * k],
             &pd.v[..n * h * k],
             &pd.g[..n * h * k],
@@ -235,7 +244,8 @@ impl Kda {
 
     /// Chunked delta rule over `[pending rows ; new rows]` with chunks aligned to the pending
     /// start; outputs of the new rows go to `core`; complete chunks advance `recurrent`, the
-    /// trailing partial chunk becomes the new pending rows.
+    /// trailing partial chunk becomes the new pending rows. `q`, `kk`, `v`, `g` and `core` are
+    /// head-major (`[H, T, K]`), `beta` is `[T, H]`; the pending rows are kept token-major.
     #[allow(clippy::too_many_arguments)]
     fn prefill_core(
         &self,
@@ -253,86 +263,60 @@ impl Kda {
         let p = h * k;
         let np = st.pending.rows;
         let total = np + t;
-        // Rows before this call's tokens still pending in the carry: prepend them (their q rows
-        // are zeros; their outputs were given out already). Without any, use the inputs as they
-        // are and write `core` directly.
+        let new = KdaShape::new(t, h, k, k).head_major();
+        let all = KdaShape::new(total, h, k, k).head_major();
+        // The carry's rows, token-major (its capacity as the shape's tokens).
+        let carried = KdaShape::new(CHUNK - 1, h, k, k);
+        // Rows before this call's tokens still pending in the carry: put them before the new
+        // rows, head by head (their q rows are zeros; their outputs were given out already).
+        // Without any, use the inputs as they are and write `core` directly.
         let mut bufs: Vec<Vec<f32>> = Vec::new();
         if np > 0 {
             let pd = &st.pending;
-            for (old, new, w) in [
-                (None, q, p),
-                (Some(&pd.k), kk, p),
-                (Some(&pd.v), v, p),
-                (Some(&pd.g), g, p),
-                (Some(&pd.beta), beta, h),
+            for (old, new_rows) in [
+                (None, q),
+                (Some(&pd.k), kk),
+                (Some(&pd.v), v),
+                (Some(&pd.g), g),
             ] {
-                let mut c = scratch.take(0);
-                match old {
-                    Some(o) => c.extend_from_slice(&o[..np * w]),
-                    None => c.resize(np * w, 0.0),
-                }
-                c.extend_from_slice(new);
+                let mut c = match old {
+                    Some(o) => {
+                        let mut c = scratch.take_for_write(total * p);
+                        copy_rows(o, carried, 0, &mut c, all, 0, np, k);
+                        c
+                    }
+                    None => scratch.take(total * p),
+                };
+                copy_rows(new_rows, new, 0, &mut c, all, np, t, k);
                 bufs.push(c);
             }
-            bufs.push(scratch.take(total * p));
+            let mut b = scratch.take_for_write(total * h);
+            b[..np * h].copy_from_slice(&pd.beta[..np * h]);
+            b[np * h..].copy_from_slice(beta);
+            bufs.push(b);
+            bufs.push(scratch.take_for_write(total * p));
         }
         let (ins, out): ([&[f32]; 5], &mut [f32]) = match &mut bufs[..] {
             [qa, ka, va, ga, ba, out] => ([qa, ka, va, ga, ba], out),
             _ => ([q, kk, v, g, beta], &mut *core),
         };
         let [qa, ka, va, ga, ba] = ins;
+        // Whole chunks advance the state; the trailing partial one leaves it at its start.
+        kda_chunked_carry(all, qa, ka, va, ga, ba, &mut st.recurrent, out);
         let full = total / CHUNK * CHUNK;
-        if full > 0 {
-            let s = KdaShape {
-                t: full,
-                h,
-                k,
-                v: k,
-            };
-            kda_chunked(
-                s,
-                &qa[..full * p],
-                &ka[..full * p],
-                &va[..full * p],
-                &ga[..full * p],
-                &ba[..full * h],
-                &mut st.recurrent,
-                &mut out[..full * p],
-            );
-        }
         let tail = total - full;
-        if tail > 0 {
-            let mut rec = scratch.take(0);
-            rec.extend_from_slice(&st.recurrent);
-            let s = KdaShape {
-                t: tail,
-                h,
-                k,
-                v: k,
-            };
-            kda_chunked(
-                s,
-                &qa[full * p..],
-                &ka[full * p..],
-                &va[full * p..],
-                &ga[full * p..],
-                &ba[full * h..],
-                &mut rec,
-                &mut out[full * p..],
-            );
-            scratch.give(rec);
-            st.pending.k[..tail * p].copy_from_slice(&ka[full * p..]);
-            st.pending.v[..tail * p].copy_from_slice(&va[full * p..]);
-            st.pending.g[..tail * p].copy_from_slice(&ga[full * p..]);
-            st.pending.beta[..tail * h].copy_from_slice(&ba[full * h..]);
+        let pd = &mut st.pending;
+        for (src, dst) in [(ka, &mut pd.k), (va, &mut pd.v), (ga, &mut pd.g)] {
+            copy_rows(src, all, full, dst, carried, 0, tail, k);
         }
+        pd.beta[..tail * h].copy_from_slice(&ba[full * h..]);
         // Rows past the new tail are cleared so that equal states compare equal.
         if np > tail {
             st.pending.clear_from(tail, h, k);
         }
         st.pending.rows = tail;
         if let Some(out) = bufs.pop() {
-            core.copy_from_slice(&out[np * p..]);
+            copy_rows(&out, all, np, core, new, 0, t, k);
             scratch.give(out);
         }
         for b in bufs.into_iter().rev() {
@@ -384,38 +368,51 @@ impl Kda {
                 ],
             );
         }
+        // From the convolutions to the delta rule's outputs, the per-head tensors are head-major
+        // ([H, T, K], `shape`), the layout the chunk kernel reads fastest: the convolutions and
+        // the gate write it, the output norm reads it, at no pass of its own. β stays [T, H].
+        let shape = KdaShape::new(t, h, k, k).head_major();
         let mut q = scratch.take_for_write(t * p);
         let mut kk = scratch.take_for_write(t * p);
         let mut v = scratch.take_for_write(t * p);
         for (i, dst) in [&mut q, &mut kk, &mut v].into_iter().enumerate() {
-            conv1d_causal_silu(&raw[i], p, &self.conv[i], w, &mut state.conv[i], dst);
+            conv1d_causal_silu_heads(&raw[i], p, &self.conv[i], w, k, &mut state.conv[i], dst);
         }
         for r in raw.into_iter().rev() {
             scratch.give(r);
         }
         if probe.enabled() {
-            let mut cat = Vec::with_capacity(t * 3 * p);
+            let mut cat = vec![0f32; t * 3 * p];
+            // Token-major, q, k, v side by side: rows of three times the heads.
+            let cat_shape = KdaShape::new(t, 3 * h, k, k);
             for ti in 0..t {
-                for m in [&q, &kk, &v] {
-                    cat.extend_from_slice(&m[ti * p..(ti + 1) * p]);
+                for (mi, m) in [&q, &kk, &v].into_iter().enumerate() {
+                    for hi in 0..h {
+                        let d = cat_shape.row(ti, mi * h + hi, k);
+                        cat[d..d + k].copy_from_slice(&m[shape.row(ti, hi, k)..][..k]);
+                    }
                 }
             }
             probe.record("kda.qkv_conv", &[t, 3 * p], &cat);
         }
         // Second halves of both gates: forget gate (log-decay, f32) and output gate.
-        let mut g = scratch.take_for_write(t * p);
+        let mut g_in = scratch.take_for_write(t * p);
         let mut gate = scratch.take_for_write(t * p);
         Linear::forward_many(
             t,
             &mut [
-                (&self.f_b_proj, &fa, &mut g),
+                (&self.f_b_proj, &fa, &mut g_in),
                 (&self.g_b_proj, &ga, &mut gate),
             ],
         );
         scratch.give(ga);
         scratch.give(fa);
-        kda_gate(&mut g, &self.a_log, &self.dt_bias, h, k);
-        probe.record("kda.g", &[t, h, k], &g);
+        let mut g = scratch.take_for_write(t * p);
+        kda_gate_heads(&g_in, &self.a_log, &self.dt_bias, h, k, &mut g);
+        scratch.give(g_in);
+        if probe.enabled() {
+            probe.record("kda.g", &[t, h, k], &token_major(&g, shape));
+        }
         // β.
         probe.record("kda.beta_logits", &[t, h], &beta);
         sigmoid_inplace(&mut beta);
@@ -430,7 +427,6 @@ impl Kda {
             }
             Mode::Decode => {
                 state.fold(&self.dims);
-                let shape = KdaShape { t, h, k, v: k };
                 kda_recurrent(
                     shape,
                     &q,
@@ -448,15 +444,28 @@ impl Kda {
         scratch.give(v);
         scratch.give(kk);
         scratch.give(q);
-        probe.record("kda.core_out", &[t, h, k], &core);
-        // Output gate and gated RMSNorm per head.
+        if probe.enabled() {
+            probe.record("kda.core_out", &[t, h, k], &token_major(&core, shape));
+        }
+        // Output gate and gated RMSNorm per head (token-major out, for the output projection).
         probe.record("kda.out_gate", &[t, h, k], &gate);
         let mut normed = scratch.take_for_write(t * p);
-        rms_norm_gated(&core, &gate, &self.o_norm, self.eps, &mut normed);
+        rms_norm_gated_heads(&core, &gate, &self.o_norm, self.eps, h, &mut normed);
         probe.record("kda.o_normed", &[t, h, k], &normed);
         self.o_proj.forward(&normed, t, out);
         scratch.give(normed);
         scratch.give(gate);
         scratch.give(core);
     }
+}
+
+/// A head-major tensor of `shape`'s rows (`K` wide) laid out token-major, for the probe.
+fn token_major(x: &[f32], shape: KdaShape) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    let tm = KdaShape {
+        layout: KdaLayout::TokenMajor,
+        ..shape
+    };
+    copy_rows(x, shape, 0, &mut y, tm, 0, shape.t, shape.k);
+    y
 }

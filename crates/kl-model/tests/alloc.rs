@@ -101,12 +101,7 @@ fn decode_allocates_nothing(name: &str, cfg: &kl_config::RawConfig) {
             // once here, so that the later turns below meet only warmed threads.
             let kd = cfg.linear_attn_config.head_dim;
             rayon::broadcast(|_| {
-                let s = KdaShape {
-                    t: 1,
-                    h: 1,
-                    k: kd,
-                    v: kd,
-                };
+                let s = KdaShape::new(1, 1, kd, kd);
                 let (mut state, mut out) = (vec![0f32; kd * kd], vec![0f32; kd]);
                 let x = vec![0f32; kd];
                 kda_chunked(s, &x, &x, &x, &x, &[0.0], &mut state, &mut out);
