@@ -147,6 +147,34 @@ unsafe fn conv_heads_avx2(
     unsafe { conv_heads(x, st, c, w, taps, rows, heads) }
 }
 
+/// [`conv1d_causal_silu_heads`] as [`conv1d_causal_silu_reference`] followed by a plain copy of
+/// each row to its head-major place (its twin).
+#[allow(clippy::too_many_arguments)]
+pub fn conv1d_causal_silu_heads_reference(
+    x: &[f32],
+    c: usize,
+    taps: &[f32],
+    w: usize,
+    hw: usize,
+    state: &mut [f32],
+    out: &mut [f32],
+) {
+    let mut rows = vec![0f32; out.len()];
+    conv1d_causal_silu_reference(x, c, taps, w, state, &mut rows);
+    heads_from_rows(&rows, c, hw, out);
+}
+
+/// `rows` (`[T, C]`) as `[C / hw, T, hw]`.
+fn heads_from_rows(rows: &[f32], c: usize, hw: usize, out: &mut [f32]) {
+    let t = rows.len() / c;
+    for ti in 0..t {
+        for hi in 0..c / hw {
+            let src = &rows[ti * c + hi * hw..][..hw];
+            out[(hi * t + ti) * hw..][..hw].copy_from_slice(src);
+        }
+    }
+}
+
 /// [`conv1d_causal_silu`] as a plain loop with the scalar [`silu`].
 pub fn conv1d_causal_silu_reference(
     x: &[f32],

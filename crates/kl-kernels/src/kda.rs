@@ -216,6 +216,23 @@ pub fn kda_gate_heads(
     });
 }
 
+/// [`kda_gate_heads`] as [`kda_gate_reference`] on a copy followed by a plain copy of each row
+/// to its head-major place (its twin).
+pub fn kda_gate_heads_reference(
+    gate_in: &[f32],
+    a_log: &[f32],
+    dt_bias: &[f32],
+    h: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    let mut g = gate_in.to_vec();
+    kda_gate_reference(&mut g, a_log, dt_bias, h, k);
+    let t = g.len() / (h * k);
+    let shape = KdaShape::new(t, h, k, k);
+    copy_rows(&g, shape, 0, out, shape.head_major(), 0, t, k);
+}
+
 /// [`kda_gate`] with the scalar `softplus`.
 pub fn kda_gate_reference(gate: &mut [f32], a_log: &[f32], dt_bias: &[f32], h: usize, k: usize) {
     assert_eq!(gate.len() % (h * k), 0);

@@ -93,6 +93,27 @@ pub fn rms_norm_gated_heads<W: Elem>(
     });
 }
 
+/// [`rms_norm_gated_heads`] as a plain copy of `x`'s rows into token order followed by
+/// [`rms_norm_gated_reference`] (its twin).
+pub fn rms_norm_gated_heads_reference<W: Elem>(
+    x: &[f32],
+    gate: &[f32],
+    w: &[W],
+    eps: f32,
+    h: usize,
+    out: &mut [f32],
+) {
+    let d = w.len();
+    let t = x.len() / (h * d).max(1);
+    let mut rows = vec![0f32; x.len()];
+    for ti in 0..t {
+        for hi in 0..h {
+            rows[(ti * h + hi) * d..][..d].copy_from_slice(&x[(hi * t + ti) * d..][..d]);
+        }
+    }
+    rms_norm_gated_reference(&rows, gate, w, eps, out);
+}
+
 /// [`rms_norm_gated`] with the scalar sigmoid, in one loop.
 pub fn rms_norm_gated_reference<W: Elem>(
     x: &[f32],

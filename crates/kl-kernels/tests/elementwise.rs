@@ -9,11 +9,15 @@ use kl_kernels::activation::{
     softplus_scaled_reference, swiglu, swiglu_reference,
 };
 use kl_kernels::conv1d::{
-    conv1d_causal_silu, conv1d_causal_silu_heads, conv1d_causal_silu_reference,
+    conv1d_causal_silu, conv1d_causal_silu_heads, conv1d_causal_silu_heads_reference,
+    conv1d_causal_silu_reference,
 };
-use kl_kernels::kda::{copy_rows, kda_gate, kda_gate_heads, kda_gate_reference, KdaShape};
+use kl_kernels::kda::{
+    copy_rows, kda_gate, kda_gate_heads, kda_gate_heads_reference, kda_gate_reference, KdaShape,
+};
 use kl_kernels::norm::{
-    rms_norm, rms_norm_gated, rms_norm_gated_heads, rms_norm_gated_reference, rms_norm_reference,
+    rms_norm, rms_norm_gated, rms_norm_gated_heads, rms_norm_gated_heads_reference,
+    rms_norm_gated_reference, rms_norm_reference,
 };
 
 /// `x` (`[T, H, w]`) laid out head-major (`[H, T, w]`).
@@ -150,6 +154,16 @@ fn kda_gate_matches_reference() {
             bits(&head_major(&a, t, h, k)),
             "kda_gate_heads t {t}"
         );
+        let mut d = vec![f32::NAN; x.len()];
+        kda_gate_heads_reference(&x, &a_log, &dt_bias, h, k, &mut d);
+        assert_near(
+            "kda_gate_heads",
+            &c,
+            &d,
+            4e-7,
+            1e-37,
+            &head_major(&x, t, h, k),
+        );
     }
 }
 
@@ -191,6 +205,12 @@ fn conv1d_matches_reference_and_splits() {
         let expect = head_major(&o1, t, c / hw, hw);
         assert_eq!(bits(&o4), bits(&expect), "conv1d heads, c {c} w {w} t {t}");
         assert_eq!(s1, s4);
+        let mut s5 = st0.clone();
+        let mut o5 = vec![f32::NAN; t * c];
+        conv1d_causal_silu_heads_reference(&x, c, &wt, w, hw, &mut s5, &mut o5);
+        let xh = head_major(&x, t, c / hw, hw);
+        assert_near("conv1d heads", &o4, &o5, 5e-7, 1e-30, &xh);
+        assert_eq!(s1, s5);
     }
 }
 
@@ -210,6 +230,9 @@ fn rms_norm_gated_matches_reference() {
         let xh = head_major(&x, rows / h, h, d);
         rms_norm_gated_heads(&xh, &gate, &w, 1e-5, h, &mut c);
         assert_eq!(bits(&c), bits(&a), "rms_norm_gated_heads rows {rows} h {h}");
+        let mut e = vec![f32::NAN; rows * d];
+        rms_norm_gated_heads_reference(&xh, &gate, &w, 1e-5, h, &mut e);
+        assert_near("rms_norm_gated_heads", &c, &e, 5e-7, 1e-30, &gate);
     }
 }
 
