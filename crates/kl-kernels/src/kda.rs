@@ -663,21 +663,7 @@ pub fn kda_chunked(
     state: &mut [f32],
     out: &mut [f32],
 ) {
-    check(s, q, k, v, g, beta, state, Some(out));
-    let out = Some(SendPtr(out.as_mut_ptr()));
-    chunked(
-        Inputs {
-            s,
-            q,
-            k,
-            v,
-            g,
-            beta,
-            out,
-            carry: false,
-        },
-        state,
-    );
+    chunked_with_outputs(s, [q, k, v, g, beta], state, out, false)
 }
 
 /// [`kda_chunked`] for a sequence that carries its partial chunk: the outputs of all `T` rows,
@@ -697,21 +683,30 @@ pub fn kda_chunked_carry(
     state: &mut [f32],
     out: &mut [f32],
 ) {
+    chunked_with_outputs(s, [q, k, v, g, beta], state, out, true)
+}
+
+/// [`kda_chunked`] (`carry` false) and [`kda_chunked_carry`] (true): `[q, k, v, g, beta]`.
+fn chunked_with_outputs(
+    s: KdaShape,
+    [q, k, v, g, beta]: [&[f32]; 5],
+    state: &mut [f32],
+    out: &mut [f32],
+    carry: bool,
+) {
     check(s, q, k, v, g, beta, state, Some(out));
     let out = Some(SendPtr(out.as_mut_ptr()));
-    chunked(
-        Inputs {
-            s,
-            q,
-            k,
-            v,
-            g,
-            beta,
-            out,
-            carry: true,
-        },
-        state,
-    );
+    let inputs = Inputs {
+        s,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        out,
+        carry,
+    };
+    chunked(inputs, state);
 }
 
 /// [`kda_chunked`]'s state update alone: the same `state`, bit for bit, without the outputs
