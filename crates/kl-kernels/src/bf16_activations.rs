@@ -18,8 +18,9 @@
 //! bits of one prefill (as with the AMX switch, [`crate::amx`]).
 //!
 //! **Layout.** From 128 rows of `x` (a dense layer's products): `x` rounded to bf16 once per call
-//! (a row of bf16 values is then its column pairs as they lie), each task packs a panel of 64
-//! weight rows, 256 column pairs at a time, into pairs on the lanes (16 × 16 transposes), and
+//! (a row of bf16 values is then its column pairs as they lie; products of one `x` can share
+//! it: [`with_rounded_rows`]), each task packs a panel of 64 weight rows, 512 column pairs at a
+//! time, into pairs on the lanes (16 × 16 transposes), and
 //! `6 × 64` register tiles broadcast a row's pair against four panel registers; each output's
 //! chain continues across the `K` blocks through `y`. Fewer rows (an expert's): the latent
 //! attention score kernel ([`crate::attention_bf16::tile_scores`]) with the rows in the place of
@@ -284,13 +285,69 @@ const KC: usize = 512;
 /// order (continued across `K` blocks through `y`), so the bits are the twin's.
 #[cfg(target_arch = "x86_64")]
 fn panel_products(x: &[f32], w: &[bf16], y: &mut [f32], t: usize, k: usize, n: usize) {
+    with_rounded_rows(x, t, k, |xr| panel_tiles(xr.xb, w, y, t, k, n))
+}
+
+/// `x` (`[T, K]`, `K` even) rounded to bf16, each row then its `K/2` column pairs as dwords: what
+/// the panel products read. Several products of one `x` can share it
+/// ([`with_rounded_rows`], [`matmul_bf16_rounded`]).
+#[derive(Clone, Copy)]
+pub struct RoundedRows<'a> {
+    xb: &'a [u32],
+    t: usize,
+    k: usize,
+}
+
+impl RoundedRows<'_> {
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.t
+    }
+
+    /// Columns (`K`).
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+}
+
+/// Whether [`matmul_bf16`] rounds `x` once for a product of `t` rows and `K = k` and shares
+/// nothing else with other products of the same `x` (the panel products, from 128 rows on the
+/// instruction): then [`with_rounded_rows`] and [`matmul_bf16_rounded`] give its bits with one
+/// rounding for all of them.
+pub fn shares_rounding(t: usize, k: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return available() && t >= PANEL_ROWS && fits(k);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (t, k);
+        false
+    }
+}
+
+/// `f` on `x` rounded to bf16 ([`RoundedRows`]) in the calling thread's buffer, which the
+/// panel products of [`matmul_bf16`] otherwise round into (no second buffer; one held between
+/// calls). Rows in blocks of 64, in parallel for many rows.
+///
+/// # Panics
+/// If `K` is odd or `x` is not `t·k` long.
+pub fn with_rounded_rows<R>(
+    x: &[f32],
+    t: usize,
+    k: usize,
+    f: impl FnOnce(RoundedRows<'_>) -> R,
+) -> R {
+    assert!(
+        fits(k) && x.len() == t * k,
+        "bf16_activations: x is not [{t}, {k}] with K even"
+    );
     let kp = k / 2;
+    // Taken out of the thread's slot for the call (a task this thread runs while it waits may be
+    // another product, which then finds the slot empty and allocates).
     let mut xb = XPACK.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
     if xb.len() < t * kp {
         xb.resize(t * kp, 0);
     }
     {
-        // Rows in blocks of 64, in parallel for many rows.
         let xbp = SendPtr(xb.as_mut_ptr().cast::<bf16>());
         let round = |b: usize| {
             let (r0, r1) = (b * 64, ((b + 1) * 64).min(t));
@@ -307,7 +364,41 @@ fn panel_products(x: &[f32], w: &[bf16], y: &mut [f32], t: usize, k: usize, n: u
             crate::par::for_each(blocks, round);
         }
     }
-    let xb_ref: &[u32] = &xb[..t * kp];
+    let r = f(RoundedRows {
+        xb: &xb[..t * kp],
+        t,
+        k,
+    });
+    XPACK.with(|cell| *cell.borrow_mut() = xb);
+    r
+}
+
+/// [`matmul_bf16`] on rows rounded once ([`with_rounded_rows`]): the same bits, for a product
+/// that [`shares_rounding`] says takes them.
+///
+/// # Panics
+/// If [`shares_rounding`] is false for the rows' shape, or a length is not the shape's.
+pub fn matmul_bf16_rounded(x: RoundedRows<'_>, w: &[bf16], y: &mut [f32], n: usize) {
+    let (t, k) = (x.t, x.k);
+    assert!(
+        shares_rounding(t, k),
+        "bf16_activations: rows rounded once are for the panel products"
+    );
+    crate::matmul::check_shape("bf16_activations", t * k, w.len(), y.len(), t, k, n);
+    if n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    panel_tiles(x.xb, w, y, t, k, n);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (x.xb, w, y);
+}
+
+/// The panel products' tiles over rows rounded once (`xb`, `t` rows of `K/2` dwords).
+#[cfg(target_arch = "x86_64")]
+fn panel_tiles(xb_ref: &[u32], w: &[bf16], y: &mut [f32], t: usize, k: usize, n: usize) {
+    let kp = k / 2;
+
     let panels = n.div_ceil(NR);
     let threads = crate::par::threads();
     // Token ranges of whole tiles, so that there are at least two tasks a thread.
@@ -349,7 +440,6 @@ fn panel_products(x: &[f32], w: &[bf16], y: &mut [f32], t: usize, k: usize, n: u
             }
         });
     });
-    XPACK.with(|cell| *cell.borrow_mut() = xb);
 }
 
 /// The product through the score kernel of latent attention with the rows in the place of the
@@ -495,6 +585,38 @@ mod tests {
             matmul_bf16(&x[(t - 1) * k..], &w, &mut one, 1, k, n);
             assert_eq!(bits(&one), bits(&y[(t - 1) * n..]), "row {} alone", t - 1);
         }
+    }
+
+    /// Rows rounded once serve several products with each one's own bits.
+    #[test]
+    fn rows_rounded_once_give_each_products_bits() {
+        if !available() {
+            assert!(!shares_rounding(200, 64));
+            return;
+        }
+        let (t, k) = (150, 1030);
+        assert!(shares_rounding(t, k) && !shares_rounding(127, k) && !shares_rounding(t, 7));
+        let x = values(t * k, 11);
+        let ws: Vec<Vec<bf16>> = [70, 1, 130]
+            .iter()
+            .map(|&n| {
+                values(n * k, n as u64)
+                    .into_iter()
+                    .map(bf16::from_f32)
+                    .collect()
+            })
+            .collect();
+        with_rounded_rows(&x, t, k, |xr| {
+            assert_eq!((xr.rows(), xr.cols()), (t, k));
+            for w in &ws {
+                let n = w.len() / k;
+                let (mut a, mut b) = (vec![0f32; t * n], vec![f32::NAN; t * n]);
+                matmul_bf16(&x, w, &mut a, t, k, n);
+                matmul_bf16_rounded(xr, w, &mut b, n);
+                let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "N={n}");
+            }
+        });
     }
 
     /// The emulation gives the instruction's bits (where the CPU has it), denormal and special

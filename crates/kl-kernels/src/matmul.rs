@@ -90,6 +90,32 @@ pub fn matmul<W: Elem>(x: &[f32], w: &[W], y: &mut [f32], t: usize, k: usize, n:
     matmul_isa(crate::cpu::features().isa(), x, w, y, t, k, n)
 }
 
+/// Whether [`matmul`] gives a bf16-weight product of `t` rows and `K = k` to
+/// [`crate::bf16_activations`]'s panel products (the switch on, no AMX), whose rounded rows
+/// several products of one `x` can then share: [`crate::bf16_activations::with_rounded_rows`]
+/// and [`matmul_rounded`] give each of them [`matmul`]'s bits with one rounding of `x`.
+pub fn rounds_rows(t: usize, k: usize) -> bool {
+    t > GEMV_MAX_ROWS
+        && crate::cpu::features().isa() == Isa::Avx512
+        && !(crate::amx::fits(k) && crate::amx::enabled())
+        && crate::bf16_activations::enabled()
+        && crate::bf16_activations::shares_rounding(t, k)
+}
+
+/// [`matmul`] of bf16 weights on rows rounded once, where [`rounds_rows`] says so: the same
+/// bits (and counted in the products' tally, as [`matmul`] is).
+pub fn matmul_rounded(
+    x: crate::bf16_activations::RoundedRows<'_>,
+    w: &[bf16],
+    y: &mut [f32],
+    n: usize,
+) {
+    let (t, k) = (x.rows(), x.cols());
+    tallied(t, k, n, || {
+        crate::bf16_activations::matmul_bf16_rounded(x, w, y, n)
+    });
+}
+
 /// [`matmul`] with f32 activations whatever [`crate::bf16_activations`] says: for products
 /// whose reference keeps their inputs in f32 (the MoE router's logits, spec §7.2). The same
 /// bits as [`matmul`] with the switch off.
@@ -312,6 +338,12 @@ fn run<R: Rows + ?Sized>(
     k: usize,
     n: usize,
 ) {
+    tallied(t, k, n, || run_path(isa, bf16_ok, x, w, y, t, k, n));
+}
+
+/// `f`, a product of `t × k` by `k × n`, counted in the tally when it is on (prefill products
+/// only: more than [`GEMV_MAX_ROWS`] rows).
+fn tallied(t: usize, k: usize, n: usize, f: impl FnOnce()) {
     if t > GEMV_MAX_ROWS && TALLY_ON.load(Ordering::Relaxed) {
         {
             let mut st = tally_state();
@@ -321,7 +353,7 @@ fn run<R: Rows + ?Sized>(
             st.active += 1;
             st.flops += 2 * (t * k * n) as u64;
         }
-        run_path(isa, bf16_ok, x, w, y, t, k, n);
+        f();
         let mut st = tally_state();
         st.active -= 1;
         if st.active == 0 {
@@ -330,7 +362,7 @@ fn run<R: Rows + ?Sized>(
             }
         }
     } else {
-        run_path(isa, bf16_ok, x, w, y, t, k, n);
+        f();
     }
 }
 

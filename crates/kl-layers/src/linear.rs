@@ -186,11 +186,51 @@ impl Linear {
         }
     }
 
+    /// This product's bf16 weights, when it can take `x0` rounded once for several products:
+    /// bf16 weights, f32 activations not asked for, `x` that very `x0`, and `K` its width.
+    fn shares_rounded(&self, x: &[f32], x0: &[f32], k: usize) -> Option<&[bf16]> {
+        match self.view() {
+            MatView::Bf16(w) if std::ptr::eq(x, x0) && !self.f32_activations && self.cols == k => {
+                Some(w)
+            }
+            _ => None,
+        }
+    }
+
     /// Several independent products `y_i = x_i · W_iᵀ`, each of `t` rows, in one parallel
     /// region: a thread that finishes its share of one product helps with the others instead of
     /// waiting at a barrier after each. Results are those of [`Linear::forward`], bit for bit.
+    ///
+    /// Under `--bf16-activations`, products of one `x` that take the panel products round it to
+    /// bf16 once for all of them (`kl_kernels::bf16_activations::with_rounded_rows`) instead of
+    /// once each (a KDA layer's six products of its input, MLA's query and `kv_a`): the same
+    /// bits.
     pub fn forward_many(t: usize, jobs: &mut [(&Linear, &[f32], &mut [f32])]) {
         use rayon::prelude::*;
+        let Some(x0) = jobs.first().map(|j| j.1) else {
+            return;
+        };
+        let k = x0.len() / t.max(1);
+        let sharing = jobs
+            .iter()
+            .filter(|(l, x, _)| l.shares_rounded(x, x0, k).is_some())
+            .count();
+        if sharing >= 2 && kl_kernels::matmul::rounds_rows(t, k) {
+            kl_kernels::bf16_activations::with_rounded_rows(x0, t, k, |xr| {
+                let one = |(l, x, y): &mut (&Linear, &[f32], &mut [f32])| match l
+                    .shares_rounded(x, x0, k)
+                {
+                    Some(w) => kl_kernels::matmul::matmul_rounded(xr, w, y, l.rows),
+                    None => l.forward(x, t, y),
+                };
+                if kl_kernels::par::is_serial() {
+                    jobs.iter_mut().for_each(one);
+                } else {
+                    jobs.par_iter_mut().for_each(one);
+                }
+            });
+            return;
+        }
         if kl_kernels::par::is_serial() {
             jobs.iter_mut().for_each(|(l, x, y)| l.forward(x, t, y));
         } else {

@@ -51,6 +51,7 @@ fn bf16_activations_stay_within_published_tolerance() {
             exact,
             "the switch must stay off"
         );
+        forward_many_rounds_a_shared_input_once_with_each_products_bits(false);
         return;
     }
     assert!(kl_kernels::bf16_activations::set_enabled(true));
@@ -116,4 +117,53 @@ fn bf16_activations_stay_within_published_tolerance() {
     );
     assert!(median <= 0.2, "median row error {median}");
     assert!(agree * 100 >= 95 * prompt.len(), "top-1 agreement {agree}");
+    forward_many_rounds_a_shared_input_once_with_each_products_bits(true);
+}
+
+/// `Linear::forward_many` rounds one `x` once for the products that share it under the switch
+/// (`on`), and every product keeps the bits of its own `forward`: bf16 weights on that `x`, on
+/// another `x`, f32 weights, and a product that keeps f32 activations. (Called from the test
+/// above: the switch is process-wide.)
+fn forward_many_rounds_a_shared_input_once_with_each_products_bits(on: bool) {
+    use kl_layers::linear::Linear;
+    use kl_weights::Dtype;
+    let (t, k) = (200, 96);
+    let x: Vec<f32> = (0..t * k)
+        .map(|i| ((i * 7919 % 1013) as f32 / 1013.0) - 0.5)
+        .collect();
+    let x2: Vec<f32> = x.iter().map(|v| v * 0.75 + 0.01).collect();
+    let lin = |dtype, n: usize, seed: usize| {
+        Linear::from_fn(dtype, n, k, move |r, c| {
+            (((r * 31 + c * 17 + seed) * 2654435761usize % 4099) as f32 / 4099.0) - 0.5
+        })
+    };
+    let ls = [
+        lin(Dtype::BF16, 70, 1),
+        lin(Dtype::BF16, 32, 2),
+        lin(Dtype::BF16, 130, 3),
+        lin(Dtype::F32, 40, 4),
+        lin(Dtype::BF16, 50, 5).with_f32_activations(),
+        lin(Dtype::BF16, 60, 6),
+    ];
+    let xs: [&[f32]; 6] = [&x, &x, &x, &x, &x, &x2];
+    let want: Vec<Vec<f32>> = ls.iter().zip(xs).map(|(l, x)| l.apply(x, t)).collect();
+    let mut ys: Vec<Vec<f32>> = ls.iter().map(|l| vec![f32::NAN; t * l.rows()]).collect();
+    {
+        let mut jobs: Vec<(&Linear, &[f32], &mut [f32])> = ls
+            .iter()
+            .zip(xs)
+            .zip(ys.iter_mut())
+            .map(|((l, x), y)| (l, x, &mut y[..]))
+            .collect();
+        Linear::forward_many(t, &mut jobs);
+    }
+    for (i, (a, b)) in ys.iter().zip(&want).enumerate() {
+        let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(a), bits(b), "product {i} (switch on: {on})");
+    }
+    if on {
+        // The shared rounding is what ran: the bf16 products on `x` differ from f32 ones.
+        let exact = lin(Dtype::F32, 70, 1).apply(&x, t);
+        assert_ne!(ys[0], exact);
+    }
 }
