@@ -27,6 +27,9 @@ pub enum MatView<'a> {
     F32(&'a [f32]),
 }
 
+/// One product of [`Linear::forward_many`]: the matrix, its `x` and its `y`.
+type Job<'l, 'x, 'y> = (&'l Linear, &'x [f32], &'y mut [f32]);
+
 /// A weight matrix of `rows × cols`, computing `y = x · Wᵀ`.
 #[derive(Clone)]
 pub struct Linear {
@@ -206,6 +209,18 @@ impl Linear {
     /// once each (a KDA layer's six products of its input, MLA's query and `kv_a`): the same
     /// bits.
     pub fn forward_many(t: usize, jobs: &mut [(&Linear, &[f32], &mut [f32])]) {
+        Self::run_jobs(t, jobs, !kl_kernels::par::is_serial())
+    }
+
+    /// The products of [`Linear::forward_many`] one after the other (each parallel inside, as
+    /// [`Linear::forward`] is), with the same shared rounding: for products whose order and
+    /// regions should stay as separate calls would make them (a SwiGLU's gate and up).
+    pub fn forward_each(t: usize, jobs: &mut [(&Linear, &[f32], &mut [f32])]) {
+        Self::run_jobs(t, jobs, false)
+    }
+
+    /// [`Linear::forward_many`] (`parallel`) or [`Linear::forward_each`].
+    fn run_jobs(t: usize, jobs: &mut [Job<'_, '_, '_>], parallel: bool) {
         use rayon::prelude::*;
         let Some(x0) = jobs.first().map(|j| j.1) else {
             return;
@@ -215,26 +230,22 @@ impl Linear {
             .iter()
             .filter(|(l, x, _)| l.shares_rounded(x, x0, k).is_some())
             .count();
+        let mut run = |one: &(dyn Fn(&mut Job<'_, '_, '_>) + Sync)| {
+            if parallel {
+                jobs.par_iter_mut().for_each(one);
+            } else {
+                jobs.iter_mut().for_each(one);
+            }
+        };
         if sharing >= 2 && kl_kernels::matmul::rounds_rows(t, k) {
             kl_kernels::bf16_activations::with_rounded_rows(x0, t, k, |xr| {
-                let one = |(l, x, y): &mut (&Linear, &[f32], &mut [f32])| match l
-                    .shares_rounded(x, x0, k)
-                {
+                run(&|(l, x, y)| match l.shares_rounded(x, x0, k) {
                     Some(w) => kl_kernels::matmul::matmul_rounded(xr, w, y, l.rows),
                     None => l.forward(x, t, y),
-                };
-                if kl_kernels::par::is_serial() {
-                    jobs.iter_mut().for_each(one);
-                } else {
-                    jobs.par_iter_mut().for_each(one);
-                }
+                })
             });
-            return;
-        }
-        if kl_kernels::par::is_serial() {
-            jobs.iter_mut().for_each(|(l, x, y)| l.forward(x, t, y));
         } else {
-            jobs.par_iter_mut().for_each(|(l, x, y)| l.forward(x, t, y));
+            run(&|(l, x, y)| l.forward(x, t, y));
         }
     }
 

@@ -47,10 +47,11 @@ impl SwiGlu {
         scratch.give(g);
     }
 
-    /// [`SwiGlu::forward`] with caller-provided hidden buffers `g`, `u` (`[T, I]` each).
+    /// [`SwiGlu::forward`] with caller-provided hidden buffers `g`, `u` (`[T, I]` each). The gate
+    /// and up products of `x` run one after the other ([`Linear::forward_each`]: under
+    /// `--bf16-activations`, one rounding of `x` for both).
     pub fn forward_with(&self, x: &[f32], t: usize, g: &mut [f32], u: &mut [f32], out: &mut [f32]) {
-        self.gate.forward(x, t, g);
-        self.up.forward(x, t, u);
+        Linear::forward_each(t, &mut [(&self.gate, x, g), (&self.up, x, u)]);
         swiglu(g, u);
         self.down.forward(g, t, out);
     }

@@ -120,7 +120,8 @@ fn bf16_activations_stay_within_published_tolerance() {
     forward_many_rounds_a_shared_input_once_with_each_products_bits(true);
 }
 
-/// `Linear::forward_many` rounds one `x` once for the products that share it under the switch
+/// `Linear::forward_many` and `forward_each` round one `x` once for the products that share it
+/// under the switch
 /// (`on`), and every product keeps the bits of its own `forward`: bf16 weights on that `x`, on
 /// another `x`, f32 weights, and a product that keeps f32 activations. (Called from the test
 /// above: the switch is process-wide.)
@@ -147,19 +148,29 @@ fn forward_many_rounds_a_shared_input_once_with_each_products_bits(on: bool) {
     ];
     let xs: [&[f32]; 6] = [&x, &x, &x, &x, &x, &x2];
     let want: Vec<Vec<f32>> = ls.iter().zip(xs).map(|(l, x)| l.apply(x, t)).collect();
-    let mut ys: Vec<Vec<f32>> = ls.iter().map(|l| vec![f32::NAN; t * l.rows()]).collect();
-    {
+    let mut ys: Vec<Vec<f32>> = Vec::new();
+    for each in [false, true] {
+        ys = ls.iter().map(|l| vec![f32::NAN; t * l.rows()]).collect();
         let mut jobs: Vec<(&Linear, &[f32], &mut [f32])> = ls
             .iter()
             .zip(xs)
             .zip(ys.iter_mut())
             .map(|((l, x), y)| (l, x, &mut y[..]))
             .collect();
-        Linear::forward_many(t, &mut jobs);
-    }
-    for (i, (a, b)) in ys.iter().zip(&want).enumerate() {
-        let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(a), bits(b), "product {i} (switch on: {on})");
+        if each {
+            Linear::forward_each(t, &mut jobs);
+        } else {
+            Linear::forward_many(t, &mut jobs);
+        }
+        drop(jobs);
+        for (i, (a, b)) in ys.iter().zip(&want).enumerate() {
+            let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(a),
+                bits(b),
+                "product {i}, each {each} (switch on: {on})"
+            );
+        }
     }
     if on {
         // The shared rounding is what ran: the bf16 products on `x` differ from f32 ones.
