@@ -114,14 +114,7 @@ unsafe fn conv_heads(
                 let o = unsafe {
                     std::slice::from_raw_parts_mut(dst.get().add((hi * t + ti) * hw), hw)
                 };
-                o.fill(0.0);
-                for j in 0..w {
-                    let r = &input_row(x, st, c, w, ti + j)[hi * hw..][..hw];
-                    let tp = &taps[j * c + hi * hw..][..hw];
-                    for ((ov, tv), rv) in o.iter_mut().zip(tp).zip(r) {
-                        *ov += tv * rv;
-                    }
-                }
+                conv_channels(x, st, c, w, taps, ti, hi * hw, o);
                 silu_inplace(o);
             }
         }
@@ -161,18 +154,9 @@ pub fn conv1d_causal_silu_heads_reference(
 ) {
     let mut rows = vec![0f32; out.len()];
     conv1d_causal_silu_reference(x, c, taps, w, state, &mut rows);
-    heads_from_rows(&rows, c, hw, out);
-}
-
-/// `rows` (`[T, C]`) as `[C / hw, T, hw]`.
-fn heads_from_rows(rows: &[f32], c: usize, hw: usize, out: &mut [f32]) {
-    let t = rows.len() / c;
-    for ti in 0..t {
-        for hi in 0..c / hw {
-            let src = &rows[ti * c + hi * hw..][..hw];
-            out[(hi * t + ti) * hw..][..hw].copy_from_slice(src);
-        }
-    }
+    let t = x.len() / c;
+    let shape = crate::kda::KdaShape::new(t, c / hw, hw, hw);
+    crate::kda::copy_rows(&rows, shape, 0, out, shape.head_major(), 0, t, hw);
 }
 
 /// [`conv1d_causal_silu`] as a plain loop with the scalar [`silu`].
@@ -214,12 +198,30 @@ fn check(x: &[f32], c: usize, taps: &[f32], w: usize, state: &[f32], out: &[f32]
 #[inline(always)]
 fn conv_rows(x: &[f32], st: &[f32], c: usize, w: usize, taps: &[f32], r0: usize, rows: &mut [f32]) {
     for (ri, o) in rows.chunks_exact_mut(c).enumerate() {
-        o.fill(0.0);
-        for j in 0..w {
-            let r = input_row(x, st, c, w, r0 + ri + j);
-            for ((ov, tv), rv) in o.iter_mut().zip(&taps[j * c..(j + 1) * c]).zip(r) {
-                *ov += tv * rv;
-            }
+        conv_channels(x, st, c, w, taps, r0 + ri, 0, o);
+    }
+}
+
+/// Channels `ch0..ch0 + o.len()` of output row `ti` (before SiLU) into `o`: the sum over taps in
+/// tap order, as every path computes it.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn conv_channels(
+    x: &[f32],
+    st: &[f32],
+    c: usize,
+    w: usize,
+    taps: &[f32],
+    ti: usize,
+    ch0: usize,
+    o: &mut [f32],
+) {
+    let n = o.len();
+    o.fill(0.0);
+    for j in 0..w {
+        let r = &input_row(x, st, c, w, ti + j)[ch0..ch0 + n];
+        for ((ov, tv), rv) in o.iter_mut().zip(&taps[j * c + ch0..][..n]).zip(r) {
+            *ov += tv * rv;
         }
     }
 }

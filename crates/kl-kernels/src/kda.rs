@@ -201,15 +201,20 @@ pub fn kda_gate_heads(
     );
     assert_eq!(gate_in.len(), out.len(), "kda_gate_heads: out");
     let t = gate_in.len() / (h * k);
+    let (src, heads) = (
+        KdaShape::new(t, h, k, k),
+        KdaShape::new(t, h, k, k).head_major(),
+    );
     let dst = SendPtr(out.as_mut_ptr());
     crate::par::row_blocks(t, 32, |rows| {
         for ti in rows {
             for (hi, al) in a_log[..h].iter().enumerate() {
                 // SAFETY: row (hi, ti) of `out` (`K` floats inside it: lengths checked), which
                 // only the block of token ti writes.
-                let o =
-                    unsafe { std::slice::from_raw_parts_mut(dst.get().add((hi * t + ti) * k), k) };
-                o.copy_from_slice(&gate_in[(ti * h + hi) * k..][..k]);
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(dst.get().add(heads.row(ti, hi, k)), k)
+                };
+                o.copy_from_slice(&gate_in[src.row(ti, hi, k)..][..k]);
                 softplus_scaled(o, &dt_bias[hi * k..(hi + 1) * k], -al.exp());
             }
         }

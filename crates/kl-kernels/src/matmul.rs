@@ -95,11 +95,35 @@ pub fn matmul<W: Elem>(x: &[f32], w: &[W], y: &mut [f32], t: usize, k: usize, n:
 /// several products of one `x` can then share: [`crate::bf16_activations::with_rounded_rows`]
 /// and [`matmul_rounded`] give each of them [`matmul`]'s bits with one rounding of `x`.
 pub fn rounds_rows(t: usize, k: usize) -> bool {
-    t > GEMV_MAX_ROWS
-        && crate::cpu::features().isa() == Isa::Avx512
-        && !(crate::amx::fits(k) && crate::amx::enabled())
-        && crate::bf16_activations::enabled()
+    bf16_opt_in(crate::cpu::features().isa(), true, t, k) == Bf16OptIn::Bf16Activations
         && crate::bf16_activations::shares_rounding(t, k)
+}
+
+/// The opt-in prefill path a product of bf16 weights takes (decode stays on the
+/// bandwidth-bound FMA kernel, so batch invariance is lost under either).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Bf16OptIn {
+    /// AMX tiles (`crate::amx`; AMX did not match the FMA kernel in decode).
+    Amx,
+    /// bf16 activations (`crate::bf16_activations`).
+    Bf16Activations,
+    /// Neither: the f32-activation kernels.
+    None,
+}
+
+/// [`Bf16OptIn`] for a product of `t` rows and `K = k` on kernels no wider than `isa`; bf16
+/// activations only with `bf16_ok` (false for `matmul_f32_activations`). The one rule both
+/// `matmul` and [`rounds_rows`] follow.
+fn bf16_opt_in(isa: Isa, bf16_ok: bool, t: usize, k: usize) -> Bf16OptIn {
+    if !cfg!(target_arch = "x86_64") || t <= GEMV_MAX_ROWS || isa != Isa::Avx512 {
+        Bf16OptIn::None
+    } else if crate::amx::fits(k) && crate::amx::enabled() {
+        Bf16OptIn::Amx
+    } else if bf16_ok && crate::bf16_activations::fits(k) && crate::bf16_activations::enabled() {
+        Bf16OptIn::Bf16Activations
+    } else {
+        Bf16OptIn::None
+    }
 }
 
 /// [`matmul`] of bf16 weights on rows rounded once, where [`rounds_rows`] says so: the same
@@ -379,24 +403,17 @@ fn run_path<R: Rows + ?Sized>(
     n: usize,
 ) {
     let simd = isa >= Isa::Avx2 && R::simd_ok();
-    // The opt-in prefill paths for bf16 weights (decode stays on the bandwidth-bound FMA
-    // kernel, so batch invariance is lost under either): AMX tiles (`crate::amx`; AMX did not
-    // match it in decode), or bf16 activations (`crate::bf16_activations`; not with `bf16_ok`
-    // false, as `matmul_f32_activations` asks).
     #[cfg(target_arch = "x86_64")]
-    if t > GEMV_MAX_ROWS
-        && simd
-        && isa == Isa::Avx512
-        && TypeId::of::<R::E>() == TypeId::of::<bf16>()
-    {
+    if simd && TypeId::of::<R::E>() == TypeId::of::<bf16>() {
         let wd = w.data();
         // SAFETY: `R::E` is `bf16` (checked above), so the slice is reinterpreted as itself.
         let wb = unsafe { std::slice::from_raw_parts(wd.as_ptr().cast::<bf16>(), wd.len()) };
-        if crate::amx::fits(k) && crate::amx::enabled() {
-            return crate::amx::matmul_bf16(x, wb, y, t, k, n);
-        }
-        if bf16_ok && crate::bf16_activations::fits(k) && crate::bf16_activations::enabled() {
-            return crate::bf16_activations::matmul_bf16(x, wb, y, t, k, n);
+        match bf16_opt_in(isa, bf16_ok, t, k) {
+            Bf16OptIn::Amx => return crate::amx::matmul_bf16(x, wb, y, t, k, n),
+            Bf16OptIn::Bf16Activations => {
+                return crate::bf16_activations::matmul_bf16(x, wb, y, t, k, n)
+            }
+            Bf16OptIn::None => {}
         }
     }
     #[cfg(not(target_arch = "x86_64"))]

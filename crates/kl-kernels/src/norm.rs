@@ -106,11 +106,8 @@ pub fn rms_norm_gated_heads_reference<W: Elem>(
     let d = w.len();
     let t = x.len() / (h * d).max(1);
     let mut rows = vec![0f32; x.len()];
-    for ti in 0..t {
-        for hi in 0..h {
-            rows[(ti * h + hi) * d..][..d].copy_from_slice(&x[(hi * t + ti) * d..][..d]);
-        }
-    }
+    let shape = crate::kda::KdaShape::new(t, h, d, d);
+    crate::kda::copy_rows(x, shape.head_major(), 0, &mut rows, shape, 0, t, d);
     rms_norm_gated_reference(&rows, gate, w, eps, out);
 }
 
