@@ -463,3 +463,97 @@ fn bench_json_reports_every_field() {
         &["--repeat", "0"],
     );
 }
+
+/// `--scaling`: every listed thread count (sorted, once each) gets the same runs, in a pool of
+/// its own; the main pool's count reuses the main runs' figures; speed-ups are over the first.
+#[test]
+fn bench_scaling_measures_each_thread_count() {
+    let o = bench_tiny(
+        "5,17",
+        &[
+            "--depth",
+            "0,9",
+            "--scaling",
+            "2,1,1",
+            "--no-roofline",
+            "--json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    let rows = v["scaling"].as_array().unwrap_or_else(|| panic!("{v}"));
+    let threads: Vec<u64> = rows
+        .iter()
+        .map(|r| r["threads"].as_u64().unwrap())
+        .collect();
+    assert_eq!(threads, [1, 2], "{v}");
+    for (r, kind, keys) in [
+        (0, "prefill", ["5", "17"]),
+        (0, "decode", ["0", "9"]),
+        (1, "prefill", ["5", "17"]),
+        (1, "decode", ["0", "9"]),
+    ] {
+        let row = &rows[r];
+        for k in keys {
+            let tps = row[format!("{kind}_tokens_per_s")][k]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{kind} {k}: {v}"));
+            assert!(tps > 0.0 && tps.is_finite(), "{v}");
+            let base = rows[0][format!("{kind}_tokens_per_s")][k].as_f64().unwrap();
+            let up = row[format!("{kind}_speedup")][k].as_f64().unwrap();
+            assert!((up - tps / base).abs() <= 1e-12 * up.abs(), "{v}");
+            // Two threads are the main pool: its figures, not a second measurement.
+            if r == 1 {
+                assert_eq!(
+                    row[format!("{kind}_tokens_per_s")][k],
+                    v[format!("{kind}_tokens_per_s")][k],
+                    "{v}"
+                );
+            }
+        }
+        // Without a roofline there are no peaks to quote.
+        assert!(
+            row["fma_gflops"].is_null() && row["stream_gbps"].is_null(),
+            "{v}"
+        );
+    }
+    assert_eq!(rows[0]["prefill_speedup"]["17"].as_f64(), Some(1.0), "{v}");
+    // Without the flag the list is empty.
+    let o = bench_tiny("5", &["--no-roofline", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    assert_eq!(v["scaling"], serde_json::json!([]), "{v}");
+}
+
+/// The text report's scaling table: a row per count, with its roofline and speed-ups.
+#[test]
+fn bench_scaling_table() {
+    let o = bench_tiny("17", &["--scaling", "1,2"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let at = out
+        .find("scaling (tok/s, and × over 1 thread)")
+        .unwrap_or_else(|| panic!("no scaling table: {out}"));
+    let lines: Vec<&str> = out[at..].lines().collect();
+    assert!(
+        lines[1].contains("prefill 17") && lines[1].contains("decode @0"),
+        "{out}"
+    );
+    for (line, n) in lines[2..4].iter().zip(["1", "2"]) {
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cells[0], n, "{out}");
+        // FMA GFLOP/s and stream GB/s measured for every count.
+        for c in &cells[1..3] {
+            let x: f64 = c.parse().unwrap_or_else(|_| panic!("{c}: {out}"));
+            assert!(x > 0.0, "{out}");
+        }
+        assert!(line.contains('×'), "{out}");
+    }
+    expect_error(
+        &[
+            "bench",
+            "--model",
+            tiny_dir().to_str().unwrap(),
+            "--scaling",
+            "1,0",
+        ],
+        &["--scaling 0", "at least 1"],
+    );
+}

@@ -15,6 +15,10 @@
 //! - The roofline is measured before the runs and again after them; fractions use the higher
 //!   of each pair (`roofline_measured` in `--json` has both), so that a measurement that lands
 //!   in a slow minute of a shared machine cannot inflate them.
+//! - `--scaling 1,2,…` repeats every run on each thread count, in a rayon pool of that size
+//!   (the runs on the main pool's count are not repeated), each count against a roofline
+//!   measured on its own threads, and reports tokens/s with the speed-up over the first count:
+//!   how far the engine scales on the machine, in one command.
 
 use crate::memory::{human, peak_rss_bytes, CacheDtypeArg, MlaPrefillArgs};
 use anyhow::{bail, Context, Result};
@@ -74,6 +78,11 @@ pub struct Args {
     /// measurements); fractions of the roofline are then not reported.
     #[arg(long)]
     no_roofline: bool,
+    /// Thread counts to measure the same runs on as well (comma-separated, as `llama-bench -t
+    /// 1,2,4`), each in a thread pool of its own and against its own roofline, reported as a
+    /// table of tokens/s and the speed-up over the first count (`scaling` in `--json`).
+    #[arg(long, value_delimiter = ',')]
+    scaling: Vec<usize>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -258,10 +267,12 @@ pub fn run(a: Args) -> Result<()> {
     if a.repeat == 0 {
         bail!("--repeat 0: expected at least one run of each measurement");
     }
+    if let Some(&bad) = a.scaling.iter().find(|&&c| c == 0) {
+        bail!("--scaling {bad}: expected thread counts of at least 1");
+    }
     let model = KimiLinear::load(&a.model, opts)
         .with_context(|| format!("cannot load model from {}", a.model.display()))?;
     let threads = rayon::current_num_threads();
-    let vocab = model.config().vocab_size;
     if !a.json && !a.no_roofline {
         eprintln!(
             "measuring the roofline on {threads} threads ({})…",
@@ -273,7 +284,38 @@ pub fn run(a: Args) -> Result<()> {
     // a slow minute, which would make every fraction look better than it is.
     let measure = || (!a.no_roofline).then(|| Roofline::measure(threads));
     let before = measure();
+    let (prefill_rows, decode_rows) = measure_runs(&a, &model)?;
+    // Before the second roofline measurement, whose buffer would count in it (and before the
+    // other thread counts' pools and scratch).
+    let rss = peak_rss_bytes().unwrap_or(0);
+    if before.is_some() && !a.json {
+        eprintln!("measuring the roofline again…");
+    }
+    let after = measure();
+    let measured = before.zip(after);
+    // What the runs are quoted against: the higher of the two; none when not measured, and then
+    // every roofline figure (fractions, the decode bound) is null in `--json` and left out of
+    // the text, never computed against a made-up peak.
+    let roofline = measured.map(|(b, a)| b.max(&a));
+    let scaling = measure_scaling(&a, &model, threads, roofline, &prefill_rows, &decode_rows)?;
+    report(
+        &a,
+        &model,
+        threads,
+        measured,
+        roofline,
+        &prefill_rows,
+        &decode_rows,
+        rss,
+        &scaling,
+    )
+}
 
+/// Every prefill length and decode depth of `a`, timed on the current thread pool (after a
+/// warm-up that pages the weights in).
+fn measure_runs(a: &Args, model: &KimiLinear) -> Result<(Vec<PrefillRow>, Vec<DecodeRow>)> {
+    let vocab = model.config().vocab_size;
+    let opts = model.options();
     // Warm-up: touch the weights once (page in the mmap) so the first timing is not I/O.
     {
         let mut st = model.new_state();
@@ -343,7 +385,7 @@ pub fn run(a: Args) -> Result<()> {
         let mut next = 1u32;
         if depth > 0 {
             if a.depth_fill == DepthFill::Random {
-                random_fill(&model, &mut st, depth);
+                random_fill(model, &mut st, depth);
             } else {
                 let l = model.prefill(
                     &random_ids(depth, vocab, 7 + depth as u64),
@@ -389,17 +431,101 @@ pub fn run(a: Args) -> Result<()> {
             bf16_cache: opts.cache_dtype == CacheDtype::Bf16,
         });
     }
-    // Before the second roofline measurement, whose buffer would count in it.
-    let rss = peak_rss_bytes().unwrap_or(0);
-    if before.is_some() && !a.json {
-        eprintln!("measuring the roofline again…");
+    Ok((prefill_rows, decode_rows))
+}
+
+/// One thread count's runs for `--scaling`: its roofline (the higher of two measurements, as
+/// for the main runs) and its tokens/s.
+struct Scaled {
+    threads: usize,
+    roofline: Option<Roofline>,
+    prefill: Vec<(usize, f64)>,
+    decode: Vec<(usize, f64)>,
+}
+
+/// The `--scaling` thread counts, ascending, each measured in a pool of its own (the main
+/// runs' count reuses their figures); empty without the flag.
+fn measure_scaling(
+    a: &Args,
+    model: &KimiLinear,
+    threads: usize,
+    roofline: Option<Roofline>,
+    prefill_rows: &[PrefillRow],
+    decode_rows: &[DecodeRow],
+) -> Result<Vec<Scaled>> {
+    let mut counts = a.scaling.clone();
+    counts.sort_unstable();
+    counts.dedup();
+    let tps = |p: &[PrefillRow], d: &[DecodeRow]| {
+        (
+            p.iter().map(|r| (r.t, r.tps)).collect::<Vec<_>>(),
+            d.iter().map(|r| (r.depth, r.tps)).collect::<Vec<_>>(),
+        )
+    };
+    let mut out = Vec::new();
+    for c in counts {
+        if c == threads {
+            let (prefill, decode) = tps(prefill_rows, decode_rows);
+            out.push(Scaled {
+                threads: c,
+                roofline,
+                prefill,
+                decode,
+            });
+            continue;
+        }
+        if !a.json {
+            eprintln!("measuring on {}…", count(c));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(c)
+            .stack_size(16 << 20)
+            .build()
+            .with_context(|| format!("--scaling {c}: cannot start {c} threads"))?;
+        // Inside the pool, as the main runs are inside the global one: every parallel region
+        // starts from one of its workers.
+        let scaled = pool.install(|| -> Result<Scaled> {
+            let measure = || (!a.no_roofline).then(|| Roofline::measure(c));
+            let before = measure();
+            let (p, d) = measure_runs(a, model)?;
+            let after = measure();
+            let (prefill, decode) = tps(&p, &d);
+            Ok(Scaled {
+                threads: c,
+                roofline: before.zip(after).map(|(b, a)| b.max(&a)),
+                prefill,
+                decode,
+            })
+        })?;
+        out.push(scaled);
     }
-    let after = measure();
-    let measured = before.zip(after);
-    // What the runs are quoted against: the higher of the two; none when not measured, and then
-    // every roofline figure (fractions, the decode bound) is null in `--json` and left out of
-    // the text, never computed against a made-up peak.
-    let roofline = measured.map(|(b, a)| b.max(&a));
+    Ok(out)
+}
+
+/// "1 thread", "2 threads".
+fn count(threads: usize) -> String {
+    format!("{threads} thread{}", if threads == 1 { "" } else { "s" })
+}
+
+/// `value / base` where both are measured (the speed-up of a scaling row over the first).
+fn speedup(value: f64, base: Option<f64>) -> Option<f64> {
+    base.filter(|b| *b > 0.0).map(|b| value / b)
+}
+
+/// Print the results (text, or one JSON object with `--json`).
+#[allow(clippy::too_many_arguments)]
+fn report(
+    a: &Args,
+    model: &KimiLinear,
+    threads: usize,
+    measured: Option<(Roofline, Roofline)>,
+    roofline: Option<Roofline>,
+    prefill_rows: &[PrefillRow],
+    decode_rows: &[DecodeRow],
+    rss: u64,
+    scaling: &[Scaled],
+) -> Result<()> {
+    let opts = model.options();
     // What the planner predicts for the largest sequence this run held.
     let max_ctx = a.prompt_tokens.iter().copied().max().unwrap_or(0).max(
         a.depth
@@ -408,7 +534,7 @@ pub fn run(a: Args) -> Result<()> {
             .max()
             .unwrap_or(0),
     );
-    let req = crate::memory::plan_request(&model, max_ctx, false);
+    let req = crate::memory::plan_request(model, max_ctx, false);
     let planned =
         kl_model::plan::plan(model.config(), model.resident_weight_bytes(), req).total_bytes;
     if a.json {
@@ -430,20 +556,21 @@ pub fn run(a: Args) -> Result<()> {
                 "bf16_dot_gflops": [b.bf16_dot_gflops, a.bf16_dot_gflops],
             })),
             "repeat": a.repeat,
-            "prefill_tokens_per_s": keyed(&prefill_rows, |r| r.t, |r| json!(r.tps)),
-            "decode_tokens_per_s": keyed(&decode_rows, |r| r.depth, |r| json!(r.tps)),
-            "prefill_tokens_per_s_runs": keyed(&prefill_rows, |r| r.t, |r| json!(r.runs.0)),
-            "decode_tokens_per_s_runs": keyed(&decode_rows, |r| r.depth, |r| json!(r.runs.0)),
-            "prefill_fraction_of_fma_peak": keyed(&prefill_rows, |r| r.t, |r| json!(roofline.map(|f| r.of_peak(f).0))),
-            "prefill_matmul_fraction_of_fma_peak": keyed(&prefill_rows, |r| r.t, |r| json!(roofline.and_then(|f| r.of_peak(f).1))),
-            "prefill_matmul_fraction_of_products_peak": keyed(&prefill_rows, |r| r.t, |r| json!(roofline.and_then(|f| r.products_of_peak(f)).map(|(p, _)| p))),
-            "prefill_matmul_time_share": keyed(&prefill_rows, |r| r.t, |r| json!(r.matmul_share)),
-            "decode_fraction_of_bandwidth": keyed(&decode_rows, |r| r.depth, |r| json!(roofline.map(|f| r.against(f).0))),
-            "decode_fraction_of_roofline": keyed(&decode_rows, |r| r.depth, |r| json!(roofline.map(|f| r.against(f).1))),
-            "decode_bound": keyed(&decode_rows, |r| r.depth, |r| json!(roofline.map(|f| r.against(f).2))),
+            "prefill_tokens_per_s": keyed(prefill_rows, |r| r.t, |r| json!(r.tps)),
+            "decode_tokens_per_s": keyed(decode_rows, |r| r.depth, |r| json!(r.tps)),
+            "prefill_tokens_per_s_runs": keyed(prefill_rows, |r| r.t, |r| json!(r.runs.0)),
+            "decode_tokens_per_s_runs": keyed(decode_rows, |r| r.depth, |r| json!(r.runs.0)),
+            "prefill_fraction_of_fma_peak": keyed(prefill_rows, |r| r.t, |r| json!(roofline.map(|f| r.of_peak(f).0))),
+            "prefill_matmul_fraction_of_fma_peak": keyed(prefill_rows, |r| r.t, |r| json!(roofline.and_then(|f| r.of_peak(f).1))),
+            "prefill_matmul_fraction_of_products_peak": keyed(prefill_rows, |r| r.t, |r| json!(roofline.and_then(|f| r.products_of_peak(f)).map(|(p, _)| p))),
+            "prefill_matmul_time_share": keyed(prefill_rows, |r| r.t, |r| json!(r.matmul_share)),
+            "decode_fraction_of_bandwidth": keyed(decode_rows, |r| r.depth, |r| json!(roofline.map(|f| r.against(f).0))),
+            "decode_fraction_of_roofline": keyed(decode_rows, |r| r.depth, |r| json!(roofline.map(|f| r.against(f).1))),
+            "decode_bound": keyed(decode_rows, |r| r.depth, |r| json!(roofline.map(|f| r.against(f).2))),
             "decode_bytes_per_token": model.token_cost(0).weight_bytes + model.token_cost(0).state_bytes,
             "peak_rss_bytes": rss,
             "planned_bytes": planned,
+            "scaling": scaling_json(scaling),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -485,7 +612,7 @@ pub fn run(a: Args) -> Result<()> {
             );
         }
     }
-    for r in &prefill_rows {
+    for r in prefill_rows {
         let of = if let Some(roof) = roofline {
             let (all, _) = r.of_peak(roof);
             let products = match r.products_of_peak(roof) {
@@ -511,7 +638,7 @@ pub fn run(a: Args) -> Result<()> {
             r.runs.spread(1)
         );
     }
-    for r in &decode_rows {
+    for r in decode_rows {
         let of = if let Some(roof) = roofline {
             let (bandwidth, of_roofline, bound) = r.against(roof);
             format!(
@@ -536,7 +663,81 @@ pub fn run(a: Args) -> Result<()> {
         human(rss),
         human(planned)
     );
+    print_scaling(scaling);
     Ok(())
+}
+
+/// `--scaling` for `--json`: one object per thread count, ascending, with its roofline, its
+/// tokens/s keyed by prompt length and depth, and the speed-ups over the first count.
+fn scaling_json(scaling: &[Scaled]) -> serde_json::Value {
+    let (fp, fd) = scaling
+        .first()
+        .map_or((&[][..], &[][..]), |f| (&f.prefill[..], &f.decode[..]));
+    let base = |rows: &[(usize, f64)], key: usize| rows.iter().find(|r| r.0 == key).map(|r| r.1);
+    let obj = |v: &[(usize, f64)], f: &dyn Fn(usize, f64) -> serde_json::Value| {
+        v.iter()
+            .map(|&(k, x)| (k.to_string(), f(k, x)))
+            .collect::<serde_json::Map<_, _>>()
+    };
+    serde_json::Value::Array(
+        scaling
+            .iter()
+            .map(|s| {
+                json!({
+                    "threads": s.threads,
+                    "fma_gflops": s.roofline.map(|r| r.fma.gflops),
+                    "stream_gbps": s.roofline.map(|r| r.stream_gbps),
+                    "prefill_tokens_per_s": obj(&s.prefill, &|_, x| json!(x)),
+                    "decode_tokens_per_s": obj(&s.decode, &|_, x| json!(x)),
+                    "prefill_speedup": obj(&s.prefill, &|k, x| json!(speedup(x, base(fp, k)))),
+                    "decode_speedup": obj(&s.decode, &|k, x| json!(speedup(x, base(fd, k)))),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// `--scaling` as a table: a row per thread count (its roofline, then tokens/s per prompt
+/// length and depth, each with its speed-up over the first row).
+fn print_scaling(scaling: &[Scaled]) {
+    let Some(first) = scaling.first() else {
+        return;
+    };
+    let mut head = format!(
+        "{:>7}  {:>12}  {:>11}",
+        "threads", "FMA GFLOP/s", "stream GB/s"
+    );
+    for &(t, _) in &first.prefill {
+        head += &format!("  {:>17}", format!("prefill {t}"));
+    }
+    for &(d, _) in &first.decode {
+        head += &format!("  {:>17}", format!("decode @{d}"));
+    }
+    println!("scaling (tok/s, and × over {}):", count(first.threads));
+    println!("{head}");
+    let cell = |x: f64, base: Option<f64>, digits: usize| match speedup(x, base) {
+        Some(r) => format!("  {x:>10.digits$} ×{r:<4.2}"),
+        None => format!("  {x:>17.digits$}"),
+    };
+    for s in scaling {
+        let roof = |f: fn(&Roofline) -> f64| {
+            s.roofline
+                .map_or_else(|| "–".to_string(), |r| format!("{:.1}", f(&r)))
+        };
+        let mut line = format!(
+            "{:>7}  {:>12}  {:>11}",
+            s.threads,
+            roof(|r| r.fma.gflops),
+            roof(|r| r.stream_gbps)
+        );
+        for (&(_, x), &(_, b)) in s.prefill.iter().zip(&first.prefill) {
+            line += &cell(x, Some(b), 1);
+        }
+        for (&(_, x), &(_, b)) in s.decode.iter().zip(&first.decode) {
+            line += &cell(x, Some(b), 2);
+        }
+        println!("{line}");
+    }
 }
 
 #[cfg(test)]
