@@ -510,11 +510,18 @@ fn bench_scaling_measures_each_thread_count() {
                 );
             }
         }
-        // Without a roofline there are no peaks to quote.
+        // Without a roofline there are no peaks to quote, and no fractions of them.
         assert!(
             row["fma_gflops"].is_null() && row["stream_gbps"].is_null(),
             "{v}"
         );
+        let fraction = match kind {
+            "prefill" => "prefill_fraction_of_fma_peak",
+            _ => "decode_fraction_of_roofline",
+        };
+        for k in keys {
+            assert!(row[fraction][k].is_null(), "{v}");
+        }
     }
     assert_eq!(rows[0]["prefill_speedup"]["17"].as_f64(), Some(1.0), "{v}");
     // Without the flag the list is empty.
@@ -529,7 +536,7 @@ fn bench_scaling_table() {
     let o = bench_tiny("17", &["--scaling", "1,2"]);
     let out = String::from_utf8_lossy(&o.stdout);
     let at = out
-        .find("scaling (tok/s, and × over 1 thread)")
+        .find("scaling (tok/s, × over 1 thread, and % of the roofline")
         .unwrap_or_else(|| panic!("no scaling table: {out}"));
     let lines: Vec<&str> = out[at..].lines().collect();
     assert!(
@@ -545,6 +552,14 @@ fn bench_scaling_table() {
             assert!(x > 0.0, "{out}");
         }
         assert!(line.contains('×'), "{out}");
+        // Each cell ends in its fraction of the roofline measured on its own threads.
+        let pcts: Vec<f64> = cells
+            .iter()
+            .filter_map(|c| c.strip_suffix('%'))
+            .map(|c| c.parse().unwrap_or_else(|_| panic!("{c}: {out}")))
+            .collect();
+        assert_eq!(pcts.len(), 2, "{out}");
+        assert!(pcts.iter().all(|&p| p > 0.0), "{out}");
     }
     expect_error(
         &[

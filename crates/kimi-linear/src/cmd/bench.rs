@@ -17,8 +17,9 @@
 //!   in a slow minute of a shared machine cannot inflate them.
 //! - `--scaling 1,2,…` repeats every run on each thread count, in a rayon pool of that size
 //!   (the runs on the main pool's count are not repeated), each count against a roofline
-//!   measured on its own threads, and reports tokens/s with the speed-up over the first count:
-//!   how far the engine scales on the machine, in one command.
+//!   measured on its own threads, and reports tokens/s with the speed-up over the first count
+//!   and the fraction of that count's roofline: how far the engine scales on the machine, in
+//!   one command.
 
 use crate::memory::{human, peak_rss_bytes, CacheDtypeArg, MlaPrefillArgs};
 use anyhow::{bail, Context, Result};
@@ -435,12 +436,13 @@ fn measure_runs(a: &Args, model: &KimiLinear) -> Result<(Vec<PrefillRow>, Vec<De
 }
 
 /// One thread count's runs for `--scaling`: its roofline (the higher of two measurements, as
-/// for the main runs) and its tokens/s.
+/// for the main runs), and per prompt length and depth its tokens/s with the fraction of that
+/// roofline (prefill: of the FMA peak; decode: of the decode roofline; none without one).
 struct Scaled {
     threads: usize,
     roofline: Option<Roofline>,
-    prefill: Vec<(usize, f64)>,
-    decode: Vec<(usize, f64)>,
+    prefill: Vec<(usize, f64, Option<f64>)>,
+    decode: Vec<(usize, f64, Option<f64>)>,
 }
 
 /// The `--scaling` thread counts, ascending, each measured in a pool of its own (the main
@@ -456,16 +458,20 @@ fn measure_scaling(
     let mut counts = a.scaling.clone();
     counts.sort_unstable();
     counts.dedup();
-    let tps = |p: &[PrefillRow], d: &[DecodeRow]| {
+    let tps = |p: &[PrefillRow], d: &[DecodeRow], roof: Option<Roofline>| {
         (
-            p.iter().map(|r| (r.t, r.tps)).collect::<Vec<_>>(),
-            d.iter().map(|r| (r.depth, r.tps)).collect::<Vec<_>>(),
+            p.iter()
+                .map(|r| (r.t, r.tps, roof.map(|f| r.of_peak(f).0)))
+                .collect::<Vec<_>>(),
+            d.iter()
+                .map(|r| (r.depth, r.tps, roof.map(|f| r.against(f).1)))
+                .collect::<Vec<_>>(),
         )
     };
     let mut out = Vec::new();
     for c in counts {
         if c == threads {
-            let (prefill, decode) = tps(prefill_rows, decode_rows);
+            let (prefill, decode) = tps(prefill_rows, decode_rows, roofline);
             out.push(Scaled {
                 threads: c,
                 roofline,
@@ -489,10 +495,11 @@ fn measure_scaling(
             let before = measure();
             let (p, d) = measure_runs(a, model)?;
             let after = measure();
-            let (prefill, decode) = tps(&p, &d);
+            let roofline = before.zip(after).map(|(b, a)| b.max(&a));
+            let (prefill, decode) = tps(&p, &d, roofline);
             Ok(Scaled {
                 threads: c,
-                roofline: before.zip(after).map(|(b, a)| b.max(&a)),
+                roofline,
                 prefill,
                 decode,
             })
@@ -673,10 +680,11 @@ fn scaling_json(scaling: &[Scaled]) -> serde_json::Value {
     let (fp, fd) = scaling
         .first()
         .map_or((&[][..], &[][..]), |f| (&f.prefill[..], &f.decode[..]));
-    let base = |rows: &[(usize, f64)], key: usize| rows.iter().find(|r| r.0 == key).map(|r| r.1);
-    let obj = |v: &[(usize, f64)], f: &dyn Fn(usize, f64) -> serde_json::Value| {
+    type Row = (usize, f64, Option<f64>);
+    let base = |rows: &[Row], key: usize| rows.iter().find(|r| r.0 == key).map(|r| r.1);
+    let obj = |v: &[Row], f: &dyn Fn(&Row) -> serde_json::Value| {
         v.iter()
-            .map(|&(k, x)| (k.to_string(), f(k, x)))
+            .map(|r| (r.0.to_string(), f(r)))
             .collect::<serde_json::Map<_, _>>()
     };
     serde_json::Value::Array(
@@ -687,10 +695,12 @@ fn scaling_json(scaling: &[Scaled]) -> serde_json::Value {
                     "threads": s.threads,
                     "fma_gflops": s.roofline.map(|r| r.fma.gflops),
                     "stream_gbps": s.roofline.map(|r| r.stream_gbps),
-                    "prefill_tokens_per_s": obj(&s.prefill, &|_, x| json!(x)),
-                    "decode_tokens_per_s": obj(&s.decode, &|_, x| json!(x)),
-                    "prefill_speedup": obj(&s.prefill, &|k, x| json!(speedup(x, base(fp, k)))),
-                    "decode_speedup": obj(&s.decode, &|k, x| json!(speedup(x, base(fd, k)))),
+                    "prefill_tokens_per_s": obj(&s.prefill, &|r| json!(r.1)),
+                    "decode_tokens_per_s": obj(&s.decode, &|r| json!(r.1)),
+                    "prefill_speedup": obj(&s.prefill, &|r| json!(speedup(r.1, base(fp, r.0)))),
+                    "decode_speedup": obj(&s.decode, &|r| json!(speedup(r.1, base(fd, r.0)))),
+                    "prefill_fraction_of_fma_peak": obj(&s.prefill, &|r| json!(r.2)),
+                    "decode_fraction_of_roofline": obj(&s.decode, &|r| json!(r.2)),
                 })
             })
             .collect(),
@@ -707,17 +717,22 @@ fn print_scaling(scaling: &[Scaled]) {
         "{:>7}  {:>12}  {:>11}",
         "threads", "FMA GFLOP/s", "stream GB/s"
     );
-    for &(t, _) in &first.prefill {
-        head += &format!("  {:>17}", format!("prefill {t}"));
+    for &(t, ..) in &first.prefill {
+        head += &format!("  {:>23}", format!("prefill {t}"));
     }
-    for &(d, _) in &first.decode {
-        head += &format!("  {:>17}", format!("decode @{d}"));
+    for &(d, ..) in &first.decode {
+        head += &format!("  {:>23}", format!("decode @{d}"));
     }
-    println!("scaling (tok/s, and × over {}):", count(first.threads));
+    println!(
+        "scaling (tok/s, × over {}, and % of the roofline: prefill of the FMA peak, decode of \
+         its roofline):",
+        count(first.threads)
+    );
     println!("{head}");
-    let cell = |x: f64, base: Option<f64>, digits: usize| match speedup(x, base) {
-        Some(r) => format!("  {x:>10.digits$} ×{r:<4.2}"),
-        None => format!("  {x:>17.digits$}"),
+    let cell = |&(_, x, of): &(usize, f64, Option<f64>), base: f64, digits: usize| {
+        let of = of.map_or_else(String::new, |f| format!("{:.0}%", f * 100.0));
+        let up = speedup(x, Some(base)).map_or_else(String::new, |r| format!("×{r:.2}"));
+        format!("  {x:>10.digits$} {up:<6} {of:>5}")
     };
     for s in scaling {
         let roof = |f: fn(&Roofline) -> f64| {
@@ -730,11 +745,11 @@ fn print_scaling(scaling: &[Scaled]) {
             roof(|r| r.fma.gflops),
             roof(|r| r.stream_gbps)
         );
-        for (&(_, x), &(_, b)) in s.prefill.iter().zip(&first.prefill) {
-            line += &cell(x, Some(b), 1);
+        for (r, b) in s.prefill.iter().zip(&first.prefill) {
+            line += &cell(r, b.1, 1);
         }
-        for (&(_, x), &(_, b)) in s.decode.iter().zip(&first.decode) {
-            line += &cell(x, Some(b), 2);
+        for (r, b) in s.decode.iter().zip(&first.decode) {
+            line += &cell(r, b.1, 2);
         }
         println!("{line}");
     }
