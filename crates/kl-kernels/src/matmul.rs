@@ -7,8 +7,11 @@
 //!   rows are split across threads; a group of rows (3 for a single `x` row, the decode case) is
 //!   streamed once in its stored dtype (bf16 and f16 widened in registers), with the group two
 //!   on prefetched (non-temporal on AMD: each weight line is read once per token), and dotted
-//!   against every `x` row. Up to 4 `x` rows it stays on AVX2 even where AVX-512 is available:
-//!   it is bound by memory bandwidth, not by the vector width. 5 to 8 `x` rows take a 16-lane
+//!   against every `x` row. A single `x` row over a matrix of a few MiB or more takes its three
+//!   rows from three thirds of a task instead (`StreamPlan`): three long streams per thread,
+//!   each prefetched a couple of rows ahead, which read memory faster than one. Up to 4 `x`
+//!   rows it stays on AVX2 even where AVX-512 is available: it is bound by memory bandwidth,
+//!   not by the vector width. 5 to 8 `x` rows take a 16-lane
 //!   tile there (two W rows a register, the same bits), which widens each weight once for all
 //!   of them.
 //! - **Many rows** (prefill): a compute-bound product. A panel of `W` rows is widened once into a
@@ -65,6 +68,21 @@ pub const GEMV_MAX_ROWS: usize = 8;
 
 /// W rows per tile of the 16-lane matrix–vector path (5 to 8 x rows, AVX-512): two pairs.
 const WIDE_GEMV_ROWS: usize = 4;
+
+/// What an AVX2 tile prefetches while it runs (non-temporal where
+/// [`crate::cpu::Features::nontemporal`] says so, else into L2). Prefetching never changes a
+/// result.
+#[derive(Debug, Clone, Copy)]
+enum TilePrefetch {
+    /// Nothing.
+    None,
+    /// A contiguous block as long as the tile's rows together (the next group of adjacent
+    /// rows), in step with the tile: `nr·8` elements of it per 8-column step.
+    Block(*const u8),
+    /// `nr` rows as far apart as the tile's own (`ldw`), at the tile's own columns: one line
+    /// of each per 64 bytes of the row ([`gemv_streams`]: each stream's row some rows on).
+    Rows(*const u8),
+}
 
 /// Plain `y[t][n] = Σ_k x[t][k]·w[n][k]`.
 pub fn matmul_reference<W: Elem>(x: &[f32], w: &[W], y: &mut [f32], t: usize, k: usize, n: usize) {
@@ -448,7 +466,7 @@ unsafe fn tile_dyn<R: Rows + ?Sized>(
     k: usize,
     yp: *mut f32,
     ldy: usize,
-    pf: *const u8,
+    pf: TilePrefetch,
 ) {
     #[cfg(target_arch = "x86_64")]
     if simd {
@@ -489,6 +507,11 @@ fn gemv<R: Rows + ?Sized>(
     // 13.4–15.4 → 12.4–13.6 (4 rows, memory-bound: 8.5–11.8). With 8 rows the product's
     // FLOPs alone take most of the time its bytes do, and the two barely overlap.
     let wide = cfg!(target_arch = "x86_64") && simd && wide && (5..=8).contains(&t);
+    if t == 1 {
+        if let Some(plan) = StreamPlan::new(n, k * std::mem::size_of::<R::E>().max(1)) {
+            return gemv_streams(simd, x, w, y, k, n, plan);
+        }
+    }
     let (nr, mr) = match t {
         _ if wide => (WIDE_GEMV_ROWS, t),
         1 => (3, 1),
@@ -558,7 +581,11 @@ fn gemv<R: Rows + ?Sized>(
                         k,
                         yp.get().add(tb * n + nb),
                         n,
-                        pf,
+                        if pf.is_null() {
+                            TilePrefetch::None
+                        } else {
+                            TilePrefetch::Block(pf)
+                        },
                     );
                 }
                 tb += mr_here;
@@ -571,6 +598,142 @@ fn gemv<R: Rows + ?Sized>(
         body(0);
     } else {
         crate::par::for_each(tasks, body);
+    }
+}
+
+/// Bytes of weights that each of a decode task's three streams should read at least: a
+/// shorter product keeps [`gemv`]'s adjacent row groups (see [`StreamPlan`]). At 256 KiB,
+/// `mini`'s 2 MiB projections (two tasks of 341 KiB streams, one per thread, where 32 small
+/// tasks had balanced the threads) decoded 3% slower in the model in a slow memory phase (12
+/// alternating pairs, medians 157.1 against 162.6 tok/s); from 512 KiB on only products of
+/// 3 MiB and more take the streams, and `mini` decodes as before (its output head aside).
+const STREAM_MIN_BYTES: usize = 512 * 1024;
+
+/// Bytes per stream that a product is split for when it is large: tasks get longer streams up
+/// to about this, then more tasks.
+const STREAM_TARGET_BYTES: usize = 1024 * 1024;
+
+/// Rows ahead, within each of its three streams, that a decode tile prefetches (see
+/// [`gemv_streams`]).
+const STREAM_PREFETCH_ROWS: usize = 2;
+
+/// How a one-row product ([`gemv`], decode) is split when its weights are read as three
+/// streams per task: `tasks` contiguous row ranges of `rows` rows (the last one shorter), as
+/// many per thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StreamPlan {
+    tasks: usize,
+    rows: usize,
+}
+
+impl StreamPlan {
+    /// The split of `n` weight rows of `row_bytes` bytes over the pool's threads, or `None`
+    /// where a stream would read less than [`STREAM_MIN_BYTES`].
+    ///
+    /// Why three streams: a tile reads three weight rows at once (three chains of FMAs, one
+    /// per output, hide the FMA latency). Taken next to each other, as in [`gemv`]'s other
+    /// paths, they are one stream of memory per thread, which on the Zen 5 VM streams at one
+    /// sequential reader's rate (the bandwidth probe's one-stream figure); three long
+    /// monotonic streams per thread (the tile's rows from three thirds of a task, each moving
+    /// down its third) read like the probe's several streams. A throwaway harness, two threads
+    /// over 151 MB of 2304-wide matrices, variants alternated round by round (history, the
+    /// twelfth session), in fast memory phases: three streams of 64 / 128 / 256 / 512 / 1024
+    /// KiB per task 71 / 77 / 84 / 89 / 92 GB/s against 82 for adjacent rows (slow phases: 44,
+    /// 47, then 49 for all). The library before and after, built into the same harness and
+    /// alternated: 2304 × 4096 products in fast phases 82.6 → 88.0 GB/s (0.98 → 1.05 of the
+    /// probe's one-stream read in the same rounds), 1024 × 1024 ones (`mini`'s, two tasks of
+    /// 341 KiB streams) 0.84 → 0.97 of its four-stream read; in slow phases the same (but see
+    /// [`STREAM_MIN_BYTES`] for what short streams did in the model). The bits are the same
+    /// either way: each output is one row's chain, whichever rows share its tile.
+    fn new(n: usize, row_bytes: usize) -> Option<StreamPlan> {
+        let threads = crate::par::threads();
+        let total = n * row_bytes;
+        let per_thread = total.div_ceil(threads * 3 * STREAM_TARGET_BYTES).max(1);
+        let tasks = threads * per_thread;
+        let rows = n.div_ceil(tasks);
+        (rows * row_bytes >= 3 * STREAM_MIN_BYTES).then_some(StreamPlan {
+            tasks: n.div_ceil(rows),
+            rows,
+        })
+    }
+}
+
+/// [`gemv`] for one `x` row read as three streams per task ([`StreamPlan`]): task `i` takes
+/// rows `i·rows ..`, and its tile `j` the rows `j`, `j + m`, `j + 2m` of them (`m` a third of
+/// the task's rows; the 0–2 left over go last, next to each other). Each tile prefetches the
+/// rows [`STREAM_PREFETCH_ROWS`] on in each stream, at its own columns.
+#[allow(clippy::too_many_arguments)]
+fn gemv_streams<R: Rows + ?Sized>(
+    simd: bool,
+    x: &[f32],
+    w: &R,
+    y: &mut [f32],
+    k: usize,
+    n: usize,
+    plan: StreamPlan,
+) {
+    let yp = SendPtr(y.as_mut_ptr());
+    let wd = w.data();
+    let body = |task: usize| {
+        let n0 = task * plan.rows;
+        let n1 = (n0 + plan.rows).min(n);
+        let m = (n1 - n0) / 3;
+        let mut out = [0f32; 3];
+        for j in 0..m {
+            // Each stream's row D on, at this tile's columns (none near the streams' ends).
+            let ahead = j + STREAM_PREFETCH_ROWS;
+            let pf = if ahead < m {
+                // SAFETY: rows n0 + ahead + i·m (i < 3) are below n1 ≤ n, inside W.
+                TilePrefetch::Rows(unsafe { wd.as_ptr().add((n0 + ahead) * k) as *const u8 })
+            } else {
+                TilePrefetch::None
+            };
+            // SAFETY: rows n0 + j, n0 + m + j and n0 + 2m + j (`m·k` elements apart) of W hold
+            // k elements; `out` holds the tile's three outputs (`ldy` 1 for one x row).
+            unsafe {
+                tile_dyn::<R>(
+                    simd,
+                    1,
+                    3,
+                    x.as_ptr(),
+                    k,
+                    wd.as_ptr().add((n0 + j) * k),
+                    m * k,
+                    k,
+                    out.as_mut_ptr(),
+                    1,
+                    pf,
+                )
+            };
+            for (i, &v) in out.iter().enumerate() {
+                // SAFETY: y[n0 + i·m + j] is this task's (rows n0..n1), written once.
+                unsafe { *yp.get().add(n0 + i * m + j) = v };
+            }
+        }
+        let rest = n0 + 3 * m;
+        if rest < n1 {
+            // SAFETY: rows rest..n1 of W hold k elements; y[rest..n1] is this task's.
+            unsafe {
+                tile_dyn::<R>(
+                    simd,
+                    1,
+                    n1 - rest,
+                    x.as_ptr(),
+                    k,
+                    wd.as_ptr().add(rest * k),
+                    k,
+                    k,
+                    yp.get().add(rest),
+                    1,
+                    TilePrefetch::None,
+                )
+            };
+        }
+    };
+    if plan.tasks == 1 {
+        body(0);
+    } else {
+        crate::par::for_each(plan.tasks, body);
     }
 }
 
@@ -703,7 +866,7 @@ fn prefill<R: Rows + ?Sized>(
                                     k0 > 0,
                                     yo,
                                     n,
-                                    std::ptr::null(),
+                                    TilePrefetch::None,
                                 );
                             }
                         }
@@ -1231,13 +1394,10 @@ mod x86 {
         resume: bool,
         yp: *mut f32,
         ldy: usize,
-        pf: *const u8,
+        pf: super::TilePrefetch,
     ) {
+        use super::TilePrefetch;
         let mut acc = [[_mm256_setzero_ps(); NR]; MR];
-        // Bytes of the next W block to prefetch per 8-column step (see `tile_dyn`).
-        let pf_step = NR * 8 * std::mem::size_of::<L::E>();
-        let nta = crate::cpu::features().nontemporal;
-        let mut pfp = pf;
         if resume {
             for (r, a) in acc.iter_mut().enumerate() {
                 for (j, v) in a.iter_mut().enumerate() {
@@ -1246,20 +1406,20 @@ mod x86 {
             }
         }
         let k8 = k1 & !7;
-        let mut i = k0;
-        while i < k8 {
-            prefetch_step(&mut pfp, pf_step, nta);
-            let mut wv = [_mm256_setzero_ps(); NR];
-            for (j, v) in wv.iter_mut().enumerate() {
-                *v = L::load8(wp.add(j * ldw + i));
+        // The whole 8-column steps, compiled once per kind of prefetch and hint, so that the
+        // loop itself tests neither (see `steps`).
+        let nta = crate::cpu::features().nontemporal;
+        let a = &mut acc;
+        match (pf, nta) {
+            (TilePrefetch::None, _) => {
+                steps::<L, MR, NR, 0>(a, xp, ldx, wp, ldw, k0, k8, std::ptr::null())
             }
-            for (r, a) in acc.iter_mut().enumerate() {
-                let xv = _mm256_loadu_ps(xp.add(r * ldx + i));
-                for j in 0..NR {
-                    a[j] = _mm256_fmadd_ps(xv, wv[j], a[j]);
-                }
+            (TilePrefetch::Block(p), true) => steps::<L, MR, NR, 1>(a, xp, ldx, wp, ldw, k0, k8, p),
+            (TilePrefetch::Block(p), false) => {
+                steps::<L, MR, NR, 2>(a, xp, ldx, wp, ldw, k0, k8, p)
             }
-            i += 8;
+            (TilePrefetch::Rows(p), true) => steps::<L, MR, NR, 3>(a, xp, ldx, wp, ldw, k0, k8, p),
+            (TilePrefetch::Rows(p), false) => steps::<L, MR, NR, 4>(a, xp, ldx, wp, ldw, k0, k8, p),
         }
         if k8 < k1 {
             let m = k1 - k8;
@@ -1290,15 +1450,105 @@ mod x86 {
         }
     }
 
+    /// One prefetch of the line at `p`: non-temporal for odd `P`, into L2 (`prefetcht1`) for
+    /// even `P` (see [`steps`]).
+    #[inline(always)]
+    unsafe fn prefetch_line<const P: u8>(p: *const u8) {
+        if P % 2 == 1 {
+            _mm_prefetch::<_MM_HINT_NTA>(p as *const i8);
+        } else {
+            _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
+        }
+    }
+
+    /// Columns `k0..k8` (whole 8-column steps) of [`tile`] into `acc`, prefetching as `P`
+    /// says: 0 nothing; 1 (non-temporal) or 2 (L2) the block at `pf`, `NR·8` elements of it a
+    /// step (`tile_dyn`'s `TilePrefetch::Block`); 3 or 4 the `NR` rows at `pf`, `ldw` apart, one
+    /// line of each per 64 bytes of columns, ahead of the steps that read them
+    /// (`TilePrefetch::Rows`).
+    ///
+    /// Compiled per `P`, the loop carries no test for the prefetch at all. A first version of
+    /// the row prefetch tested for it in every step (beside the block prefetch's null check
+    /// and hint): the decode product then streamed 68–69 GB/s in fast memory phases where a
+    /// loop without the tests streamed 87–89 (the twelfth session's harness, the variants'
+    /// order shuffled every round; slow phases 46–49 either way). Each step's instructions
+    /// fill the reorder window that keeps the weight rows' loads in flight, and in a fast
+    /// phase that window, not the memory, sets the pace.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn steps<L: Load, const MR: usize, const NR: usize, const P: u8>(
+        acc: &mut [[__m256; NR]; MR],
+        xp: *const f32,
+        ldx: usize,
+        wp: *const L::E,
+        ldw: usize,
+        k0: usize,
+        k8: usize,
+        pf: *const u8,
+    ) {
+        let esz = std::mem::size_of::<L::E>();
+        #[inline(always)]
+        unsafe fn step<L: Load, const MR: usize, const NR: usize>(
+            acc: &mut [[__m256; NR]; MR],
+            xp: *const f32,
+            ldx: usize,
+            wp: *const L::E,
+            ldw: usize,
+            i: usize,
+        ) {
+            let mut wv = [_mm256_setzero_ps(); NR];
+            for (j, v) in wv.iter_mut().enumerate() {
+                *v = L::load8(wp.add(j * ldw + i));
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = _mm256_loadu_ps(xp.add(r * ldx + i));
+                for j in 0..NR {
+                    a[j] = _mm256_fmadd_ps(xv, wv[j], a[j]);
+                }
+            }
+        }
+        let mut i = k0;
+        if P >= 3 {
+            // A line of each prefetched row, then the steps that cover 64 bytes of columns.
+            let line = (64 / esz).max(8);
+            while i + line <= k8 {
+                for j in 0..NR {
+                    prefetch_line::<P>(pf.wrapping_add((j * ldw + i) * esz));
+                }
+                let end = i + line;
+                while i < end {
+                    step::<L, MR, NR>(acc, xp, ldx, wp, ldw, i);
+                    i += 8;
+                }
+            }
+        }
+        // Bytes of the next W block per step (`Block`).
+        let block_step = NR * 8 * esz;
+        let mut pfp = pf;
+        while i < k8 {
+            if P == 1 || P == 2 {
+                let mut o = 0;
+                while o < block_step {
+                    prefetch_line::<P>(pfp.wrapping_add(o));
+                    o += 64;
+                }
+                pfp = pfp.wrapping_add(block_step);
+            }
+            step::<L, MR, NR>(acc, xp, ldx, wp, ldw, i);
+            i += 8;
+        }
+    }
+
     /// See [`super::tile_dyn`]; `(mr, nr)` one of the pairs listed below.
     ///
     /// # Safety
     /// As [`super::tile_dyn`], and the CPU has AVX2, FMA (and F16C for f16).
     /// `kr = (k0, k1)`, `part`, `resume` as in [`tile`]; a null `yp` saves the partial sums.
     ///
-    /// A non-null `pf` is the start of the next contiguous W block (`nr` rows of `ldw` elements
-    /// at the same column range), prefetched in step with this one: each 8-column step touches
-    /// `nr·8` elements of the next block, so by the end of this tile the next one is on its way.
+    /// `pf` ([`super::TilePrefetch`]): the start of the next contiguous W block (`nr` rows of
+    /// `ldw` elements at the same column range), prefetched in step with this one: each
+    /// 8-column step touches `nr·8` elements of the next block, so by the end of this tile the
+    /// next one is on its way; or `nr` rows `ldw` apart, prefetched at this tile's columns.
     /// Decode streams weights straight from memory in short rows, where the hardware
     /// prefetcher alone leaves bandwidth unused. The hint is non-temporal (`prefetchnta`) where
     /// [`crate::cpu::Features::nontemporal`] says so (AMD): weight lines are read once per
@@ -1321,7 +1571,7 @@ mod x86 {
         resume: bool,
         yp: *mut f32,
         ldy: usize,
-        pf: *const u8,
+        pf: super::TilePrefetch,
     ) {
         macro_rules! go {
             ($( ($a:literal, $b:literal) ),*) => {

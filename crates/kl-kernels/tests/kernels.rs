@@ -470,6 +470,59 @@ fn matmul_is_batch_invariant() {
     }
 }
 
+/// Products large enough that decode reads each task's weights as three streams (tiles of rows
+/// a third of a task apart, `matmul::StreamPlan`): every output row alone (T = 1) equals,
+/// bitwise, the same row of a prefill and of the reference-ordered small tiles, on 1–3
+/// threads, with the last task short and 0–2 rows left over after the thirds; and each output
+/// is close to the reference's.
+#[test]
+fn matmul_decode_streams_keep_the_bits() {
+    let mut rng = Rng::new(12);
+    for &(k, n) in &[(1000usize, 4001usize), (1003, 4003), (397, 9002)] {
+        let t = 9;
+        let x = rng.vec(t * k, 1.0);
+        let wf = rng.vec(n * k, 1.0);
+        let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+        fn check<W: kl_kernels::Elem>(
+            name: &str,
+            x: &[f32],
+            w: &[W],
+            t: usize,
+            k: usize,
+            n: usize,
+        ) {
+            // The prefill path (T = 9 > 8) on the widest kernel: the canonical order.
+            let mut full = vec![0f32; t * n];
+            matmul(x, w, &mut full, t, k, n);
+            let mut reference = vec![0f32; t * n];
+            matmul_reference(x, w, &mut reference, t, k, n);
+            assert!(
+                max_abs_diff(&full, &reference) < 1e-4 * (k as f32).sqrt(),
+                "{name}"
+            );
+            for threads in [1usize, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                for r in 0..t {
+                    let mut y = vec![0f32; n];
+                    pool.install(|| matmul(&x[r * k..(r + 1) * k], w, &mut y, 1, k, n));
+                    for (j, (a, b)) in y.iter().zip(&full[r * n..(r + 1) * n]).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{name} k={k} n={n} threads={threads} row {r} col {j}: decode {a} vs prefill {b}"
+                        );
+                    }
+                }
+            }
+        }
+        check("bf16", &x, &wb, t, k, n);
+        check("f32", &x, &wf, t, k, n);
+    }
+}
+
 /// Chunked vs recurrent under decay regimes that stress the sub-chunk factorisation: no decay,
 /// mild decays (the diagonal blocks factorised too), very strong decays down to −100 per token
 /// (pairwise diagonal blocks, factors underflowing to 0), and mixtures per channel. Nothing may
