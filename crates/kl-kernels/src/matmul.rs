@@ -73,6 +73,8 @@ const WIDE_GEMV_ROWS: usize = 4;
 /// [`crate::cpu::Features::nontemporal`] says so, else into L2). Prefetching never changes a
 /// result.
 #[derive(Debug, Clone, Copy)]
+// Only the x86-64 tiles prefetch; the portable one ignores it.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum TilePrefetch {
     /// Nothing.
     None,
