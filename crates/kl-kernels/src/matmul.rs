@@ -1357,16 +1357,24 @@ mod x86 {
         if pf.is_null() {
             return;
         }
+        if nta {
+            prefetch_block::<1>(pf, step)
+        } else {
+            prefetch_block::<2>(pf, step)
+        }
+    }
+
+    /// [`prefetch_step`] with the hint fixed at compile time (`P` as in [`prefetch_line`]) and
+    /// `*pf` known to be non-null: one line per 64 of the `step` bytes at `*pf`, then `*pf`
+    /// moves past them.
+    #[inline(always)]
+    unsafe fn prefetch_block<const P: u8>(pf: &mut *const u8, step: usize) {
         let mut o = 0;
         while o < step {
-            if nta {
-                _mm_prefetch::<_MM_HINT_NTA>(pf.add(o) as *const i8);
-            } else {
-                _mm_prefetch::<_MM_HINT_T1>(pf.add(o) as *const i8);
-            }
+            prefetch_line::<P>(pf.wrapping_add(o));
             o += 64;
         }
-        *pf = pf.add(step);
+        *pf = pf.wrapping_add(step);
     }
 
     /// Fixed reduction tree `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))` (same as the portable one).
@@ -1529,12 +1537,7 @@ mod x86 {
         let mut pfp = pf;
         while i < k8 {
             if P == 1 || P == 2 {
-                let mut o = 0;
-                while o < block_step {
-                    prefetch_line::<P>(pfp.wrapping_add(o));
-                    o += 64;
-                }
-                pfp = pfp.wrapping_add(block_step);
+                prefetch_block::<P>(&mut pfp, block_step);
             }
             step::<L, MR, NR>(acc, xp, ldx, wp, ldw, i);
             i += 8;
