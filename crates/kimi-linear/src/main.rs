@@ -67,6 +67,10 @@ enum Command {
     ChatTemplate(cmd::tokenize::ChatTemplateArgs),
 }
 
+/// Stack of every thread-pool worker: the global pool's, and `bench --scaling`'s pools, which
+/// must run the same code as it.
+pub(crate) const WORKER_STACK_BYTES: usize = 16 << 20;
+
 fn main() {
     tune_allocator();
     restore_sigpipe();
@@ -95,7 +99,7 @@ fn main() {
     }
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
-        .stack_size(16 << 20)
+        .stack_size(WORKER_STACK_BYTES)
         .build_global()
         .expect("thread pool is built once");
     // The command runs on a pool worker, so every parallel region of prefill and decode starts

@@ -485,7 +485,7 @@ fn measure_scaling(
         }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(c)
-            .stack_size(16 << 20)
+            .stack_size(crate::WORKER_STACK_BYTES)
             .build()
             .with_context(|| format!("--scaling {c}: cannot start {c} threads"))?;
         // Inside the pool, as the main runs are inside the global one: every parallel region
