@@ -9,7 +9,9 @@
 //!   on prefetched (non-temporal on AMD: each weight line is read once per token), and dotted
 //!   against every `x` row. A single `x` row over a matrix of a few MiB or more takes its three
 //!   rows from three thirds of a task instead (`StreamPlan`): three long streams per thread,
-//!   each prefetched a couple of rows ahead, which read memory faster than one. Up to 4 `x`
+//!   each prefetched a couple of rows ahead, which read memory faster than one; several
+//!   one-row products at once ([`gemv_many`], a layer's decode products) are read as one set of
+//!   such streams across their matrices, where each alone would be too short. Up to 4 `x`
 //!   rows it stays on AVX2 even where AVX-512 is available: it is bound by memory bandwidth,
 //!   not by the vector width. 5 to 8 `x` rows take a 16-lane
 //!   tile there (two W rows a register, the same bits), which widens each weight once for all
@@ -62,6 +64,9 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
+
+mod many;
+pub use many::{gemv_many, OneRowJobs};
 
 /// Row count up to which the matrix–vector path is used.
 pub const GEMV_MAX_ROWS: usize = 8;
@@ -1463,7 +1468,7 @@ mod x86 {
     /// One prefetch of the line at `p`: non-temporal for odd `P`, into L2 (`prefetcht1`) for
     /// even `P` (see [`steps`]).
     #[inline(always)]
-    unsafe fn prefetch_line<const P: u8>(p: *const u8) {
+    pub unsafe fn prefetch_line<const P: u8>(p: *const u8) {
         if P % 2 == 1 {
             _mm_prefetch::<_MM_HINT_NTA>(p as *const i8);
         } else {

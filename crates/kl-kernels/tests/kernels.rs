@@ -523,6 +523,126 @@ fn matmul_decode_streams_keep_the_bits() {
     }
 }
 
+/// Several one-row products at once (`matmul::gemv_many`, a layer's decode products read as
+/// long streams across matrices): every output equals, bitwise, the same product run alone
+/// through `matmul` with T = 1, on 1–3 threads and inside `par::serial`. The lists mix `K`s
+/// (groups long enough for the streams and groups too short), odd `K`s (tails), matrices whose
+/// rows a stream crosses from one to the next, shared and separate `x`s, empty products
+/// (`N` = 0 and `K` = 0), more products than one batch holds, and the three stored dtypes.
+#[test]
+fn gemv_many_equals_each_product_alone() {
+    use kl_kernels::matmul::gemv_many;
+    let mut rng = Rng::new(31);
+    // (K, N, which x: 0 the shared one of its K, 1 its own)
+    let lists: Vec<Vec<(usize, usize, usize)>> = vec![
+        // A MoE's gate/up of five experts (one x) then a short group of another K.
+        vec![
+            (1000, 517, 0),
+            (1000, 517, 0),
+            (1000, 515, 0),
+            (1000, 2, 0),
+            (1000, 521, 0),
+            (1000, 519, 0),
+            (1000, 1, 0),
+            (1000, 520, 0),
+            (64, 300, 1),
+            (64, 301, 1),
+        ],
+        // Down products: each its own x, odd K, some tiny.
+        vec![
+            (515, 1003, 1),
+            (515, 997, 1),
+            (515, 3, 1),
+            (515, 1000, 1),
+            (515, 0, 1),
+            (0, 7, 1),
+            (515, 1001, 1),
+        ],
+        // One large product alone, and two that share nothing.
+        vec![(1003, 4003, 0)],
+        vec![(8, 5, 1), (9, 4, 1)],
+        // More than one batch: 40 products of one K.
+        (0..40).map(|i| (261, 100 + i, i % 2)).collect(),
+    ];
+    fn check<W: kl_kernels::Elem>(
+        name: &str,
+        rng: &mut Rng,
+        list: &[(usize, usize, usize)],
+        conv: fn(f32) -> W,
+    ) {
+        let shared: Vec<Vec<f32>> = (0..=1003).map(|k| rng.vec(k, 1.0)).collect();
+        let own: Vec<Vec<f32>> = list.iter().map(|&(k, _, _)| rng.vec(k, 1.0)).collect();
+        let ws: Vec<Vec<W>> = list
+            .iter()
+            .map(|&(k, n, _)| rng.vec(n * k, 1.0).into_iter().map(conv).collect())
+            .collect();
+        let xs: Vec<&[f32]> = list
+            .iter()
+            .enumerate()
+            .map(|(i, &(k, _, which))| match which {
+                0 => &shared[k][..],
+                _ => &own[i][..],
+            })
+            .collect();
+        let want: Vec<Vec<f32>> = list
+            .iter()
+            .enumerate()
+            .map(|(i, &(k, n, _))| {
+                let mut y = vec![f32::NAN; n];
+                matmul(xs[i], &ws[i], &mut y, 1, k, n);
+                y
+            })
+            .collect();
+        for threads in [1usize, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for serial in [false, true] {
+                let mut ys: Vec<Vec<f32>> =
+                    list.iter().map(|&(_, n, _)| vec![f32::NAN; n]).collect();
+                let mut jobs: Vec<(&[f32], &[W], &mut [f32])> = ys
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, y)| (xs[i], &ws[i][..], &mut y[..]))
+                    .collect();
+                pool.install(|| {
+                    if serial {
+                        kl_kernels::par::serial(|| gemv_many(&mut jobs[..]))
+                    } else {
+                        gemv_many(&mut jobs[..])
+                    }
+                });
+                for (i, (y, w)) in ys.iter().zip(&want).enumerate() {
+                    for (j, (a, b)) in y.iter().zip(w).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{name} {list:?} threads={threads} serial={serial} product {i} row {j}: \
+                             together {a} vs alone {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    for list in &lists {
+        check("bf16", &mut rng, list, bf16::from_f32);
+        check("f16", &mut rng, list, f16::from_f32);
+        check("f32", &mut rng, list, |v| v);
+    }
+}
+
+/// A product whose `W` does not hold `N·K` elements is refused, naming it.
+#[test]
+#[should_panic(expected = "product 1's W has 5 elements, expected N·K = 2·3")]
+fn gemv_many_names_a_misshapen_product() {
+    let (x, w0, w1) = ([1f32; 3], [bf16::ONE; 6], [bf16::ONE; 5]);
+    let (mut y0, mut y1) = ([0f32; 2], [0f32; 2]);
+    let mut jobs: [(&[f32], &[bf16], &mut [f32]); 2] = [(&x, &w0, &mut y0), (&x, &w1, &mut y1)];
+    kl_kernels::matmul::gemv_many(&mut jobs[..]);
+}
+
 /// Chunked vs recurrent under decay regimes that stress the sub-chunk factorisation: no decay,
 /// mild decays (the diagonal blocks factorised too), very strong decays down to −100 per token
 /// (pairwise diagonal blocks, factors underflowing to 0), and mixtures per channel. Nothing may

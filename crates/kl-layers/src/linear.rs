@@ -1,7 +1,7 @@
 //! A weight matrix `[N, K]` (PyTorch Linear layout) kept in its stored dtype.
 
 use half::{bf16, f16};
-use kl_kernels::matmul::{matmul, matmul_f32_activations};
+use kl_kernels::matmul::{gemv_many, matmul, matmul_f32_activations, OneRowJobs};
 use kl_weights::{Checkpoint, Dtype, Tensor, WeightsError};
 
 #[derive(Clone)]
@@ -29,6 +29,71 @@ pub enum MatView<'a> {
 
 /// One product of [`Linear::forward_many`]: the matrix, its `x` and its `y`.
 type Job<'l, 'x, 'y> = (&'l Linear, &'x [f32], &'y mut [f32]);
+
+/// Products of one `x` row each, by index, for [`Linear::forward_one_row`]: a layer's decode
+/// products named without building a list (the chosen experts' matrices, say).
+pub trait RowJobs {
+    /// How many products.
+    fn count(&self) -> usize;
+    /// Product `i` (`i < count()`): the matrix, its `x` (one row, `K` values) and its `y`
+    /// (`N` values).
+    fn job(&mut self, i: usize) -> (&Linear, &[f32], &mut [f32]);
+}
+
+impl RowJobs for [Job<'_, '_, '_>] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn job(&mut self, i: usize) -> (&Linear, &[f32], &mut [f32]) {
+        let (l, x, y) = &mut self[i];
+        (l, x, y)
+    }
+}
+
+/// The element types a [`Linear`] stores, read back as slices of themselves.
+trait StoredAs: kl_kernels::Elem {
+    /// `v`'s elements, if they are stored as `Self`.
+    fn of(v: MatView<'_>) -> Option<&[Self]>;
+}
+
+impl StoredAs for bf16 {
+    fn of(v: MatView<'_>) -> Option<&[bf16]> {
+        match v {
+            MatView::Bf16(w) => Some(w),
+            _ => None,
+        }
+    }
+}
+impl StoredAs for f16 {
+    fn of(v: MatView<'_>) -> Option<&[f16]> {
+        match v {
+            MatView::F16(w) => Some(w),
+            _ => None,
+        }
+    }
+}
+impl StoredAs for f32 {
+    fn of(v: MatView<'_>) -> Option<&[f32]> {
+        match v {
+            MatView::F32(w) => Some(w),
+            _ => None,
+        }
+    }
+}
+
+/// [`RowJobs`] whose matrices are all stored as `W`, as the kernel's [`OneRowJobs`] reads them.
+struct Typed<'j, J: ?Sized, W>(&'j mut J, std::marker::PhantomData<W>);
+
+impl<J: RowJobs + ?Sized, W: StoredAs> OneRowJobs<W> for Typed<'_, J, W> {
+    fn count(&self) -> usize {
+        self.0.count()
+    }
+    fn job(&mut self, i: usize) -> (&[f32], &[W], &mut [f32]) {
+        let (l, x, y) = self.0.job(i);
+        let w = W::of(l.view()).expect("forward_one_row checked every product's dtype");
+        (x, w, y)
+    }
+}
 
 /// A weight matrix of `rows × cols`, computing `y = x · Wᵀ`.
 #[derive(Clone)]
@@ -219,9 +284,52 @@ impl Linear {
         Self::run_jobs(t, jobs, false)
     }
 
-    /// [`Linear::forward_many`] (`parallel`) or [`Linear::forward_each`].
+    /// Several products of one `x` row each (decode), in one parallel region whose weight
+    /// rows are read as long streams across the matrices (`kl_kernels::matmul::gemv_many`):
+    /// the bits of [`Linear::forward`] on each. Products of mixed dtypes run one after the other.
+    ///
+    /// # Panics
+    /// If a product's `x` and `y` are not one row of its matrix's `K` and `N`, naming it.
+    pub fn forward_one_row<J: RowJobs + ?Sized>(jobs: &mut J) {
+        let n = jobs.count();
+        for i in 0..n {
+            let (l, x, y) = jobs.job(i);
+            assert!(
+                x.len() == l.cols && y.len() == l.rows,
+                "forward_one_row: product {i} has x of {} and y of {} values, expected one row: \
+                 K = {}, N = {}",
+                x.len(),
+                y.len(),
+                l.cols,
+                l.rows
+            );
+        }
+        if n == 0 {
+            return;
+        }
+        let dtype = jobs.job(0).0.dtype();
+        if (1..n).any(|i| jobs.job(i).0.dtype() != dtype) {
+            for i in 0..n {
+                let (l, x, y) = jobs.job(i);
+                l.forward(x, 1, y);
+            }
+            return;
+        }
+        use std::marker::PhantomData;
+        match dtype {
+            Dtype::BF16 => gemv_many(&mut Typed::<J, bf16>(jobs, PhantomData)),
+            Dtype::F16 => gemv_many(&mut Typed::<J, f16>(jobs, PhantomData)),
+            Dtype::F32 => gemv_many(&mut Typed::<J, f32>(jobs, PhantomData)),
+        }
+    }
+
+    /// [`Linear::forward_many`] (`parallel`) or [`Linear::forward_each`]; one row outside
+    /// `par::serial` through [`Linear::forward_one_row`] either way (the same bits).
     fn run_jobs(t: usize, jobs: &mut [Job<'_, '_, '_>], parallel: bool) {
         use rayon::prelude::*;
+        if t == 1 && !kl_kernels::par::is_serial() {
+            return Self::forward_one_row(jobs);
+        }
         let Some(x0) = jobs.first().map(|j| j.1) else {
             return;
         };
@@ -261,5 +369,71 @@ impl Linear {
         let mut y = vec![0f32; t * self.rows];
         self.forward(x, t, &mut y);
         y
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lin(dtype: Dtype, n: usize, k: usize, seed: usize) -> Linear {
+        Linear::from_fn(dtype, n, k, move |r, c| {
+            (((r * 31 + c * 17 + seed) * 2654435761usize % 4099) as f32 / 4099.0) - 0.5
+        })
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|a| a.to_bits()).collect()
+    }
+
+    /// One-row products in one region (long enough for the kernel's streams, 7 MB of bf16
+    /// rows, and in a list of mixed dtypes, which runs them one by one) keep the bits of each
+    /// product's own `forward`, through `forward_one_row` and through `forward_many`.
+    #[test]
+    fn one_row_products_keep_each_products_bits() {
+        let k = 1001;
+        let x: Vec<f32> = (0..k)
+            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0) - 0.5)
+            .collect();
+        let x2: Vec<f32> = x.iter().map(|v| v * 0.75 + 0.01).collect();
+        let uniform: Vec<Linear> = (0..6).map(|i| lin(Dtype::BF16, 600 + i, k, i)).collect();
+        let mixed = vec![
+            lin(Dtype::BF16, 70, k, 1),
+            lin(Dtype::F32, 40, k, 2),
+            lin(Dtype::F16, 33, k, 3),
+        ];
+        for (ls, many) in [(&uniform, false), (&uniform, true), (&mixed, false)] {
+            let xs: Vec<&[f32]> = (0..ls.len())
+                .map(|i| if i % 3 == 2 { &x2[..] } else { &x[..] })
+                .collect();
+            let want: Vec<Vec<f32>> = ls.iter().zip(&xs).map(|(l, x)| l.apply(x, 1)).collect();
+            let mut ys: Vec<Vec<f32>> = ls.iter().map(|l| vec![f32::NAN; l.rows()]).collect();
+            let mut jobs: Vec<Job<'_, '_, '_>> = ls
+                .iter()
+                .zip(&xs)
+                .zip(ys.iter_mut())
+                .map(|((l, x), y)| (l, *x, &mut y[..]))
+                .collect();
+            if many {
+                Linear::forward_many(1, &mut jobs);
+            } else {
+                Linear::forward_one_row(&mut jobs[..]);
+            }
+            drop(jobs);
+            for (i, (a, b)) in ys.iter().zip(&want).enumerate() {
+                assert_eq!(bits(a), bits(b), "product {i} of {}", ls.len());
+            }
+        }
+    }
+
+    /// A product whose `x` is not one row of its matrix is refused, naming it.
+    #[test]
+    #[should_panic(expected = "product 1 has x of 8 and y of 3 values, expected one row: K = 4")]
+    fn one_row_products_name_a_wrong_shape() {
+        let (a, b) = (lin(Dtype::BF16, 3, 4, 0), lin(Dtype::BF16, 3, 4, 1));
+        let (x, x8) = ([1f32; 4], [1f32; 8]);
+        let (mut y0, mut y1) = ([0f32; 3], [0f32; 3]);
+        let mut jobs: [Job<'_, '_, '_>; 2] = [(&a, &x, &mut y0), (&b, &x8, &mut y1)];
+        Linear::forward_one_row(&mut jobs[..]);
     }
 }

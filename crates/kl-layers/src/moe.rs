@@ -17,11 +17,11 @@
 //! experts run in parallel, each on one thread with unsplit products, and are then combined per
 //! token in ascending expert order, so the bits do not depend on the thread count.
 
-use crate::linear::Linear;
+use crate::linear::{Linear, RowJobs};
 use crate::mlp::SwiGlu;
 use crate::{vector, Probe, Scratch};
 use kl_config::MoeDims;
-use kl_kernels::activation::sigmoid;
+use kl_kernels::activation::{sigmoid, swiglu};
 use kl_weights::{Checkpoint, WeightsError};
 use rayon::prelude::*;
 use std::sync::{Mutex, PoisonError};
@@ -378,10 +378,11 @@ impl Moe {
         scratch.give_idx(ids);
     }
 
-    /// One token: the chosen experts and the shared expert run at once (one parallel region
-    /// instead of one per matrix), then their outputs are added in the order of
-    /// [`Moe::forward`] (chosen experts by ascending id, then the shared one), so the bits are
-    /// those of the general path.
+    /// One token: the chosen experts and the shared expert in two parallel regions (the gate
+    /// and up products of all of them, which share `x`, then all their down products), each
+    /// read as long weight streams across the matrices ([`Linear::forward_one_row`]); then
+    /// their outputs are added in the order of [`Moe::forward`] (chosen experts by ascending
+    /// id, then the shared one), so the bits are those of the general path.
     #[allow(clippy::too_many_arguments)]
     fn forward_one(
         &self,
@@ -394,8 +395,12 @@ impl Moe {
         out: &mut [f32],
     ) {
         let d = x.len();
-        let k = ids.len();
-        let jobs = k + usize::from(self.shared.is_some());
+        let chosen = Chosen {
+            moe: self,
+            ids,
+            order,
+        };
+        let jobs = chosen.len();
         let wmax = self
             .shared
             .as_ref()
@@ -403,24 +408,30 @@ impl Moe {
             .max(self.dims.expert_width);
         let mut ys = scratch.take(jobs * d);
         let mut hid = scratch.take(jobs * 2 * wmax);
-        let mlp = |j: usize| match j < k {
-            true => &self.experts[ids[order[j]]],
-            false => self.shared.as_ref().expect("job k is the shared expert"),
-        };
-        ys.par_chunks_mut(d)
-            .zip(hid.par_chunks_mut(2 * wmax))
-            .enumerate()
-            .for_each(|(j, (y, h))| {
-                let m = mlp(j);
-                let (g, u) = h[..2 * m.width()].split_at_mut(m.width());
-                m.forward_with(x, 1, g, u, y);
-            });
+        Linear::forward_one_row(&mut GateUp {
+            chosen,
+            x,
+            hid: &mut hid,
+            wmax,
+        });
+        for (j, h) in hid.chunks_mut(2 * wmax).take(jobs).enumerate() {
+            let w = chosen.mlp(j).width();
+            let (g, u) = h[..2 * w].split_at_mut(w);
+            swiglu(g, u);
+        }
+        Linear::forward_one_row(&mut Down {
+            chosen,
+            hid: &hid,
+            ys: &mut ys,
+            d,
+            wmax,
+        });
         for (j, &slot) in order.iter().enumerate() {
             kl_kernels::simd::axpy(weights[slot], &ys[j * d..(j + 1) * d], out);
         }
         probe.record("moe.routed_out", &[1, d], out);
         if self.shared.is_some() {
-            let s = &ys[k * d..(k + 1) * d];
+            let s = &ys[ids.len() * d..(ids.len() + 1) * d];
             probe.record("moe.shared_out", &[1, d], s);
             for (o, v) in out.iter_mut().zip(s) {
                 *o += v;
@@ -428,6 +439,78 @@ impl Moe {
         }
         scratch.give(hid);
         scratch.give(ys);
+    }
+}
+
+/// The experts one token runs, in the order their outputs are added: the chosen ones by
+/// ascending id (`ids` taken in `order`), then the shared one.
+#[derive(Clone, Copy)]
+struct Chosen<'a> {
+    moe: &'a Moe,
+    ids: &'a [usize],
+    order: &'a [usize],
+}
+
+impl<'a> Chosen<'a> {
+    fn len(&self) -> usize {
+        self.ids.len() + usize::from(self.moe.shared.is_some())
+    }
+
+    /// Expert `j` of the list.
+    fn mlp(&self, j: usize) -> &'a SwiGlu {
+        match self.ids.get(j) {
+            Some(_) => &self.moe.experts[self.ids[self.order[j]]],
+            None => self
+                .moe
+                .shared
+                .as_ref()
+                .expect("the last expert of the list is the shared one"),
+        }
+    }
+}
+
+/// The gate and up products of every expert of a token (`x` for all), into `hid`: expert `j`'s
+/// gate at `j·2·wmax`, its up right after.
+struct GateUp<'a, 'b> {
+    chosen: Chosen<'a>,
+    x: &'b [f32],
+    hid: &'b mut [f32],
+    wmax: usize,
+}
+
+impl RowJobs for GateUp<'_, '_> {
+    fn count(&self) -> usize {
+        2 * self.chosen.len()
+    }
+    fn job(&mut self, i: usize) -> (&Linear, &[f32], &mut [f32]) {
+        let m = self.chosen.mlp(i / 2);
+        let w = m.width();
+        let (g, u) = self.hid[(i / 2) * 2 * self.wmax..][..2 * w].split_at_mut(w);
+        match i % 2 {
+            0 => (&m.gate, self.x, g),
+            _ => (&m.up, self.x, u),
+        }
+    }
+}
+
+/// The down products of every expert of a token, from its activations in `hid` (as
+/// [`GateUp`] left them, through SwiGLU) into `ys` (`d` values each).
+struct Down<'a, 'b> {
+    chosen: Chosen<'a>,
+    hid: &'b [f32],
+    ys: &'b mut [f32],
+    d: usize,
+    wmax: usize,
+}
+
+impl RowJobs for Down<'_, '_> {
+    fn count(&self) -> usize {
+        self.chosen.len()
+    }
+    fn job(&mut self, j: usize) -> (&Linear, &[f32], &mut [f32]) {
+        let m = self.chosen.mlp(j);
+        let h = &self.hid[j * 2 * self.wmax..][..m.width()];
+        (&m.down, h, &mut self.ys[j * self.d..(j + 1) * self.d])
     }
 }
 
