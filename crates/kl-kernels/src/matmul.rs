@@ -86,9 +86,6 @@ enum TilePrefetch {
     /// A contiguous block as long as the tile's rows together (the next group of adjacent
     /// rows), in step with the tile: `nr·8` elements of it per 8-column step.
     Block(*const u8),
-    /// `nr` rows as far apart as the tile's own (`ldw`), at the tile's own columns: one line
-    /// of each per 64 bytes of the row ([`gemv_streams`]: each stream's row some rows on).
-    Rows(*const u8),
 }
 
 /// Plain `y[t][n] = Σ_k x[t][k]·w[n][k]`.
@@ -514,9 +511,12 @@ fn gemv<R: Rows + ?Sized>(
     // 13.4–15.4 → 12.4–13.6 (4 rows, memory-bound: 8.5–11.8). With 8 rows the product's
     // FLOPs alone take most of the time its bytes do, and the two barely overlap.
     let wide = cfg!(target_arch = "x86_64") && simd && wide && (5..=8).contains(&t);
-    if t == 1 {
+    #[cfg(target_arch = "x86_64")]
+    if t == 1 && simd {
         if let Some(plan) = StreamPlan::new(n, k * std::mem::size_of::<R::E>().max(1)) {
-            return gemv_streams(simd, x, w, y, k, n, plan);
+            // SAFETY: `matmul` checked the shapes; `simd` says the CPU has AVX2 and FMA (and
+            // F16C for f16).
+            return unsafe { many::one_product::<R::L>(x, w.data(), y, k, n, plan) };
         }
     }
     let (nr, mr) = match t {
@@ -614,25 +614,30 @@ fn gemv<R: Rows + ?Sized>(
 /// tasks had balanced the threads) decoded 3% slower in the model in a slow memory phase (12
 /// alternating pairs, medians 157.1 against 162.6 tok/s); from 512 KiB on only products of
 /// 3 MiB and more take the streams, and `mini` decodes as before (its output head aside).
+#[cfg(target_arch = "x86_64")]
 const STREAM_MIN_BYTES: usize = 512 * 1024;
 
 /// Bytes per stream that a product is split for when it is large: tasks get longer streams up
 /// to about this, then more tasks.
+#[cfg(target_arch = "x86_64")]
 const STREAM_TARGET_BYTES: usize = 1024 * 1024;
 
 /// Rows ahead, within each of its three streams, that a decode tile prefetches (see
-/// [`gemv_streams`]).
+/// [`many`]).
+#[cfg(target_arch = "x86_64")]
 const STREAM_PREFETCH_ROWS: usize = 2;
 
 /// How a one-row product ([`gemv`], decode) is split when its weights are read as three
 /// streams per task: `tasks` contiguous row ranges of `rows` rows (the last one shorter), as
 /// many per thread.
+#[cfg(target_arch = "x86_64")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct StreamPlan {
     tasks: usize,
     rows: usize,
 }
 
+#[cfg(target_arch = "x86_64")]
 impl StreamPlan {
     /// The split of `n` weight rows of `row_bytes` bytes over the pool's threads, or `None`
     /// where a stream would read less than [`STREAM_MIN_BYTES`].
@@ -662,85 +667,6 @@ impl StreamPlan {
             tasks: n.div_ceil(rows),
             rows,
         })
-    }
-}
-
-/// [`gemv`] for one `x` row read as three streams per task ([`StreamPlan`]): task `i` takes
-/// rows `i·rows ..`, and its tile `j` the rows `j`, `j + m`, `j + 2m` of them (`m` a third of
-/// the task's rows; the 0–2 left over go last, next to each other). Each tile prefetches the
-/// rows [`STREAM_PREFETCH_ROWS`] on in each stream, at its own columns.
-#[allow(clippy::too_many_arguments)]
-fn gemv_streams<R: Rows + ?Sized>(
-    simd: bool,
-    x: &[f32],
-    w: &R,
-    y: &mut [f32],
-    k: usize,
-    n: usize,
-    plan: StreamPlan,
-) {
-    let yp = SendPtr(y.as_mut_ptr());
-    let wd = w.data();
-    let body = |task: usize| {
-        let n0 = task * plan.rows;
-        let n1 = (n0 + plan.rows).min(n);
-        let m = (n1 - n0) / 3;
-        let mut out = [0f32; 3];
-        for j in 0..m {
-            // Each stream's row D on, at this tile's columns (none near the streams' ends).
-            let ahead = j + STREAM_PREFETCH_ROWS;
-            let pf = if ahead < m {
-                // SAFETY: rows n0 + ahead + i·m (i < 3) are below n1 ≤ n, inside W.
-                TilePrefetch::Rows(unsafe { wd.as_ptr().add((n0 + ahead) * k) as *const u8 })
-            } else {
-                TilePrefetch::None
-            };
-            // SAFETY: rows n0 + j, n0 + m + j and n0 + 2m + j (`m·k` elements apart) of W hold
-            // k elements; `out` holds the tile's three outputs (`ldy` 1 for one x row).
-            unsafe {
-                tile_dyn::<R>(
-                    simd,
-                    1,
-                    3,
-                    x.as_ptr(),
-                    k,
-                    wd.as_ptr().add((n0 + j) * k),
-                    m * k,
-                    k,
-                    out.as_mut_ptr(),
-                    1,
-                    pf,
-                )
-            };
-            for (i, &v) in out.iter().enumerate() {
-                // SAFETY: y[n0 + i·m + j] is this task's (rows n0..n1), written once.
-                unsafe { *yp.get().add(n0 + i * m + j) = v };
-            }
-        }
-        let rest = n0 + 3 * m;
-        if rest < n1 {
-            // SAFETY: rows rest..n1 of W hold k elements; y[rest..n1] is this task's.
-            unsafe {
-                tile_dyn::<R>(
-                    simd,
-                    1,
-                    n1 - rest,
-                    x.as_ptr(),
-                    k,
-                    wd.as_ptr().add(rest * k),
-                    k,
-                    k,
-                    yp.get().add(rest),
-                    1,
-                    TilePrefetch::None,
-                )
-            };
-        }
-    };
-    if plan.tasks == 1 {
-        body(0);
-    } else {
-        crate::par::for_each(plan.tasks, body);
     }
 }
 
@@ -1433,8 +1359,6 @@ mod x86 {
             (TilePrefetch::Block(p), false) => {
                 steps::<L, MR, NR, 2>(a, xp, ldx, wp, ldw, k0, k8, p)
             }
-            (TilePrefetch::Rows(p), true) => steps::<L, MR, NR, 3>(a, xp, ldx, wp, ldw, k0, k8, p),
-            (TilePrefetch::Rows(p), false) => steps::<L, MR, NR, 4>(a, xp, ldx, wp, ldw, k0, k8, p),
         }
         if k8 < k1 {
             let m = k1 - k8;
@@ -1478,17 +1402,8 @@ mod x86 {
 
     /// Columns `k0..k8` (whole 8-column steps) of [`tile`] into `acc`, prefetching as `P`
     /// says: 0 nothing; 1 (non-temporal) or 2 (L2) the block at `pf`, `NR·8` elements of it a
-    /// step (`tile_dyn`'s `TilePrefetch::Block`); 3 or 4 the `NR` rows at `pf`, `ldw` apart, one
-    /// line of each per 64 bytes of columns, ahead of the steps that read them
-    /// (`TilePrefetch::Rows`).
-    ///
-    /// Compiled per `P`, the loop carries no test for the prefetch at all. A first version of
-    /// the row prefetch tested for it in every step (beside the block prefetch's null check
-    /// and hint): the decode product then streamed 68–69 GB/s in fast memory phases where a
-    /// loop without the tests streamed 87–89 (the twelfth session's harness, the variants'
-    /// order shuffled every round; slow phases 46–49 either way). Each step's instructions
-    /// fill the reorder window that keeps the weight rows' loads in flight, and in a fast
-    /// phase that window, not the memory, sets the pace.
+    /// step (`tile_dyn`'s `TilePrefetch::Block`). Compiled per `P`, the loop carries no test
+    /// for the prefetch (see `many`'s row kernel for what such tests cost).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     unsafe fn steps<L: Load, const MR: usize, const NR: usize, const P: u8>(
@@ -1523,20 +1438,6 @@ mod x86 {
             }
         }
         let mut i = k0;
-        if P >= 3 {
-            // A line of each prefetched row, then the steps that cover 64 bytes of columns.
-            let line = (64 / esz).max(8);
-            while i + line <= k8 {
-                for j in 0..NR {
-                    prefetch_line::<P>(pf.wrapping_add((j * ldw + i) * esz));
-                }
-                let end = i + line;
-                while i < end {
-                    step::<L, MR, NR>(acc, xp, ldx, wp, ldw, i);
-                    i += 8;
-                }
-            }
-        }
         // Bytes of the next W block per step (`Block`).
         let block_step = NR * 8 * esz;
         let mut pfp = pf;

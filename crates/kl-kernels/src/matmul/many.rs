@@ -260,7 +260,8 @@ fn streams<W: Elem, L: super::x86::Load<E = W>>(jobs: &[Job<W>]) {
         let list = &order[g.first..g.first + g.len];
         let local = task - g.base;
         match g.plan {
-            Some(plan) => stream_task::<W, L>(jobs, list, g, plan, local),
+            // SAFETY: `dispatch` checked the CPU's AVX2 and FMA (and F16C for f16).
+            Some(plan) => unsafe { stream_task::<L>(jobs, list, g, plan, local) },
             None => single(jobs[list[local]]),
         }
     };
@@ -271,11 +272,55 @@ fn streams<W: Elem, L: super::x86::Load<E = W>>(jobs: &[Job<W>]) {
     }
 }
 
-/// Task `local` of group `g`'s [`StreamPlan`]: its rows in three thirds, a tile taking the next
-/// row of each, the 0–2 rows left over one at a time.
+/// One product `y = x · Wᵀ` (one `x` row, `W` of `n × k`) split as `plan` says: `matmul`'s
+/// decode path for a single large product, the same tasks as a group of one.
+///
+/// # Safety
+/// `x`, `w` and `y` hold `k`, `n·k` and `n` elements; the CPU has AVX2, FMA (and F16C for
+/// f16).
 #[cfg(target_arch = "x86_64")]
-fn stream_task<W: Elem, L: super::x86::Load<E = W>>(
-    jobs: &[Job<W>],
+pub(super) unsafe fn one_product<L: super::x86::Load>(
+    x: &[f32],
+    w: &[L::E],
+    y: &mut [f32],
+    k: usize,
+    n: usize,
+    plan: StreamPlan,
+) {
+    let job = [Job {
+        x: x.as_ptr(),
+        w: w.as_ptr(),
+        y: y.as_mut_ptr(),
+        k,
+        n,
+    }];
+    let g = Group {
+        first: 0,
+        len: 1,
+        rows: n,
+        k,
+        plan: Some(plan),
+        base: 0,
+    };
+    // SAFETY: as this function's.
+    let body = |task: usize| unsafe { stream_task::<L>(&job, &[0], g, plan, task) };
+    if plan.tasks == 1 {
+        body(0);
+    } else {
+        crate::par::for_each(plan.tasks, body);
+    }
+}
+
+/// Task `local` of group `g`'s [`StreamPlan`]: its rows in three thirds, a tile taking the next
+/// row of each, the 0–2 rows left over one at a time. Compiled for AVX2, so that the row
+/// kernel is inlined into the loop.
+///
+/// # Safety
+/// The CPU has AVX2, FMA (and F16C for f16).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn stream_task<L: super::x86::Load>(
+    jobs: &[Job<L::E>],
     list: &[usize],
     g: Group,
     plan: StreamPlan,
@@ -363,9 +408,18 @@ mod x86 {
     /// [`crate::cpu::Features::nontemporal`] says so, else into L2). Where all the `x`s are one,
     /// it is loaded once a step.
     ///
+    /// The column loop is compiled once per kind of prefetch, hint and `x` sharing and tests
+    /// none of them. A first version of the streams' prefetch tested for it in every step: the
+    /// decode product then streamed 68–69 GB/s in fast memory phases where a loop without the
+    /// tests streamed 87–89 (the twelfth session's harness, the variants' order shuffled every
+    /// round; slow phases 46–49 either way). Each step's instructions fill the reorder window
+    /// that keeps the weight rows' loads in flight, and in a fast phase that window, not the
+    /// memory, sets the pace.
+    ///
     /// # Safety
     /// Every `xs[j]` and `ws[j]` holds `k` readable elements; the CPU has AVX2, FMA (and F16C
     /// for f16).
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn rows<L: Load, const NR: usize>(
         xs: [*const f32; NR],
