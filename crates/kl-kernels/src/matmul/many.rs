@@ -65,6 +65,7 @@ impl<W> OneRowJobs<W> for [(&[f32], &[W], &mut [f32])] {
 }
 
 /// One product's operands as pointers (the region's tasks share them).
+#[derive(Clone, Copy)]
 struct Job<W> {
     x: *const f32,
     w: *const W,
@@ -73,12 +74,6 @@ struct Job<W> {
     n: usize,
 }
 
-impl<W> Clone for Job<W> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<W> Copy for Job<W> {}
 // SAFETY: the pointers come from the borrows `gemv_many` holds for the whole call; the region's
 // tasks read `x` and `W` and write disjoint elements of the `y`s (each output row belongs to one
 // task), so sharing them across threads is sound.
