@@ -254,43 +254,36 @@ fn streams<W: Elem, L: super::x86::Load<E = W>>(jobs: &[Job<W>]) {
         p = q;
     }
     let groups = &groups[..ng];
-    let body = |task: usize| {
+    // Task `task` of the region: its group, its index there, and that group's products.
+    let of = |task: usize| {
         let g = groups
             .iter()
             .rposition(|g| g.base <= task)
             .map_or(groups[0], |i| groups[i]);
-        let list = &order[g.first..g.first + g.len];
-        let local = task - g.base;
-        match g.plan {
+        (g, task - g.base, &order[g.first..g.first + g.len])
+    };
+    let tiles = |task: usize| {
+        let (g, local, _) = of(task);
+        g.plan.map_or(0, |p| tiles_of(g, p, local))
+    };
+    // Tiles `range` of stream task `task` (a task of a group with a plan).
+    let part = |task: usize, range: (usize, usize, bool)| {
+        let (g, local, list) = of(task);
+        if let Some(plan) = g.plan {
             // SAFETY: `dispatch` checked the CPU's AVX2 and FMA (and F16C for f16).
-            Some(plan) => unsafe {
-                let whole = (0, tiles_of(g, plan, local), true);
-                stream_task::<L>(jobs, list, g, plan, local, whole)
-            },
-            None => single(jobs[list[local]]),
+            unsafe { stream_task::<L>(jobs, list, g, plan, local, range) }
         }
     };
     if groups.iter().all(|g| g.plan.is_some()) {
-        let of = |task: usize| {
-            let g = groups
-                .iter()
-                .rposition(|g| g.base <= task)
-                .map_or(groups[0], |i| groups[i]);
-            (g, task - g.base)
-        };
-        let tiles = |task: usize| {
-            let (g, local) = of(task);
-            g.plan.map_or(0, |p| tiles_of(g, p, local))
-        };
-        return balanced(tasks, tiles, |task, range| {
-            let (g, local) = of(task);
-            let list = &order[g.first..g.first + g.len];
-            if let Some(plan) = g.plan {
-                // SAFETY: `dispatch` checked the CPU's AVX2 and FMA (and F16C for f16).
-                unsafe { stream_task::<L>(jobs, list, g, plan, local, range) }
-            }
-        });
+        return balanced(tasks, tiles, part);
     }
+    let body = |task: usize| {
+        let (g, local, list) = of(task);
+        match g.plan {
+            Some(_) => part(task, (0, tiles(task), true)),
+            None => single(jobs[list[local]]),
+        }
+    };
     if tasks == 1 {
         body(0);
     } else {
@@ -427,9 +420,9 @@ pub(super) unsafe fn one_product<L: super::x86::Load>(
     );
 }
 
-/// Task `local` of group `g`'s [`StreamPlan`]: its rows in three thirds, a tile taking the next
-/// row of each, the 0–2 rows left over one at a time. Compiled for AVX2, so that the row
-/// kernel is inlined into the loop.
+/// Tiles `j0..j1` of task `local` of group `g`'s [`StreamPlan`]: the task's rows in three
+/// thirds, tile `j` taking row `j` of each; with `last`, also the 0–2 rows left over after the
+/// thirds, one at a time. Compiled for AVX2, so that the row kernel is inlined into the loop.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA (and F16C for f16).
