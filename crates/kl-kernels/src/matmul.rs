@@ -74,20 +74,6 @@ pub const GEMV_MAX_ROWS: usize = 8;
 /// W rows per tile of the 16-lane matrix–vector path (5 to 8 x rows, AVX-512): two pairs.
 const WIDE_GEMV_ROWS: usize = 4;
 
-/// What an AVX2 tile prefetches while it runs (non-temporal where
-/// [`crate::cpu::Features::nontemporal`] says so, else into L2). Prefetching never changes a
-/// result.
-#[derive(Debug, Clone, Copy)]
-// Only the x86-64 tiles prefetch; the portable one ignores it.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-enum TilePrefetch {
-    /// Nothing.
-    None,
-    /// A contiguous block as long as the tile's rows together (the next group of adjacent
-    /// rows), in step with the tile: `nr·8` elements of it per 8-column step.
-    Block(*const u8),
-}
-
 /// Plain `y[t][n] = Σ_k x[t][k]·w[n][k]`.
 pub fn matmul_reference<W: Elem>(x: &[f32], w: &[W], y: &mut [f32], t: usize, k: usize, n: usize) {
     assert_eq!(x.len(), t * k);
@@ -470,7 +456,7 @@ unsafe fn tile_dyn<R: Rows + ?Sized>(
     k: usize,
     yp: *mut f32,
     ldy: usize,
-    pf: TilePrefetch,
+    pf: *const u8,
 ) {
     #[cfg(target_arch = "x86_64")]
     if simd {
@@ -588,11 +574,7 @@ fn gemv<R: Rows + ?Sized>(
                         k,
                         yp.get().add(tb * n + nb),
                         n,
-                        if pf.is_null() {
-                            TilePrefetch::None
-                        } else {
-                            TilePrefetch::Block(pf)
-                        },
+                        pf,
                     );
                 }
                 tb += mr_here;
@@ -805,7 +787,7 @@ fn prefill<R: Rows + ?Sized>(
                                     k0 > 0,
                                     yo,
                                     n,
-                                    TilePrefetch::None,
+                                    std::ptr::null(),
                                 );
                             }
                         }
@@ -1341,9 +1323,8 @@ mod x86 {
         resume: bool,
         yp: *mut f32,
         ldy: usize,
-        pf: super::TilePrefetch,
+        pf: *const u8,
     ) {
-        use super::TilePrefetch;
         let mut acc = [[_mm256_setzero_ps(); NR]; MR];
         if resume {
             for (r, a) in acc.iter_mut().enumerate() {
@@ -1357,14 +1338,10 @@ mod x86 {
         // loop itself tests neither (see `steps`).
         let nta = crate::cpu::features().nontemporal;
         let a = &mut acc;
-        match (pf, nta) {
-            (TilePrefetch::None, _) => {
-                steps::<L, MR, NR, 0>(a, xp, ldx, wp, ldw, k0, k8, std::ptr::null())
-            }
-            (TilePrefetch::Block(p), true) => steps::<L, MR, NR, 1>(a, xp, ldx, wp, ldw, k0, k8, p),
-            (TilePrefetch::Block(p), false) => {
-                steps::<L, MR, NR, 2>(a, xp, ldx, wp, ldw, k0, k8, p)
-            }
+        match (pf.is_null(), nta) {
+            (true, _) => steps::<L, MR, NR, 0>(a, xp, ldx, wp, ldw, k0, k8, pf),
+            (false, true) => steps::<L, MR, NR, 1>(a, xp, ldx, wp, ldw, k0, k8, pf),
+            (false, false) => steps::<L, MR, NR, 2>(a, xp, ldx, wp, ldw, k0, k8, pf),
         }
         if k8 < k1 {
             let m = k1 - k8;
@@ -1408,7 +1385,7 @@ mod x86 {
 
     /// Columns `k0..k8` (whole 8-column steps) of [`tile`] into `acc`, prefetching as `P`
     /// says: 0 nothing; 1 (non-temporal) or 2 (L2) the block at `pf`, `NR·8` elements of it a
-    /// step (`tile_dyn`'s `TilePrefetch::Block`). Compiled per `P`, the loop carries no test
+    /// step (`tile_dyn`'s non-null `pf`). Compiled per `P`, the loop carries no test
     /// for the prefetch (see `many`'s row kernel for what such tests cost).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
@@ -1462,10 +1439,9 @@ mod x86 {
     /// As [`super::tile_dyn`], and the CPU has AVX2, FMA (and F16C for f16).
     /// `kr = (k0, k1)`, `part`, `resume` as in [`tile`]; a null `yp` saves the partial sums.
     ///
-    /// `pf` ([`super::TilePrefetch`]): the start of the next contiguous W block (`nr` rows of
-    /// `ldw` elements at the same column range), prefetched in step with this one: each
-    /// 8-column step touches `nr·8` elements of the next block, so by the end of this tile the
-    /// next one is on its way; or `nr` rows `ldw` apart, prefetched at this tile's columns.
+    /// A non-null `pf` is the start of the next contiguous W block (`nr` rows of `ldw` elements
+    /// at the same column range), prefetched in step with this one: each 8-column step touches
+    /// `nr·8` elements of the next block, so by the end of this tile the next one is on its way.
     /// Decode streams weights straight from memory in short rows, where the hardware
     /// prefetcher alone leaves bandwidth unused. The hint is non-temporal (`prefetchnta`) where
     /// [`crate::cpu::Features::nontemporal`] says so (AMD): weight lines are read once per
@@ -1488,7 +1464,7 @@ mod x86 {
         resume: bool,
         yp: *mut f32,
         ldy: usize,
-        pf: super::TilePrefetch,
+        pf: *const u8,
     ) {
         macro_rules! go {
             ($( ($a:literal, $b:literal) ),*) => {

@@ -292,6 +292,8 @@ impl Linear {
     /// If a product's `x` and `y` are not one row of its matrix's `K` and `N`, naming it.
     pub fn forward_one_row<J: RowJobs + ?Sized>(jobs: &mut J) {
         let n = jobs.count();
+        // Every product's shape checked, and whether all share the first one's dtype.
+        let (mut dtype, mut uniform) = (None, true);
         for i in 0..n {
             let (l, x, y) = jobs.job(i);
             assert!(
@@ -303,12 +305,12 @@ impl Linear {
                 l.cols,
                 l.rows
             );
+            uniform &= *dtype.get_or_insert(l.dtype()) == l.dtype();
         }
-        if n == 0 {
+        let Some(dtype) = dtype else {
             return;
-        }
-        let dtype = jobs.job(0).0.dtype();
-        if (1..n).any(|i| jobs.job(i).0.dtype() != dtype) {
+        };
+        if !uniform {
             for i in 0..n {
                 let (l, x, y) = jobs.job(i);
                 l.forward(x, 1, y);

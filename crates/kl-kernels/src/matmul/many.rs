@@ -21,10 +21,10 @@
 //! run their products as [`super::matmul`] would, one task each, in the same region.
 //!
 //! **Balance.** Such a region is short (a group is one task per thread, 100–200 µs), so
-//! whichever thread finishes first would wait out the other's last rows. Where every group
-//! takes the streams, the tasks are handed out in chunks of [`CHUNK_TILES`] tiles instead
-//! ([`balanced`]): each thread works through its own tasks from the front, then takes the
-//! chunks still left in the others from the back. The single large products of
+//! whichever thread finishes first would wait out the other's last rows. The tasks are handed
+//! out in chunks of [`CHUNK_TILES`] tiles instead ([`balanced`]; a product without streams is
+//! one chunk): each thread works through its own tasks from the front, then takes the chunks
+//! still left in the others from the back. The single large products of
 //! [`super::matmul`] (the output head) run the same way, as a group of one.
 //!
 //! **Bits.** A row's output is its own chain of fused multiply–adds in the canonical order of
@@ -207,7 +207,7 @@ struct Cursor {
     row: usize,
 }
 
-/// The stream kernel: groups by `K`, one region over every group's tasks.
+/// The stream kernel: groups by `K`, one region over every group's tasks ([`balanced`]).
 #[cfg(target_arch = "x86_64")]
 fn streams<W: Elem, L: super::x86::Load<E = W>>(jobs: &[Job<W>]) {
     // Products sorted by K (stable, insertion: at most MAX_JOBS of them).
@@ -266,29 +266,15 @@ fn streams<W: Elem, L: super::x86::Load<E = W>>(jobs: &[Job<W>]) {
         let (g, local, _) = of(task);
         g.plan.map_or(0, |p| tiles_of(g, p, local))
     };
-    // Tiles `range` of stream task `task` (a task of a group with a plan).
-    let part = |task: usize, range: (usize, usize, bool)| {
-        let (g, local, list) = of(task);
-        if let Some(plan) = g.plan {
-            // SAFETY: `dispatch` checked the CPU's AVX2 and FMA (and F16C for f16).
-            unsafe { stream_task::<L>(jobs, list, g, plan, local, range) }
-        }
-    };
-    if groups.iter().all(|g| g.plan.is_some()) {
-        return balanced(tasks, tiles, part);
-    }
-    let body = |task: usize| {
+    // A product of a group without a plan is one task of no tiles: one chunk, run whole.
+    balanced(tasks, tiles, |task, range| {
         let (g, local, list) = of(task);
         match g.plan {
-            Some(_) => part(task, (0, tiles(task), true)),
+            // SAFETY: `dispatch` checked the CPU's AVX2 and FMA (and F16C for f16).
+            Some(plan) => unsafe { stream_task::<L>(jobs, list, g, plan, local, range) },
             None => single(jobs[list[local]]),
         }
-    };
-    if tasks == 1 {
-        body(0);
-    } else {
-        crate::par::for_each(tasks, body);
-    }
+    });
 }
 
 /// Tiles (rows of each third) of task `local` of group `g` split as `plan` says.
