@@ -123,17 +123,10 @@ fn by_logit(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
     b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
 }
 
-/// Index of the largest value, ties (and NaNs) resolved toward the lowest index.
+/// Index of the largest value, ties resolved toward the lowest index; NaNs never win, and a row
+/// with nothing above −∞ gives 0 ([`kl_kernels::simd::argmax`]).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_v = f32::NEG_INFINITY;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > best_v {
-            best = i;
-            best_v = v;
-        }
-    }
-    best as u32
+    kl_kernels::simd::argmax(logits) as u32
 }
 
 impl Sampler {

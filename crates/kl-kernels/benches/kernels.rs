@@ -477,6 +477,25 @@ fn bench_expanded(rows: &Rows, rng: &mut Rng) {
     }
 }
 
+fn bench_argmax(rows: &Rows, rng: &mut Rng) {
+    // Greedy decoding's pick over a row of logits (`mini`'s vocabulary and the released
+    // model's), against the plain loop; the row sits in L2, so the rate is not a stream's.
+    for n in [32_000usize, 163_840] {
+        let x = rng.vec(n, 3.0);
+        type Pick = fn(&[f32]) -> usize;
+        let kernels: [(&str, Pick); 2] = [
+            ("argmax", kl_kernels::simd::argmax),
+            ("argmax_reference", kl_kernels::simd::argmax_reference),
+        ];
+        for (name, f) in kernels {
+            let secs = time(|| {
+                std::hint::black_box(f(std::hint::black_box(&x)));
+            });
+            rows.bytes(&format!("{name} n={n} (in L2)"), secs, 4.0 * n as f64, 0.0);
+        }
+    }
+}
+
 thread_local! {
     static BUFS: std::cell::RefCell<BlockBufs> = std::cell::RefCell::new(BlockBufs::default());
 }
@@ -510,6 +529,9 @@ fn main() {
     }
     if want("expanded") {
         bench_expanded(&rows, &mut rng);
+    }
+    if want("argmax") {
+        bench_argmax(&rows, &mut rng);
     }
     let after = Roof::measure(threads);
     let roof = before.max(&after);

@@ -244,6 +244,65 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// Index of the first largest value of `x`; NaNs never win, and with no value above −∞ (or
+/// no value) the answer is 0. Greedy decoding takes one a token over the whole vocabulary
+/// (32K–160K logits): the plain loop is a chain of dependent compares, about a nanosecond an
+/// element, where this takes the maximum 16 lanes at a time and then looks for its first
+/// occurrence a block at a time. [`argmax_reference`] is the plain loop.
+pub fn argmax(x: &[f32]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if features().avx2_fma {
+        // SAFETY: AVX2 checked at run time; the body is safe code compiled for it.
+        return unsafe { x86::argmax(x) };
+    }
+    argmax_blocks(x)
+}
+
+/// [`argmax`] as one loop: the first value greater than every value before it.
+pub fn argmax_reference(x: &[f32]) -> usize {
+    let (mut best, mut best_v) = (0, f32::NEG_INFINITY);
+    for (i, &v) in x.iter().enumerate() {
+        if v > best_v {
+            (best, best_v) = (i, v);
+        }
+    }
+    best
+}
+
+/// [`argmax`]'s body: lane-wise maxima (a compare the compiler turns into vector maxima: a NaN
+/// never replaces a lane's value), then the first block holding the maximum, then its first
+/// index in the block. Any value equal to the maximum (`-0.0` to `0.0` included) is one the
+/// plain loop could have kept, and the plain loop keeps the first such.
+#[inline(always)]
+fn argmax_blocks(x: &[f32]) -> usize {
+    const L: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; L];
+    let blocks = x.chunks_exact(L);
+    let tail = blocks.remainder();
+    for b in blocks {
+        for (m, &v) in lanes.iter_mut().zip(b) {
+            if v > *m {
+                *m = v;
+            }
+        }
+    }
+    let max = lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    if max == f32::NEG_INFINITY {
+        return 0;
+    }
+    let mut base = 0;
+    for b in x.chunks(L) {
+        if b.iter().fold(false, |hit, &v| hit | (v == max)) {
+            return base + b.iter().position(|&v| v == max).unwrap_or(0);
+        }
+        base += b.len();
+    }
+    0
+}
+
 /// `y[i] *= a`.
 #[inline]
 pub fn scale(a: f32, y: &mut [f32]) {
@@ -256,6 +315,12 @@ pub fn scale(a: f32, y: &mut [f32]) {
 pub(crate) mod x86 {
     use half::bf16;
     use std::arch::x86_64::*;
+
+    /// [`super::argmax`] compiled for AVX2 (8-lane maxima and compares).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn argmax(x: &[f32]) -> usize {
+        super::argmax_blocks(x)
+    }
 
     /// Sum of the 8 lanes (fixed order: halves, then pairs, then the last two).
     #[target_feature(enable = "avx2,fma")]

@@ -11,6 +11,41 @@ use kl_kernels::kda::{
 };
 use kl_kernels::matmul::{matmul, matmul_isa, matmul_reference};
 
+/// `argmax` equals the plain loop at odd lengths, with ties, NaNs, infinities, signed zeros,
+/// rows with nothing above −∞, and the maximum in the tail or the first lane.
+#[test]
+fn argmax_matches_reference() {
+    use kl_kernels::simd::{argmax, argmax_reference};
+    let mut rng = Rng::new(41);
+    for n in [0, 1, 2, 7, 15, 16, 17, 31, 33, 100, 1000, 32_003] {
+        for case in 0..8 {
+            let mut x: Vec<f32> = (0..n).map(|_| rng.uniform() * 4.0).collect();
+            match case {
+                1 if n > 3 => {
+                    // A tie: the maximum twice, the later copy in an earlier lane.
+                    let m = x.iter().cloned().fold(f32::MIN, f32::max) + 1.0;
+                    x[n / 2] = m;
+                    x[n - 1] = m;
+                }
+                2 => x.iter_mut().step_by(3).for_each(|v| *v = f32::NAN),
+                3 => x.iter_mut().for_each(|v| *v = f32::NEG_INFINITY),
+                4 => x.iter_mut().for_each(|v| *v = f32::NAN),
+                5 if n > 2 => {
+                    x.iter_mut().for_each(|v| *v = -v.abs() - 1.0);
+                    x[1] = -0.0;
+                    x[n - 1] = 0.0;
+                }
+                6 if n > 0 => x[n - 1] = f32::INFINITY,
+                7 if n > 0 => x[0] = 9.0,
+                _ => {}
+            }
+            assert_eq!(argmax(&x), argmax_reference(&x), "n {n} case {case}");
+        }
+    }
+    assert_eq!(argmax(&[f32::NAN, 1.0, f32::NAN, 1.0]), 1);
+    assert_eq!(argmax(&[f32::NAN, f32::NEG_INFINITY]), 0);
+}
+
 #[test]
 fn matmul_matches_reference_bf16_f16_and_f32() {
     // T > 8 takes the prefill path: the AVX-512 kernel where the CPU has it (the narrower paths

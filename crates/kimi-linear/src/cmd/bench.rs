@@ -23,6 +23,7 @@
 
 use crate::memory::{human, peak_rss_bytes, CacheDtypeArg, MlaPrefillArgs};
 use anyhow::{bail, Context, Result};
+use kl_engine::argmax;
 use kl_kernels::roofline::Roofline;
 use kl_model::{
     CacheDtype, KimiLinear, LayerState, LogitsMode, ModelOptions, Probe, SequenceState,
@@ -99,13 +100,6 @@ fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
             (x % vocab as u64) as u32
         })
         .collect()
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i as u32)
 }
 
 /// Fill `state` to `depth` tokens with random latent rows (unit-RMS latent, small rope part) and

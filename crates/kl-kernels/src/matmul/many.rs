@@ -328,13 +328,21 @@ fn balanced(
             _ => crate::par::for_each(tasks, whole),
         };
     }
-    // Per task, the chunks not yet claimed: `front` in the low half, `back` in the high one.
-    let state: [AtomicU64; MAX_BALANCED] = std::array::from_fn(|_| AtomicU64::new(0));
-    for (t, st) in state.iter().enumerate().take(tasks) {
-        st.store((chunks(t) as u64) << 32, Ordering::Relaxed);
+    // Per task, the chunks not yet claimed: `front` in the low half, `back` in the high one;
+    // each on its own pair of cache lines, so that a thread claiming its own task's chunks
+    // keeps the line (packed eight to a line, every claim had moved it between the threads:
+    // under `perf`, 2% of `mini`'s decode samples waited on that load). Only the first
+    // `tasks` are written.
+    #[repr(align(128))]
+    struct Claims(AtomicU64);
+    let mut slots = [const { std::mem::MaybeUninit::<Claims>::uninit() }; MAX_BALANCED];
+    for (t, slot) in slots.iter_mut().enumerate().take(tasks) {
+        slot.write(Claims(AtomicU64::new((chunks(t) as u64) << 32)));
     }
+    // SAFETY: the first `tasks` slots (`tasks <= MAX_BALANCED`) were written just above.
+    let state = unsafe { std::slice::from_raw_parts(slots.as_ptr().cast::<Claims>(), tasks) };
     let claim = |t: usize, front: bool| -> Option<usize> {
-        let st = &state[t];
+        let st = &state[t].0;
         let mut cur = st.load(Ordering::Relaxed);
         loop {
             let (f, b) = (cur & 0xffff_ffff, cur >> 32);
