@@ -386,11 +386,17 @@ impl Mla {
         let w = r + dr;
         let mut q_abs = scratch.take(t * nh * w);
         if t == 1 {
+            // A head per task, each product whole on its thread (`par::serial`): split again,
+            // each 32 KiB product opened a nested rayon region of its own. With the gate
+            // products' same rule, `mini`'s decode +1.6% in fast phases (15 alternating pairs,
+            // 12 won), the same in slow ones.
             q_abs.par_chunks_mut(w).enumerate().for_each(|(h, qa)| {
                 let src = &q[h * (dn + dr)..(h + 1) * (dn + dr)];
                 qa[r..].copy_from_slice(&src[dn..]);
-                self.w_uk_t
-                    .forward_rows(&src[..dn], 1, h * r, r, &mut qa[..r]);
+                kl_kernels::par::serial(|| {
+                    self.w_uk_t
+                        .forward_rows(&src[..dn], 1, h * r, r, &mut qa[..r])
+                });
             });
         } else {
             let mut qn = scratch.take(t * dn);
@@ -419,8 +425,10 @@ impl Mla {
         if t == 1 {
             core.par_chunks_mut(dv).enumerate().for_each(|(h, o)| {
                 let row0 = h * (dn + dv) + dn;
-                self.kv_b_proj
-                    .forward_rows(&ctx[h * r..(h + 1) * r], 1, row0, dv, o);
+                kl_kernels::par::serial(|| {
+                    self.kv_b_proj
+                        .forward_rows(&ctx[h * r..(h + 1) * r], 1, row0, dv, o)
+                });
             });
         } else {
             let mut ch = scratch.take(t * r);

@@ -272,6 +272,10 @@ fn streams<W: Elem, L: super::x86::Load<E = W>>(jobs: &[Job<W>]) {
         match g.plan {
             // SAFETY: `dispatch` checked the CPU's AVX2 and FMA (and F16C for f16).
             Some(plan) => unsafe { stream_task::<L>(jobs, list, g, plan, local, range) },
+            // One of several tasks: whole, on this thread. Split again, it would open a
+            // nested rayon region inside this one (KDA's two gate products of `K` = 64, split
+            // eight ways each); see `Linear`'s per-head products in MLA for the same rule.
+            None if tasks > 1 => crate::par::serial(|| single(jobs[list[local]])),
             None => single(jobs[list[local]]),
         }
     });
