@@ -423,6 +423,15 @@ fn recurrent_head<const FMA: bool>(x: &Inputs, hi: usize, st: &mut [f32]) {
     }
 }
 
+/// Rows ahead that a chunk's row-wise passes prefetch their inputs into L1: `g` in the
+/// cumulative sum, `k`, `q` and `v` in the row pass. Their first touch of each row had waited on
+/// memory: under `perf`, about 45% of the row-wise work's samples (a third of the kernel) sat
+/// on those loads and on the one-row-ahead prefetches. Eight rows ahead (4 KiB of each input at
+/// K = 128): `cargo bench`'s head-major case 280–284 → 294–299 GFLOP/s (52% → 55% of the FMA
+/// peak, three alternations); one row ahead for `k`, `q`, `v` and none for `g` as before, two
+/// rows 282–288, sixteen 289–295, `g` alone 287–292, the row pass alone 280–293.
+const ROWS_AHEAD: usize = 8;
+
 /// Reference twin of [`kda_chunked`]: the plain recurrence, written as the paper's equations.
 #[allow(clippy::too_many_arguments)]
 pub fn kda_chunked_reference(
@@ -965,6 +974,9 @@ fn chunk_head_body<const STREAM: bool>(
         let (r0, r1) = (si * SUB, ((si + 1) * SUB).min(c));
         let m = r1 - r0;
         for i in r0..r1 {
+            if i + ROWS_AHEAD < c {
+                prefetch_l1(&g[at(i + ROWS_AHEAD, kd)..][..kd]);
+            }
             let gr = &g[at(i, kd)..][..kd];
             let (prev, cur) = sc.gam.split_at_mut(i * kd);
             let cur = &mut cur[..kd];
@@ -1001,11 +1013,11 @@ fn chunk_head_body<const STREAM: bool>(
         let egn = &sc.egn[si * kd..(si + 1) * kd];
         let (kt, qt) = sc.kq.split_at_mut(m * ldk);
         for i in r0..r1 {
-            // The next row's inputs into L1 while this one is computed (they sit in L2).
-            if i + 1 < c {
-                prefetch_l1(krow(i + 1));
-                prefetch_l1(qrow(i + 1));
-                prefetch_l1(&v[at(i + 1, vd)..][..vd]);
+            // The inputs ROWS_AHEAD rows on into L1 while this row is computed.
+            if i + ROWS_AHEAD < c {
+                prefetch_l1(krow(i + ROWS_AHEAD));
+                prefetch_l1(qrow(i + ROWS_AHEAD));
+                prefetch_l1(&v[at(i + ROWS_AHEAD, vd)..][..vd]);
             }
             let li = i - r0;
             let b = beta[(t0 + i) * h + hi];
