@@ -8,6 +8,7 @@ use crate::memory::{
 use crate::output::{Decl, OutputFile};
 use anyhow::{Context, Result};
 use clap::ValueEnum;
+use kl_engine::argmax;
 use kl_model::{KimiLinear, LogitsMode, ModelOptions, Probe, RouterWeights};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -58,14 +59,6 @@ pub struct Args {
     /// Output safetensors file.
     #[arg(long)]
     output: PathBuf,
-}
-
-fn argmax(v: &[f32]) -> usize {
-    v.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| i)
-        .unwrap_or(0)
 }
 
 /// Run `forward`.
@@ -125,7 +118,7 @@ pub fn run(a: Args) -> Result<()> {
     let mut next = argmax(&last);
     for _ in 0..n {
         generated.push(next as i64);
-        let l = model.decode(next as u32, &mut state, &mut Probe::off())?;
+        let l = model.decode(next, &mut state, &mut Probe::off())?;
         out.f32s(&l)?;
         next = argmax(&l);
     }
