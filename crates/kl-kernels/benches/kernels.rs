@@ -20,6 +20,9 @@
 //! peak, an A/B comparison within one run. Latent attention over its bf16 cache runs the bf16
 //! products (`kl_kernels::attention_bf16`); where they run on AVX512-BF16 the rows are quoted
 //! against the measured `vdpbf16ps` peak (about twice the FMA peak), else against the FMA peak.
+//! Its decode rows at 32K keys run once over one cache, which stays in L3 from call to call,
+//! and once `(cache from memory)`, each call over the next of several caches, as in the model,
+//! where a token's weights evict the cache between its calls.
 //! Where the CPU has AMX tiles, each bf16 matmul case and each latent attention case also runs
 //! on the opt-in AMX kernels (`[amx]`, `kl_kernels::amx`), quoted against the FMA peak.
 
@@ -404,6 +407,14 @@ fn bench_kda(rows: &Rows, rng: &mut Rng) {
     );
 }
 
+/// A bf16 latent cache of whole `block_rows`-row blocks holding at least `n_keys` random rows.
+fn random_cache(rng: &mut Rng, n_keys: usize, block_rows: usize, dk: usize) -> Vec<bf16> {
+    rng.vec(n_keys.div_ceil(block_rows) * block_rows * dk, 1.0)
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect()
+}
+
 fn bench_attention(rows: &Rows, rng: &mut Rng) {
     // The released model's heads and latent row (32 heads, rank 512 + rope 64), at 4K and 32K
     // keys, and `mini`'s (16 heads, rank 256 + rope 32) at 32K.
@@ -414,12 +425,7 @@ fn bench_attention(rows: &Rows, rng: &mut Rng) {
     ] {
         let s = LatentAttnShape { h, dk, dv };
         let block_rows = 256;
-        let nblocks = n_keys.div_ceil(block_rows);
-        let store: Vec<bf16> = rng
-            .vec(nblocks * block_rows * s.dk, 1.0)
-            .into_iter()
-            .map(bf16::from_f32)
-            .collect();
+        let store = random_cache(rng, n_keys, block_rows, dk);
         let blocks: Vec<&[bf16]> = store.chunks(block_rows * s.dk).collect();
         let q = rng.vec(s.h * s.dk, 1.0);
         let mut o = vec![0f32; s.h * s.dv];
@@ -436,6 +442,37 @@ fn bench_attention(rows: &Rows, rng: &mut Rng) {
             kl_kernels::amx::set_enabled(false);
             rows.flops(&format!("{name} [amx]"), secs, flops, Against::Fma);
         }
+    }
+}
+
+/// Decode attention over caches that come from memory, as in the model (where a token's
+/// weights evict the cache from L3 between calls): `mini`'s and the released model's shapes at
+/// 32K keys, each call on the next of several caches (over 100 MB together) in rotation.
+fn bench_attention_cold(rows: &Rows, rng: &mut Rng) {
+    for (h, dk, dv, copies) in [(16, 288, 256, 6usize), (32, 576, 512, 3)] {
+        let n_keys = 32768usize;
+        let s = LatentAttnShape { h, dk, dv };
+        let block_rows = 256;
+        let stores: Vec<Vec<bf16>> = (0..copies)
+            .map(|_| random_cache(rng, n_keys, block_rows, dk))
+            .collect();
+        let blocks: Vec<Vec<&[bf16]>> = stores
+            .iter()
+            .map(|st| st.chunks(block_rows * s.dk).collect())
+            .collect();
+        let q = rng.vec(s.h * s.dk, 1.0);
+        let mut o = vec![0f32; s.h * s.dv];
+        let mut next = 0;
+        let secs = time(|| {
+            latent_attention(s, &q, &blocks[next], block_rows, n_keys, 0.07, &mut o);
+            next = (next + 1) % copies;
+        });
+        let flops = 2.0 * (s.h * n_keys * (s.dk + s.dv)) as f64;
+        let name = format!(
+            "latent_attention decode H={} Dk={} keys={n_keys} (cache from memory)",
+            s.h, s.dk
+        );
+        rows.flops(&name, secs, flops, Against::Bf16Dot);
     }
 }
 
@@ -526,6 +563,7 @@ fn main() {
     }
     if want("attention") {
         bench_attention(&rows, &mut rng);
+        bench_attention_cold(&rows, &mut rng);
     }
     if want("expanded") {
         bench_expanded(&rows, &mut rng);

@@ -8,9 +8,10 @@
 use crate::cpu::features;
 use half::bf16;
 
-/// Memory to be read soon (up to six spans of bytes), prefetched into L2 a few cache lines at a
-/// time by a kernel's loop, so that the reads overlap its arithmetic: the next tile's key rows
-/// in latent attention, the next weight panel in a serial prefill product. All at once would
+/// Memory to be read soon (up to six spans of bytes), prefetched into L2 (or, made by
+/// [`Prefetch::to_l1`], into L1) a few cache lines at a time by a kernel's loop, so that the
+/// reads overlap its arithmetic: the next tile's key rows in latent attention, the next weight
+/// panel in a serial prefill product. All at once would
 /// stall: the core tracks only a few misses in flight. (Spread out or not, prefetches of short
 /// rows far apart, each a page of its own, stalled a loop that had other work: the KDA chunk
 /// kernel ran faster without prefetching its next chunk's rows.)
@@ -21,6 +22,8 @@ pub struct Prefetch {
     span: usize,
     off: usize,
     per_tick: usize,
+    /// `prefetcht0` (into L1) instead of `prefetcht1` (into L2).
+    l1: bool,
 }
 
 impl Default for Prefetch {
@@ -31,11 +34,24 @@ impl Default for Prefetch {
             span: 0,
             off: 0,
             per_tick: 0,
+            l1: false,
         }
     }
 }
 
 impl Prefetch {
+    /// An empty set whose lines go into L1 (`prefetcht0`) rather than L2. Latent attention's
+    /// next key tile (docs/performance.md): on the AMD Zen 5 VM, decode over a 32K-key cache
+    /// that comes from memory took 0.87 ms a call with it and 0.94–1.05 with `prefetcht1`
+    /// (`mini`'s shape, `cargo bench -- attention`), the released shape 2.86–2.90 against
+    /// 2.91–3.02.
+    pub fn to_l1() -> Self {
+        Prefetch {
+            l1: true,
+            ..Prefetch::default()
+        }
+    }
+
     /// Add the bytes of `s` (at most six spans are kept; more, and empty ones, are ignored).
     pub fn push<T>(&mut self, s: &[T]) {
         let bytes = std::mem::size_of_val(s);
@@ -78,8 +94,12 @@ impl Prefetch {
                 // SAFETY: a prefetch reads nothing architecturally and never faults, whatever
                 // the address.
                 unsafe {
-                    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-                    _mm_prefetch::<_MM_HINT_T1>(p.cast());
+                    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+                    if self.l1 {
+                        _mm_prefetch::<_MM_HINT_T0>(p.cast());
+                    } else {
+                        _mm_prefetch::<_MM_HINT_T1>(p.cast());
+                    }
                 }
                 #[cfg(not(target_arch = "x86_64"))]
                 let _ = p;
