@@ -354,15 +354,48 @@ pub fn progress_bar(total: usize, quiet: bool) -> Option<ProgressBar> {
 
 /// Peak resident set size of this process (Linux `VmHWM`), if known.
 pub fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib_field(
+        &std::fs::read_to_string("/proc/self/status").ok()?,
+        "VmHWM:",
+    )
+}
+
+/// This process's resident file-backed memory mapped by 2 MiB entries and all of it (Linux
+/// `FilePmdMapped` and `Pss_File`), if known: in `bench`, how much of the weights decode reads
+/// through huge pages (the binary's own pages count in the second figure too).
+pub fn file_huge_mapped_bytes() -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    Some((
+        kib_field(&s, "FilePmdMapped:")?,
+        kib_field(&s, "Pss_File:")?,
+    ))
+}
+
+/// The value in bytes of a `/proc` line `key  <n> kB`.
+fn kib_field(text: &str, key: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    let kb: u64 = line[key.len()..].split_whitespace().next()?.parse().ok()?;
     Some(kb * 1024)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proc_fields_are_read_in_kib() {
+        let smaps = "Rss:              588996 kB\nFilePmdMapped:    569344 kB\nShared_Hugetlb:        0 kB\n";
+        assert_eq!(kib_field(smaps, "FilePmdMapped:"), Some(569344 * 1024));
+        assert_eq!(kib_field(smaps, "Rss:"), Some(588996 * 1024));
+        assert_eq!(kib_field(smaps, "AnonHugePages:"), None);
+        assert_eq!(kib_field("VmHWM:\tnot a number kB\n", "VmHWM:"), None);
+        // The process's own figures, where there is a /proc.
+        if cfg!(target_os = "linux") {
+            assert!(peak_rss_bytes().is_some_and(|b| b > 0));
+            let (huge, file) = file_huge_mapped_bytes().expect("smaps_rollup");
+            assert!(huge <= file && file > 0);
+        }
+    }
 
     #[test]
     fn sizes_and_tokens() {

@@ -178,6 +178,8 @@ fn write_file(path: &Path, text: &str, files: &mut Vec<PathBuf>) -> Result<(), W
 /// Write a synthetic checkpoint for `cfg_raw` into `out` (created if needed): `config.json`,
 /// `tiktoken.model`, `tokenizer_config.json`, `chat_template.jinja` and the weights (sharded when
 /// they exceed `max_shard_bytes`). The same config and seed always give the same bytes.
+/// The weight files are written to disk and dropped from the page cache
+/// ([`crate::evict_from_page_cache`]), so that the first load maps them in 2 MiB pages.
 ///
 /// The written config differs from `cfg_raw` only in its token ids: with `N = vocab_size - 256`
 /// ordinary ranks, `bos_token_id = N` (`[BOS]`), `eos_token_id = N + 2` (`<|im_end|>`, so
@@ -235,6 +237,10 @@ pub fn synth_checkpoint(
     let mut total_bytes = 0;
     for f in &files {
         total_bytes += fs::metadata(f).map_err(|e| WeightsError::io(f, e))?.len();
+        // The first load then maps the weights in 2 MiB pages, not the written 4 KiB ones.
+        if f.extension().is_some_and(|e| e == "safetensors") {
+            crate::evict_from_page_cache(f)?;
+        }
     }
     Ok(SynthReport {
         dir: out.to_path_buf(),

@@ -21,7 +21,7 @@
 //!   and the fraction of that count's roofline: how far the engine scales on the machine, in
 //!   one command.
 
-use crate::memory::{human, peak_rss_bytes, CacheDtypeArg, MlaPrefillArgs};
+use crate::memory::{file_huge_mapped_bytes, human, peak_rss_bytes, CacheDtypeArg, MlaPrefillArgs};
 use anyhow::{bail, Context, Result};
 use kl_engine::argmax;
 use kl_kernels::roofline::Roofline;
@@ -283,6 +283,7 @@ pub fn run(a: Args) -> Result<()> {
     // Before the second roofline measurement, whose buffer would count in it (and before the
     // other thread counts' pools and scratch).
     let rss = peak_rss_bytes().unwrap_or(0);
+    let huge = file_huge_mapped_bytes();
     if before.is_some() && !a.json {
         eprintln!("measuring the roofline again…");
     }
@@ -301,7 +302,7 @@ pub fn run(a: Args) -> Result<()> {
         roofline,
         &prefill_rows,
         &decode_rows,
-        rss,
+        (rss, huge),
         &scaling,
     )
 }
@@ -523,7 +524,7 @@ fn report(
     roofline: Option<Roofline>,
     prefill_rows: &[PrefillRow],
     decode_rows: &[DecodeRow],
-    rss: u64,
+    (rss, huge): (u64, Option<(u64, u64)>),
     scaling: &[Scaled],
 ) -> Result<()> {
     let opts = model.options();
@@ -571,6 +572,9 @@ fn report(
             "decode_bytes_per_token": model.token_cost(0).weight_bytes + model.token_cost(0).state_bytes,
             "peak_rss_bytes": rss,
             "planned_bytes": planned,
+            "checkpoint_bytes": model.checkpoint_bytes(),
+            "file_huge_page_bytes": huge.map(|h| h.0),
+            "file_resident_bytes": huge.map(|h| h.1),
             "scaling": scaling_json(scaling),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -664,6 +668,19 @@ fn report(
         human(rss),
         human(planned)
     );
+    if let Some((h, file)) = huge {
+        println!(
+            "weights in 2 MiB pages: {} of {} resident file pages ({:.0}%){}",
+            human(h),
+            human(file),
+            100.0 * h as f64 / file.max(1) as f64,
+            if h < file / 2 {
+                "; decode reads faster through them (docs/performance.md, \"Weights in 2 MiB pages\")"
+            } else {
+                ""
+            }
+        );
+    }
     print_scaling(scaling);
     Ok(())
 }
