@@ -102,7 +102,7 @@ impl Prefetch {
                     }
                 }
                 #[cfg(not(target_arch = "x86_64"))]
-                let _ = p;
+                let _ = (p, self.l1);
             }
             k -= n;
             self.off += 64 * n;
