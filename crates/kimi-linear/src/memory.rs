@@ -361,14 +361,14 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 /// This process's resident file-backed memory mapped by 2 MiB entries and all of it (Linux
-/// `FilePmdMapped` and `Pss_File`), if known: in `bench`, how much of the weights decode reads
-/// through huge pages (the binary's own pages count in the second figure too).
+/// `FilePmdMapped`, and `Rss` less `Anonymous`), if known: in `bench`, how much of the weights
+/// decode reads through huge pages (the binary's own pages count in the second figure too).
+/// Both count pages whole, shared with another process or not, so the share stays a share
+/// when two processes map the same checkpoint (`Pss_File` would halve the second figure).
 pub fn file_huge_mapped_bytes() -> Option<(u64, u64)> {
     let s = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
-    Some((
-        kib_field(&s, "FilePmdMapped:")?,
-        kib_field(&s, "Pss_File:")?,
-    ))
+    let file = kib_field(&s, "Rss:")?.saturating_sub(kib_field(&s, "Anonymous:")?);
+    Some((kib_field(&s, "FilePmdMapped:")?, file))
 }
 
 /// The value in bytes of a `/proc` line `key  <n> kB`.

@@ -38,8 +38,10 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 
 /// Keys per softmax tile. 128 rather than 64: half the per-tile work (each head's softmax step,
-/// the `P·V` accumulators' loads and stores), 6–8% off a decode call over 32K keys in
-/// `cargo bench -- attention` on the AMD Zen 5 VM, for both shapes quoted there.
+/// the `P·V` accumulators' loads and stores). With the next tile prefetched into L1 (see
+/// `attend_queries`), 6–8% off a decode call over 32K keys in `cargo bench -- attention` on the
+/// AMD Zen 5 VM, for both shapes quoted there; with the prefetch into L2, as before, tiles of
+/// 128 were no faster over a cache that comes from memory (docs/performance.md).
 pub const TILE: usize = 128;
 
 /// Queries that share each widened key tile in prefill (one task each): the tile, 36–72 KiB of

@@ -42,9 +42,9 @@ impl Default for Prefetch {
 impl Prefetch {
     /// An empty set whose lines go into L1 (`prefetcht0`) rather than L2. Latent attention's
     /// next key tile (docs/performance.md): on the AMD Zen 5 VM, decode over a 32K-key cache
-    /// that comes from memory took 0.87 ms a call with it and 0.94–1.05 with `prefetcht1`
-    /// (`mini`'s shape, `cargo bench -- attention`), the released shape 2.86–2.90 against
-    /// 2.91–3.02.
+    /// that comes from memory, tiles of 128 keys, took 0.85–0.88 ms a call with it and
+    /// 0.93–1.17 with `prefetcht1` (`mini`'s shape, three series of an experimental binary),
+    /// the released shape 2.85–2.91 against 2.87–3.02.
     pub fn to_l1() -> Self {
         Prefetch {
             l1: true,
