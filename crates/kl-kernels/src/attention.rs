@@ -290,6 +290,25 @@ impl Partial {
         }
     }
 
+    /// [`Self::softmax_tile`] with the probabilities packed into `pk` in bf16 key pairs
+    /// (`bf16::softmax_pack`, the same bits as the step and `bf16::pack_probs` one after the
+    /// other); `scores` is left as it was.
+    fn softmax_pack_tile(&mut self, scores: &[f32], n: usize, dv: usize, pk: &mut [u32]) {
+        let pw = n.div_ceil(2);
+        for (hh, (row, out)) in scores
+            .chunks_exact(n)
+            .zip(pk.chunks_exact_mut(pw))
+            .enumerate()
+        {
+            let corr = bf16::softmax_pack(row, &mut self.m[hh], &mut self.l[hh], out);
+            if corr != 1.0 {
+                for a in self.acc[hh * dv..(hh + 1) * dv].iter_mut() {
+                    *a *= corr;
+                }
+            }
+        }
+    }
+
     /// Fold `other` into `self`.
     fn merge(&mut self, other: &Partial, dv: usize) {
         for hh in 0..self.m.len() {
@@ -595,12 +614,12 @@ fn attend_queries<R: KeyRows + ?Sized>(
                     let t = &tile[..n * dk];
                     bf16::tile_scores_widened(qbf[qi], h, dk, t, n, scale, scores, &mut pf);
                 }
-                p.softmax_tile(&mut scores[..h * n], n, dv);
                 if native {
                     pk.resize(bf16::packed_probs_len(h, n), 0);
-                    bf16::pack_probs(scores, h, n, pk);
+                    p.softmax_pack_tile(&scores[..h * n], n, dv, pk);
                     bf16::tile_pv(pk, h, n, keys16, dk, dv, &mut p.acc, &mut pf);
                 } else {
+                    p.softmax_tile(&mut scores[..h * n], n, dv);
                     bf16::round_in_place(&mut scores[..h * n]);
                     pv_f32(&tile[..n * dk], scores, h, n, dk, dv, &mut p.acc);
                 }

@@ -124,9 +124,9 @@ pub fn round_in_place(p: &mut [f32]) {
 }
 
 /// Whether the scores and `P·V` of a tile run on the AVX512-BF16 instruction ([`tile_scores`],
-/// [`pack_probs`], [`tile_pv`], reading the bf16 rows as stored); otherwise they run on the
-/// FMA emulation over the rows widened into f32 ([`tile_scores_widened`], [`round_in_place`] and
-/// the FMA `P·V` kernels), to the same bits.
+/// [`softmax_pack`] (the bits of the softmax step and [`pack_probs`]), [`tile_pv`], reading the
+/// bf16 rows as stored); otherwise they run on the FMA emulation over the rows widened into f32
+/// ([`tile_scores_widened`], [`round_in_place`] and the FMA `P·V` kernels), to the same bits.
 pub fn native_products() -> bool {
     crate::cpu::features().avx512bf16
 }
@@ -257,6 +257,20 @@ pub fn pack_probs(p: &[f32], h: usize, n: usize, out: &mut [u32]) {
     unsafe {
         x86::pack_probs(p, h, n, out)
     };
+}
+
+/// One head's online-softmax step over a tile's scores `row` with the probabilities written
+/// packed instead of in place: exactly [`crate::attention::softmax_update`] on `row` followed by
+/// [`pack_probs`] of that one row into `out` (`⌈n/2⌉` dwords), in one pass that keeps the
+/// probabilities in registers between the `exp` and the rounding. Returns the factor
+/// `e^{m − m'}` for the head's accumulated output. AVX512-BF16 only.
+pub fn softmax_pack(row: &[f32], m: &mut f32, l: &mut f32, out: &mut [u32]) -> f32 {
+    assert!(native_products() && out.len() >= row.len().div_ceil(2));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX512-BF16, -BW, -F (and AVX2, FMA with them) checked; length checked above.
+    return unsafe { x86::softmax_pack(row, m, l, out) };
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("native_products() is false off x86-64")
 }
 
 /// `acc[h·dv + c] += Σ_x P̃[h, x] · keys[x·dk + c]` over the `n` bf16 rows of a tile, each element
@@ -763,6 +777,60 @@ pub(crate) mod x86 {
         }
     }
 
+    /// [`super::softmax_pack`]: the max as `softmax_update512` takes it (16-lane body, the tail
+    /// one by one), then 32 scores at a time through `exp16`, their halves added in order into
+    /// the 8-lane sum (lanes past the row zeroed, which adds nothing), and rounded in key pairs
+    /// as [`pack_probs`] does.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
+    pub unsafe fn softmax_pack(row: &[f32], m: &mut f32, l: &mut f32, out: &mut [u32]) -> f32 {
+        use crate::activation::x86::exp16;
+        let n = row.len();
+        let (p, dst) = (row.as_ptr(), out.as_mut_ptr());
+        let b16 = n / 16 * 16;
+        let mut vm = _mm512_set1_ps(*m);
+        let mut i = 0;
+        while i < b16 {
+            vm = _mm512_max_ps(vm, _mm512_loadu_ps(p.add(i)));
+            i += 16;
+        }
+        let mut mx = _mm512_reduce_max_ps(vm);
+        for &x in &row[b16..] {
+            mx = mx.max(x);
+        }
+        let corr = (*m - mx).exp();
+        let vmx = _mm512_set1_ps(mx);
+        let high8 = |v: __m512| _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        let mut acc = _mm256_setzero_ps();
+        let mut x = 0;
+        while x < n {
+            let left = n - x;
+            let m0 = ((1u32 << left.min(16)) - 1) as __mmask16;
+            let m1 = ((1u32 << left.saturating_sub(16).min(16)) - 1) as __mmask16;
+            let e0 = _mm512_maskz_mov_ps(
+                m0,
+                exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m0, p.add(x)), vmx)),
+            );
+            let e1 = _mm512_maskz_mov_ps(
+                m1,
+                exp16(_mm512_sub_ps(
+                    _mm512_maskz_loadu_ps(m1, p.wrapping_add(x + 16)),
+                    vmx,
+                )),
+            );
+            acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e0));
+            acc = _mm256_add_ps(acc, high8(e0));
+            acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e1));
+            acc = _mm256_add_ps(acc, high8(e1));
+            let v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(e1, e0));
+            let dm = ((1u32 << left.div_ceil(2).min(16)) - 1) as __mmask16;
+            _mm512_mask_storeu_epi32(dst.add(x / 2).cast(), dm, _mm512_rol_epi32::<16>(v));
+            x += 32;
+        }
+        *l = *l * corr + crate::simd::x86::hsum(acc);
+        *m = mx;
+        corr
+    }
+
     /// Permuted column order of a 32-column strip (interleaving unpacks) → natural, for the
     /// low (`cols 0..16`) or high (`16..32`) register.
     #[inline(always)]
@@ -1147,6 +1215,40 @@ mod tests {
                 .zip(&want)
                 .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "h {h}, n {n}, dk {dk}, dv {dv}");
+        }
+    }
+
+    /// The fused softmax step and packing give the bits of the step
+    /// ([`crate::attention::softmax_update`]) and [`pack_probs`] one after the other: the
+    /// probabilities, the running max and sum, and the factor returned, at every tail length,
+    /// from an empty state and from one whose max is above or below the row's.
+    #[test]
+    fn softmax_pack_equals_the_step_then_the_packing() {
+        if !native_products() {
+            return;
+        }
+        for n in [1usize, 2, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 63, 100, 128] {
+            let row: Vec<f32> = values(n, 31 + n as u64, false)
+                .iter()
+                .map(|x| x.clamp(-40.0, 40.0))
+                .collect();
+            for (m0, l0) in [(f32::NEG_INFINITY, 0.0), (3.5f32, 2.25f32), (-60.0, 7.0)] {
+                let (mut ma, mut la) = (m0, l0);
+                let mut probs = row.clone();
+                let ca = crate::attention::softmax_update(&mut probs, &mut ma, &mut la);
+                let pw = n.div_ceil(2);
+                let mut want = vec![5u32; pw + 1];
+                pack_probs(&probs, 1, n, &mut want[..pw]);
+                let (mut mb, mut lb) = (m0, l0);
+                let mut got = vec![5u32; pw + 1];
+                let cb = softmax_pack(&row, &mut mb, &mut lb, &mut got[..pw]);
+                assert_eq!(got, want, "n {n}, m {m0}");
+                assert_eq!(
+                    (ma.to_bits(), la.to_bits(), ca.to_bits()),
+                    (mb.to_bits(), lb.to_bits(), cb.to_bits()),
+                    "n {n}, m {m0}"
+                );
+            }
         }
     }
 }

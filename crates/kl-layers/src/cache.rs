@@ -497,6 +497,42 @@ mod tests {
         }
     }
 
+    /// A copy holds the same rows in blocks of its own, reserved blocks included: appending to
+    /// either leaves the other as it was.
+    #[test]
+    fn a_copy_has_its_own_blocks() {
+        let (width, split) = (40, 32);
+        let len = 2 * BLOCK_ROWS + 9;
+        let row = |i: usize| -> Vec<f32> {
+            (0..width)
+                .map(|j| ((i * 31 + j * 7) % 97) as f32 * 0.25 - 12.0)
+                .collect()
+        };
+        let rows: Vec<f32> = (0..len).flat_map(row).collect();
+        for dtype in [CacheDtype::F32, CacheDtype::Bf16, CacheDtype::Fp8] {
+            let mut a = LatentCache::new(width, split, dtype);
+            a.reserve(4 * BLOCK_ROWS);
+            a.append(&rows);
+            let mut b = a.clone();
+            assert_eq!(
+                (b.len(), b.allocated_bytes()),
+                (a.len(), a.allocated_bytes())
+            );
+            for i in [0, BLOCK_ROWS - 1, BLOCK_ROWS, len - 1] {
+                assert_eq!(a.row(i), b.row(i), "{dtype:?} row {i}");
+            }
+            let before = a.row(len - 1);
+            b.append(&row(len));
+            a.append(&row(len + 1));
+            assert_eq!(b.row(len - 1), before, "{dtype:?}");
+            assert_ne!(
+                a.row(len),
+                b.row(len),
+                "{dtype:?}: the copies share a block"
+            );
+        }
+    }
+
     /// Snapshot bytes round-trip bit for bit for every dtype, in pieces no larger than the
     /// staging buffer (so neither direction holds a copy of the cache), with the declared sizes
     /// checked before anything is read and a short input reported as such.
