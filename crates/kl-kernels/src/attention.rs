@@ -999,7 +999,7 @@ fn tile_pv(p: &[f32], h: usize, n: usize, tile: &[f32], dk: usize, dv: usize, ac
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use crate::activation::x86::{exp16, exp8, mask};
     use crate::simd::x86::hsum;
     use std::arch::x86_64::*;
@@ -1070,15 +1070,13 @@ mod x86 {
         corr
     }
 
-    /// [`softmax_update`] on 16 lanes where they fit (same bits: the max is exact in any order,
-    /// `exp16` is `exp8` lane by lane, and the 8-lane sum adds each 16-lane chunk's low half
-    /// then its high half, which is the 8-lane kernel's order); the rest by 8 lanes.
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    pub unsafe fn softmax_update512(row: &mut [f32], m: &mut f32, l: &mut f32) -> f32 {
-        let n = row.len();
-        let p = row.as_mut_ptr();
+    /// The maximum of `m` and `row`: 16 lanes over whole blocks, then the tail one by one
+    /// (exact in any order; the softmax steps on 16 lanes all take it this way).
+    #[inline(always)]
+    pub(crate) unsafe fn row_max512(row: &[f32], m: f32) -> f32 {
+        let (n, p) = (row.len(), row.as_ptr());
         let b16 = n / 16 * 16;
-        let mut vm = _mm512_set1_ps(*m);
+        let mut vm = _mm512_set1_ps(m);
         let mut i = 0;
         while i < b16 {
             vm = _mm512_max_ps(vm, _mm512_loadu_ps(p.add(i)));
@@ -1088,9 +1086,21 @@ mod x86 {
         for &x in &row[b16..] {
             mx = mx.max(x);
         }
+        mx
+    }
+
+    /// [`softmax_update`] on 16 lanes where they fit (same bits: the max is exact in any order,
+    /// `exp16` is `exp8` lane by lane, and the 8-lane sum adds each 16-lane chunk's low half
+    /// then its high half, which is the 8-lane kernel's order); the rest by 8 lanes.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn softmax_update512(row: &mut [f32], m: &mut f32, l: &mut f32) -> f32 {
+        let n = row.len();
+        let p = row.as_mut_ptr();
+        let b16 = n / 16 * 16;
+        let mx = row_max512(row, *m);
         let vmx = _mm512_set1_ps(mx);
         let mut acc = _mm256_setzero_ps();
-        i = 0;
+        let mut i = 0;
         while i < b16 {
             let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), vmx));
             _mm512_storeu_ps(p.add(i), e);
@@ -1281,7 +1291,7 @@ mod x86 {
 
     /// Upper 8 lanes.
     #[inline(always)]
-    unsafe fn high8(v: __m512) -> __m256 {
+    pub(crate) unsafe fn high8(v: __m512) -> __m256 {
         _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
     }
 

@@ -784,22 +784,12 @@ pub(crate) mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
     pub unsafe fn softmax_pack(row: &[f32], m: &mut f32, l: &mut f32, out: &mut [u32]) -> f32 {
         use crate::activation::x86::exp16;
+        use crate::attention::x86::{high8, row_max512};
         let n = row.len();
         let (p, dst) = (row.as_ptr(), out.as_mut_ptr());
-        let b16 = n / 16 * 16;
-        let mut vm = _mm512_set1_ps(*m);
-        let mut i = 0;
-        while i < b16 {
-            vm = _mm512_max_ps(vm, _mm512_loadu_ps(p.add(i)));
-            i += 16;
-        }
-        let mut mx = _mm512_reduce_max_ps(vm);
-        for &x in &row[b16..] {
-            mx = mx.max(x);
-        }
+        let mx = row_max512(row, *m);
         let corr = (*m - mx).exp();
         let vmx = _mm512_set1_ps(mx);
-        let high8 = |v: __m512| _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
         let mut acc = _mm256_setzero_ps();
         let mut x = 0;
         while x < n {
