@@ -282,10 +282,15 @@ impl Partial {
     fn softmax_tile(&mut self, scores: &mut [f32], n: usize, dv: usize) {
         for (hh, row) in scores.chunks_exact_mut(n).enumerate() {
             let corr = softmax_update(row, &mut self.m[hh], &mut self.l[hh]);
-            if corr != 1.0 {
-                for a in self.acc[hh * dv..(hh + 1) * dv].iter_mut() {
-                    *a *= corr;
-                }
+            self.rescale(hh, dv, corr);
+        }
+    }
+
+    /// Head `hh`'s output times a softmax step's correction `corr` (skipped when it is 1).
+    fn rescale(&mut self, hh: usize, dv: usize, corr: f32) {
+        if corr != 1.0 {
+            for a in self.acc[hh * dv..(hh + 1) * dv].iter_mut() {
+                *a *= corr;
             }
         }
     }
@@ -301,11 +306,7 @@ impl Partial {
             .enumerate()
         {
             let corr = bf16::softmax_pack(row, &mut self.m[hh], &mut self.l[hh], out);
-            if corr != 1.0 {
-                for a in self.acc[hh * dv..(hh + 1) * dv].iter_mut() {
-                    *a *= corr;
-                }
-            }
+            self.rescale(hh, dv, corr);
         }
     }
 

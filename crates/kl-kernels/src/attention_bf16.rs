@@ -713,11 +713,28 @@ pub(crate) mod x86 {
     /// and never touched), in order in the result's 16-bit words: one `vcvtne2ps2bf16`.
     #[inline(always)]
     unsafe fn cvt32(src: *const f32, left: usize) -> __m512i {
-        let m0 = ((1u32 << left.min(16)) - 1) as __mmask16;
-        let m1 = ((1u32 << left.saturating_sub(16).min(16)) - 1) as __mmask16;
+        let (m0, m1) = masks32(left);
         let lo = _mm512_maskz_loadu_ps(m0, src);
         let hi = _mm512_maskz_loadu_ps(m1, src.wrapping_add(16));
         std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
+    }
+
+    /// The lane masks of the first and second 16 of 32 values of which `left` are real.
+    #[inline(always)]
+    fn masks32(left: usize) -> (__mmask16, __mmask16) {
+        (
+            ((1u32 << left.min(16)) - 1) as __mmask16,
+            ((1u32 << left.saturating_sub(16).min(16)) - 1) as __mmask16,
+        )
+    }
+
+    /// Store 32 probabilities' bf16 bits `v` (in order, as [`cvt32`] gives them; `left` of them
+    /// real) at `dst` as key pairs: each pair's halves swapped by a 16-bit rotate (key `2i`
+    /// high), and only the dwords that hold a real key written.
+    #[inline(always)]
+    unsafe fn store_key_pairs(dst: *mut u32, left: usize, v: __m512i) {
+        let dm = ((1u32 << left.div_ceil(2).min(16)) - 1) as __mmask16;
+        _mm512_mask_storeu_epi32(dst.cast(), dm, _mm512_rol_epi32::<16>(v));
     }
 
     /// [`super::pack_query`]: 16 heads × 16 column pairs at a time, each head's 32 values one
@@ -769,9 +786,7 @@ pub(crate) mod x86 {
             let mut x = 0;
             while x < n {
                 let left = n - x;
-                let v = _mm512_rol_epi32::<16>(cvt32(src.add(x), left));
-                let dm = ((1u32 << left.div_ceil(2).min(16)) - 1) as __mmask16;
-                _mm512_mask_storeu_epi32(dst.add(x / 2).cast(), dm, v);
+                store_key_pairs(dst.add(x / 2), left, cvt32(src.add(x), left));
                 x += 32;
             }
         }
@@ -794,8 +809,7 @@ pub(crate) mod x86 {
         let mut x = 0;
         while x < n {
             let left = n - x;
-            let m0 = ((1u32 << left.min(16)) - 1) as __mmask16;
-            let m1 = ((1u32 << left.saturating_sub(16).min(16)) - 1) as __mmask16;
+            let (m0, m1) = masks32(left);
             let e0 = _mm512_maskz_mov_ps(
                 m0,
                 exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m0, p.add(x)), vmx)),
@@ -812,8 +826,7 @@ pub(crate) mod x86 {
             acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e1));
             acc = _mm256_add_ps(acc, high8(e1));
             let v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(e1, e0));
-            let dm = ((1u32 << left.div_ceil(2).min(16)) - 1) as __mmask16;
-            _mm512_mask_storeu_epi32(dst.add(x / 2).cast(), dm, _mm512_rol_epi32::<16>(v));
+            store_key_pairs(dst.add(x / 2), left, v);
             x += 32;
         }
         *l = *l * corr + crate::simd::x86::hsum(acc);
